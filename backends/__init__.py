@@ -1,0 +1,1 @@
+"""Framework-specific implementations: `nlibert.backends.torch` and `nlibert.backends.mxnet`."""
