@@ -1,0 +1,100 @@
+"""Word tokenization and the book's `Vocab` (d2l r0.17 semantics: `<unk>` is index 0)."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Iterable, Sequence
+
+from .io import atomic_write
+
+
+def tokenize(lines: Sequence[str], token: str = "word") -> list[list[str]]:
+    """Split each line into word tokens (`str.split`) or characters, as the book does."""
+    if token == "word":
+        return [line.split() for line in lines]
+    if token == "char":
+        return [list(line) for line in lines]
+    raise ValueError(f"unknown token type {token!r}: use 'word' or 'char'")
+
+
+def count_corpus(tokens: Iterable) -> collections.Counter:
+    """Count tokens in a 1-D or 2-D token list."""
+    tokens = list(tokens)
+    if tokens and isinstance(tokens[0], list):
+        tokens = [t for line in tokens for t in line]
+    return collections.Counter(tokens)
+
+
+class Vocab:
+    """Token <-> index map. `<unk>` first, then reserved tokens, then tokens by descending
+    frequency (first seen wins ties) down to `min_freq`. d2l master sorts alphabetically
+    instead; the NLI chapter replaces the order with the checkpoint's `vocab.json` anyway."""
+
+    def __init__(self, tokens: Iterable | None = None, min_freq: int = 0,
+                 reserved_tokens: Sequence[str] | None = None) -> None:
+        counter = count_corpus(tokens or [])
+        self._token_freqs = sorted(counter.items(), key=lambda x: x[1], reverse=True)
+        self.idx_to_token = ["<unk>"] + list(reserved_tokens or [])
+        self.token_to_idx = {t: i for i, t in enumerate(self.idx_to_token)}
+        for token, freq in self._token_freqs:
+            if freq < min_freq:
+                break
+            if token not in self.token_to_idx:
+                self.token_to_idx[token] = len(self.idx_to_token)
+                self.idx_to_token.append(token)
+
+    @classmethod
+    def from_idx_to_token(cls, idx_to_token: Sequence[str], source: str = "vocabulary") -> "Vocab":
+        """A vocabulary with exactly this order (the checkpoint's `vocab.json`)."""
+        vocab = cls()
+        vocab.idx_to_token = list(idx_to_token)
+        vocab.token_to_idx = {}
+        for i, t in enumerate(vocab.idx_to_token):
+            if not isinstance(t, str):
+                raise ValueError(f"{source}: entry {i} is {t!r}, not a string")
+            if t in vocab.token_to_idx:
+                raise ValueError(f"{source}: token {t!r} appears at {vocab.token_to_idx[t]} and {i}")
+            vocab.token_to_idx[t] = i
+        if "<unk>" not in vocab.token_to_idx:
+            raise ValueError(f"{source}: has no '<unk>' token")
+        return vocab
+
+    def __len__(self) -> int:
+        return len(self.idx_to_token)
+
+    def __getitem__(self, tokens):
+        if not isinstance(tokens, (list, tuple)):
+            return self.token_to_idx.get(tokens, self.unk)
+        return [self.__getitem__(t) for t in tokens]
+
+    def to_tokens(self, indices):
+        if hasattr(indices, "__len__") and not isinstance(indices, str):
+            return [self.idx_to_token[int(i)] for i in indices]
+        return self.idx_to_token[int(indices)]
+
+    @property
+    def unk(self) -> int:
+        return self.token_to_idx["<unk>"]
+
+    @property
+    def token_freqs(self) -> list[tuple[str, int]]:
+        return self._token_freqs
+
+
+def load_vocab(path: str | os.PathLike) -> Vocab:
+    """Read a `vocab.json` (a JSON list: index -> token), as in the book's checkpoints."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            idx_to_token = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(idx_to_token, list):
+        raise ValueError(f"{path}: expected a JSON list of tokens, found {type(idx_to_token).__name__}")
+    return Vocab.from_idx_to_token(idx_to_token, source=path)
+
+
+def save_vocab(vocab: Vocab, path: str | os.PathLike) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(vocab.idx_to_token, f, ensure_ascii=False)

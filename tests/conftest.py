@@ -1,0 +1,22 @@
+"""Shared fixtures. Tests use files they make, a loopback HTTP server, or the real data in ../shared/data."""
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """The real SNLI dev file and WikiText-2 valid/test (never committed; CI has ../shared beside the clone)."""
+    path = pathlib.Path(os.environ.get("NLIBERT_SHARED_DATA", REPO.parent / "shared" / "data"))
+    if not (path / "snli_1.0" / "snli_1.0_dev.txt").exists():
+        pytest.fail(f"shared data not found at {path}: set NLIBERT_SHARED_DATA")
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
