@@ -1,0 +1,57 @@
+"""What a job needs from the framework besides the model: devices, seeds, the book's loss and optimizer."""
+from __future__ import annotations
+
+import os
+import random
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+
+
+def parse_devices(spec: str | None) -> list[mx.Context]:
+    """'cpu', 'cuda' (every GPU), or a comma list like 'cuda:0,cuda:1'; None means every GPU, else the CPU.
+    The same spellings as the torch backend, so one command line drives either."""
+    from .train import try_all_gpus
+    if spec is None:
+        return try_all_gpus()
+    num_gpus = mx.context.num_gpus()
+    if spec == "cuda":
+        if not num_gpus:
+            raise ValueError("--device cuda: no CUDA device is available")
+        return [mx.gpu(i) for i in range(num_gpus)]
+    devices = []
+    for part in (p.strip() for p in spec.split(",")):
+        kind, _, index = part.partition(":")
+        i = int(index or 0)
+        if kind == "cpu":
+            devices.append(mx.cpu(i))
+        elif kind in ("cuda", "gpu") and i < num_gpus:
+            devices.append(mx.gpu(i))
+        else:
+            raise ValueError(f"--device {spec}: {part} is not available")
+    return devices
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    mx.random.seed(seed)
+
+
+def make_loss() -> gluon.loss.Loss:
+    """The book's loss: per-example softmax cross-entropy."""
+    return gluon.loss.SoftmaxCrossEntropyLoss()
+
+
+def make_trainer(net: gluon.Block, lr: float) -> gluon.Trainer:
+    return gluon.Trainer(net.collect_params(), "adam", {"learning_rate": lr})
+
+
+def framework_versions() -> dict[str, str]:
+    return {"mxnet": mx.__version__, "cpu_count": str(os.cpu_count())}
+
+
+def initialize_classifier_head(net: gluon.Block, devices: list[mx.Context]) -> None:
+    """As the book: only the new `output` layer is initialised (Gluon's default Uniform(0.07)), on every device."""
+    net.output.initialize(ctx=devices)

@@ -1,0 +1,50 @@
+"""What a job needs from the framework besides the model: devices, seeds, the book's loss and optimizer."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def parse_devices(spec: str | None) -> list[torch.device]:
+    """'cpu', 'cuda' (every GPU), or a comma list like 'cuda:0,cuda:1'; None means every GPU, else the CPU."""
+    from .train import try_all_gpus
+    if spec is None:
+        return try_all_gpus()
+    if spec == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    devices = [torch.device(part.strip()) for part in spec.split(",")]
+    for d in devices:
+        if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+            raise ValueError(f"--device {spec}: {d} is not available")
+    return devices
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_loss() -> nn.Module:
+    """The book's loss: per-example cross-entropy, summed before backward by `train_batch_ch13`."""
+    return nn.CrossEntropyLoss(reduction="none")
+
+
+def make_trainer(net: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(net.parameters(), lr=lr)
+
+
+def framework_versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "threads": str(torch.get_num_threads()),
+            "cuda": str(torch.version.cuda), "cpu_count": str(os.cpu_count())}
+
+
+def initialize_classifier_head(net: nn.Module, devices: list[torch.device]) -> None:
+    """The new `output` layer keeps torch's default init (as the book); put the whole net on devices[0]."""
+    net.to(devices[0])
