@@ -1,4 +1,4 @@
-"""`nlibert` command line: finetune, predict (convert and parity come with the MXNet backend)."""
+"""`nlibert` command line: finetune, predict, convert (torch <-> mxnet checkpoints), parity (both backends, one checkpoint)."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default=None)
     pr.add_argument("premise")
     pr.add_argument("hypothesis")
+
+    cv = sub.add_parser("convert", help="convert a checkpoint folder between the torch and MXNet formats")
+    cv.add_argument("src", help="folder with vocab.json + pretrained.params (or a fine-tuned model folder)")
+    cv.add_argument("dst")
+    cv.add_argument("--to", choices=("torch", "mxnet"), required=True)
+
+    pa = sub.add_parser("parity", help="run one checkpoint through both backends and compare the outputs")
+    pa.add_argument("--checkpoint", required=True, help="a checkpoint folder in either format")
+    pa.add_argument("--data", default=None, help="an SNLI-format .txt file for the inputs (default: the embedded sample)")
+    pa.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed max |difference| (default 1e-5)")
+    pa.add_argument("--num-pairs", type=_limit, default=256)
+    pa.add_argument("--max-len", type=int, default=128)
+    pa.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -59,6 +72,19 @@ def main(argv: list[str] | None = None) -> int:
             result = jobs.run_predict(args.model, args.premise, args.hypothesis, args.device)
             print(result["label"])
             print(json.dumps(result["probabilities"], indent=2))
+        elif args.command == "convert":
+            jobs.run_convert(args.src, args.dst, args.to)
+            print(f"wrote {args.to} checkpoint to {args.dst}")
+        elif args.command == "parity":
+            report = jobs.run_parity(args.checkpoint, args.data, args.tolerance, args.num_pairs, args.max_len, args.seed)
+            print(f"{report['kind']} checkpoint ({report['format']} format), {report['num_pairs']} pairs, "
+                  f"max_len {report['max_len']}: max |torch - mxnet|")
+            for key, value in report["max_abs_diff"].items():
+                print(f"  {key:28s} {value:.3e}")
+            if "label_agreement" in report:
+                print(f"  predicted labels agree on {report['label_agreement']:.1%}")
+            print(f"{'PASS' if report['passed'] else 'FAIL'} at tolerance {report['tolerance']:g}")
+            return 0 if report["passed"] else 1
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"nlibert {args.command}: error: {e}", file=sys.stderr)
         return 2

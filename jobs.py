@@ -145,3 +145,78 @@ def run_predict(model_dir: str, premise: str, hypothesis: str, device: str | Non
     probs = backend.predict_proba(net, ids, segments, valid_lens, devices)[0]
     return {"label": LABEL_NAMES[int(np.argmax(probs))],
             "probabilities": {name: float(p) for name, p in zip(LABEL_NAMES, probs)}}
+
+
+def run_convert(src: str, dst: str, to: str) -> str:
+    """Convert a checkpoint folder (pretrained `BERTModel` or fine-tuned classifier) to the other
+    framework's format. Tensors are copied bit for bit; only names change (core.checkpoint)."""
+    import shutil
+
+    from .core.checkpoint import convert_params, describe_checkpoint
+    src_format, kind, params_path = describe_checkpoint(src)
+    if to not in BACKENDS:
+        raise ValueError(f"unknown target format {to!r}: use one of {BACKENDS}")
+    params = load_backend(src_format).read_params(params_path)
+    if src_format != to:
+        params = convert_params(params, to, source=params_path)
+    os.makedirs(dst, exist_ok=True)
+    load_backend(to).write_params(params, os.path.join(dst, os.path.basename(params_path)))
+    shutil.copyfile(os.path.join(src, "vocab.json"), os.path.join(dst, "vocab.json"))
+    config = read_checkpoint_config(src)
+    if config is not None:
+        write_json(os.path.join(dst, "config.json"), dict(config, format=to))
+    return dst
+
+
+def _parity_inputs(vocab, data_file: str | None, num_pairs: int, max_len: int, seed: int, out_dir: str):
+    if data_file is None:
+        data_file = os.path.join(write_sample_snli(os.path.join(out_dir, "sample-snli"), seed=0),
+                                 "snli_1.0_test.txt")
+    premises, hypotheses, _ = _subset(read_snli_file(data_file), num_pairs, seed)
+    ids, segments, valid_lens = pack_pairs(premises, hypotheses, vocab, max_len)
+    rng = np.random.default_rng(seed)
+    # three MLM prediction positions per pair, inside its valid length
+    pred_positions = (rng.random((len(valid_lens), 3)) * valid_lens[:, None]).astype(np.int32)
+    return ids, segments, valid_lens, pred_positions
+
+
+def run_parity(checkpoint: str, data_file: str | None = None, tolerance: float = 1e-5, num_pairs: int = 256,
+               max_len: int = 128, seed: int = 0) -> dict:
+    """Load one checkpoint into both backends, run the same packed batch through both in evaluation mode
+    and report the largest absolute differences of every output."""
+    import tempfile
+
+    from .core.checkpoint import describe_checkpoint
+    src_format, kind, _ = describe_checkpoint(checkpoint)
+    other = "mxnet" if src_format == "torch" else "torch"
+    backends = {name: load_backend(name) for name in BACKENDS}
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {src_format: checkpoint, other: run_convert(checkpoint, os.path.join(tmp, other), other)}
+        outputs, vocab = {}, None
+        for name, backend in backends.items():
+            device = backend.parse_devices("cpu")[0]
+            if kind == "pretrained":
+                model, vocab = backend.load_pretrained_model(folders[name], None, None, None, None, 0.0, None, [device])
+            else:
+                model, vocab, _ = backend.load_classifier(folders[name], [device])
+            if name == "torch":  # inputs once, from the first backend's vocabulary
+                inputs = _parity_inputs(vocab, data_file, num_pairs, max_len, seed, tmp)
+            ids, segments, valid_lens, pred_positions = inputs
+            if kind == "pretrained":
+                outputs[name] = dict(zip(("encoded_X", "mlm_Y_hat", "nsp_Y_hat"),
+                                         backend.bert_outputs(model, ids, segments, valid_lens, pred_positions, device)))
+            else:
+                outputs[name] = {"logits": backend.classifier_logits(model, ids, segments, valid_lens, device)}
+    valid = np.arange(inputs[0].shape[1])[None, :] < inputs[2][:, None]
+    report = {"checkpoint": checkpoint, "format": src_format, "kind": kind, "num_pairs": int(len(inputs[2])),
+              "max_len": max_len, "tolerance": tolerance, "max_abs_diff": {}}
+    for key in outputs["torch"]:
+        diff = np.abs(outputs["torch"][key] - outputs["mxnet"][key])
+        report["max_abs_diff"][key] = float(diff.max())
+        if key == "encoded_X":
+            report["max_abs_diff"]["encoded_X (valid positions)"] = float(diff[valid].max())
+    if kind == "classifier":
+        report["label_agreement"] = float(np.mean(outputs["torch"]["logits"].argmax(1)
+                                                  == outputs["mxnet"]["logits"].argmax(1)))
+    report["passed"] = all(v <= tolerance for v in report["max_abs_diff"].values())
+    return report

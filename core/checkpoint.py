@@ -181,3 +181,33 @@ def read_checkpoint_config(folder: str | os.PathLike) -> dict | None:
     """The `config.json` nlibert writes beside a checkpoint, or None for the book's own folders."""
     path = os.path.join(folder, "config.json")
     return read_json(path) if os.path.exists(path) else None
+
+
+def sniff_params_format(path: str | os.PathLike) -> str:
+    """'torch' (a zip written by `torch.save`) or 'mxnet' (an NDArray file), judged by the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK":
+        return "torch"
+    if len(head) == 8 and int.from_bytes(head, "little") == 0x112:  # MXNet's NDArray list magic
+        return "mxnet"
+    raise ValueError(f"{os.fspath(path)}: neither a torch state_dict nor an MXNet parameter file")
+
+
+PARAMS_FILES = {"pretrained": "pretrained.params", "classifier": "classifier.params"}
+
+
+def describe_checkpoint(folder: str | os.PathLike) -> tuple[str, str, str]:
+    """(format, kind, params path) of a checkpoint folder: from its config.json, else from the files."""
+    folder = os.fspath(folder)
+    config = read_checkpoint_config(folder) or {}
+    kind = config.get("kind") or next((k for k, f in PARAMS_FILES.items()
+                                       if os.path.exists(os.path.join(folder, f))), None)
+    if kind not in PARAMS_FILES:
+        raise FileNotFoundError(f"{folder}: no pretrained.params or classifier.params")
+    path = os.path.join(folder, PARAMS_FILES[kind])
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder}: config.json says kind {kind!r} but {PARAMS_FILES[kind]} is missing")
+    if not os.path.exists(os.path.join(folder, "vocab.json")):
+        raise FileNotFoundError(f"{folder}: no vocab.json")
+    return config.get("format") or sniff_params_format(path), kind, path

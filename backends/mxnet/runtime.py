@@ -55,3 +55,21 @@ def framework_versions() -> dict[str, str]:
 def initialize_classifier_head(net: gluon.Block, devices: list[mx.Context]) -> None:
     """As the book: only the new `output` layer is initialised (Gluon's default Uniform(0.07)), on every device."""
     net.output.initialize(ctx=devices)
+
+
+def bert_outputs(bert: gluon.Block, token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray,
+                 pred_positions: np.ndarray, device: mx.Context) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(encoded_X, mlm_Y_hat, nsp_Y_hat)` of a `BERTModel` outside `autograd.record` (no dropout), as numpy."""
+    inputs = [mx.np.array(a, ctx=device, dtype=a.dtype) for a in (token_ids, segments, pred_positions)]
+    valid = mx.np.array(valid_lens, ctx=device, dtype="float32")  # the book's valid_lens are float32
+    outputs = bert(inputs[0], inputs[1], valid, inputs[2])
+    return tuple(o.asnumpy() for o in outputs)
+
+
+def classifier_logits(net: gluon.Block, token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray,
+                      device: mx.Context) -> np.ndarray:
+    """A `BERTClassifier`'s logits outside `autograd.record` (no dropout), as a numpy array."""
+    inputs = (mx.np.array(token_ids, ctx=device, dtype=token_ids.dtype),
+              mx.np.array(segments, ctx=device, dtype=segments.dtype),
+              mx.np.array(valid_lens, ctx=device, dtype="float32"))
+    return net(inputs).asnumpy()

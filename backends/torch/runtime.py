@@ -48,3 +48,21 @@ def framework_versions() -> dict[str, str]:
 def initialize_classifier_head(net: nn.Module, devices: list[torch.device]) -> None:
     """The new `output` layer keeps torch's default init (as the book); put the whole net on devices[0]."""
     net.to(devices[0])
+
+
+def bert_outputs(bert: nn.Module, token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray,
+                 pred_positions: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(encoded_X, mlm_Y_hat, nsp_Y_hat)` of a `BERTModel` in evaluation mode, as numpy arrays."""
+    bert.eval()
+    with torch.no_grad():
+        outputs = bert(*(torch.as_tensor(a, device=device) for a in (token_ids, segments, valid_lens, pred_positions)))
+    return tuple(o.float().cpu().numpy() for o in outputs)
+
+
+def classifier_logits(net: nn.Module, token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray,
+                      device: torch.device) -> np.ndarray:
+    """A `BERTClassifier`'s logits in evaluation mode, as a numpy array."""
+    net.eval()
+    with torch.no_grad():
+        logits = net(tuple(torch.as_tensor(a, device=device) for a in (token_ids, segments, valid_lens)))
+    return logits.float().cpu().numpy()
