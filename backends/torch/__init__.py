@@ -1,0 +1,16 @@
+"""PyTorch backend: the book's BERT, its checkpoint format, and its fine-tuning loop.
+
+The names are the book's (`d2l.BERTModel`, `d2l.train_ch13`, ...), so chapter code reads
+`from nlibert.backends.torch import BERTModel, load_pretrained_model, train_ch13`.
+"""
+from .model import BERTEncoder, MaskLM, NextSentencePred, BERTModel, BERTClassifier
+from .checkpoint import (load_pretrained_model, save_pretrained, save_classifier, load_classifier,
+                         read_params, write_params)
+from .train import train_ch13, evaluate_accuracy, try_all_gpus, predict_proba
+
+__all__ = [
+    "BERTEncoder", "MaskLM", "NextSentencePred", "BERTModel", "BERTClassifier",
+    "load_pretrained_model", "save_pretrained", "save_classifier", "load_classifier",
+    "read_params", "write_params",
+    "train_ch13", "evaluate_accuracy", "try_all_gpus", "predict_proba",
+]

@@ -1,0 +1,196 @@
+"""Reading and writing checkpoints in the book's PyTorch format.
+
+A pretrained folder is what the book downloads: `vocab.json` (index -> token) and
+`pretrained.params` (a `torch.save`d `state_dict`); we add `config.json` (a `BERTConfig` dict plus
+`"format": "torch"`, `"kind": "pretrained"`). A fine-tuned folder holds `vocab.json`,
+`classifier.params` and `config.json` with `"kind": "classifier"`.
+
+Unlike the book's `load_pretrained_model`, which hard-codes bert.small's sizes and dropout 0.2,
+the sizes here are the ones passed (or read off the file when passed as None), and any size the
+file contradicts is an error that names the key and both shapes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from nlibert.core.checkpoint import check_shapes, infer_config, read_checkpoint_config
+from nlibert.core.config import BERTConfig
+from nlibert.core.io import atomic_write, write_json
+from nlibert.core.vocab import Vocab, load_vocab, save_vocab
+
+from .model import BERTClassifier, BERTEncoder, BERTModel
+
+PRETRAINED_FILE = "pretrained.params"
+CLASSIFIER_FILE = "classifier.params"
+VOCAB_FILE = "vocab.json"
+CONFIG_FILE = "config.json"
+
+# The book's data-hub names are framework-neutral; the torch archives carry a '.torch' suffix.
+_TORCH_HUB_NAMES = {"bert.small": "bert.small.torch", "bert.base": "bert.base.torch"}
+
+
+def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A torch `state_dict` from `path`, on the CPU; anything else is a ValueError naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such parameter file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, an MXNet .params file, ...
+        raise ValueError(f"{path}: not a PyTorch state_dict file ({type(e).__name__}: {e}); "
+                         "an MXNet checkpoint must be converted first") from e
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in obj.items()):
+        raise ValueError(f"{path}: expected a state_dict (names -> tensors), found {type(obj).__name__}")
+    return dict(obj)
+
+
+def read_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of a torch parameter file as numpy arrays, keyed by `state_dict` name."""
+    return {k: v.detach().cpu().numpy() for k, v in _load_state_dict(path).items()}
+
+
+def write_params(params: Mapping[str, np.ndarray | torch.Tensor], path: str | os.PathLike) -> None:
+    """`torch.save` a name -> tensor dict atomically; numpy arrays become tensors, order is kept."""
+    def as_tensor(v: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(v, torch.Tensor):
+            return v.detach().cpu()
+        return torch.from_numpy(np.array(v, order="C"))  # a copy: the array may be read-only
+
+    tensors = {k: as_tensor(v) for k, v in params.items()}
+    with atomic_write(path, "wb") as f:
+        torch.save(tensors, f)
+
+
+def _first_device(devices: Sequence[torch.device] | torch.device | str | None) -> torch.device:
+    if devices is None:
+        return torch.device("cpu")
+    if isinstance(devices, (torch.device, str)):
+        return torch.device(devices)
+    if len(devices) == 0:
+        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
+    return torch.device(devices[0])
+
+
+def _resolve_folder(pretrained_model: str | os.PathLike) -> str:
+    """A folder path as is; otherwise a data-hub name, downloaded and extracted (cached)."""
+    if os.path.isdir(pretrained_model):
+        return os.fspath(pretrained_model)
+    from nlibert.core import data_hub  # imported lazily: only hub names need it
+    name = _TORCH_HUB_NAMES.get(os.fspath(pretrained_model), os.fspath(pretrained_model))
+    if name not in data_hub.DATA_HUB:
+        raise FileNotFoundError(f"{pretrained_model!r} is neither a folder nor a data-hub name "
+                                f"(known: {sorted(data_hub.DATA_HUB)})")
+    return data_hub.download_extract(name)
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _load_strict(net: nn.Module, state: Mapping[str, torch.Tensor], file: str) -> None:
+    """Check every name and shape first (a readable error), then copy the tensors in."""
+    check_shapes(_shapes(net.state_dict()), _shapes(state), file)
+    net.load_state_dict(state, strict=True)
+
+
+def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int | None,
+                          ffn_num_hiddens: int | None, num_heads: int | None, num_layers: int | None,
+                          dropout: float | None, max_len: int | None,
+                          devices: Sequence[torch.device]) -> tuple[BERTModel, Vocab]:
+    """The book's loader: `(bert, vocab)` from a data-hub name ('bert.small', 'bert.base') or a folder.
+
+    The vocabulary size comes from `vocab.json`. A size passed as None is read from the checkpoint
+    (the head count, which leaves no trace in the tensors, from config.json if there is one, else
+    64-dimensional heads); `dropout` is honoured (the book's torch code ignored it and used 0.2).
+    """
+    folder = _resolve_folder(pretrained_model)
+    vocab = load_vocab(os.path.join(folder, VOCAB_FILE))
+    params_path = os.path.join(folder, PRETRAINED_FILE)
+    state = _load_state_dict(params_path)
+
+    sizes = dict(num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
+                 num_layers=num_layers, dropout=dropout, max_len=max_len)
+    if any(v is None for v in sizes.values()):
+        written = read_checkpoint_config(folder) or {}
+        heads = num_heads if num_heads is not None else written.get("num_heads")
+        drop = dropout if dropout is not None else written.get("dropout", 0.1)
+        try:
+            inferred = infer_config(state, num_heads=heads, dropout=drop).to_dict()
+        except KeyError as e:
+            raise ValueError(f"{params_path}: cannot read sizes off the file: {e}") from e
+        sizes = {k: (inferred[k] if v is None else v) for k, v in sizes.items()}
+
+    bert = BERTModel(len(vocab), **sizes)
+    _load_strict(bert, state, params_path)
+    return bert.to(_first_device(devices)), vocab
+
+
+def _config_dict(config: BERTConfig | Mapping | None, kind: str) -> dict:
+    if isinstance(config, BERTConfig):
+        config = config.to_dict()
+    if config is None:
+        raise ValueError("no config to record: pass a BERTConfig (the model has no `config`)")
+    return {**BERTConfig.from_dict(dict(config)).to_dict(), "format": "torch", "kind": kind}
+
+
+def _unwrap(net: nn.Module) -> nn.Module:
+    """The module inside an `nn.DataParallel`, so saved keys never carry a `module.` prefix."""
+    return net.module if isinstance(net, nn.DataParallel) else net
+
+
+def save_pretrained(bert: BERTModel, vocab: Vocab, folder: str | os.PathLike) -> None:
+    """Write a folder the book's torch loader can read (`vocab.json` + `pretrained.params`), plus config.json."""
+    bert = _unwrap(bert)
+    os.makedirs(folder, exist_ok=True)
+    write_params(bert.state_dict(), os.path.join(folder, PRETRAINED_FILE))
+    save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
+    write_json(os.path.join(folder, CONFIG_FILE), _config_dict(bert.config, "pretrained"))
+
+
+def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapping | None,
+                    folder: str | os.PathLike) -> None:
+    """Write a fine-tuned classifier: `classifier.params`, `vocab.json`, `config.json` (kind 'classifier').
+    `config` None means the one the classifier carries."""
+    net = _unwrap(net)
+    config = config if config is not None else getattr(net, "config", None)
+    os.makedirs(folder, exist_ok=True)
+    write_params(net.state_dict(), os.path.join(folder, CLASSIFIER_FILE))
+    save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
+    write_json(os.path.join(folder, CONFIG_FILE), _config_dict(config, "classifier"))
+
+
+class _Backbone(nn.Module):
+    """Encoder + pooler only: what `BERTClassifier` keeps of a `BERTModel`, built without the
+    MLM head, whose (V, H) output layer a classifier would never use."""
+
+    def __init__(self, cfg: BERTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.encoder = BERTEncoder(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads,
+                                   cfg.num_layers, cfg.dropout, cfg.max_len)
+        self.hidden = nn.Sequential(nn.Linear(cfg.num_hiddens, cfg.num_hiddens), nn.Tanh())
+
+
+def load_classifier(folder: str | os.PathLike, devices: Sequence[torch.device]
+                    ) -> tuple[BERTClassifier, Vocab, BERTConfig]:
+    """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on devices[0]."""
+    written = read_checkpoint_config(folder)
+    if written is None:
+        raise FileNotFoundError(f"{os.path.join(folder, CONFIG_FILE)}: missing; not a classifier folder")
+    if written.get("kind") != "classifier" or written.get("format", "torch") != "torch":
+        raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: kind {written.get('kind')!r}, "
+                         f"format {written.get('format')!r}; expected a torch classifier")
+    cfg = BERTConfig.from_dict(written)
+    vocab = load_vocab(os.path.join(folder, VOCAB_FILE))
+    if len(vocab) != cfg.vocab_size:
+        raise ValueError(f"{folder}: vocab.json has {len(vocab)} tokens, config.json says {cfg.vocab_size}")
+    net = BERTClassifier(_Backbone(cfg))
+    params_path = os.path.join(folder, CLASSIFIER_FILE)
+    _load_strict(net, _load_state_dict(params_path), params_path)
+    return net.to(_first_device(devices)), vocab, cfg

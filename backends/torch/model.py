@@ -1,0 +1,274 @@
+"""The book's BERT in PyTorch: encoder, pretraining heads, and the NLI classifier.
+
+Read top to bottom it is the model: attention (masked softmax, dot product, multi-head), the two
+sublayers of a post-LN Transformer block (position-wise FFN, add & norm), the block, the BERT
+encoder (token + segment + learned position embeddings, then the blocks), the two pretraining
+heads (masked LM, next-sentence prediction), BERT itself, and the fine-tuning classifier.
+
+It computes what d2l's `BERTModel` computes (facts §1.2) and its `state_dict` keys are the book's
+(facts §1.4), so the book's `bert.small.torch` / `bert.base.torch` files load unchanged.
+Differences from HF BERT are the book's, kept on purpose: ReLU not GELU, LayerNorm eps 1e-5,
+no embedding LayerNorm or dropout, valid-length masking by *replacing* scores with -1e6.
+
+Shapes: B batch, T sequence length, H num_hiddens, h num_heads, F ffn_num_hiddens, V vocab size,
+P number of masked positions to predict.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from nlibert.core.config import BERTConfig
+
+
+def masked_softmax(X: torch.Tensor, valid_lens: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last axis of X (B', T_q, T_k) that ignores keys at index >= valid_len.
+
+    `valid_lens` is None (plain softmax), 1-D (B',): one length per batch row, shared by every
+    query, or 2-D (B', T_q): one length per query. Masked scores are *set* to -1e6 (not -inf, not
+    added), exactly as the book, so a row with valid_len 0 comes out uniform rather than NaN.
+    """
+    if valid_lens is None:
+        return F.softmax(X, dim=-1)
+    valid_lens = torch.as_tensor(valid_lens, device=X.device)
+    if valid_lens.dim() == 1:
+        lens = valid_lens[:, None, None]  # (B', 1, 1): same length for every query
+    elif valid_lens.dim() == 2:
+        lens = valid_lens[:, :, None]  # (B', T_q, 1)
+    else:
+        raise ValueError(f"valid_lens must be 1-D or 2-D, got shape {tuple(valid_lens.shape)}")
+    key_index = torch.arange(X.shape[-1], device=X.device)  # (T_k,)
+    keep = key_index < lens  # (B', T_q or 1, T_k); int or float lengths both compare fine
+    # -1e6 overflows half precision to -inf; clamp to the dtype's range so fp16/bf16 stay finite.
+    fill = max(-1e6, torch.finfo(X.dtype).min)
+    return F.softmax(X.masked_fill(~keep, fill), dim=-1)
+
+
+class DotProductAttention(nn.Module):
+    """Scaled dot-product attention with dropout on the attention weights.
+
+    The book always keeps the last weights in `attention_weights`; that pins a (B*h, T, T) tensor
+    per layer between steps (about 130 MB per layer at batch 512, length 128, 4 heads), so here it
+    is kept only when `keep_attention_weights` is set to True, for inspection.
+    """
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.keep_attention_weights = False
+        self.attention_weights: torch.Tensor | None = None
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                valid_lens: torch.Tensor | None = None) -> torch.Tensor:
+        d = queries.shape[-1]
+        scores = torch.bmm(queries, keys.transpose(1, 2)) / math.sqrt(d)  # (B', T_q, T_k)
+        weights = masked_softmax(scores, valid_lens)  # (B', T_q, T_k)
+        if self.keep_attention_weights:
+            self.attention_weights = weights.detach()
+        return torch.bmm(self.dropout(weights), values)  # (B', T_q, d_v)
+
+
+class MultiHeadAttention(nn.Module):
+    """h parallel heads of size H/h; the heads are folded into the batch axis for one bmm."""
+
+    def __init__(self, num_hiddens: int, num_heads: int, dropout: float, bias: bool = True) -> None:
+        super().__init__()
+        if num_hiddens % num_heads:
+            raise ValueError(f"num_hiddens={num_hiddens} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.attention = DotProductAttention(dropout)
+        self.W_q = nn.Linear(num_hiddens, num_hiddens, bias=bias)
+        self.W_k = nn.Linear(num_hiddens, num_hiddens, bias=bias)
+        self.W_v = nn.Linear(num_hiddens, num_hiddens, bias=bias)
+        self.W_o = nn.Linear(num_hiddens, num_hiddens, bias=bias)
+
+    def split_heads(self, X: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) -> (B*h, T, H/h), batch-major: rows b*h .. b*h+h-1 are example b's heads."""
+        B, T, _ = X.shape
+        X = X.reshape(B, T, self.num_heads, -1).permute(0, 2, 1, 3)  # (B, h, T, H/h)
+        return X.reshape(B * self.num_heads, T, -1)
+
+    def merge_heads(self, X: torch.Tensor) -> torch.Tensor:
+        """(B*h, T, H/h) -> (B, T, H), the inverse of split_heads."""
+        _, T, d = X.shape
+        X = X.reshape(-1, self.num_heads, T, d).permute(0, 2, 1, 3)  # (B, T, h, H/h)
+        return X.reshape(X.shape[0], T, -1)
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                valid_lens: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.split_heads(self.W_q(queries))  # (B*h, T_q, H/h)
+        k = self.split_heads(self.W_k(keys))  # (B*h, T_k, H/h)
+        v = self.split_heads(self.W_v(values))  # (B*h, T_k, H/h)
+        if valid_lens is not None:
+            # Each example's lengths repeated once per head, matching split_heads' batch-major order.
+            valid_lens = torch.repeat_interleave(torch.as_tensor(valid_lens, device=q.device),
+                                                 self.num_heads, dim=0)
+        out = self.attention(q, k, v, valid_lens)  # (B*h, T_q, H/h)
+        return self.W_o(self.merge_heads(out))  # (B, T_q, H)
+
+
+class PositionWiseFFN(nn.Module):
+    """The same two-layer MLP at every position: H -> F -> H, ReLU (the book's, not GELU)."""
+
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int) -> None:
+        super().__init__()
+        self.dense1 = nn.Linear(num_hiddens, ffn_num_hiddens)
+        self.relu = nn.ReLU()
+        self.dense2 = nn.Linear(ffn_num_hiddens, num_hiddens)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.dense2(self.relu(self.dense1(X)))  # (B, T, H)
+
+
+class AddNorm(nn.Module):
+    """Residual connection then LayerNorm (post-LN): ln(dropout(Y) + X)."""
+
+    def __init__(self, num_hiddens: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.ln = nn.LayerNorm(num_hiddens, eps=1e-5)
+
+    def forward(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return self.ln(self.dropout(Y) + X)
+
+
+class EncoderBlock(nn.Module):
+    """One Transformer encoder block: self-attention, add & norm, FFN, add & norm."""
+
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, bias=True)
+        self.addnorm1 = AddNorm(num_hiddens, dropout)
+        self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens)
+        self.addnorm2 = AddNorm(num_hiddens, dropout)
+
+    def forward(self, X: torch.Tensor, valid_lens: torch.Tensor | None) -> torch.Tensor:
+        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))  # (B, T, H)
+        return self.addnorm2(Y, self.ffn(Y))  # (B, T, H)
+
+
+class BERTEncoder(nn.Module):
+    """Token + segment + learned position embeddings, summed, then `num_layers` encoder blocks.
+
+    `pos_embedding` is an `nn.Parameter` of shape (1, max_len, H) and is added *as the parameter*,
+    so it is trained. d2l r0.17 added `self.pos_embedding.data[...]`, which is detached: its
+    positional embedding never got a gradient and stayed at its random init (fixed in d2l master,
+    d2l-en PR #2121). `detach_pos_embedding=True` reproduces that r0.17 behaviour for readers who
+    want to compare; the parameter is still in the `state_dict` either way.
+    """
+
+    def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
+                 num_layers: int, dropout: float, max_len: int = 1000, *,
+                 detach_pos_embedding: bool = False) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
+        self.segment_embedding = nn.Embedding(2, num_hiddens)
+        self.blks = nn.Sequential(*[EncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout)
+                                    for _ in range(num_layers)])
+        self.pos_embedding = nn.Parameter(torch.randn(1, max_len, num_hiddens))  # N(0, 1), as the book
+        self.detach_pos_embedding = detach_pos_embedding
+
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor,
+                valid_lens: torch.Tensor | None) -> torch.Tensor:
+        T = tokens.shape[1]
+        if T > self.pos_embedding.shape[1]:
+            raise ValueError(f"sequence length {T} exceeds max_len {self.pos_embedding.shape[1]}")
+        pos = self.pos_embedding.detach() if self.detach_pos_embedding else self.pos_embedding
+        X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
+        X = X + pos[:, :T, :]  # no embedding LayerNorm, dropout or sqrt(H) scaling in the book
+        for blk in self.blks:
+            X = blk(X, valid_lens)
+        return X  # (B, T, H)
+
+
+class MaskLM(nn.Module):
+    """Masked-LM head: gather the hidden states at `pred_positions`, then an MLP to vocab logits."""
+
+    def __init__(self, vocab_size: int, num_hiddens: int) -> None:
+        super().__init__()
+        # Indices 0..3 matter: they are the state_dict keys mlm.mlp.{0,2,3}.* of the book's files.
+        self.mlp = nn.Sequential(nn.Linear(num_hiddens, num_hiddens), nn.ReLU(),
+                                 nn.LayerNorm(num_hiddens, eps=1e-5),
+                                 nn.Linear(num_hiddens, vocab_size))
+
+    def forward(self, X: torch.Tensor, pred_positions: torch.Tensor) -> torch.Tensor:
+        B, P = pred_positions.shape
+        batch_idx = torch.arange(B, device=X.device).repeat_interleave(P)  # (B*P,): 0,0,..,1,1,..
+        positions = pred_positions.reshape(-1).to(device=X.device, dtype=torch.long)  # (B*P,)
+        masked_X = X[batch_idx, positions].reshape(B, P, -1)  # (B, P, H)
+        return self.mlp(masked_X)  # (B, P, V)
+
+
+class NextSentencePred(nn.Module):
+    """Next-sentence head: a 2-way linear classifier on the pooled <cls> representation."""
+
+    def __init__(self, num_hiddens: int) -> None:
+        super().__init__()
+        self.output = nn.Linear(num_hiddens, 2)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.output(X)  # (B, 2)
+
+
+class BERTModel(nn.Module):
+    """BERT as pretrained in the book: encoder, pooler (`hidden`), masked-LM and NSP heads.
+
+    `config` holds the sizes it was built with (a `BERTConfig`), which checkpoints record.
+    """
+
+    def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
+                 num_layers: int, dropout: float, max_len: int = 1000, *,
+                 detach_pos_embedding: bool = False) -> None:
+        super().__init__()
+        self.config = BERTConfig(vocab_size=vocab_size, num_hiddens=num_hiddens,
+                                 ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
+                                 num_layers=num_layers, dropout=dropout, max_len=max_len)
+        self.encoder = BERTEncoder(vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_layers,
+                                   dropout, max_len, detach_pos_embedding=detach_pos_embedding)
+        # The pooler: a Linear + Tanh on <cls>. A Sequential so the keys are hidden.0.*, as the book.
+        self.hidden = nn.Sequential(nn.Linear(num_hiddens, num_hiddens), nn.Tanh())
+        self.mlm = MaskLM(vocab_size, num_hiddens)
+        self.nsp = NextSentencePred(num_hiddens)
+
+    @classmethod
+    def from_config(cls, cfg: BERTConfig, *, detach_pos_embedding: bool = False) -> "BERTModel":
+        return cls(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads,
+                   cfg.num_layers, cfg.dropout, cfg.max_len, detach_pos_embedding=detach_pos_embedding)
+
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor,
+                valid_lens: torch.Tensor | None = None, pred_positions: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
+        mlm_Y_hat = self.mlm(encoded_X, pred_positions) if pred_positions is not None else None
+        nsp_Y_hat = self.nsp(self.hidden(encoded_X[:, 0, :]))  # (B, 2), from the <cls> position
+        return encoded_X, mlm_Y_hat, nsp_Y_hat
+
+
+class BERTClassifier(nn.Module):
+    """The chapter's NLI model: pretrained encoder and pooler, plus a new 3-way output layer.
+
+    The MLM and NSP heads are deliberately not kept, so they are neither in `parameters()` (the
+    optimizer never sees them) nor in the `state_dict` (39 tensors for a 2-layer model).
+    """
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.encoder = bert.encoder
+        self.hidden = bert.hidden
+        num_hiddens = self.encoder.token_embedding.embedding_dim
+        self.output = nn.Linear(num_hiddens, 3)  # torch's default init, as the book
+        self.config: BERTConfig | None = getattr(bert, "config", None)
+
+    def forward(self, inputs: torch.Tensor | Sequence[torch.Tensor], segments: torch.Tensor | None = None,
+                valid_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """Either `net((tokens, segments, valid_lens))` as the book, or `net(tokens, segments, valid_lens)`."""
+        if segments is None:
+            tokens, segments, valid_lens = inputs
+        else:
+            tokens = inputs
+        encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
+        return self.output(self.hidden(encoded_X[:, 0, :]))  # (B, 3) logits
