@@ -7,10 +7,14 @@ from .model import BERTEncoder, MaskLM, NextSentencePred, BERTModel, BERTClassif
 from .checkpoint import (load_pretrained_model, save_pretrained, save_classifier, load_classifier,
                          read_params, write_params)
 from .train import train_ch13, evaluate_accuracy, try_all_gpus, predict_proba
+from .runtime import (parse_devices, set_seed, make_loss, make_trainer, framework_versions,
+                      initialize_classifier_head, bert_outputs, classifier_logits)
 
 __all__ = [
     "BERTEncoder", "MaskLM", "NextSentencePred", "BERTModel", "BERTClassifier",
     "load_pretrained_model", "save_pretrained", "save_classifier", "load_classifier",
     "read_params", "write_params",
     "train_ch13", "evaluate_accuracy", "try_all_gpus", "predict_proba",
+    "parse_devices", "set_seed", "make_loss", "make_trainer", "framework_versions",
+    "initialize_classifier_head", "bert_outputs", "classifier_logits",
 ]

@@ -148,9 +148,10 @@ def save_pretrained(bert: BERTModel, vocab: Vocab, folder: str | os.PathLike) ->
     """Write a folder the book's torch loader can read (`vocab.json` + `pretrained.params`), plus config.json."""
     bert = _unwrap(bert)
     os.makedirs(folder, exist_ok=True)
-    write_params(bert.state_dict(), os.path.join(folder, PRETRAINED_FILE))
+    # The params file last: a folder that has it is complete (jobs reuse such folders).
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
     write_json(os.path.join(folder, CONFIG_FILE), _config_dict(bert.config, "pretrained"))
+    write_params(bert.state_dict(), os.path.join(folder, PRETRAINED_FILE))
 
 
 def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapping | None,
@@ -160,9 +161,9 @@ def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapp
     net = _unwrap(net)
     config = config if config is not None else getattr(net, "config", None)
     os.makedirs(folder, exist_ok=True)
-    write_params(net.state_dict(), os.path.join(folder, CLASSIFIER_FILE))
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
     write_json(os.path.join(folder, CONFIG_FILE), _config_dict(config, "classifier"))
+    write_params(net.state_dict(), os.path.join(folder, CLASSIFIER_FILE))
 
 
 class _Backbone(nn.Module):

@@ -1,0 +1,307 @@
+"""Reading and writing checkpoints in the book's MXNet format.
+
+A pretrained folder is what the book downloads: `vocab.json` (index -> token) and
+`pretrained.params` (a `save_parameters` file); we add `config.json` (a `BERTConfig` dict plus
+`"format": "mxnet"`, `"kind": "pretrained"`). A fine-tuned folder holds `vocab.json`,
+`classifier.params` and `config.json` with `"kind": "classifier"`.
+
+Unlike the book's `load_pretrained_model`, which builds the model from the sizes it is given, a
+size passed as None is read off the file, and any size the file contradicts is an error that
+names the key and both shapes.
+
+Parameter files come in two namings (facts §1.4): `save_parameters` writes structured names
+(`encoder.blks.0.attention.W_q.weight`), while the deprecated `collect_params().save` wrote
+Gluon's global prefixed names (`bertencoder0_pos_embedding`, `dense3_weight`, ...), whose counters
+depend on what else the saving process had built. `read_params` always returns structured names:
+a prefixed file is mapped by position onto the model's `collect_params()` order, after checking
+that every name has the right block type and parameter kind at its position; anything that does
+not fit is refused with a message naming the file and the first mismatch.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Mapping, Sequence
+
+import mxnet as mx
+import numpy as onp
+from mxnet import init, np, npx
+from mxnet.base import MXNetError
+from mxnet.gluon import nn
+
+from nlibert.core.checkpoint import check_shapes, infer_config, mxnet_to_torch_key, read_checkpoint_config
+from nlibert.core.config import BERTConfig
+from nlibert.core.io import atomic_path, write_json
+from nlibert.core.vocab import Vocab, load_vocab, save_vocab
+
+from .model import BERTClassifier, BERTEncoder, BERTModel
+
+npx.set_np()
+
+PRETRAINED_FILE = "pretrained.params"
+CLASSIFIER_FILE = "classifier.params"
+VOCAB_FILE = "vocab.json"
+CONFIG_FILE = "config.json"
+
+
+def _load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The name -> array dict of an MXNet parameter file (numpy- or legacy-semantics); anything
+    else is a ValueError naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such parameter file")
+    try:
+        loaded = npx.load(path)
+    except MXNetError as e:
+        if "is_np_shape" not in str(e):
+            raise ValueError(f"{path}: not an MXNet parameter file ({str(e).strip().splitlines()[-1]}); "
+                             "a PyTorch checkpoint must be converted first") from e
+        # Saved outside numpy semantics (mx.nd.save): load it the legacy way, as load_parameters does.
+        with mx.util.np_array(False), mx.util.np_shape(False):
+            legacy = mx.nd.load(path)
+        loaded = {k: v.as_np_ndarray() for k, v in legacy.items()} if isinstance(legacy, dict) else legacy
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: holds an unnamed list of {len(loaded)} arrays, not named parameters")
+    return loaded
+
+
+def _strip_counters(name: str) -> str:
+    """'bertencoder0_pos_embedding' -> 'bertencoder_pos_embedding': a prefixed name minus Gluon's counters."""
+    return re.sub(r"\d+_", "_", name)
+
+
+def _legacy_template(num_tensors: int) -> tuple[str, list[tuple[str, str]]] | None:
+    """(kind, [(prefixed name, structured name), ...]) in `collect_params()` order for the book model
+    that has `num_tensors` parameters: 13 + 16 L for a BERTModel, 7 + 16 L for a BERTClassifier."""
+    if num_tensors > 13 and (num_tensors - 13) % 16 == 0:
+        kind, model = "pretrained", BERTModel(1, 1, 1, 1, (num_tensors - 13) // 16, 0.0, 1)
+    elif num_tensors > 7 and (num_tensors - 7) % 16 == 0:
+        cfg = BERTConfig(vocab_size=1, num_hiddens=1, ffn_num_hiddens=1, num_heads=1,
+                         num_layers=(num_tensors - 7) // 16, dropout=0.0, max_len=1)
+        kind, model = "classifier", BERTClassifier(_Backbone(cfg))
+    else:
+        return None
+    # A tiny unallocated model of the right depth: only its names are used. Both orders list a
+    # block's own parameters, then its children in the order they were assigned.
+    return kind, list(zip(model.collect_params().keys(), model._collect_params_with_prefix().keys()))
+
+
+def _rename_legacy(arrays: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    """Map Gluon's prefixed names onto structured ones by position, refusing anything that does not fit."""
+    names = list(arrays)
+    template = _legacy_template(len(names))
+    if template is None:
+        raise ValueError(f"{path}: uses Gluon's legacy prefixed names (no '.' in any key) but holds "
+                         f"{len(names)} tensors, which is neither a BERTModel (13 + 16 per layer) nor a "
+                         "BERTClassifier (7 + 16 per layer); cannot map it to structured names")
+    kind, pairs = template
+    renamed = {}
+    for i, (name, (prefixed, structured)) in enumerate(zip(names, pairs)):
+        want = _strip_counters(prefixed)
+        got = _strip_counters(name)
+        # The saver may have used name scopes, which prepend its parents' prefixes.
+        if got != want and not got.endswith("_" + want):
+            raise ValueError(f"{path}: uses Gluon's legacy prefixed names, mapped by the order of the book's "
+                             f"{kind} model, but tensor {i} is {name!r} where a name like {prefixed!r} "
+                             f"({structured}) belongs; re-save it with save_parameters")
+        renamed[structured] = arrays[name]
+    return renamed
+
+
+def read_params(path: str | os.PathLike) -> dict[str, onp.ndarray]:
+    """The tensors of an MXNet parameter file as numpy arrays, keyed by `save_parameters` name.
+    Files with Gluon's legacy prefixed names are renamed to structured names (module docstring)."""
+    path = os.fspath(path)
+    arrays = _load_arrays(path)
+    if arrays and not any("." in k for k in arrays):  # the test load_parameters itself uses
+        arrays = _rename_legacy(arrays, path)
+    return {k: v.asnumpy() for k, v in arrays.items()}
+
+
+def _to_cpu_array(value: onp.ndarray | np.ndarray) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value.as_in_ctx(mx.cpu())
+    value = onp.asarray(value)
+    return np.array(value, dtype=value.dtype, ctx=mx.cpu())
+
+
+def write_params(params: Mapping[str, onp.ndarray | np.ndarray], path: str | os.PathLike) -> None:
+    """`npx.save` a name -> array dict atomically (temp file beside `path`, then rename); order is kept.
+    With structured names the file is what `save_parameters` writes and `load_parameters` reads."""
+    arrays = {k: _to_cpu_array(v) for k, v in params.items()}
+    with atomic_path(path) as tmp:
+        npx.save(tmp, arrays)
+
+
+def _as_contexts(devices: Sequence[mx.Context] | mx.Context | None) -> list[mx.Context]:
+    if devices is None:
+        return [mx.cpu()]
+    if isinstance(devices, mx.Context):
+        return [devices]
+    if len(devices) == 0:
+        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
+    return list(devices)
+
+
+def _resolve_folder(pretrained_model: str | os.PathLike) -> str:
+    """A folder path as is; otherwise a data-hub name, downloaded and extracted (cached)."""
+    if os.path.isdir(pretrained_model):
+        return os.fspath(pretrained_model)
+    from nlibert.core import data_hub  # imported lazily: only hub names need it
+    name = os.fspath(pretrained_model)
+    if name.endswith(".torch"):
+        raise ValueError(f"{name!r} is the book's PyTorch checkpoint; the MXNet backend reads "
+                         f"{name[:-len('.torch')]!r}, or convert it first")
+    if name not in data_hub.DATA_HUB:
+        raise FileNotFoundError(f"{pretrained_model!r} is neither a folder nor a data-hub name "
+                                f"(known: {sorted(data_hub.DATA_HUB)})")
+    return data_hub.download_extract(name)
+
+
+def _shapes(params: Mapping) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in params.items()}
+
+
+def _load_strict(net: nn.Block, params: Mapping[str, onp.ndarray], file: str,
+                 devices: Sequence[mx.Context]) -> None:
+    """Check every name and shape first (a readable error), then copy the arrays onto every device."""
+    own = net._collect_params_with_prefix()  # the names save_parameters / load_parameters use
+    check_shapes(_shapes(own), _shapes(params), file)
+    # Every shape is known at construction (model.py), so this allocates at once; the zeros are
+    # overwritten below. force_reinit: a net loaded twice is simply reloaded.
+    net.initialize(init.Zero(), ctx=list(devices), force_reinit=True)
+    for name, param in own.items():
+        param.set_data(np.array(params[name], dtype=params[name].dtype))
+
+
+def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int | None,
+                          ffn_num_hiddens: int | None, num_heads: int | None, num_layers: int | None,
+                          dropout: float | None, max_len: int | None,
+                          devices: Sequence[mx.Context]) -> tuple[BERTModel, Vocab]:
+    """The book's loader: `(bert, vocab)` from a data-hub name ('bert.small', 'bert.base') or a folder.
+
+    The vocabulary size comes from `vocab.json`. A size passed as None is read from the checkpoint
+    (the head count, which leaves no trace in the tensors, from config.json if there is one, else
+    64-dimensional heads). The parameters are placed on every device in `devices`.
+    """
+    devices = _as_contexts(devices)
+    folder = _resolve_folder(pretrained_model)
+    written = read_checkpoint_config(folder) or {}
+    if written.get("format", "mxnet") != "mxnet":
+        raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: format {written.get('format')!r}; "
+                         "the MXNet backend reads 'mxnet' checkpoints (convert it first)")
+    vocab = load_vocab(os.path.join(folder, VOCAB_FILE))
+    params_path = os.path.join(folder, PRETRAINED_FILE)
+    params = read_params(params_path)
+
+    sizes = dict(num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
+                 num_layers=num_layers, dropout=dropout, max_len=max_len)
+    if any(v is None for v in sizes.values()):
+        heads = num_heads if num_heads is not None else written.get("num_heads")
+        drop = dropout if dropout is not None else written.get("dropout", 0.1)
+        # infer_config reads torch names; names that are not the book's are reported by _load_strict.
+        torch_named = {}
+        for k, v in params.items():
+            try:
+                torch_named[mxnet_to_torch_key(k)] = v
+            except KeyError:
+                pass
+        try:
+            inferred = infer_config(torch_named, num_heads=heads, dropout=drop).to_dict()
+        except KeyError as e:
+            raise ValueError(f"{params_path}: cannot read sizes off the file: {e}") from e
+        sizes = {k: (inferred[k] if v is None else v) for k, v in sizes.items()}
+
+    bert = BERTModel(len(vocab), **sizes)
+    _load_strict(bert, params, params_path, devices)
+    return bert, vocab
+
+
+def _config_dict(config: BERTConfig | Mapping | None, kind: str) -> dict:
+    if isinstance(config, BERTConfig):
+        config = config.to_dict()
+    if config is None:
+        raise ValueError("no config to record: pass a BERTConfig (the model has no `config`)")
+    return {**BERTConfig.from_dict(dict(config)).to_dict(), "format": "mxnet", "kind": kind}
+
+
+def _uninitialized(net: nn.Block) -> list[str]:
+    """Names of the parameters that hold no data yet."""
+    missing = []
+    for name, param in net._collect_params_with_prefix().items():
+        try:
+            param.list_ctx()
+        except RuntimeError:
+            missing.append(name)
+    return missing
+
+
+def _save_parameters(net: nn.Block, path: str) -> None:
+    """`net.save_parameters`, atomically: the book's file, written beside `path` and renamed over it."""
+    with atomic_path(path) as tmp:
+        net.save_parameters(tmp)
+
+
+def save_pretrained(bert: BERTModel, vocab: Vocab, folder: str | os.PathLike) -> None:
+    """Write a folder the book's MXNet loader can read (`vocab.json` + `pretrained.params`), plus config.json.
+
+    A model that was never initialised first gets the book's pretraining init, `init.Xavier()`
+    (torch models are initialised when built; Gluon ones are not). `pretrained.params` is written
+    last, so its presence means the folder is complete.
+    """
+    own = bert._collect_params_with_prefix()
+    for name in _uninitialized(bert):
+        # As `bert.initialize(init.Xavier())`: Xavier only where a parameter names no initializer
+        # of its own (Dense biases stay zeros, LayerNorm gamma/beta ones/zeros).
+        own[name].initialize(default_init=init.Xavier())
+    os.makedirs(folder, exist_ok=True)
+    save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
+    write_json(os.path.join(folder, CONFIG_FILE), _config_dict(bert.config, "pretrained"))
+    _save_parameters(bert, os.path.join(folder, PRETRAINED_FILE))
+
+
+def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapping | None,
+                    folder: str | os.PathLike) -> None:
+    """Write a fine-tuned classifier: `classifier.params`, `vocab.json`, `config.json` (kind 'classifier').
+    `config` None means the one the classifier carries; `classifier.params` is written last."""
+    missing = _uninitialized(net)
+    if missing:
+        raise ValueError(f"cannot save a classifier with uninitialised parameters {missing} "
+                         "(call net.output.initialize(ctx=devices) as the book does)")
+    config = config if config is not None else getattr(net, "config", None)
+    os.makedirs(folder, exist_ok=True)
+    save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
+    write_json(os.path.join(folder, CONFIG_FILE), _config_dict(config, "classifier"))
+    _save_parameters(net, os.path.join(folder, CLASSIFIER_FILE))
+
+
+class _Backbone(nn.Block):
+    """Encoder + pooler only: what `BERTClassifier` keeps of a `BERTModel`, built without the
+    MLM head, whose (V, H) output layer a classifier would never use."""
+
+    def __init__(self, cfg: BERTConfig, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.config = cfg
+        self.encoder = BERTEncoder(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads,
+                                   cfg.num_layers, cfg.dropout, cfg.max_len)
+        self.hidden = nn.Dense(cfg.num_hiddens, activation="tanh", in_units=cfg.num_hiddens)
+
+
+def load_classifier(folder: str | os.PathLike, devices: Sequence[mx.Context]
+                    ) -> tuple[BERTClassifier, Vocab, BERTConfig]:
+    """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on every device."""
+    devices = _as_contexts(devices)
+    written = read_checkpoint_config(folder)
+    if written is None:
+        raise FileNotFoundError(f"{os.path.join(folder, CONFIG_FILE)}: missing; not a classifier folder")
+    if written.get("kind") != "classifier" or written.get("format", "mxnet") != "mxnet":
+        raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: kind {written.get('kind')!r}, "
+                         f"format {written.get('format')!r}; expected an mxnet classifier")
+    cfg = BERTConfig.from_dict(written)
+    vocab = load_vocab(os.path.join(folder, VOCAB_FILE))
+    if len(vocab) != cfg.vocab_size:
+        raise ValueError(f"{folder}: vocab.json has {len(vocab)} tokens, config.json says {cfg.vocab_size}")
+    net = BERTClassifier(_Backbone(cfg))
+    params_path = os.path.join(folder, CLASSIFIER_FILE)
+    _load_strict(net, read_params(params_path), params_path, devices)
+    return net, vocab, cfg

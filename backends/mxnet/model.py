@@ -1,0 +1,293 @@
+"""The book's BERT in MXNet Gluon: encoder, pretraining heads, and the NLI classifier.
+
+Read top to bottom it is the model: attention (masked softmax, dot product, multi-head), the two
+sublayers of a post-LN Transformer block (position-wise FFN, add & norm), the block, the BERT
+encoder (token + segment + learned position embeddings, then the blocks), the two pretraining
+heads (masked LM, next-sentence prediction), BERT itself, and the fine-tuning classifier.
+
+It computes what d2l's MXNet `BERTModel` computes (facts §1.2) and its `save_parameters` names are
+the book's (facts §1.4), so the book's `bert.small` / `bert.base` files load unchanged. Differences
+from HF BERT are the book's, kept on purpose: ReLU not GELU, LayerNorm eps 1e-5, no embedding
+LayerNorm or dropout, valid-length masking by *replacing* scores with -1e6.
+
+Two things differ from the book's text but not from what it computes:
+- every layer is told its input size (`in_units`, `in_channels`), as torch's `nn.Linear(in, out)`
+  is, so `initialize()` allocates real arrays at once instead of deferring to the first forward;
+  the parameter names, shapes and initializers are unchanged.
+- heads are split and merged with `npx.reshape` codes instead of reading `X.shape`, so those two
+  steps would survive a later move to `HybridBlock`.
+
+Parameters are not initialised by the constructors (Gluon's convention): call
+`net.initialize(init.Xavier(), ctx=devices)` as the book's pretraining does, or load a checkpoint.
+
+Shapes: B batch, T sequence length, H num_hiddens, h num_heads, F ffn_num_hiddens, V vocab size,
+P number of masked positions to predict.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from mxnet import np, npx
+from mxnet.gluon import nn
+
+from nlibert.core.config import BERTConfig
+
+npx.set_np()
+
+
+def masked_softmax(X: np.ndarray, valid_lens: np.ndarray | None) -> np.ndarray:
+    """Softmax over the last axis of X (B', T_q, T_k) that ignores keys at index >= valid_len.
+
+    `valid_lens` is None (plain softmax), 1-D (B',): one length per batch row, shared by every
+    query, or 2-D (B', T_q): one length per query. Masked scores are *set* to -1e6 (not -inf, not
+    added), exactly as the book, so a row with valid_len 0 comes out uniform rather than NaN.
+    Lengths may be integer or float (the book feeds float32).
+    """
+    if valid_lens is None:
+        return npx.softmax(X, axis=-1)
+    shape = X.shape
+    if valid_lens.ndim == 1:
+        lens = valid_lens.repeat(shape[1])  # (B'*T_q,): each row's length once per query
+    elif valid_lens.ndim == 2:
+        lens = valid_lens.reshape(-1)  # (B'*T_q,)
+    else:
+        raise ValueError(f"valid_lens must be 1-D or 2-D, got shape {valid_lens.shape}")
+    # sequence_mask works on (rows, T_k) with the length axis 1: one length per row.
+    X = npx.sequence_mask(X.reshape(-1, shape[-1]), lens, use_sequence_length=True,
+                          value=-1e6, axis=1)
+    return npx.softmax(X, axis=-1).reshape(shape)
+
+
+class DotProductAttention(nn.Block):
+    """Scaled dot-product attention with dropout on the attention weights.
+
+    The book always keeps the last weights in `attention_weights`; that pins a (B*h, T, T) array
+    per layer between steps (about 130 MB per layer at batch 512, length 128, 4 heads), so here it
+    is kept only when `keep_attention_weights` is set to True, for inspection.
+    """
+
+    def __init__(self, dropout: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dropout = nn.Dropout(dropout)
+        self.keep_attention_weights = False
+        self.attention_weights: np.ndarray | None = None
+
+    def forward(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
+                valid_lens: np.ndarray | None = None) -> np.ndarray:
+        d = queries.shape[-1]
+        scores = npx.batch_dot(queries, keys, transpose_b=True) / math.sqrt(d)  # (B', T_q, T_k)
+        weights = masked_softmax(scores, valid_lens)  # (B', T_q, T_k)
+        if self.keep_attention_weights:
+            self.attention_weights = weights.detach()
+        return npx.batch_dot(self.dropout(weights), values)  # (B', T_q, d_v)
+
+
+class MultiHeadAttention(nn.Block):
+    """h parallel heads of size H/h; the heads are folded into the batch axis for one batch_dot."""
+
+    def __init__(self, num_hiddens: int, num_heads: int, dropout: float, use_bias: bool = True,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        if num_hiddens % num_heads:
+            raise ValueError(f"num_hiddens={num_hiddens} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.attention = DotProductAttention(dropout)
+        # flatten=False: a Dense on (B, T, H) acts on the last axis, like torch's nn.Linear.
+        self.W_q = nn.Dense(num_hiddens, use_bias=use_bias, flatten=False, in_units=num_hiddens)
+        self.W_k = nn.Dense(num_hiddens, use_bias=use_bias, flatten=False, in_units=num_hiddens)
+        self.W_v = nn.Dense(num_hiddens, use_bias=use_bias, flatten=False, in_units=num_hiddens)
+        self.W_o = nn.Dense(num_hiddens, use_bias=use_bias, flatten=False, in_units=num_hiddens)
+
+    def split_heads(self, X: np.ndarray) -> np.ndarray:
+        """(B, T, H) -> (B*h, T, H/h), batch-major: rows b*h .. b*h+h-1 are example b's heads."""
+        # npx.reshape codes: -2 keeps an axis, -1 infers it, -5 merges two axes into one.
+        X = npx.reshape(X, (-2, -2, self.num_heads, -1))  # (B, T, h, H/h)
+        X = X.transpose(0, 2, 1, 3)  # (B, h, T, H/h)
+        return npx.reshape(X, (-5, -2, -2))  # (B*h, T, H/h)
+
+    def merge_heads(self, X: np.ndarray) -> np.ndarray:
+        """(B*h, T, H/h) -> (B, T, H), the inverse of split_heads."""
+        # -6 splits one axis in two (here into B inferred and h), -2 keeps, -5 merges.
+        X = npx.reshape(X, (-6, -1, self.num_heads, -2, -2))  # (B, h, T, H/h)
+        X = X.transpose(0, 2, 1, 3)  # (B, T, h, H/h)
+        return npx.reshape(X, (-2, -2, -5))  # (B, T, H)
+
+    def forward(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
+                valid_lens: np.ndarray | None = None) -> np.ndarray:
+        q = self.split_heads(self.W_q(queries))  # (B*h, T_q, H/h)
+        k = self.split_heads(self.W_k(keys))  # (B*h, T_k, H/h)
+        v = self.split_heads(self.W_v(values))  # (B*h, T_k, H/h)
+        if valid_lens is not None:
+            # Each example's lengths repeated once per head, matching split_heads' batch-major order.
+            valid_lens = valid_lens.repeat(self.num_heads, axis=0)
+        out = self.attention(q, k, v, valid_lens)  # (B*h, T_q, H/h)
+        return self.W_o(self.merge_heads(out))  # (B, T_q, H)
+
+
+class PositionWiseFFN(nn.Block):
+    """The same two-layer MLP at every position: H -> F -> H, ReLU (the book's, not GELU)."""
+
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        # Gluon fuses the ReLU into dense1, so there is no separate activation child (nor key).
+        self.dense1 = nn.Dense(ffn_num_hiddens, activation="relu", flatten=False, in_units=num_hiddens)
+        self.dense2 = nn.Dense(num_hiddens, flatten=False, in_units=ffn_num_hiddens)
+
+    def forward(self, X: np.ndarray) -> np.ndarray:
+        return self.dense2(self.dense1(X))  # (B, T, H)
+
+
+class AddNorm(nn.Block):
+    """Residual connection then LayerNorm (post-LN): ln(dropout(Y) + X)."""
+
+    def __init__(self, num_hiddens: int, dropout: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dropout = nn.Dropout(dropout)
+        self.ln = nn.LayerNorm(epsilon=1e-5, in_channels=num_hiddens)  # params gamma / beta
+
+    def forward(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        return self.ln(self.dropout(Y) + X)
+
+
+class EncoderBlock(nn.Block):
+    """One Transformer encoder block: self-attention, add & norm, FFN, add & norm."""
+
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, use_bias=True)
+        self.addnorm1 = AddNorm(num_hiddens, dropout)
+        self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens)
+        self.addnorm2 = AddNorm(num_hiddens, dropout)
+
+    def forward(self, X: np.ndarray, valid_lens: np.ndarray | None) -> np.ndarray:
+        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))  # (B, T, H)
+        return self.addnorm2(Y, self.ffn(Y))  # (B, T, H)
+
+
+class BERTEncoder(nn.Block):
+    """Token + segment + learned position embeddings, summed, then `num_layers` encoder blocks.
+
+    `pos_embedding` is a Parameter of shape (1, max_len, H) with no initializer of its own, so it
+    takes the one passed to `initialize` (Xavier in the book's pretraining). Assigning it as an
+    attribute registers it, so `save_parameters` names it `encoder.pos_embedding`. Reading it with
+    `.data()` inside `autograd.record` is tracked, so unlike r0.17's torch code it is trained.
+    """
+
+    def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
+                 num_layers: int, dropout: float, max_len: int = 1000, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
+        self.segment_embedding = nn.Embedding(2, num_hiddens)
+        self.blks = nn.Sequential()  # children '0', '1', ... -> keys encoder.blks.{i}.*
+        for _ in range(num_layers):
+            self.blks.add(EncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout))
+        self.pos_embedding = self.params.get("pos_embedding", shape=(1, max_len, num_hiddens))
+
+    def forward(self, tokens: np.ndarray, segments: np.ndarray,
+                valid_lens: np.ndarray | None) -> np.ndarray:
+        T = tokens.shape[1]
+        max_len = self.pos_embedding.shape[1]
+        if T > max_len:
+            raise ValueError(f"sequence length {T} exceeds max_len {max_len}")
+        X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
+        # No embedding LayerNorm, dropout or sqrt(H) scaling in the book.
+        X = X + self.pos_embedding.data(ctx=X.ctx)[:, :T, :]
+        for blk in self.blks:
+            X = blk(X, valid_lens)
+        return X  # (B, T, H)
+
+
+class MaskLM(nn.Block):
+    """Masked-LM head: gather the hidden states at `pred_positions`, then an MLP to vocab logits."""
+
+    def __init__(self, vocab_size: int, num_hiddens: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        # Three children, keys mlm.mlp.{0,1,2}.*: the ReLU is fused into the first Dense
+        # (torch needs a fourth module for it, hence its mlm.mlp.{0,2,3}).
+        self.mlp = nn.Sequential()
+        self.mlp.add(nn.Dense(num_hiddens, activation="relu", flatten=False, in_units=num_hiddens),
+                     nn.LayerNorm(epsilon=1e-5, in_channels=num_hiddens),
+                     nn.Dense(vocab_size, flatten=False, in_units=num_hiddens))
+
+    def forward(self, X: np.ndarray, pred_positions: np.ndarray) -> np.ndarray:
+        B, T, _ = X.shape
+        # Row b*T + t of X viewed as (B*T, H) is position t of example b; one `take` gathers them all.
+        row_start = np.arange(0, B * T, T, dtype="int32", ctx=X.ctx).reshape(B, 1)  # (B, 1)
+        # (B, P) row numbers; the book's positions are float, so cast them to an index type.
+        rows = row_start + pred_positions.as_in_ctx(X.ctx).astype("int32")
+        masked_X = np.take(X.reshape(B * T, -1), rows, axis=0)  # (B, P, H)
+        return self.mlp(masked_X)  # (B, P, V)
+
+
+class NextSentencePred(nn.Block):
+    """Next-sentence head: a 2-way linear classifier on the pooled <cls> representation."""
+
+    def __init__(self, num_hiddens: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.output = nn.Dense(2, in_units=num_hiddens)  # flatten=True is harmless on (B, H)
+
+    def forward(self, X: np.ndarray) -> np.ndarray:
+        return self.output(X)  # (B, 2)
+
+
+class BERTModel(nn.Block):
+    """BERT as pretrained in the book: encoder, pooler (`hidden`), masked-LM and NSP heads.
+
+    `config` holds the sizes it was built with (a `BERTConfig`), which checkpoints record.
+    """
+
+    def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
+                 num_layers: int, dropout: float, max_len: int = 1000, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.config = BERTConfig(vocab_size=vocab_size, num_hiddens=num_hiddens,
+                                 ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
+                                 num_layers=num_layers, dropout=dropout, max_len=max_len)
+        self.encoder = BERTEncoder(vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_layers,
+                                   dropout, max_len)
+        # The pooler: one Dense with a fused tanh on <cls>, so its keys are hidden.* (torch: hidden.0.*).
+        self.hidden = nn.Dense(num_hiddens, activation="tanh", in_units=num_hiddens)
+        self.mlm = MaskLM(vocab_size, num_hiddens)
+        self.nsp = NextSentencePred(num_hiddens)
+
+    @classmethod
+    def from_config(cls, cfg: BERTConfig) -> "BERTModel":
+        return cls(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads,
+                   cfg.num_layers, cfg.dropout, cfg.max_len)
+
+    def forward(self, tokens: np.ndarray, segments: np.ndarray,
+                valid_lens: np.ndarray | None = None, pred_positions: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
+        mlm_Y_hat = self.mlm(encoded_X, pred_positions) if pred_positions is not None else None
+        nsp_Y_hat = self.nsp(self.hidden(encoded_X[:, 0, :]))  # (B, 2), from the <cls> position
+        return encoded_X, mlm_Y_hat, nsp_Y_hat
+
+
+class BERTClassifier(nn.Block):
+    """The chapter's NLI model: pretrained encoder and pooler, plus a new 3-way output layer.
+
+    The MLM and NSP heads are deliberately not kept, so they are neither in `collect_params()`
+    (the trainer never sees them) nor in `save_parameters` (39 tensors for a 2-layer model).
+    `output` is left uninitialised, as in the book: `net.output.initialize(ctx=devices)` gives it
+    Gluon's default Uniform(0.07).
+    """
+
+    def __init__(self, bert: nn.Block, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.encoder = bert.encoder
+        self.hidden = bert.hidden
+        num_hiddens = self.encoder.token_embedding.weight.shape[1]
+        self.output = nn.Dense(3, in_units=num_hiddens)
+        self.config: BERTConfig | None = getattr(bert, "config", None)
+
+    def forward(self, inputs: np.ndarray | Sequence[np.ndarray], segments: np.ndarray | None = None,
+                valid_lens: np.ndarray | None = None) -> np.ndarray:
+        """Either `net((tokens, segments, valid_lens))` as the book, or `net(tokens, segments, valid_lens)`."""
+        if segments is None:
+            tokens, segments, valid_lens = inputs
+        else:
+            tokens = inputs
+        encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
+        return self.output(self.hidden(encoded_X[:, 0, :]))  # (B, 3) logits
