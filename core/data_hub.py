@@ -1,0 +1,191 @@
+"""Download and unpack the chapter's data sets and checkpoints (d2l's `DATA_HUB`), safely and offline-friendly.
+
+Differences from the book's `download`, all on purpose: the SHA-1 is checked *after* downloading too
+(a bad file is never put in place), files are written atomically, a cached file with the wrong hash
+is fetched again instead of used, archives are extracted into a temporary folder and renamed into
+place (a half-extracted folder is never used), members that would land outside the cache folder are
+refused, and an already extracted folder is used without touching the network, so a copy placed by
+hand works offline.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from typing import Mapping
+
+from .io import atomic_write
+
+DATA_URL = "http://d2l-data.s3-accelerate.amazonaws.com/"
+
+# name -> (url, sha1 of the file at that url); values from the book (facts §1.6).
+DATA_HUB: dict[str, tuple[str, str]] = {
+    "SNLI": ("https://nlp.stanford.edu/projects/snli/snli_1.0.zip",
+             "9fcde07509c7e87ec61c640c1b2753d9041758e4"),
+    "wikitext-2": ("https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
+                   "3c914d17d80b1459be871a5039ac23e752a53cbe"),
+    "bert.small": (DATA_URL + "bert.small.zip", "a4e718a47137ccd1809c9107ab4f5edd317bae2c"),
+    "bert.base": (DATA_URL + "bert.base.zip", "7b3820b35da691042e5d34c0971ac3edbd80d3f4"),
+    "bert.small.torch": (DATA_URL + "bert.small.torch.zip", "c72329e68a732bef0452e4b96a1c341c8910f81f"),
+    "bert.base.torch": (DATA_URL + "bert.base.torch.zip", "225d66f04cae318b841a13d32af3acc165f253ac"),
+}
+
+_CHUNK = 1 << 20  # 1 MiB, as the book hashes
+
+
+class DownloadError(RuntimeError):
+    """The file could not be fetched (HTTP error, no connection, timeout)."""
+
+
+class ChecksumError(DownloadError):
+    """The fetched file's SHA-1 differs from the one pinned in the hub."""
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive member would be written outside the extraction folder (or is a link/device)."""
+
+
+def data_root() -> str:
+    """The cache folder: `$NLIBERT_DATA` if set, else `~/.cache/nlibert`."""
+    return os.environ.get("NLIBERT_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "nlibert")
+
+
+def sha1_of(path: str | os.PathLike) -> str:
+    """Hex SHA-1 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _lookup(name: str, hub: Mapping[str, tuple[str, str]] | None) -> tuple[str, str]:
+    hub = DATA_HUB if hub is None else hub
+    if name not in hub:
+        raise KeyError(f"{name!r} is not in the data hub; known names: {', '.join(sorted(hub))}")
+    return hub[name]
+
+
+def _offline_hint(file_name: str, cache_dir: str) -> str:
+    return (f"To work offline, put {file_name} (or the folder it extracts to) into {cache_dir}, "
+            f"or set NLIBERT_DATA to a folder that holds it.")
+
+
+def download(name: str, cache_dir: str | os.PathLike | None = None, timeout: float = 30.0,
+             hub: Mapping[str, tuple[str, str]] | None = None) -> str:
+    """Return the local path of hub entry `name`, fetching it into `cache_dir` unless a copy with
+    the right SHA-1 is already there. `hub` replaces `DATA_HUB` (tests point it at a local server)."""
+    url, expected_sha1 = _lookup(name, hub)
+    cache_dir = os.fspath(cache_dir) if cache_dir is not None else data_root()
+    os.makedirs(cache_dir, exist_ok=True)
+    file_name = url.split("/")[-1]
+    path = os.path.join(cache_dir, file_name)
+    if os.path.isfile(path) and sha1_of(path) == expected_sha1:
+        return path
+    # A cached file with another hash falls through and is replaced: it is stale or corrupt.
+    with atomic_write(path, "wb") as f:
+        digest = hashlib.sha1()
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "nlibert"})
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                while chunk := response.read(_CHUNK):
+                    digest.update(chunk)
+                    f.write(chunk)
+        except urllib.error.HTTPError as e:
+            raise DownloadError(f"could not download {url}: HTTP {e.code} {e.reason}. "
+                                + _offline_hint(file_name, cache_dir)) from e
+        except (OSError, http.client.HTTPException) as e:  # URLError, refused, timeout, reset
+            reason = e.reason if isinstance(e, urllib.error.URLError) else e
+            raise DownloadError(f"could not download {url}: {reason}. "
+                                + _offline_hint(file_name, cache_dir)) from e
+        found_sha1 = digest.hexdigest()
+        if found_sha1 != expected_sha1:
+            # Raising inside atomic_write deletes the temp file: nothing lands at `path`.
+            raise ChecksumError(f"{url} -> {path}: SHA-1 mismatch, expected {expected_sha1}, "
+                                f"got {found_sha1}; the downloaded file was discarded.")
+    return path
+
+
+def _archive_stem(path: str) -> str:
+    """The archive path minus its extension ('x.zip' -> 'x', 'x.tar.gz' -> 'x')."""
+    for ext in (".tar.gz", ".tgz", ".zip", ".tar", ".gz"):
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return os.path.splitext(path)[0]
+
+
+def _check_member(root: str, member_name: str, archive: str) -> None:
+    """Refuse a member name that is absolute or resolves outside `root`."""
+    if os.path.isabs(member_name) or member_name.startswith(("/", "\\")) or (
+            len(member_name) > 1 and member_name[1] == ":"):
+        raise UnsafeArchiveError(f"{archive}: member {member_name!r} has an absolute path; refusing to extract")
+    target = os.path.realpath(os.path.join(root, member_name))
+    if os.path.commonpath([target, root]) != root:
+        raise UnsafeArchiveError(f"{archive}: member {member_name!r} would be written outside "
+                                 f"{os.path.dirname(root)}; refusing to extract")
+
+
+def _extract_into(archive: str, root: str) -> None:
+    """Extract `archive` into the empty folder `root`, checking every member first."""
+    root = os.path.realpath(root)
+    if archive.endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                _check_member(root, info.filename, archive)
+            zf.extractall(root)
+        return
+    with tarfile.open(archive) as tf:  # .tar, .tar.gz, .tgz, .gz (the book opens .gz with tarfile)
+        members = tf.getmembers()
+        for m in members:
+            _check_member(root, m.name, archive)
+            if m.issym() or m.islnk():
+                raise UnsafeArchiveError(f"{archive}: member {m.name!r} is a link to {m.linkname!r}; "
+                                         f"refusing to extract")
+            if not (m.isfile() or m.isdir()):
+                raise UnsafeArchiveError(f"{archive}: member {m.name!r} is not a regular file or folder; "
+                                         f"refusing to extract")
+        if hasattr(tarfile, "data_filter"):  # the stdlib's own guard where available (3.11.4+)
+            tf.extractall(root, members, filter="data")
+        else:
+            tf.extractall(root, members)
+
+
+def download_extract(name: str, folder: str | None = None, cache_dir: str | os.PathLike | None = None,
+                     timeout: float = 30.0, hub: Mapping[str, tuple[str, str]] | None = None) -> str:
+    """Return the folder holding hub entry `name` extracted: `cache_dir/folder` if `folder` is
+    given, else the archive path minus its extension (book semantics: 'SNLI' -> cache/snli_1.0).
+    An existing folder is returned as is, without the network."""
+    url, _ = _lookup(name, hub)
+    cache_dir = os.fspath(cache_dir) if cache_dir is not None else data_root()
+    archive = os.path.join(cache_dir, url.split("/")[-1])
+    target = os.path.join(cache_dir, folder) if folder else _archive_stem(archive)
+    if os.path.isdir(target):
+        return target
+    archive = download(name, cache_dir, timeout=timeout, hub=hub)
+    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".extract-")
+    try:
+        _extract_into(archive, tmp)
+        entries = sorted(os.listdir(tmp))
+        target_name = os.path.relpath(target, cache_dir).split(os.sep)[0]
+        if target_name not in entries:
+            raise DownloadError(f"{archive} does not contain {target_name}/ (it holds: {', '.join(entries)}); "
+                                + _offline_hint(os.path.basename(archive), cache_dir))
+        # Move the expected folder last, so its presence means everything else is in place too.
+        for entry in [e for e in entries if e != target_name] + [target_name]:
+            dest = os.path.join(cache_dir, entry)
+            if os.path.isdir(dest) and entry != target_name:
+                continue  # e.g. __MACOSX from another archive; never delete a user's folder
+            os.replace(os.path.join(tmp, entry), dest)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+    if not os.path.isdir(target):
+        raise DownloadError(f"{archive} was extracted but {target} is not a folder")
+    return target
