@@ -168,7 +168,10 @@ def download_extract(name: str, folder: str | None = None, cache_dir: str | os.P
     target = os.path.join(cache_dir, folder) if folder else _archive_stem(archive)
     if os.path.isdir(target):
         return target
-    archive = download(name, cache_dir, timeout=timeout, hub=hub)
+    try:
+        archive = download(name, cache_dir, timeout=timeout, hub=hub)
+    except DownloadError as e:
+        raise type(e)(f"{e} A folder {target} placed by hand is used as it is.") from e
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".extract-")
     try:
         _extract_into(archive, tmp)

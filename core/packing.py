@@ -44,10 +44,11 @@ def truncated_lengths(len_p: np.ndarray, len_h: np.ndarray, max_len: int,
     if B >= 2s the shorter side keeps s and the longer side B - s, else the sides end up even,
     the premise keeping ceil(B/2) and the hypothesis floor(B/2).
 
-    'proportional' (exercise 1 of the chapter) keeps B tokens in all, shared in proportion to the
-    lengths: the premise keeps floor(B * lp / (lp + lh) + 1/2) (round half up, in integers), clamped
-    to [1, B - 1] when both sides are non-empty and B >= 2 so each side keeps a token, and the
-    hypothesis keeps the rest. With B == 1 the longer side keeps the one token (the premise on ties).
+    'proportional' (the chapter's exercise: truncate by the ratio of lengths) keeps B tokens in all,
+    shared in proportion to the lengths: the premise keeps floor(B * lp / (lp + lh) + 1/2) (round
+    half up, in integers), clamped to [1, B - 1] when both sides are non-empty and B >= 2 so each
+    side keeps a token, and the hypothesis keeps the rest. With B == 1 the longer side keeps the
+    one token (the premise on ties).
     Pairs that already fit are left alone under both rules.
     """
     budget = _check_max_len(max_len)

@@ -127,7 +127,8 @@ COMPANIONS = {"person": ["with a friend", "with a neighbor", "with a classmate",
 COMPANION_GENERAL = "with someone"
 ALONE = "alone"
 
-PURPOSES = {"person": ["for a contest", "for a school project", "to make money", "to relax", "for a birthday party"],
+PURPOSES = {"person": ["for a contest", "for a school project", "to make money", "to relax",
+                       "for a birthday party"],
             "animal": ["for a treat", "to stay warm", "for the first time"]}
 
 DETAILS = ("adjective", "attire", "object", "companion", "place", "time", "purpose")

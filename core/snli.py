@@ -78,7 +78,8 @@ def read_snli_split(data_dir: str | os.PathLike, split: str, verbose: bool = Fal
     return read_snli_file(os.path.join(os.fspath(data_dir), SPLIT_FILES[split]), verbose=verbose)
 
 
-def split_dataset(dataset: Sequence[Sequence], fraction: float, seed: int) -> tuple[tuple[list, ...], tuple[list, ...]]:
+def split_dataset(dataset: Sequence[Sequence], fraction: float,
+                  seed: int) -> tuple[tuple[list, ...], tuple[list, ...]]:
     """Split a (premises, hypotheses, labels) dataset by a seeded permutation: the first part gets
     round(fraction * N) examples, the second the rest. Same tuple-of-lists form as the input."""
     if not 0.0 <= fraction <= 1.0:

@@ -226,3 +226,13 @@ def test_archive_without_the_expected_folder_is_an_error(server, tmp_path):
     with pytest.raises(DownloadError, match="does not contain a/"):
         download_extract("a", cache_dir=tmp_path, timeout=5, hub={"a": (server.url + "/a.zip", sha1(body))})
     assert not (tmp_path / "a").exists() and not (tmp_path / "other").exists()
+
+
+def test_download_extract_failure_names_the_folder_to_place(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hub = {"SNLI": (f"http://127.0.0.1:{port}/snli_1.0.zip", "0" * 40)}
+    with pytest.raises(DownloadError) as info:
+        download_extract("SNLI", cache_dir=tmp_path, timeout=5, hub=hub)
+    assert str(tmp_path / "snli_1.0") in str(info.value) and "snli_1.0.zip" in str(info.value)

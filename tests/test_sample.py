@@ -84,8 +84,8 @@ def test_hypothesis_length_does_not_give_the_label_away(sample):
 def test_relations_follow_the_templates(sample):
     """Entailed hypotheses reuse premise words; contradictions and neutrals bring in new ones."""
     premises, hypotheses, labels = read_snli(sample, True)
-    generalizations = {"person", "people", "animal", "animals", "child", "children", "dog", "dogs", "cat", "cats", "some",
-                       "inside", "indoors", "outside", "outdoors", "building", "in", "the", "open", "air",
+    generalizations = {"person", "people", "animal", "animals", "child", "children", "dog", "dogs", "cat",
+                       "cats", "some", "inside", "indoors", "outside", "outdoors", "building", "in", "the", "open", "air",
                        "during", "day", "at", "night", "with", "someone", "something", "food", "a", "an",
                        "drink", "meal", "instrument", "song", "sleeping", "running", "walking"}
     for p, h, y in zip(premises, hypotheses, labels):

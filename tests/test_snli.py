@@ -32,7 +32,8 @@ def test_dev_file_counts(shared_data):
     counts = collections.Counter(LABEL_NAMES[y] for y in labels)
     assert counts == {"entailment": 3329, "neutral": 3235, "contradiction": 3278}
     assert premises[0] == "Two women are embracing while holding to go packages ."
-    assert hypotheses[0] == "The sisters are hugging goodbye while holding to go packages after just eating lunch ."
+    assert hypotheses[0] == ("The sisters are hugging goodbye while holding to go packages "
+                             "after just eating lunch .")
     assert labels[:3] == [LABELS["neutral"], LABELS["entailment"], LABELS["contradiction"]]
 
 
