@@ -1,5 +1,8 @@
 """The templated NLI sample: SNLI's layout, balanced labels, deterministic, readable, not trivial."""
 import collections
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -99,3 +102,14 @@ def test_relations_follow_the_templates(sample):
 def test_empty_sample_is_just_headers(tmp_path):
     write_sample_snli(tmp_path, num_train=0, num_test=0)
     assert read_snli_file(tmp_path / "snli_1.0_train.txt") == ([], [], [])
+
+
+def test_same_bytes_across_processes(tmp_path):
+    """No dependence on the per-process string hash (set iteration order)."""
+    for hash_seed in ("1", "2"):
+        code = ("from nlibert.core.sample import write_sample_snli; "
+                f"write_sample_snli({str(tmp_path / hash_seed)!r}, 90, 30, 4)")
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    for name in ("snli_1.0_train.txt", "snli_1.0_test.txt"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes()
