@@ -211,3 +211,82 @@ def describe_checkpoint(folder: str | os.PathLike) -> tuple[str, str, str]:
     if not os.path.exists(os.path.join(folder, "vocab.json")):
         raise FileNotFoundError(f"{folder}: no vocab.json")
     return config.get("format") or sniff_params_format(path), kind, path
+
+
+# ---- Checkpoint folders: what both backends' loaders and savers share ----
+
+PRETRAINED_FILE = PARAMS_FILES["pretrained"]
+CLASSIFIER_FILE = PARAMS_FILES["classifier"]
+VOCAB_FILE = "vocab.json"
+CONFIG_FILE = "config.json"
+
+# The book's data-hub names per format: the torch archives carry a '.torch' suffix.
+HUB_NAMES = {"torch": {"bert.small": "bert.small.torch", "bert.base": "bert.base.torch"},
+             "mxnet": {"bert.small": "bert.small", "bert.base": "bert.base"}}
+
+
+def resolve_pretrained_folder(pretrained_model: str | os.PathLike, fmt: str) -> str:
+    """A folder path as is; otherwise a data-hub name ('bert.small', 'bert.base'), downloaded and
+    extracted (cached) in the archive of format `fmt`."""
+    if os.path.isdir(pretrained_model):
+        return os.fspath(pretrained_model)
+    from . import data_hub  # lazily: only hub names need it
+    name = os.fspath(pretrained_model)
+    if fmt == "mxnet" and name.endswith(".torch"):
+        raise ValueError(f"{name!r} is the book's PyTorch checkpoint; the MXNet backend reads "
+                         f"{name[:-len('.torch')]!r}, or convert it first")
+    name = HUB_NAMES[fmt].get(name, name)
+    if name not in data_hub.DATA_HUB:
+        raise FileNotFoundError(f"{pretrained_model!r} is neither a folder nor a data-hub name "
+                                f"(known: {sorted(HUB_NAMES[fmt])})")
+    return data_hub.download_extract(name)
+
+
+def check_folder_format(folder: str | os.PathLike, fmt: str) -> dict:
+    """The folder's config.json (or {} for the book's own folders), refused if written for the other format."""
+    written = read_checkpoint_config(folder) or {}
+    if written.get("format", fmt) != fmt:
+        raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: format {written.get('format')!r}; "
+                         f"the {fmt} backend reads {fmt!r} checkpoints (run `nlibert convert` first)")
+    return written
+
+
+def resolve_sizes(folder: str | os.PathLike, torch_named: Mapping[str, np.ndarray], params_path: str,
+                  written: Mapping, **sizes) -> dict:
+    """The model sizes to build: those given, and those given as None read off the checkpoint (the
+    head count from config.json if there is one, else 64-dimensional heads; dropout from config.json,
+    else 0.1)."""
+    if all(v is not None for v in sizes.values()):
+        return sizes
+    heads = sizes.get("num_heads") if sizes.get("num_heads") is not None else written.get("num_heads")
+    drop = sizes.get("dropout") if sizes.get("dropout") is not None else written.get("dropout", 0.1)
+    try:
+        inferred = infer_config(torch_named, num_heads=heads, dropout=drop).to_dict()
+    except KeyError as e:
+        raise ValueError(f"{params_path}: cannot read sizes off the file: {e}") from e
+    return {k: (inferred[k] if v is None else v) for k, v in sizes.items()}
+
+
+def config_dict(config: BERTConfig | Mapping | None, fmt: str, kind: str) -> dict:
+    """What config.json records: the sizes, the format and the kind of checkpoint."""
+    if isinstance(config, BERTConfig):
+        config = config.to_dict()
+    if config is None:
+        raise ValueError("no config to record: pass a BERTConfig (the model has no `config`)")
+    return {**BERTConfig.from_dict(dict(config)).to_dict(), "format": fmt, "kind": kind}
+
+
+def read_classifier_folder(folder: str | os.PathLike, fmt: str):
+    """`(config, vocab, params_path)` of a fine-tuned model folder of format `fmt`, checked for consistency."""
+    from .vocab import load_vocab
+    written = read_checkpoint_config(folder)
+    if written is None:
+        raise FileNotFoundError(f"{os.path.join(folder, CONFIG_FILE)}: missing; not a classifier folder")
+    if written.get("kind") != "classifier" or written.get("format", fmt) != fmt:
+        raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: kind {written.get('kind')!r}, "
+                         f"format {written.get('format')!r}; expected a {fmt} classifier")
+    cfg = BERTConfig.from_dict(written)
+    vocab = load_vocab(os.path.join(folder, VOCAB_FILE))
+    if len(vocab) != cfg.vocab_size:
+        raise ValueError(f"{folder}: vocab.json has {len(vocab)} tokens, config.json says {cfg.vocab_size}")
+    return cfg, vocab, os.path.join(folder, CLASSIFIER_FILE)

@@ -29,7 +29,9 @@ from mxnet import init, np, npx
 from mxnet.base import MXNetError
 from mxnet.gluon import nn
 
-from nlibert.core.checkpoint import check_shapes, infer_config, mxnet_to_torch_key, read_checkpoint_config
+from nlibert.core.checkpoint import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_folder_format,
+                                     check_shapes, config_dict, mxnet_to_torch_key, read_classifier_folder,
+                                     resolve_pretrained_folder, resolve_sizes)
 from nlibert.core.config import BERTConfig
 from nlibert.core.io import atomic_path, write_json
 from nlibert.core.vocab import Vocab, load_vocab, save_vocab
@@ -37,12 +39,6 @@ from nlibert.core.vocab import Vocab, load_vocab, save_vocab
 from .model import BERTClassifier, BERTEncoder, BERTModel
 
 npx.set_np()
-
-PRETRAINED_FILE = "pretrained.params"
-CLASSIFIER_FILE = "classifier.params"
-VOCAB_FILE = "vocab.json"
-CONFIG_FILE = "config.json"
-
 
 def _load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The name -> array dict of an MXNet parameter file (numpy- or legacy-semantics); anything
@@ -143,21 +139,6 @@ def _as_contexts(devices: Sequence[mx.Context] | mx.Context | None) -> list[mx.C
     return list(devices)
 
 
-def _resolve_folder(pretrained_model: str | os.PathLike) -> str:
-    """A folder path as is; otherwise a data-hub name, downloaded and extracted (cached)."""
-    if os.path.isdir(pretrained_model):
-        return os.fspath(pretrained_model)
-    from nlibert.core import data_hub  # imported lazily: only hub names need it
-    name = os.fspath(pretrained_model)
-    if name.endswith(".torch"):
-        raise ValueError(f"{name!r} is the book's PyTorch checkpoint; the MXNet backend reads "
-                         f"{name[:-len('.torch')]!r}, or convert it first")
-    if name not in data_hub.DATA_HUB:
-        raise FileNotFoundError(f"{pretrained_model!r} is neither a folder nor a data-hub name "
-                                f"(known: {sorted(data_hub.DATA_HUB)})")
-    return data_hub.download_extract(name)
-
-
 def _shapes(params: Mapping) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in params.items()}
 
@@ -185,44 +166,25 @@ def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int 
     64-dimensional heads). The parameters are placed on every device in `devices`.
     """
     devices = _as_contexts(devices)
-    folder = _resolve_folder(pretrained_model)
-    written = read_checkpoint_config(folder) or {}
-    if written.get("format", "mxnet") != "mxnet":
-        raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: format {written.get('format')!r}; "
-                         "the MXNet backend reads 'mxnet' checkpoints (convert it first)")
+    folder = resolve_pretrained_folder(pretrained_model, "mxnet")
+    written = check_folder_format(folder, "mxnet")
     vocab = load_vocab(os.path.join(folder, VOCAB_FILE))
     params_path = os.path.join(folder, PRETRAINED_FILE)
     params = read_params(params_path)
-
-    sizes = dict(num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
-                 num_layers=num_layers, dropout=dropout, max_len=max_len)
-    if any(v is None for v in sizes.values()):
-        heads = num_heads if num_heads is not None else written.get("num_heads")
-        drop = dropout if dropout is not None else written.get("dropout", 0.1)
-        # infer_config reads torch names; names that are not the book's are reported by _load_strict.
-        torch_named = {}
-        for k, v in params.items():
-            try:
-                torch_named[mxnet_to_torch_key(k)] = v
-            except KeyError:
-                pass
+    # Sizes are read off torch names; names that are not the book's are reported by _load_strict.
+    torch_named = {}
+    for k, v in params.items():
         try:
-            inferred = infer_config(torch_named, num_heads=heads, dropout=drop).to_dict()
-        except KeyError as e:
-            raise ValueError(f"{params_path}: cannot read sizes off the file: {e}") from e
-        sizes = {k: (inferred[k] if v is None else v) for k, v in sizes.items()}
+            torch_named[mxnet_to_torch_key(k)] = v
+        except KeyError:
+            pass
+    sizes = resolve_sizes(folder, torch_named, params_path, written, num_hiddens=num_hiddens,
+                          ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads, num_layers=num_layers,
+                          dropout=dropout, max_len=max_len)
 
     bert = BERTModel(len(vocab), **sizes)
     _load_strict(bert, params, params_path, devices)
     return bert, vocab
-
-
-def _config_dict(config: BERTConfig | Mapping | None, kind: str) -> dict:
-    if isinstance(config, BERTConfig):
-        config = config.to_dict()
-    if config is None:
-        raise ValueError("no config to record: pass a BERTConfig (the model has no `config`)")
-    return {**BERTConfig.from_dict(dict(config)).to_dict(), "format": "mxnet", "kind": kind}
 
 
 def _uninitialized(net: nn.Block) -> list[str]:
@@ -256,7 +218,7 @@ def save_pretrained(bert: BERTModel, vocab: Vocab, folder: str | os.PathLike) ->
         own[name].initialize(default_init=init.Xavier())
     os.makedirs(folder, exist_ok=True)
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), _config_dict(bert.config, "pretrained"))
+    write_json(os.path.join(folder, CONFIG_FILE), config_dict(bert.config, "mxnet", "pretrained"))
     _save_parameters(bert, os.path.join(folder, PRETRAINED_FILE))
 
 
@@ -271,7 +233,7 @@ def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapp
     config = config if config is not None else getattr(net, "config", None)
     os.makedirs(folder, exist_ok=True)
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), _config_dict(config, "classifier"))
+    write_json(os.path.join(folder, CONFIG_FILE), config_dict(config, "mxnet", "classifier"))
     _save_parameters(net, os.path.join(folder, CLASSIFIER_FILE))
 
 
@@ -291,17 +253,7 @@ def load_classifier(folder: str | os.PathLike, devices: Sequence[mx.Context]
                     ) -> tuple[BERTClassifier, Vocab, BERTConfig]:
     """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on every device."""
     devices = _as_contexts(devices)
-    written = read_checkpoint_config(folder)
-    if written is None:
-        raise FileNotFoundError(f"{os.path.join(folder, CONFIG_FILE)}: missing; not a classifier folder")
-    if written.get("kind") != "classifier" or written.get("format", "mxnet") != "mxnet":
-        raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: kind {written.get('kind')!r}, "
-                         f"format {written.get('format')!r}; expected an mxnet classifier")
-    cfg = BERTConfig.from_dict(written)
-    vocab = load_vocab(os.path.join(folder, VOCAB_FILE))
-    if len(vocab) != cfg.vocab_size:
-        raise ValueError(f"{folder}: vocab.json has {len(vocab)} tokens, config.json says {cfg.vocab_size}")
+    cfg, vocab, params_path = read_classifier_folder(folder, "mxnet")
     net = BERTClassifier(_Backbone(cfg))
-    params_path = os.path.join(folder, CLASSIFIER_FILE)
     _load_strict(net, read_params(params_path), params_path, devices)
     return net, vocab, cfg

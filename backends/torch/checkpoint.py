@@ -18,21 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from nlibert.core.checkpoint import check_shapes, infer_config, read_checkpoint_config
+from nlibert.core.checkpoint import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_folder_format,
+                                     check_shapes, config_dict, read_classifier_folder, resolve_pretrained_folder,
+                                     resolve_sizes)
 from nlibert.core.config import BERTConfig
 from nlibert.core.io import atomic_write, write_json
 from nlibert.core.vocab import Vocab, load_vocab, save_vocab
 
 from .model import BERTClassifier, BERTEncoder, BERTModel
-
-PRETRAINED_FILE = "pretrained.params"
-CLASSIFIER_FILE = "classifier.params"
-VOCAB_FILE = "vocab.json"
-CONFIG_FILE = "config.json"
-
-# The book's data-hub names are framework-neutral; the torch archives carry a '.torch' suffix.
-_TORCH_HUB_NAMES = {"bert.small": "bert.small.torch", "bert.base": "bert.base.torch"}
-
 
 def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A torch `state_dict` from `path`, on the CPU; anything else is a ValueError naming the file."""
@@ -77,18 +70,6 @@ def _first_device(devices: Sequence[torch.device] | torch.device | str | None) -
     return torch.device(devices[0])
 
 
-def _resolve_folder(pretrained_model: str | os.PathLike) -> str:
-    """A folder path as is; otherwise a data-hub name, downloaded and extracted (cached)."""
-    if os.path.isdir(pretrained_model):
-        return os.fspath(pretrained_model)
-    from nlibert.core import data_hub  # imported lazily: only hub names need it
-    name = _TORCH_HUB_NAMES.get(os.fspath(pretrained_model), os.fspath(pretrained_model))
-    if name not in data_hub.DATA_HUB:
-        raise FileNotFoundError(f"{pretrained_model!r} is neither a folder nor a data-hub name "
-                                f"(known: {sorted(data_hub.DATA_HUB)})")
-    return data_hub.download_extract(name)
-
-
 def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
@@ -109,34 +90,18 @@ def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int 
     (the head count, which leaves no trace in the tensors, from config.json if there is one, else
     64-dimensional heads); `dropout` is honoured (the book's torch code ignored it and used 0.2).
     """
-    folder = _resolve_folder(pretrained_model)
+    folder = resolve_pretrained_folder(pretrained_model, "torch")
+    written = check_folder_format(folder, "torch")
     vocab = load_vocab(os.path.join(folder, VOCAB_FILE))
     params_path = os.path.join(folder, PRETRAINED_FILE)
     state = _load_state_dict(params_path)
-
-    sizes = dict(num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
-                 num_layers=num_layers, dropout=dropout, max_len=max_len)
-    if any(v is None for v in sizes.values()):
-        written = read_checkpoint_config(folder) or {}
-        heads = num_heads if num_heads is not None else written.get("num_heads")
-        drop = dropout if dropout is not None else written.get("dropout", 0.1)
-        try:
-            inferred = infer_config(state, num_heads=heads, dropout=drop).to_dict()
-        except KeyError as e:
-            raise ValueError(f"{params_path}: cannot read sizes off the file: {e}") from e
-        sizes = {k: (inferred[k] if v is None else v) for k, v in sizes.items()}
+    sizes = resolve_sizes(folder, state, params_path, written, num_hiddens=num_hiddens,
+                          ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads, num_layers=num_layers,
+                          dropout=dropout, max_len=max_len)
 
     bert = BERTModel(len(vocab), **sizes)
     _load_strict(bert, state, params_path)
     return bert.to(_first_device(devices)), vocab
-
-
-def _config_dict(config: BERTConfig | Mapping | None, kind: str) -> dict:
-    if isinstance(config, BERTConfig):
-        config = config.to_dict()
-    if config is None:
-        raise ValueError("no config to record: pass a BERTConfig (the model has no `config`)")
-    return {**BERTConfig.from_dict(dict(config)).to_dict(), "format": "torch", "kind": kind}
 
 
 def _unwrap(net: nn.Module) -> nn.Module:
@@ -150,7 +115,7 @@ def save_pretrained(bert: BERTModel, vocab: Vocab, folder: str | os.PathLike) ->
     os.makedirs(folder, exist_ok=True)
     # The params file last: a folder that has it is complete (jobs reuse such folders).
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), _config_dict(bert.config, "pretrained"))
+    write_json(os.path.join(folder, CONFIG_FILE), config_dict(bert.config, "torch", "pretrained"))
     write_params(bert.state_dict(), os.path.join(folder, PRETRAINED_FILE))
 
 
@@ -162,7 +127,7 @@ def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapp
     config = config if config is not None else getattr(net, "config", None)
     os.makedirs(folder, exist_ok=True)
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), _config_dict(config, "classifier"))
+    write_json(os.path.join(folder, CONFIG_FILE), config_dict(config, "torch", "classifier"))
     write_params(net.state_dict(), os.path.join(folder, CLASSIFIER_FILE))
 
 
@@ -181,17 +146,7 @@ class _Backbone(nn.Module):
 def load_classifier(folder: str | os.PathLike, devices: Sequence[torch.device]
                     ) -> tuple[BERTClassifier, Vocab, BERTConfig]:
     """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on devices[0]."""
-    written = read_checkpoint_config(folder)
-    if written is None:
-        raise FileNotFoundError(f"{os.path.join(folder, CONFIG_FILE)}: missing; not a classifier folder")
-    if written.get("kind") != "classifier" or written.get("format", "torch") != "torch":
-        raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: kind {written.get('kind')!r}, "
-                         f"format {written.get('format')!r}; expected a torch classifier")
-    cfg = BERTConfig.from_dict(written)
-    vocab = load_vocab(os.path.join(folder, VOCAB_FILE))
-    if len(vocab) != cfg.vocab_size:
-        raise ValueError(f"{folder}: vocab.json has {len(vocab)} tokens, config.json says {cfg.vocab_size}")
+    cfg, vocab, params_path = read_classifier_folder(folder, "torch")
     net = BERTClassifier(_Backbone(cfg))
-    params_path = os.path.join(folder, CLASSIFIER_FILE)
     _load_strict(net, _load_state_dict(params_path), params_path)
     return net.to(_first_device(devices)), vocab, cfg
