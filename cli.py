@@ -1,4 +1,4 @@
-"""`nlibert` command line: finetune, predict, convert (torch <-> mxnet checkpoints), parity (both backends, one checkpoint)."""
+"""`nlibert` command line: finetune, pretrain (masked LM + next sentence on WikiText), predict, convert (torch <-> mxnet checkpoints), parity (both backends, one checkpoint)."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--device", default=None, help="cpu, cuda, or a list like cuda:0,cuda:1 (default: every GPU, else cpu)")
     ft.add_argument("--out", default="nlibert-out", help="folder for metrics.json and the fine-tuned model")
+    ft.add_argument("--mode", choices=("fast", "book"), default="fast",
+                    help="fast (default): length-bucketed, trimmed batches, fused attention, one host sync per "
+                         "epoch, packed data cached on disk; book: the chapter's path (pad to --max-len, the "
+                         "book's attention and per-batch loop). Same model, data and optimizer either way")
+    ft.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                    help="fast mode: bfloat16 autocast for the forward pass (torch only; pays on GPUs)")
+    ft.add_argument("--graph", action="store_true",
+                    help="fast mode: torch.compile the net / hybridize it (MXNet), widths rounded to multiples of 8")
+    ft.add_argument("--cache-dir", default=None,
+                    help="fast mode: where packed datasets are cached (default: $NLIBERT_CACHE, else "
+                         "~/.cache/nlibert/packed; OUT/packed for the embedded sample)")
 
     pr = sub.add_parser("predict", help="label a premise/hypothesis pair with a fine-tuned model")
     pr.add_argument("--model", required=True, help="the model folder `finetune` wrote (OUT/model)")
@@ -54,6 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--num-pairs", type=_limit, default=256)
     pa.add_argument("--max-len", type=int, default=128)
     pa.add_argument("--seed", type=int, default=0)
+    pt = sub.add_parser("pretrain", help="pretrain BERT (masked LM + next sentence) on WikiText as the d2l book does")
+    pt.add_argument("--backend", choices=("torch", "mxnet"), default="torch")
+    pt.add_argument("--corpus", default="wikitext-2",
+                    help="'wikitext-2' (download, as the book) or a folder: its wiki.train.tokens, else every "
+                         "wiki.*.tokens file in it")
+    pt.add_argument("--steps", type=_limit, default=50)
+    pt.add_argument("--batch-size", type=_limit, default=512)
+    pt.add_argument("--max-len", type=int, default=64)
+    pt.add_argument("--num-hiddens", type=_limit, default=128)
+    pt.add_argument("--ffn-num-hiddens", type=_limit, default=256)
+    pt.add_argument("--num-heads", type=_limit, default=2)
+    pt.add_argument("--num-layers", type=_limit, default=2)
+    pt.add_argument("--dropout", type=float, default=0.2)
+    pt.add_argument("--lr", type=float, default=0.01)
+    pt.add_argument("--mlm-loss", choices=("masked", "book"), default="masked",
+                    help="masked: mean over real predictions (default; the book's MXNet loss); book: the book's "
+                         "PyTorch formula, a mean that also counts padded prediction slots")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--device", default=None, help="cpu, cuda, or a list like cuda:0,cuda:1 (default: every GPU, else cpu)")
+    pt.add_argument("--checkpoint-every", type=int, default=100,
+                    help="write a resumable checkpoint to OUT/resume every K steps (0: only when the run ends)")
+    pt.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                    help="continue from OUT/resume (default: when it holds a checkpoint); --no-resume starts over")
+    pt.add_argument("--stop-after", type=_limit, default=None,
+                    help="end this run after N steps, as if interrupted (the same command resumes)")
+    pt.add_argument("--out", default="nlibert-pretrain",
+                    help="folder for vocab.json + pretrained.params + config.json, metrics.json and resume/")
     return parser
 
 
@@ -66,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 backend_name=args.backend, pretrained=args.pretrained, data=args.data, max_len=args.max_len,
                 batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, train_limit=args.train_limit,
                 test_limit=args.test_limit, seed=args.seed, device=args.device, out_dir=args.out,
-                dropout=args.dropout)
+                dropout=args.dropout, mode=args.mode, precision=args.precision, graph=args.graph,
+                cache_dir=args.cache_dir)
             print(f"wrote {args.out}/metrics.json and the fine-tuned model to {metrics['model_dir']}")
         elif args.command == "predict":
             result = jobs.run_predict(args.model, args.premise, args.hypothesis, args.device)
@@ -85,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  predicted labels agree on {report['label_agreement']:.1%}")
             print(f"{'PASS' if report['passed'] else 'FAIL'} at tolerance {report['tolerance']:g}")
             return 0 if report["passed"] else 1
+        elif args.command == "pretrain":
+            metrics = jobs.run_pretrain(
+                backend_name=args.backend, corpus=args.corpus, steps=args.steps, batch_size=args.batch_size,
+                max_len=args.max_len, num_hiddens=args.num_hiddens, ffn_num_hiddens=args.ffn_num_hiddens,
+                num_heads=args.num_heads, num_layers=args.num_layers, dropout=args.dropout, lr=args.lr,
+                seed=args.seed, device=args.device, out_dir=args.out, checkpoint_every=args.checkpoint_every,
+                resume=args.resume, mlm_loss=args.mlm_loss, stop_after=args.stop_after)
+            if metrics["completed"]:
+                print(f"wrote the pretrained checkpoint and metrics.json to {args.out}")
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"nlibert {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -11,11 +11,11 @@ from types import ModuleType
 import numpy as np
 
 from . import __version__
-from .core.batching import BatchIterator
+from .core.batching import BatchIterator, bucket_batch_indices
 from .core.checkpoint import read_checkpoint_config
 from .core.data_hub import download_extract
 from .core.io import write_json
-from .core.packing import SNLIBERTDataset, pack_pairs
+from .core.packing import SNLIBERTDataset, default_cache_dir, load_packed_snli, pack_pairs
 from .core.progress import Progress
 from .core.sample import write_sample_snli
 from .core.snli import LABEL_NAMES, read_snli_file, split_dataset
@@ -48,9 +48,16 @@ def _subset(dataset, limit: int | None, seed: int):
     return tuple([part[i] for i in idx] for part in dataset)
 
 
-def resolve_snli(data: str | None, out_dir: str, seed: int) -> tuple[tuple, tuple, str]:
-    """(train, test, description) from a folder with train/test files, a folder with only the dev file
-    (split 90/10 with `seed`), the data-hub name 'SNLI', or the embedded sample when `data` is None."""
+def _subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """The rows `_subset` keeps, in its order."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.random.default_rng(seed).permutation(n)[:limit]
+
+
+def snli_sources(data: str | None, out_dir: str, seed: int) -> tuple[str, str | None, str]:
+    """(train file, test file, description) for `data` as `resolve_snli` takes it; the test file is
+    None when the folder has only the dev file, which is then split 90/10 with `seed`."""
     if data is None:
         folder = write_sample_snli(os.path.join(out_dir, "sample-snli"), seed=0)
         description = "embedded NLI sample (nlibert.core.sample)"
@@ -63,12 +70,42 @@ def resolve_snli(data: str | None, out_dir: str, seed: int) -> tuple[tuple, tupl
     train_file, test_file = (os.path.join(folder, f"snli_1.0_{s}.txt") for s in ("train", "test"))
     dev_file = os.path.join(folder, "snli_1.0_dev.txt")
     if os.path.exists(train_file) and os.path.exists(test_file):
-        return read_snli_file(train_file), read_snli_file(test_file), description
+        return train_file, test_file, description
     if os.path.exists(dev_file):
-        train, test = split_dataset(read_snli_file(dev_file), 0.9, seed)
-        return train, test, description + f" (dev file split 90/10, seed {seed})"
+        return dev_file, None, description + f" (dev file split 90/10, seed {seed})"
     raise FileNotFoundError(f"{folder}: expected snli_1.0_train.txt and snli_1.0_test.txt, "
                             "or snli_1.0_dev.txt to split")
+
+
+def resolve_snli(data: str | None, out_dir: str, seed: int) -> tuple[tuple, tuple, str]:
+    """(train, test, description) from a folder with train/test files, a folder with only the dev file
+    (split 90/10 with `seed`), the data-hub name 'SNLI', or the embedded sample when `data` is None."""
+    train_file, test_file, description = snli_sources(data, out_dir, seed)
+    if test_file is not None:
+        return read_snli_file(train_file), read_snli_file(test_file), description
+    train, test = split_dataset(read_snli_file(train_file), 0.9, seed)
+    return train, test, description
+
+
+def packed_snli(data: str | None, out_dir: str, seed: int, vocab: Vocab, max_len: int,
+                train_limit: int | None = None, test_limit: int | None = None,
+                cache_dir: str | None = None) -> tuple[SNLIBERTDataset, SNLIBERTDataset, str, bool]:
+    """The fast path's data: `(train_set, test_set, description, cache_hit)` holding exactly the examples,
+    in the same order, that `resolve_snli` + `_subset` + `SNLIBERTDataset` give, but packed once per
+    file and vocabulary and then reloaded from the disk cache (`core.packing.load_packed_snli`)."""
+    train_file, test_file, description = snli_sources(data, out_dir, seed)
+    full_train = load_packed_snli(train_file, vocab, max_len, cache_dir=cache_dir)
+    if test_file is None:
+        (first,), (second,) = split_dataset((np.arange(len(full_train)),), 0.9, seed)
+        train_set, test_set, hit = full_train.subset(first), full_train.subset(second), full_train.cache_hit
+    else:
+        train_set, test_set = full_train, load_packed_snli(test_file, vocab, max_len, cache_dir=cache_dir)
+        hit = full_train.cache_hit and test_set.cache_hit
+    if train_limit is not None and train_limit < len(train_set):
+        train_set = train_set.subset(_subset_indices(len(train_set), train_limit, seed))
+    if test_limit is not None and test_limit < len(test_set):
+        test_set = test_set.subset(_subset_indices(len(test_set), test_limit, seed))
+    return train_set, test_set, description, bool(hit)
 
 
 def build_seeded_checkpoint(backend: ModuleType, folder: str, premises_and_hypotheses: list[str],
@@ -90,11 +127,26 @@ def run_finetune(backend_name: str = "torch", pretrained: str | None = None, dat
                  max_len: int = 128, batch_size: int = 512, lr: float = 1e-4, epochs: int = 5,
                  train_limit: int | None = None, test_limit: int | None = None, seed: int = 0,
                  device: str | None = None, out_dir: str = "nlibert-out", dropout: float = 0.1,
-                 num_workers_note: str = "") -> dict:
-    """Fine-tune BERT for SNLI as the chapter does; write metrics.json and the model into `out_dir`."""
+                 num_workers_note: str = "", mode: str = "fast", precision: str = "float32",
+                 graph: bool = False, cache_dir: str | None = None) -> dict:
+    """Fine-tune BERT for SNLI as the chapter does; write metrics.json and the model into `out_dir`.
+
+    `mode='fast'` (the default) trains the same model on the same examples with the same optimizer,
+    faster: length-bucketed batches trimmed to their longest pair, fused attention, device-side
+    sums read once per epoch, and packed data cached on disk (`cache_dir`; default `$NLIBERT_CACHE`,
+    else ~/.cache/nlibert/packed, or `out_dir/packed` for the embedded sample). `precision` and
+    `graph` are the fast path's opt-ins (bfloat16 autocast; torch.compile / hybridize).
+    `mode='book'` is the chapter's path: every batch padded to `max_len`, the book's attention and
+    loop, one host sync per batch."""
+    if mode not in FINETUNE_MODES:
+        raise ValueError(f"unknown mode {mode!r}: use one of {FINETUNE_MODES}")
     backend = load_backend(backend_name)
     devices = backend.parse_devices(device)
     backend.set_seed(seed)
+    if mode == "fast":
+        return _run_finetune_fast(backend, backend_name, devices, pretrained, data, max_len, batch_size, lr,
+                                  epochs, train_limit, test_limit, seed, out_dir, dropout, precision, graph,
+                                  cache_dir)
     train_data, test_data, data_description = resolve_snli(data, out_dir, seed)
     train_data, test_data = _subset(train_data, train_limit, seed), _subset(test_data, test_limit, seed)
     print(f"read {len(train_data[2])} training and {len(test_data[2])} test examples: {data_description}")
@@ -118,10 +170,71 @@ def run_finetune(backend_name: str = "torch", pretrained: str | None = None, dat
     model_dir = os.path.join(out_dir, "model")
     backend.save_classifier(net, vocab, bert.config, model_dir)
     metrics = {
-        "backend": backend_name, "pretrained": str(pretrained), "data": data_description,
+        "backend": backend_name, "mode": mode, "pretrained": str(pretrained), "data": data_description,
         "num_train": len(train_data[2]), "num_test": len(test_data[2]),
         "hyperparameters": {"max_len": max_len, "batch_size": batch_size, "lr": lr, "epochs": epochs,
                             "dropout": dropout, "seed": seed},
+        "epochs": [r.to_dict() for r in records],
+        "test_acc": records[-1].test_acc, "packing_seconds": packing_seconds,
+        "devices": [str(d) for d in devices], "model_dir": model_dir,
+        "versions": {"nlibert": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                     "platform": platform.platform(), **backend.framework_versions()},
+    }
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    return metrics
+
+
+FINETUNE_MODES = ("fast", "book")
+
+
+def _run_finetune_fast(backend: ModuleType, backend_name: str, devices: list, pretrained: str | None,
+                       data: str | None, max_len: int, batch_size: int, lr: float, epochs: int,
+                       train_limit: int | None, test_limit: int | None, seed: int, out_dir: str,
+                       dropout: float, precision: str, graph: bool, cache_dir: str | None) -> dict:
+    """`run_finetune(mode='fast')`: the same examples, model and optimizer as the book path."""
+    if pretrained is None:
+        folder = os.path.join(out_dir, f"seeded-bert-{backend_name}")
+        if not os.path.exists(os.path.join(folder, "pretrained.params")):
+            # The seeded checkpoint's vocabulary comes from the training text, as in the book path.
+            train_text = _subset(resolve_snli(data, out_dir, seed)[0], train_limit, seed)
+            build_seeded_checkpoint(backend, folder, train_text[0] + train_text[1], seed)
+        pretrained = folder
+    bert, vocab = backend.load_pretrained_model(pretrained, num_hiddens=None, ffn_num_hiddens=None,
+                                                num_heads=None, num_layers=None, dropout=dropout,
+                                                max_len=None, devices=devices)
+    if cache_dir is None:
+        cache_dir = os.path.join(out_dir, "packed") if data is None else default_cache_dir()
+    start = time.perf_counter()
+    train_set, test_set, data_description, cache_hit = packed_snli(
+        data, out_dir, seed, vocab, max_len, train_limit, test_limit, cache_dir)
+    packing_seconds = time.perf_counter() - start
+    print(f"read {len(train_set)} training and {len(test_set)} test examples: {data_description}")
+
+    # Widths rounded to a multiple of 8 when a graph is compiled, so it sees only a few shapes.
+    multiple = 8 if graph else 1
+    train_iter = BatchIterator.from_dataset(train_set, batch_size, shuffle=True, seed=seed, trim=True,
+                                            sampler=bucket_batch_indices(train_set.valid_lens, multiple),
+                                            pad_multiple=multiple)
+    test_iter = BatchIterator.from_dataset(test_set, batch_size, shuffle=False, trim=True,
+                                           sampler=bucket_batch_indices(test_set.valid_lens, multiple),
+                                           pad_multiple=multiple)
+    backend.set_fused_attention(bert, True)
+    net = backend.BERTClassifier(bert)
+    backend.initialize_classifier_head(net, devices)
+    records = backend.train_fast(net, Progress(train_iter, "train"), test_iter, backend.make_loss(),
+                                 backend.make_trainer(net, lr, fused=True), epochs, devices, precision=precision,
+                                 graph=graph)
+    model_dir = os.path.join(out_dir, "model")
+    backend.save_classifier(net, vocab, bert.config, model_dir)
+    metrics = {
+        "backend": backend_name, "mode": "fast", "pretrained": str(pretrained), "data": data_description,
+        "num_train": len(train_set), "num_test": len(test_set),
+        "hyperparameters": {"max_len": max_len, "batch_size": batch_size, "lr": lr, "epochs": epochs,
+                            "dropout": dropout, "seed": seed},
+        "fast_path": {"precision": precision, "graph": graph, "fused_attention": True,
+                      "fused_adam": backend_name == "torch",
+                      "bucketing": {"sampler": "bucket_batch_indices", "pad_multiple": multiple},
+                      "packed_cache": {"dir": cache_dir, "hit": cache_hit}},
         "epochs": [r.to_dict() for r in records],
         "test_acc": records[-1].test_acc, "packing_seconds": packing_seconds,
         "devices": [str(d) for d in devices], "model_dir": model_dir,
@@ -220,3 +333,137 @@ def run_parity(checkpoint: str, data_file: str | None = None, tolerance: float =
                                                   == outputs["mxnet"]["logits"].argmax(1)))
     report["passed"] = all(v <= tolerance for v in report["max_abs_diff"].values())
     return report
+
+
+def resolve_wiki(corpus: str) -> tuple[list[str], str]:
+    """(corpus files, description) for `--corpus`: a folder (its wiki.train.tokens, else every
+    wiki.*.tokens there) or the data-hub name 'wikitext-2' (downloaded as the book does)."""
+    from .core.wiki import wiki_files
+    if os.path.isdir(corpus):
+        folder, description = corpus, f"WikiText folder {corpus}"
+    elif corpus == "wikitext-2":
+        folder, description = download_extract("wikitext-2", "wikitext-2"), "WikiText-2 (data hub)"
+    else:
+        raise FileNotFoundError(f"--corpus {corpus!r}: neither a folder nor 'wikitext-2'")
+    files = wiki_files(folder)
+    return files, description + " [" + ", ".join(os.path.basename(f) for f in files) + "]"
+
+
+def run_pretrain(backend_name: str = "torch", corpus: str = "wikitext-2", steps: int = 50,
+                 batch_size: int = 512, max_len: int = 64, num_hiddens: int = 128, ffn_num_hiddens: int = 256,
+                 num_heads: int = 2, num_layers: int = 2, dropout: float = 0.2, lr: float = 0.01,
+                 seed: int = 0, device: str | None = None, out_dir: str = "nlibert-pretrain",
+                 checkpoint_every: int | None = 100, resume: bool | None = None, mlm_loss: str = "masked",
+                 stop_after: int | None = None, on_step=None) -> dict:
+    """Pretrain BERT on WikiText as the book does (MLM + NSP); write the checkpoint into `out_dir`.
+
+    `out_dir` gets `vocab.json` + `pretrained.params` + `config.json` (`save_pretrained`, the
+    backend's book format, which `finetune --pretrained out_dir` loads) and `metrics.json`.
+    Every `checkpoint_every` steps, and when the run ends or stops, the model, optimizer state,
+    step and data position go to `out_dir/resume/` (core.pretraining). `resume` None resumes when
+    that folder holds a checkpoint, True insists on one, False starts over. `stop_after` ends this
+    run after that many steps, as if interrupted (re-run to continue). `on_step(record)` is called
+    after each step, once its checkpoint (if any) is written.
+    """
+    import shutil
+
+    from .core.pretraining import (StepRecord, check_mlm_loss, commit_resume_state, read_resume_state,
+                                   summarize)
+    from .core.vocab import load_vocab, save_vocab
+    from .core.wiki import WikiBatchIterator, WikiTextDataset, read_wiki_files
+
+    check_mlm_loss(mlm_loss)
+    if steps < 1 or batch_size < 1 or max_len < 4:
+        raise ValueError(f"need steps >= 1, batch_size >= 1, max_len >= 4 (got {steps}, {batch_size}, {max_len})")
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0: only when the run ends), got {checkpoint_every}")
+    backend = load_backend(backend_name)
+    devices = backend.parse_devices(device)
+    files, description = resolve_wiki(corpus)
+    resume_dir = os.path.join(out_dir, "resume")
+    signature = {"backend": backend_name, "corpus": [[os.path.basename(f), os.path.getsize(f)] for f in files],
+                 "batch_size": batch_size, "max_len": max_len, "num_hiddens": num_hiddens,
+                 "ffn_num_hiddens": ffn_num_hiddens, "num_heads": num_heads, "num_layers": num_layers,
+                 "dropout": dropout, "lr": lr, "seed": seed, "mlm_loss": mlm_loss}
+    state = None
+    if resume is not False:
+        state = read_resume_state(resume_dir)
+        if state is None and resume:
+            raise FileNotFoundError(f"{resume_dir}: no checkpoint to resume from")
+        if state is not None and state.get("signature") != signature:
+            differ = sorted(k for k in signature if state.get("signature", {}).get(k) != signature[k])
+            raise ValueError(f"{resume_dir}: written by a run with other settings ({', '.join(differ)}); "
+                             "re-run with those settings, or pass --no-resume to start over")
+    elif os.path.isdir(resume_dir):
+        shutil.rmtree(resume_dir)
+
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    dataset = WikiTextDataset(read_wiki_files(files, rng), max_len, rng=rng)
+    vocab = dataset.vocab
+    train_iter = WikiBatchIterator(dataset, batch_size, shuffle=True, seed=seed)
+    data_seconds = time.perf_counter() - start
+    print(f"read {len(dataset)} sentence pairs, vocab size {len(vocab)} "
+          f"({data_seconds:.1f} s): {description}")
+
+    backend.set_seed(seed)
+    bert = backend.BERTModel(len(vocab), num_hiddens, ffn_num_hiddens, num_heads, num_layers, dropout)
+    backend.initialize_bert(bert, devices)
+    trainer = backend.make_trainer(bert, lr)
+    history: list = []
+    start_step = 0
+    if state is not None:
+        if load_vocab(os.path.join(resume_dir, "vocab.json")).idx_to_token != vocab.idx_to_token:
+            raise ValueError(f"{resume_dir}: its vocabulary differs from the corpus's; pass --no-resume")
+        backend.load_training_state(resume_dir, state["files"], bert, trainer, devices)
+        train_iter.load_state_dict(state["data"])
+        start_step = int(state["step"])
+        history = [StepRecord(**r) for r in state["history"]]
+        print(f"resuming from {resume_dir} at step {start_step + 1}")
+
+    def checkpoint(step: int) -> None:
+        os.makedirs(resume_dir, exist_ok=True)
+        if not os.path.exists(os.path.join(resume_dir, "vocab.json")):
+            save_vocab(vocab, os.path.join(resume_dir, "vocab.json"))
+        written = backend.save_training_state(resume_dir, bert, trainer, step)
+        commit_resume_state(resume_dir, {
+            "step": step, "files": written, "data": train_iter.state_dict(), "signature": signature,
+            "rng": {"seed": seed, "rule": "framework RNG re-seeded per step from (seed, step)"},
+            "history": [r.to_dict() for r in history]})
+
+    stopped = []
+
+    def after_step(record) -> bool:
+        history.append(record)
+        if checkpoint_every and record.step % checkpoint_every == 0 and record.step < steps:
+            checkpoint(record.step)
+        if on_step is not None:
+            on_step(record)
+        if stop_after is not None and record.step - start_step >= stop_after and record.step < steps:
+            stopped.append(record.step)
+            return True
+        return False
+
+    records = backend.train_bert(train_iter, bert, backend.make_loss(), len(vocab), devices, steps,
+                                 trainer=trainer, lr=lr, mlm_loss=mlm_loss, start_step=start_step,
+                                 seed=seed, on_step=after_step)
+    last_step = history[-1].step if history else start_step
+    if records:
+        checkpoint(last_step)  # always resumable from where this run ended
+    metrics = {
+        "backend": backend_name, "corpus": description, "num_pairs": len(dataset), "vocab_size": len(vocab),
+        "hyperparameters": {k: v for k, v in signature.items() if k not in ("backend", "corpus")},
+        "steps": steps, "last_step": last_step, "completed": last_step >= steps,
+        "resumed_from_step": start_step if state is not None else None,
+        "this_run": summarize(records), "all_steps": summarize(history),
+        "history": [r.to_dict() for r in history], "data_seconds": data_seconds,
+        "devices": [str(d) for d in devices], "out_dir": out_dir,
+        "versions": {"nlibert": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                     "platform": platform.platform(), **backend.framework_versions()},
+    }
+    if stopped:
+        print(f"stopped after step {last_step} of {steps}; run the same command again to resume")
+    else:
+        backend.save_pretrained(bert, vocab, out_dir)
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    return metrics

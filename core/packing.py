@@ -7,8 +7,13 @@ are scattered into the padded matrix with fancy indexing. No process pool.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
 import itertools
-from typing import Sequence
+import json
+import os
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -92,42 +97,119 @@ def _special_id(vocab: Vocab, token: str) -> int:
     return vocab.token_to_idx[token]
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: building millions of small token lists otherwise triggers
+    collections that traverse every one of them again (several times the work of the packing)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+# Every character `str.split()` splits on (all lie below U+3001); the space is the one that a
+# normalised sentence may contain.
+_OTHER_WHITESPACE = tuple(chr(c) for c in range(0x3001) if chr(c).isspace() and c != 0x20)
+_ASCII_OTHER_WHITESPACE = tuple(c for c in _OTHER_WHITESPACE if c.isascii())
+
+
+def _split_side(sentences: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Lower-case and whitespace-split a list of sentences all at once.
+
+    Returns each sentence's token count and the flat list of all tokens, in order. The tokens come
+    from one `split()` of the joined text (the joining space cannot merge tokens of two sentences).
+    The counts are the number of spaces plus one when the joined text is normalised (single spaces
+    between tokens, no other whitespace, no empty sentences), else a per-sentence `split()`."""
+    n = len(sentences)
+    lowered = [s.lower() for s in sentences]
+    joined = " ".join(lowered)
+    flat = joined.split()
+    others = _ASCII_OTHER_WHITESPACE if joined.isascii() else _OTHER_WHITESPACE
+    normalised = (n > 0 and not joined.startswith(" ") and not joined.endswith(" ") and "  " not in joined
+                  and not any(c in joined for c in others))
+    if normalised:
+        lengths = np.fromiter(map(str.count, lowered, itertools.repeat(" ")), dtype=np.int64, count=n) + 1
+        if int(lengths.sum()) == len(flat) and all(lowered):
+            return lengths, flat
+    return np.fromiter(map(len, map(str.split, lowered)), dtype=np.int64, count=n), flat
+
+
+def _token_ids(flat: list[str], vocab: Vocab) -> np.ndarray:
+    """Vocabulary ids of a flat token list (unknown tokens get `<unk>`), as one C-level map."""
+    return np.fromiter(map(vocab.token_to_idx.get, flat, itertools.repeat(vocab.unk)),
+                       dtype=np.int32, count=len(flat))
+
+
+def _layout(len_p: np.ndarray, ids_p: np.ndarray, len_h: np.ndarray, ids_h: np.ndarray, vocab: Vocab,
+            max_len: int, truncation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Place truncated premise and hypothesis ids as `<cls> p <sep> h <sep> <pad>...` rows.
+
+    Works on flat arrays only: the destination of token j of row r in the flattened (N, max_len)
+    matrix is r * max_len + first column of its side + (j - first token of row r), so each side is
+    one `np.repeat` and one scatter, whatever the number of rows."""
+    n = len(len_p)
+    if len(len_h) != n:
+        raise ValueError(f"{n} premises but {len(len_h)} hypotheses")
+    pad, cls, sep = (_special_id(vocab, t) for t in ("<pad>", "<cls>", "<sep>"))
+    keep_p, keep_h = truncated_lengths(len_p, len_h, max_len, truncation)
+    valid_lens = keep_p + keep_h + 3
+
+    token_ids = np.full((n, max_len), pad, dtype=np.int32)
+    segments = np.zeros((n, max_len), dtype=np.int32)
+    flat_ids, flat_segments = token_ids.reshape(-1), segments.reshape(-1)
+    index_dtype = np.int32 if n * max_len < 2**31 else np.int64  # half the index traffic when it fits
+    row_base = np.arange(n, dtype=index_dtype) * max_len
+    last_sep = row_base + valid_lens - 1
+    flat_ids[row_base] = cls
+    flat_ids[row_base + keep_p + 1] = sep
+    flat_ids[last_sep] = sep
+    flat_segments[last_sep] = 1
+    for ids, lengths, keep, first_col, segment in ((ids_p, len_p, keep_p, 1, 0),
+                                                   (ids_h, len_h, keep_h, keep_p + 2, 1)):
+        starts = np.cumsum(lengths) - lengths  # each row's first token in the flat list
+        dtype = index_dtype if len(ids) < 2**31 else np.int64
+        dest = np.repeat((row_base + first_col - starts).astype(dtype), lengths)
+        dest += np.arange(len(ids), dtype=dtype)
+        values = ids
+        if np.any(keep < lengths):  # truncation: drop each row's tokens past its kept length
+            kept = dest < np.repeat((row_base + first_col + keep).astype(dtype), lengths)
+            dest, values = dest[kept], ids[kept]
+        flat_ids[dest] = values
+        if segment:
+            flat_segments[dest] = 1
+    return token_ids, segments, valid_lens.astype(np.int32)
+
+
 def _pack_tokenized(p_tokens: list[list[str]], h_tokens: list[list[str]], vocab: Vocab, max_len: int,
                     truncation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = len(p_tokens)
     if len(h_tokens) != n:
         raise ValueError(f"{n} premises but {len(h_tokens)} hypotheses")
-    pad, cls, sep = (_special_id(vocab, t) for t in ("<pad>", "<cls>", "<sep>"))
-    flat_p = list(itertools.chain.from_iterable(p_tokens))
-    flat_h = list(itertools.chain.from_iterable(h_tokens))
-    # One vocabulary lookup per distinct token, then a C-level dict map over all occurrences.
-    lookup = {t: vocab[t] for t in set(flat_p).union(flat_h)}
+    with _gc_paused():
+        sides = []
+        for tokens in (p_tokens, h_tokens):
+            lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+            sides += [lengths, _token_ids(list(itertools.chain.from_iterable(tokens)), vocab)]
+    return _layout(*sides, vocab, max_len, truncation)
 
-    len_p = np.fromiter(map(len, p_tokens), dtype=np.int64, count=n)
-    len_h = np.fromiter(map(len, h_tokens), dtype=np.int64, count=n)
-    keep_p, keep_h = truncated_lengths(len_p, len_h, max_len, truncation)
-    valid_lens = keep_p + keep_h + 3
 
-    token_ids = np.full((n, max_len), pad, dtype=np.int32)
-    rows = np.arange(n)
-    token_ids[:, 0] = cls
-    token_ids[rows, keep_p + 1] = sep
-    token_ids[rows, valid_lens - 1] = sep
-    # Each side: from the flat token list find every token's row and position in its sentence, keep
-    # the positions below the truncated length and scatter them at (row, first column + position).
-    for flat, lengths, keep, first_col in ((flat_p, len_p, keep_p, np.ones_like(keep_p)),
-                                           (flat_h, len_h, keep_h, keep_p + 2)):
-        ids = np.fromiter(map(lookup.__getitem__, flat), dtype=np.int32, count=len(flat))
-        starts = np.cumsum(lengths) - lengths
-        row_of = np.repeat(rows, lengths)
-        pos = np.arange(len(ids)) - starts[row_of]
-        kept = pos < keep[row_of]
-        kept_rows = row_of[kept]
-        token_ids[kept_rows, first_col[kept_rows] + pos[kept]] = ids[kept]
-
-    columns = np.arange(max_len)
-    segments = ((columns >= (keep_p + 2)[:, None]) & (columns < valid_lens[:, None])).astype(np.int32)
-    return token_ids, segments, valid_lens.astype(np.int32)
+def _pack_strings(premises: Sequence[str], hypotheses: Sequence[str], vocab: Vocab, max_len: int,
+                  truncation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if len(premises) != len(hypotheses):
+        raise ValueError(f"{len(premises)} premises but {len(hypotheses)} hypotheses")
+    _check_max_len(max_len)
+    if truncation not in TRUNCATION_RULES:
+        raise ValueError(f"unknown truncation rule {truncation!r}: use one of {TRUNCATION_RULES}")
+    with _gc_paused():
+        sides = []
+        for sentences in (premises, hypotheses):
+            lengths, flat = _split_side(sentences)
+            sides += [lengths, _token_ids(flat, vocab)]
+            del flat
+    return _layout(*sides, vocab, max_len, truncation)
 
 
 def pack_pairs(premises: Sequence[str], hypotheses: Sequence[str], vocab: Vocab, max_len: int,
@@ -135,7 +217,7 @@ def pack_pairs(premises: Sequence[str], hypotheses: Sequence[str], vocab: Vocab,
     """Lower-case and word-tokenize raw premise/hypothesis strings and pack each pair as
     `<cls> p <sep> h <sep>` padded with `<pad>` to `max_len`. Returns int32 arrays
     token_ids (N, max_len), segments (N, max_len) (1 on `h <sep>`, else 0) and valid_lens (N,)."""
-    return _pack_tokenized(_tokenize_lower(premises), _tokenize_lower(hypotheses), vocab, max_len, truncation)
+    return _pack_strings(premises, hypotheses, vocab, max_len, truncation)
 
 
 class SNLIBERTDataset:
@@ -148,22 +230,149 @@ class SNLIBERTDataset:
     def __init__(self, dataset: Sequence[Sequence], max_len: int, vocab: Vocab | None = None,
                  truncation: str = "book", verbose: bool = False) -> None:
         premises, hypotheses, labels = dataset[0], dataset[1], dataset[2]
-        p_tokens, h_tokens = _tokenize_lower(premises), _tokenize_lower(hypotheses)
         if vocab is None:
-            vocab = Vocab(p_tokens + h_tokens, min_freq=5, reserved_tokens=RESERVED_TOKENS)
+            with _gc_paused():
+                p_tokens, h_tokens = _tokenize_lower(premises), _tokenize_lower(hypotheses)
+                vocab = Vocab(p_tokens + h_tokens, min_freq=5, reserved_tokens=RESERVED_TOKENS)
+            packed = _pack_tokenized(p_tokens, h_tokens, vocab, max_len, truncation)
+            del p_tokens, h_tokens
+        else:
+            packed = _pack_strings(premises, hypotheses, vocab, max_len, truncation)
         self.vocab = vocab
         self.max_len = max_len
         self.truncation = truncation
-        self.all_token_ids, self.all_segments, self.valid_lens = _pack_tokenized(
-            p_tokens, h_tokens, vocab, max_len, truncation)
+        self.all_token_ids, self.all_segments, self.valid_lens = packed
         self.labels = np.asarray(labels, dtype=np.int64)
         if len(self.labels) != len(self.valid_lens):
             raise ValueError(f"{len(self.valid_lens)} pairs but {len(self.labels)} labels")
         if verbose:
             print(f"read {len(self)} examples")
 
+    cache_hit: bool | None = None  # set by `load_packed_snli`: whether the arrays came from the disk cache
+    cache_path: str | None = None
+
+    @classmethod
+    def from_arrays(cls, token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray, labels: np.ndarray,
+                    vocab: Vocab, max_len: int, truncation: str = "book") -> "SNLIBERTDataset":
+        """A dataset around already packed arrays (from the cache, or a subset of another dataset)."""
+        dataset = cls.__new__(cls)
+        dataset.vocab, dataset.max_len, dataset.truncation = vocab, max_len, truncation
+        dataset.all_token_ids = np.asarray(token_ids, dtype=np.int32)
+        dataset.all_segments = np.asarray(segments, dtype=np.int32)
+        dataset.valid_lens = np.asarray(valid_lens, dtype=np.int32)
+        dataset.labels = np.asarray(labels, dtype=np.int64)
+        if not (len(dataset.all_token_ids) == len(dataset.all_segments) == len(dataset.valid_lens)
+                == len(dataset.labels)):
+            raise ValueError("packed arrays and labels differ in length")
+        return dataset
+
+    def subset(self, indices) -> "SNLIBERTDataset":
+        """The examples at `indices` (a split or a seeded sample), as a new dataset."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return SNLIBERTDataset.from_arrays(self.all_token_ids[idx], self.all_segments[idx], self.valid_lens[idx],
+                                           self.labels[idx], self.vocab, self.max_len, self.truncation)
+
     def __getitem__(self, idx: int):
         return (self.all_token_ids[idx], self.all_segments[idx], self.valid_lens[idx]), self.labels[idx]
 
     def __len__(self) -> int:
         return len(self.all_token_ids)
+
+
+# --- a disk cache of packed SNLI files ------------------------------------------------------------
+
+PACK_CACHE_VERSION = 1  # bump when the packed layout or the packing rules change
+
+
+def vocab_digest(vocab: Vocab) -> str:
+    """SHA-1 of the vocabulary's content (its index -> token list), so a changed vocabulary misses."""
+    return hashlib.sha1(json.dumps(vocab.idx_to_token, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def packed_cache_key(source_file: str | os.PathLike, vocab: Vocab, max_len: int, truncation: str = "book",
+                     source_sha1: str | None = None) -> dict:
+    """Everything that determines the packed arrays of an SNLI file: the file's content (SHA-1) and
+    size, the vocabulary's content, `max_len`, the truncation rule and the cache format version.
+    `digest` is the SHA-1 of all of them, which names the cache entry."""
+    from .data_hub import sha1_of  # lazily: the data hub pulls in the network modules
+    _check_max_len(max_len)
+    if truncation not in TRUNCATION_RULES:
+        raise ValueError(f"unknown truncation rule {truncation!r}: use one of {TRUNCATION_RULES}")
+    source_file = os.fspath(source_file)
+    fields = {"version": PACK_CACHE_VERSION, "source_sha1": source_sha1 or sha1_of(source_file),
+              "source_size": os.path.getsize(source_file), "vocab_sha1": vocab_digest(vocab),
+              "vocab_size": len(vocab), "max_len": int(max_len), "truncation": truncation}
+    fields["digest"] = hashlib.sha1(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
+    return fields
+
+
+def default_cache_dir() -> str:
+    """`$NLIBERT_CACHE`, else `~/.cache/nlibert/packed`. (Not under `$NLIBERT_DATA`, which may be a
+    shared, read-only data folder.)"""
+    return os.environ.get("NLIBERT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nlibert", "packed")
+
+
+def _cache_path(cache_dir: str, source_file: str, key: dict) -> str:
+    stem = os.path.splitext(os.path.basename(source_file))[0]
+    return os.path.join(cache_dir, f"{stem}.{key['digest'][:20]}.npz")
+
+
+def _compact(token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray) -> dict:
+    """The valid region of each row only (a tenth of the padded size for SNLI): row-major ids and
+    segments of all positions below each row's valid length."""
+    mask = np.arange(token_ids.shape[1]) < valid_lens[:, None]
+    return {"ids": token_ids[mask], "segments": segments[mask].astype(np.int8), "valid_lens": valid_lens}
+
+
+def _expand(ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray, max_len: int,
+            pad: int) -> tuple[np.ndarray, np.ndarray]:
+    mask = np.arange(max_len) < valid_lens[:, None]
+    token_ids = np.full((len(valid_lens), max_len), pad, dtype=np.int32)
+    token_ids[mask] = ids
+    padded_segments = np.zeros((len(valid_lens), max_len), dtype=np.int32)
+    padded_segments[mask] = segments
+    return token_ids, padded_segments
+
+
+def load_packed_snli(source_file: str | os.PathLike, vocab: Vocab, max_len: int, truncation: str = "book",
+                     cache_dir: str | os.PathLike | None = None, verbose: bool = False) -> "SNLIBERTDataset":
+    """The `SNLIBERTDataset` of an SNLI `.txt` file (every labelled row, in file order), from the disk
+    cache when an entry with the same key (`packed_cache_key`) exists, else read, packed and cached.
+
+    The entry is written atomically (a reader never sees half a file) and holds only each row's
+    valid positions; it is checked against the key on load, and an unreadable or mismatched entry is
+    rebuilt. `dataset.cache_hit` says which way it went and `dataset.cache_path` where it lives.
+    `cache_dir` None means `default_cache_dir()`."""
+    from .io import atomic_write
+    from .snli import read_snli_file
+    source_file = os.fspath(source_file)
+    cache_dir = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = packed_cache_key(source_file, vocab, max_len, truncation)
+    path = _cache_path(cache_dir, source_file, key)
+    pad = _special_id(vocab, "<pad>")
+    if os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if json.loads(str(f["key"])) != key:
+                    raise ValueError("key mismatch")
+                token_ids, segments = _expand(f["ids"], f["segments"], f["valid_lens"], max_len, pad)
+                dataset = SNLIBERTDataset.from_arrays(token_ids, segments, f["valid_lens"], f["labels"],
+                                                      vocab, max_len, truncation)
+            dataset.cache_hit, dataset.cache_path = True, path
+            if verbose:
+                print(f"read {len(dataset)} packed examples from {path}")
+            return dataset
+        except (OSError, ValueError, KeyError, EOFError) as e:  # a damaged entry: rebuild it
+            if verbose:
+                print(f"rebuilding the packed cache entry {path}: {e}")
+    premises, hypotheses, labels = read_snli_file(source_file)
+    dataset = SNLIBERTDataset((premises, hypotheses, labels), max_len, vocab, truncation)
+    del premises, hypotheses
+    compact = _compact(dataset.all_token_ids, dataset.all_segments, dataset.valid_lens)
+    os.makedirs(cache_dir, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        np.savez(f, key=np.array(json.dumps(key)), labels=dataset.labels, **compact)
+    dataset.cache_hit, dataset.cache_path = False, path
+    if verbose:
+        print(f"packed {len(dataset)} examples into {path}")
+    return dataset

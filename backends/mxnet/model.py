@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import mxnet as mx
 from mxnet import np, npx
 from mxnet.gluon import nn
 
@@ -36,16 +37,34 @@ from nlibert.core.config import BERTConfig
 npx.set_np()
 
 
+def _namespace(x):
+    """`mxnet.symbol` for a symbol (inside a hybridized block), else `mxnet.ndarray`: the `F` that a
+    `hybrid_forward` receives, for helpers called with arrays only."""
+    return mx.sym if isinstance(x, mx.sym.Symbol) else mx.nd
+
+
+def _is_symbol(x) -> bool:
+    return isinstance(x, mx.sym.Symbol)
+
+
 def masked_softmax(X: np.ndarray, valid_lens: np.ndarray | None) -> np.ndarray:
     """Softmax over the last axis of X (B', T_q, T_k) that ignores keys at index >= valid_len.
 
     `valid_lens` is None (plain softmax), 1-D (B',): one length per batch row, shared by every
     query, or 2-D (B', T_q): one length per query. Masked scores are *set* to -1e6 (not -inf, not
     added), exactly as the book, so a row with valid_len 0 comes out uniform rather than NaN.
-    Lengths may be integer or float (the book feeds float32).
+    Lengths may be integer or float (the book feeds float32). Inside a hybridized block (X a
+    symbol, whose shape is unknown) `valid_lens` must be 1-D; the arithmetic is the same.
     """
+    F = _namespace(X)
     if valid_lens is None:
-        return npx.softmax(X, axis=-1)
+        return F.npx.softmax(X, axis=-1)
+    if _is_symbol(X):
+        # One length per (row, query): the row's length broadcast along the query axis.
+        lens = F.np.expand_dims(valid_lens, -1) + F.npx.arange_like(X, axis=1) * 0  # (B', T_q)
+        X2 = F.npx.sequence_mask(F.npx.reshape(X, (-5, -2)), F.np.reshape(lens, -1),
+                                 use_sequence_length=True, value=-1e6, axis=1)
+        return F.npx.reshape_like(F.npx.softmax(X2, axis=-1), X)
     shape = X.shape
     if valid_lens.ndim == 1:
         lens = valid_lens.repeat(shape[1])  # (B'*T_q,): each row's length once per query
@@ -59,12 +78,23 @@ def masked_softmax(X: np.ndarray, valid_lens: np.ndarray | None) -> np.ndarray:
     return npx.softmax(X, axis=-1).reshape(shape)
 
 
-class DotProductAttention(nn.Block):
+def _scaled_scores(F, queries, keys):
+    """Q K^T / sqrt(d), d the last axis of Q (read off the shape, or computed in a symbol graph)."""
+    scores = F.npx.batch_dot(queries, keys, transpose_b=True)  # (B', T_q, T_k)
+    if not _is_symbol(queries):
+        return scores / math.sqrt(queries.shape[-1])
+    d = F.npx.slice(F.npx.shape_array(queries), begin=(-1,), end=(None,)).astype("float32")
+    return scores / F.np.sqrt(d)
+
+
+class DotProductAttention(nn.HybridBlock):
     """Scaled dot-product attention with dropout on the attention weights.
 
     The book always keeps the last weights in `attention_weights`; that pins a (B*h, T, T) array
     per layer between steps (about 130 MB per layer at batch 512, length 128, 4 heads), so here it
-    is kept only when `keep_attention_weights` is set to True, for inspection.
+    is kept only when `keep_attention_weights` is set to True, for inspection (not when hybridized).
+    A `HybridBlock` (as are the blocks below, up to `EncoderBlock`) so that `hybridize()` can run
+    each encoder block as one cached graph; called imperatively it runs the same operators.
     """
 
     def __init__(self, dropout: float, **kwargs) -> None:
@@ -73,25 +103,32 @@ class DotProductAttention(nn.Block):
         self.keep_attention_weights = False
         self.attention_weights: np.ndarray | None = None
 
-    def forward(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
-                valid_lens: np.ndarray | None = None) -> np.ndarray:
-        d = queries.shape[-1]
-        scores = npx.batch_dot(queries, keys, transpose_b=True) / math.sqrt(d)  # (B', T_q, T_k)
+    def hybrid_forward(self, F, queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
+                       valid_lens: np.ndarray | None = None) -> np.ndarray:
+        scores = _scaled_scores(F, queries, keys)  # (B', T_q, T_k)
         weights = masked_softmax(scores, valid_lens)  # (B', T_q, T_k)
-        if self.keep_attention_weights:
+        if self.keep_attention_weights and not _is_symbol(weights):
             self.attention_weights = weights.detach()
-        return npx.batch_dot(self.dropout(weights), values)  # (B', T_q, d_v)
+        return F.npx.batch_dot(self.dropout(weights), values)  # (B', T_q, d_v)
 
 
-class MultiHeadAttention(nn.Block):
-    """h parallel heads of size H/h; the heads are folded into the batch axis for one batch_dot."""
+class MultiHeadAttention(nn.HybridBlock):
+    """h parallel heads of size H/h; the heads are folded into the batch axis for one batch_dot.
 
-    def __init__(self, num_hiddens: int, num_heads: int, dropout: float, use_bias: bool = True,
-                 **kwargs) -> None:
+    `fused_attention=True` (the fast path; the same switch as the torch backend's) masks with the
+    softmax operator's own length argument, one operator instead of the book's repeat, reshape,
+    sequence_mask, softmax and reshape. Same result for every valid_len >= 1 (BERT inputs have at
+    least 3): masked keys get weight exactly 0 either way. Needs 1-D `valid_lens`; attention
+    weights are not kept.
+    """
+
+    def __init__(self, num_hiddens: int, num_heads: int, dropout: float, use_bias: bool = True, *,
+                 fused_attention: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         if num_hiddens % num_heads:
             raise ValueError(f"num_hiddens={num_hiddens} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
+        self.fused_attention = fused_attention
         self.attention = DotProductAttention(dropout)
         # flatten=False: a Dense on (B, T, H) acts on the last axis, like torch's nn.Linear.
         self.W_q = nn.Dense(num_hiddens, use_bias=use_bias, flatten=False, in_units=num_hiddens)
@@ -101,31 +138,44 @@ class MultiHeadAttention(nn.Block):
 
     def split_heads(self, X: np.ndarray) -> np.ndarray:
         """(B, T, H) -> (B*h, T, H/h), batch-major: rows b*h .. b*h+h-1 are example b's heads."""
+        F = _namespace(X)
         # npx.reshape codes: -2 keeps an axis, -1 infers it, -5 merges two axes into one.
-        X = npx.reshape(X, (-2, -2, self.num_heads, -1))  # (B, T, h, H/h)
+        X = F.npx.reshape(X, (-2, -2, self.num_heads, -1))  # (B, T, h, H/h)
         X = X.transpose(0, 2, 1, 3)  # (B, h, T, H/h)
-        return npx.reshape(X, (-5, -2, -2))  # (B*h, T, H/h)
+        return F.npx.reshape(X, (-5, -2, -2))  # (B*h, T, H/h)
 
     def merge_heads(self, X: np.ndarray) -> np.ndarray:
         """(B*h, T, H/h) -> (B, T, H), the inverse of split_heads."""
+        F = _namespace(X)
         # -6 splits one axis in two (here into B inferred and h), -2 keeps, -5 merges.
-        X = npx.reshape(X, (-6, -1, self.num_heads, -2, -2))  # (B, h, T, H/h)
+        X = F.npx.reshape(X, (-6, -1, self.num_heads, -2, -2))  # (B, h, T, H/h)
         X = X.transpose(0, 2, 1, 3)  # (B, T, h, H/h)
-        return npx.reshape(X, (-2, -2, -5))  # (B, T, H)
+        return F.npx.reshape(X, (-2, -2, -5))  # (B, T, H)
 
-    def forward(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
-                valid_lens: np.ndarray | None = None) -> np.ndarray:
+    def hybrid_forward(self, F, queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
+                       valid_lens: np.ndarray | None = None) -> np.ndarray:
         q = self.split_heads(self.W_q(queries))  # (B*h, T_q, H/h)
         k = self.split_heads(self.W_k(keys))  # (B*h, T_k, H/h)
         v = self.split_heads(self.W_v(values))  # (B*h, T_k, H/h)
         if valid_lens is not None:
             # Each example's lengths repeated once per head, matching split_heads' batch-major order.
-            valid_lens = valid_lens.repeat(self.num_heads, axis=0)
-        out = self.attention(q, k, v, valid_lens)  # (B*h, T_q, H/h)
+            valid_lens = F.np.repeat(valid_lens, self.num_heads, axis=0)
+        if self.fused_attention and valid_lens is not None:
+            out = self._fused_attention(F, q, k, v, valid_lens)
+        else:
+            out = self.attention(q, k, v, valid_lens)  # (B*h, T_q, H/h)
         return self.W_o(self.merge_heads(out))  # (B, T_q, H)
 
+    def _fused_attention(self, F, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                         valid_lens: np.ndarray) -> np.ndarray:
+        scores = _scaled_scores(F, q, k)  # (B*h, T_q, T_k)
+        # The softmax operator masks keys at index >= length itself: one (B*h, T_q) length per query row.
+        lens = (F.np.expand_dims(valid_lens, -1) + F.npx.arange_like(scores, axis=1) * 0).astype("int32")
+        weights = F.npx.softmax(scores, length=lens, use_length=True, axis=-1)
+        return F.npx.batch_dot(self.attention.dropout(weights), v)  # (B*h, T_q, H/h)
 
-class PositionWiseFFN(nn.Block):
+
+class PositionWiseFFN(nn.HybridBlock):
     """The same two-layer MLP at every position: H -> F -> H, ReLU (the book's, not GELU)."""
 
     def __init__(self, num_hiddens: int, ffn_num_hiddens: int, **kwargs) -> None:
@@ -134,11 +184,11 @@ class PositionWiseFFN(nn.Block):
         self.dense1 = nn.Dense(ffn_num_hiddens, activation="relu", flatten=False, in_units=num_hiddens)
         self.dense2 = nn.Dense(num_hiddens, flatten=False, in_units=ffn_num_hiddens)
 
-    def forward(self, X: np.ndarray) -> np.ndarray:
+    def hybrid_forward(self, F, X: np.ndarray) -> np.ndarray:
         return self.dense2(self.dense1(X))  # (B, T, H)
 
 
-class AddNorm(nn.Block):
+class AddNorm(nn.HybridBlock):
     """Residual connection then LayerNorm (post-LN): ln(dropout(Y) + X)."""
 
     def __init__(self, num_hiddens: int, dropout: float, **kwargs) -> None:
@@ -146,22 +196,25 @@ class AddNorm(nn.Block):
         self.dropout = nn.Dropout(dropout)
         self.ln = nn.LayerNorm(epsilon=1e-5, in_channels=num_hiddens)  # params gamma / beta
 
-    def forward(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    def hybrid_forward(self, F, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
         return self.ln(self.dropout(Y) + X)
 
 
-class EncoderBlock(nn.Block):
-    """One Transformer encoder block: self-attention, add & norm, FFN, add & norm."""
+class EncoderBlock(nn.HybridBlock):
+    """One Transformer encoder block: self-attention, add & norm, FFN, add & norm.
 
-    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float,
-                 **kwargs) -> None:
+    The unit that `hybridize()` turns into one cached graph (see `BERTEncoder`)."""
+
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float, *,
+                 fused_attention: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, use_bias=True)
+        self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, use_bias=True,
+                                            fused_attention=fused_attention)
         self.addnorm1 = AddNorm(num_hiddens, dropout)
         self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens)
         self.addnorm2 = AddNorm(num_hiddens, dropout)
 
-    def forward(self, X: np.ndarray, valid_lens: np.ndarray | None) -> np.ndarray:
+    def hybrid_forward(self, F, X: np.ndarray, valid_lens: np.ndarray | None) -> np.ndarray:
         Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))  # (B, T, H)
         return self.addnorm2(Y, self.ffn(Y))  # (B, T, H)
 
@@ -176,13 +229,15 @@ class BERTEncoder(nn.Block):
     """
 
     def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
-                 num_layers: int, dropout: float, max_len: int = 1000, **kwargs) -> None:
+                 num_layers: int, dropout: float, max_len: int = 1000, *, fused_attention: bool = False,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
         self.segment_embedding = nn.Embedding(2, num_hiddens)
         self.blks = nn.Sequential()  # children '0', '1', ... -> keys encoder.blks.{i}.*
         for _ in range(num_layers):
-            self.blks.add(EncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout))
+            self.blks.add(EncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout,
+                                       fused_attention=fused_attention))
         self.pos_embedding = self.params.get("pos_embedding", shape=(1, max_len, num_hiddens))
 
     def forward(self, tokens: np.ndarray, segments: np.ndarray,
@@ -239,22 +294,23 @@ class BERTModel(nn.Block):
     """
 
     def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
-                 num_layers: int, dropout: float, max_len: int = 1000, **kwargs) -> None:
+                 num_layers: int, dropout: float, max_len: int = 1000, *, fused_attention: bool = False,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.config = BERTConfig(vocab_size=vocab_size, num_hiddens=num_hiddens,
                                  ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
                                  num_layers=num_layers, dropout=dropout, max_len=max_len)
         self.encoder = BERTEncoder(vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_layers,
-                                   dropout, max_len)
+                                   dropout, max_len, fused_attention=fused_attention)
         # The pooler: one Dense with a fused tanh on <cls>, so its keys are hidden.* (torch: hidden.0.*).
         self.hidden = nn.Dense(num_hiddens, activation="tanh", in_units=num_hiddens)
         self.mlm = MaskLM(vocab_size, num_hiddens)
         self.nsp = NextSentencePred(num_hiddens)
 
     @classmethod
-    def from_config(cls, cfg: BERTConfig) -> "BERTModel":
+    def from_config(cls, cfg: BERTConfig, *, fused_attention: bool = False) -> "BERTModel":
         return cls(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads,
-                   cfg.num_layers, cfg.dropout, cfg.max_len)
+                   cfg.num_layers, cfg.dropout, cfg.max_len, fused_attention=fused_attention)
 
     def forward(self, tokens: np.ndarray, segments: np.ndarray,
                 valid_lens: np.ndarray | None = None, pred_positions: np.ndarray | None = None
@@ -291,3 +347,18 @@ class BERTClassifier(nn.Block):
             tokens = inputs
         encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
         return self.output(self.hidden(encoded_X[:, 0, :]))  # (B, 3) logits
+
+
+def set_fused_attention(net: nn.Block, enabled: bool = True) -> nn.Block:
+    """Switch every `MultiHeadAttention` in `net` (a BERTModel, BERTClassifier, encoder, ...) to the
+    fused path or back to the book's; returns `net`. Cached graphs of hybridized blocks are dropped,
+    so the next call rebuilds them with the new setting."""
+    def visit(block: nn.Block) -> None:
+        if isinstance(block, MultiHeadAttention):
+            block.fused_attention = enabled
+        if isinstance(block, nn.HybridBlock):
+            block._clear_cached_op()
+        for child in block._children.values():
+            visit(child)
+    visit(net)
+    return net

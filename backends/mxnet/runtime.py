@@ -44,7 +44,9 @@ def make_loss() -> gluon.loss.Loss:
     return gluon.loss.SoftmaxCrossEntropyLoss()
 
 
-def make_trainer(net: gluon.Block, lr: float) -> gluon.Trainer:
+def make_trainer(net: gluon.Block, lr: float, fused: bool = False) -> gluon.Trainer:
+    """The book's Adam. `fused` is accepted for symmetry with the torch backend: MXNet's Adam is
+    already one `adam_update` kernel per parameter."""
     return gluon.Trainer(net.collect_params(), "adam", {"learning_rate": lr})
 
 

@@ -10,6 +10,7 @@ only; and the two summary lines printed at the end. Changed: no Animator (figure
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import mxnet as mx
@@ -133,6 +134,95 @@ def train_ch13(net: gluon.Block, train_iter: Iterable, test_iter: Iterable | Non
                     else float("nan"))
         record = EpochRecord.from_sums(epoch, metric[0], metric[1], int(metric[2]), test_acc, timer.sum())
         record.train_acc = metric[1] / metric[3]  # the book divides by predictions, not examples
+        records.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    if verbose and records:
+        print(format_summary(records, str(devices)))
+    return records
+
+
+PRECISIONS = ("float32",)  # MXNet 1.9 has no bfloat16 training on these operators
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not supported by the MXNet backend: use one of {PRECISIONS}")
+
+
+def _hybridize(net: gluon.Block) -> None:
+    """`net.hybridize()`: each encoder block (and each embedding and dense layer outside them)
+    becomes a cached graph. Gluon warns that the block list could be a HybridSequential; the
+    blocks are hybridized one by one either way, so that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Consider using HybridSequential.*")
+        net.hybridize()
+
+
+def train_batch_fast(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss,
+                     trainer: gluon.Trainer, devices: Sequence[mx.Context],
+                     split_f: Callable = split_batch_multi_inputs, precision: str = "float32"
+                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`train_batch_ch13`'s step (split across devices, one loss per shard, `backward` on each,
+    `trainer.step(batch_size)`), but the per-shard loss sums and correct counts come back as arrays
+    on their devices: no host synchronisation."""
+    _check_precision(precision)
+    devices = list(devices)
+    X, y = _to_batch(features, labels, _staging_context(devices))
+    if len(y) < len(devices):
+        raise ValueError(f"a training batch of {len(y)} examples cannot be split across "
+                         f"{len(devices)} devices; use a batch size that leaves no smaller last batch")
+    X_shards, y_shards = split_f(X, y, devices)
+    with autograd.record():
+        pred_shards = [net(X_shard) for X_shard in X_shards]  # each (B/k, 3)
+        ls = [loss(p, y_shard) for p, y_shard in zip(pred_shards, y_shards)]  # each (B/k,)
+    for l in ls:
+        l.backward()
+    trainer.step(len(y), ignore_stale_grad=True)
+    return ([l.sum() for l in ls],
+            [_correct(p, y_shard).astype("float32") for p, y_shard in zip(pred_shards, y_shards)])
+
+
+def train_fast(net: gluon.Block, train_iter: Iterable, test_iter: Iterable | None, loss: gluon.loss.Loss,
+               trainer: gluon.Trainer, num_epochs: int, devices: Sequence[mx.Context],
+               split_f: Callable = split_batch_multi_inputs, *, precision: str = "float32",
+               graph: bool = False, verbose: bool = True,
+               on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
+    """`train_ch13` for the fast path: the same optimisation (same loss, mean gradient over the
+    batch split across devices, trainer), the same records and printed lines, with fewer host round
+    trips: the loss and accuracy sums stay on each device and are read once per epoch (MXNet's
+    engine runs ahead meanwhile), and the epoch timer covers the whole pass (batching included).
+    Feed it length-bucketed, trimmed batches (`core.batching.bucket_batch_indices`, `trim=True`) and
+    a net with fused attention (`set_fused_attention`) for the speed.
+
+    `graph=True` hybridizes the net (each encoder block one cached graph; see the README's
+    Performance section for what it buys). `precision` must be 'float32' in this backend.
+    """
+    _check_precision(precision)
+    devices = list(devices)
+    if not devices:
+        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
+    if graph:
+        _hybridize(net)
+    records: list[EpochRecord] = []
+    for epoch in range(1, num_epochs + 1):
+        loss_sums: list[np.ndarray] = []
+        correct: list[np.ndarray] = []
+        num_examples, timer = 0, Timer()
+        for features, labels in train_iter:
+            ls, cs = train_batch_fast(net, features, labels, loss, trainer, devices, split_f, precision)
+            # Running sums per device slot: still no synchronisation.
+            loss_sums = [a + b for a, b in zip(loss_sums, ls)] + ls[len(loss_sums):]
+            correct = [a + b for a, b in zip(correct, cs)] + cs[len(correct):]
+            num_examples += len(labels)
+        if num_examples == 0:
+            raise ValueError("train_iter yielded no batches")
+        loss_sum = sum(float(a) for a in loss_sums)  # the epoch's host syncs, one per device
+        num_correct = sum(float(a) for a in correct)
+        seconds = timer.stop()
+        test_acc = (evaluate_accuracy(net, test_iter, devices, split_f) if test_iter is not None
+                    else float("nan"))
+        record = EpochRecord.from_sums(epoch, loss_sum, num_correct, num_examples, test_acc, seconds)
         records.append(record)
         if on_epoch is not None:
             on_epoch(record)

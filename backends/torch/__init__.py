@@ -18,3 +18,12 @@ __all__ = [
     "parse_devices", "set_seed", "make_loss", "make_trainer", "framework_versions",
     "initialize_classifier_head", "bert_outputs", "classifier_logits",
 ]
+
+from .pretrain import initialize_bert, train_bert, save_training_state, load_training_state  # noqa: E402
+
+__all__ += ["initialize_bert", "train_bert", "save_training_state", "load_training_state"]
+
+from .model import set_fused_attention  # noqa: E402
+from .train import train_fast  # noqa: E402
+
+__all__ += ["set_fused_attention", "train_fast"]

@@ -73,13 +73,23 @@ class DotProductAttention(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """h parallel heads of size H/h; the heads are folded into the batch axis for one bmm."""
+    """h parallel heads of size H/h; the heads are folded into the batch axis for one bmm.
 
-    def __init__(self, num_hiddens: int, num_heads: int, dropout: float, bias: bool = True) -> None:
+    `fused_attention=True` (the fast path; the same switch as the MXNet backend's) computes the
+    heads with `F.scaled_dot_product_attention` and a boolean key mask instead: the same softmax of
+    Q K^T / sqrt(d) over the valid keys, dropout on the weights, times V, in one fused call and
+    without the head transposes' copies. Same result for every valid_len >= 1 (BERT inputs have at
+    least 3): masked keys get weight exactly 0 either way, but a row with valid_len 0 would come out
+    NaN rather than the book's uniform weights. Attention weights are not kept.
+    """
+
+    def __init__(self, num_hiddens: int, num_heads: int, dropout: float, bias: bool = True, *,
+                 fused_attention: bool = False) -> None:
         super().__init__()
         if num_hiddens % num_heads:
             raise ValueError(f"num_hiddens={num_hiddens} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
+        self.fused_attention = fused_attention
         self.attention = DotProductAttention(dropout)
         self.W_q = nn.Linear(num_hiddens, num_hiddens, bias=bias)
         self.W_k = nn.Linear(num_hiddens, num_hiddens, bias=bias)
@@ -100,6 +110,8 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 valid_lens: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fused_attention:
+            return self._fused_forward(queries, keys, values, valid_lens)
         q = self.split_heads(self.W_q(queries))  # (B*h, T_q, H/h)
         k = self.split_heads(self.W_k(keys))  # (B*h, T_k, H/h)
         v = self.split_heads(self.W_v(values))  # (B*h, T_k, H/h)
@@ -109,6 +121,29 @@ class MultiHeadAttention(nn.Module):
                                                  self.num_heads, dim=0)
         out = self.attention(q, k, v, valid_lens)  # (B*h, T_q, H/h)
         return self.W_o(self.merge_heads(out))  # (B, T_q, H)
+
+    def _fused_forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       valid_lens: torch.Tensor | None) -> torch.Tensor:
+        B, T_q, H = queries.shape
+        T_k = keys.shape[1]
+
+        def heads(X: torch.Tensor, T: int) -> torch.Tensor:  # (B, T, H) -> (B, h, T, H/h), a view
+            return X.view(B, T, self.num_heads, -1).transpose(1, 2)
+
+        q, k, v = heads(self.W_q(queries), T_q), heads(self.W_k(keys), T_k), heads(self.W_v(values), T_k)
+        mask = None
+        if valid_lens is not None:
+            lens = torch.as_tensor(valid_lens, device=q.device)
+            key_index = torch.arange(T_k, device=q.device)
+            if lens.dim() == 1:
+                mask = (key_index < lens[:, None])[:, None, None, :]  # (B, 1, 1, T_k): keep these keys
+            elif lens.dim() == 2:
+                mask = (key_index < lens[:, :, None])[:, None, :, :]  # (B, 1, T_q, T_k)
+            else:
+                raise ValueError(f"valid_lens must be 1-D or 2-D, got shape {tuple(lens.shape)}")
+        dropout = self.attention.dropout.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, h, T_q, H/h)
+        return self.W_o(out.transpose(1, 2).reshape(B, T_q, H))  # (B, T_q, H)
 
 
 class PositionWiseFFN(nn.Module):
@@ -139,9 +174,11 @@ class AddNorm(nn.Module):
 class EncoderBlock(nn.Module):
     """One Transformer encoder block: self-attention, add & norm, FFN, add & norm."""
 
-    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float) -> None:
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float, *,
+                 fused_attention: bool = False) -> None:
         super().__init__()
-        self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, bias=True)
+        self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, bias=True,
+                                            fused_attention=fused_attention)
         self.addnorm1 = AddNorm(num_hiddens, dropout)
         self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens)
         self.addnorm2 = AddNorm(num_hiddens, dropout)
@@ -163,11 +200,12 @@ class BERTEncoder(nn.Module):
 
     def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
                  num_layers: int, dropout: float, max_len: int = 1000, *,
-                 detach_pos_embedding: bool = False) -> None:
+                 detach_pos_embedding: bool = False, fused_attention: bool = False) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
         self.segment_embedding = nn.Embedding(2, num_hiddens)
-        self.blks = nn.Sequential(*[EncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout)
+        self.blks = nn.Sequential(*[EncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout,
+                                                 fused_attention=fused_attention)
                                     for _ in range(num_layers)])
         self.pos_embedding = nn.Parameter(torch.randn(1, max_len, num_hiddens))  # N(0, 1), as the book
         self.detach_pos_embedding = detach_pos_embedding
@@ -222,22 +260,25 @@ class BERTModel(nn.Module):
 
     def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
                  num_layers: int, dropout: float, max_len: int = 1000, *,
-                 detach_pos_embedding: bool = False) -> None:
+                 detach_pos_embedding: bool = False, fused_attention: bool = False) -> None:
         super().__init__()
         self.config = BERTConfig(vocab_size=vocab_size, num_hiddens=num_hiddens,
                                  ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
                                  num_layers=num_layers, dropout=dropout, max_len=max_len)
         self.encoder = BERTEncoder(vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_layers,
-                                   dropout, max_len, detach_pos_embedding=detach_pos_embedding)
+                                   dropout, max_len, detach_pos_embedding=detach_pos_embedding,
+                                   fused_attention=fused_attention)
         # The pooler: a Linear + Tanh on <cls>. A Sequential so the keys are hidden.0.*, as the book.
         self.hidden = nn.Sequential(nn.Linear(num_hiddens, num_hiddens), nn.Tanh())
         self.mlm = MaskLM(vocab_size, num_hiddens)
         self.nsp = NextSentencePred(num_hiddens)
 
     @classmethod
-    def from_config(cls, cfg: BERTConfig, *, detach_pos_embedding: bool = False) -> "BERTModel":
+    def from_config(cls, cfg: BERTConfig, *, detach_pos_embedding: bool = False,
+                    fused_attention: bool = False) -> "BERTModel":
         return cls(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads,
-                   cfg.num_layers, cfg.dropout, cfg.max_len, detach_pos_embedding=detach_pos_embedding)
+                   cfg.num_layers, cfg.dropout, cfg.max_len, detach_pos_embedding=detach_pos_embedding,
+                   fused_attention=fused_attention)
 
     def forward(self, tokens: torch.Tensor, segments: torch.Tensor,
                 valid_lens: torch.Tensor | None = None, pred_positions: torch.Tensor | None = None
@@ -272,3 +313,13 @@ class BERTClassifier(nn.Module):
             tokens = inputs
         encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
         return self.output(self.hidden(encoded_X[:, 0, :]))  # (B, 3) logits
+
+
+def set_fused_attention(net: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every `MultiHeadAttention` in `net` (a BERTModel, BERTClassifier, encoder, ...) to the
+    fused path or back to the book's; returns `net`. (The MXNet backend's function of the same name
+    also drops hybridized graphs; a `torch.compile`d module must be compiled again.)"""
+    for module in net.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.fused_attention = enabled
+    return net

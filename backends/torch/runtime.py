@@ -36,8 +36,10 @@ def make_loss() -> nn.Module:
     return nn.CrossEntropyLoss(reduction="none")
 
 
-def make_trainer(net: nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(net.parameters(), lr=lr)
+def make_trainer(net: nn.Module, lr: float, fused: bool = False) -> torch.optim.Optimizer:
+    """The book's Adam. `fused=True` (the fast path) updates each parameter in one kernel instead of
+    a handful of elementwise passes over it: the same update, up to rounding."""
+    return torch.optim.Adam(net.parameters(), lr=lr, fused=True if fused else None)
 
 
 def framework_versions() -> dict[str, str]:

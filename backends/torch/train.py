@@ -104,6 +104,83 @@ def train_ch13(net: nn.Module, train_iter: Iterable, test_iter: Iterable | None,
     return records
 
 
+PRECISIONS = ("float32", "bfloat16")
+
+
+def _autocast(device: torch.device, precision: str):
+    """bfloat16 autocast on the device (matmuls in bf16, reductions in float32), or a no-op."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {PRECISIONS}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
+def train_batch_fast(net: nn.Module, X, y, loss: nn.Module, trainer: torch.optim.Optimizer,
+                     devices: Sequence[torch.device], precision: str = "float32"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`train_batch_ch13`'s step (summed per-example loss, `backward`, `trainer.step()`), but the loss
+    sum and the number correct come back as 0-d tensors on the device: no host synchronisation."""
+    X, y = _to_device(X, devices[0]), _to_device(y, devices[0]).to(torch.long)
+    trainer.zero_grad(set_to_none=True)
+    with _autocast(devices[0], precision):
+        pred = net(X)  # (B, num_classes)
+    l = loss(pred.float(), y)  # (B,), reduction='none' as the book
+    l.sum().backward()
+    trainer.step()
+    return l.detach().sum(), _correct(pred.detach(), y)
+
+
+def train_fast(net: nn.Module, train_iter: Iterable, test_iter: Iterable | None, loss: nn.Module,
+               trainer: torch.optim.Optimizer, num_epochs: int, devices: Sequence[torch.device], *,
+               precision: str = "float32", graph: bool = False, verbose: bool = True,
+               on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
+    """`train_ch13` for the fast path: the same optimisation (same loss, gradient sum, optimizer,
+    multi-GPU `nn.DataParallel`), the same records and printed lines, with fewer host round trips:
+    the loss and accuracy sums stay on the device and are read once per epoch, and the epoch timer
+    covers the whole pass (batching included). Feed it length-bucketed, trimmed batches
+    (`core.batching.bucket_batch_indices`, `trim=True`) and a net with fused attention
+    (`set_fused_attention`) for the speed.
+
+    `precision='bfloat16'` runs the forward pass under bfloat16 autocast (the loss and the weights
+    stay float32); `graph=True` runs the net through `torch.compile` (one device only). Neither pays
+    on a CPU without AMX (see the README's Performance section); both are for GPUs.
+    """
+    devices = list(devices)
+    if not devices:
+        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
+    _autocast(devices[0], precision)  # validates the name
+    net.to(devices[0])
+    model = net
+    if len(devices) > 1 and all(d.type == "cuda" for d in devices):
+        if graph:
+            raise ValueError("graph=True (torch.compile) is for one device; nn.DataParallel replicates the net")
+        model = nn.DataParallel(net, device_ids=devices).to(devices[0])
+    elif graph:
+        model = torch.compile(net, dynamic=True)
+    records: list[EpochRecord] = []
+    for epoch in range(1, num_epochs + 1):
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=devices[0])
+        correct = torch.zeros((), dtype=torch.long, device=devices[0])
+        num_examples, timer = 0, Timer()
+        for features, labels in train_iter:
+            l, c = train_batch_fast(model, features, labels, loss, trainer, devices, precision)
+            loss_sum += l
+            correct += c
+            num_examples += len(labels)
+        if num_examples == 0:
+            raise ValueError("train_iter yielded no batches")
+        totals = torch.stack([loss_sum, correct.float()]).tolist()  # the epoch's one host sync
+        seconds = timer.stop()
+        test_acc = evaluate_accuracy(model, test_iter, devices) if test_iter is not None else float("nan")
+        record = EpochRecord.from_sums(epoch, totals[0], totals[1], num_examples, test_acc, seconds)
+        records.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    if verbose and records:
+        print(format_summary(records, str(devices)))
+    return records
+
+
 def predict_proba(net: nn.Module, token_ids, segments, valid_lens, devices: Sequence[torch.device],
                   batch_size: int = 512) -> np.ndarray:
     """Class probabilities (N, 3) for packed examples, in eval mode, `batch_size` rows at a time.

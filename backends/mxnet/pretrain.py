@@ -1,0 +1,160 @@
+"""The book's BERT pretraining loop (`train_bert`, bert-pretraining.md) in MXNet Gluon, and its resumable state.
+
+Semantics kept from d2l: Adam with lr 0.01, every batch split across the devices
+(`split_and_load`), one `mlm + nsp` loss per shard inside `autograd.record()`, `backward()` on
+each, `trainer.step(1)` (the per-shard losses are already means), the timer covering forward,
+backward and update only, and the two lines printed at the end (`MLM loss ..., NSP loss ...` and
+`... sentence pairs/sec on [...]`, means over the steps). The MLM loss is the book's MXNet one by
+default, `SoftmaxCELoss` with the prediction weights as sample weights: a mean over real
+predictions only (`mlm_loss='masked'`); `mlm_loss='book'` computes the book's PyTorch formula,
+whose mean also runs over padded prediction slots (facts §1.8), for comparing with torch runs.
+Changed: no Animator (per-step figures are returned as `StepRecord`s); `start_step`, `seed` and
+`on_step` let a job checkpoint and resume.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Sequence
+
+import mxnet as mx
+import numpy as onp
+from mxnet import autograd, gluon, init, np, npx
+
+from nlibert.core.io import atomic_path
+from nlibert.core.pretraining import StepRecord, check_mlm_loss, format_pretrain_summary, step_file, step_seed
+from nlibert.core.training import Accumulator, Timer
+
+from .runtime import make_trainer
+
+npx.set_np()
+
+
+def initialize_bert(net: gluon.Block, devices: Sequence[mx.Context]) -> None:
+    """As the book's pretraining: `net.initialize(init.Xavier(), ctx=devices)` (Dense biases stay
+    zeros, LayerNorm ones/zeros: they name their own initializers)."""
+    net.initialize(init.Xavier(), ctx=list(devices))
+
+
+def _get_batch_loss_bert(net: gluon.Block, loss: gluon.loss.Loss, vocab_size: int, tokens_X_shards,
+                         segments_X_shards, valid_lens_x_shards, pred_positions_X_shards, mlm_weights_X_shards,
+                         mlm_Y_shards, nsp_y_shards, mlm_loss: str = "masked"
+                         ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Per device shard: `(mlm_ls, nsp_ls, ls)`, lists of 0-d arrays (`ls[i] = mlm_ls[i] + nsp_ls[i]`)."""
+    check_mlm_loss(mlm_loss)
+    mlm_ls, nsp_ls, ls = [], [], []
+    for (tokens_X_shard, segments_X_shard, valid_lens_x_shard, pred_positions_X_shard, mlm_weights_X_shard,
+         mlm_Y_shard, nsp_y_shard) in zip(tokens_X_shards, segments_X_shards, valid_lens_x_shards,
+                                          pred_positions_X_shards, mlm_weights_X_shards, mlm_Y_shards,
+                                          nsp_y_shards):
+        _, mlm_Y_hat, nsp_Y_hat = net(tokens_X_shard, segments_X_shard, valid_lens_x_shard.reshape(-1),
+                                      pred_positions_X_shard)
+        weights = mlm_weights_X_shard.reshape(-1, 1)  # (B*P, 1): 1 for a real prediction, 0 for a pad
+        if mlm_loss == "masked":
+            # The book: padded slots get sample weight 0, then sum / number of real predictions.
+            mlm_l = loss(mlm_Y_hat.reshape(-1, vocab_size), mlm_Y_shard.reshape(-1), weights)
+            mlm_l = mlm_l.sum() / (weights.sum() + 1e-8)
+        else:
+            # The book's torch formula: mean over all slots, times sum(weights) / sum(weights).
+            mlm_l = loss(mlm_Y_hat.reshape(-1, vocab_size), mlm_Y_shard.reshape(-1)).mean()
+            mlm_l = mlm_l * weights.sum() / (weights.sum() + 1e-8)
+        nsp_l = loss(nsp_Y_hat, nsp_y_shard).mean()
+        mlm_ls.append(mlm_l)
+        nsp_ls.append(nsp_l)
+        ls.append(mlm_l + nsp_l)
+    return mlm_ls, nsp_ls, ls
+
+
+def _as_mx(x, ctx: mx.Context) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    x = onp.asarray(x)
+    return np.array(x, dtype=x.dtype, ctx=ctx)
+
+
+def train_bert(train_iter: Iterable, net: gluon.Block, loss: gluon.loss.Loss, vocab_size: int,
+               devices: Sequence[mx.Context], num_steps: int, *, trainer: gluon.Trainer | None = None,
+               lr: float = 0.01, mlm_loss: str = "masked", start_step: int = 0, seed: int | None = None,
+               on_step: Callable[[StepRecord], bool | None] | None = None, verbose: bool = True
+               ) -> list[StepRecord]:
+    """Pretrain `net` (a `BERTModel` initialised on every device) on batches of the book's
+    7-tuples until step `num_steps`.
+
+    Steps are numbered from `start_step + 1`; `train_iter` is passed over as often as needed.
+    `trainer` defaults to Adam(lr) as the book. With `seed`, MXNet's generators are re-seeded from
+    `(seed, step)` before every step (`core.pretraining.step_seed`), so dropout does not depend on
+    where a run was resumed. `on_step(record)` is called after each step; a true return stops.
+    Returns the figures of the steps run here; prints the book's two lines if `verbose`.
+    """
+    check_mlm_loss(mlm_loss)
+    devices = list(devices)
+    if not devices:
+        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
+    if trainer is None:
+        trainer = make_trainer(net, lr)
+    staging = devices[0] if len(devices) == 1 else mx.cpu()
+    step, timer, records = start_step, Timer(), []
+    # Sum of MLM losses, sum of NSP losses, no. of sentence pairs, count
+    metric = Accumulator(4)
+    stop = step >= num_steps
+    while not stop:
+        num_batches = 0
+        for batch in train_iter:
+            num_batches += 1
+            if len(batch[0]) < len(devices):
+                # A device without a shard would keep last step's gradient, which the trainer still sums.
+                raise ValueError(f"a batch of {len(batch[0])} sentence pairs cannot be split across "
+                                 f"{len(devices)} devices")
+            (tokens_X_shards, segments_X_shards, valid_lens_x_shards, pred_positions_X_shards,
+             mlm_weights_X_shards, mlm_Y_shards, nsp_y_shards) = [
+                gluon.utils.split_and_load(_as_mx(elem, staging), devices, even_split=False) for elem in batch]
+            if seed is not None:
+                mx.random.seed(step_seed(seed, step + 1))
+            timer.start()
+            with autograd.record():
+                mlm_ls, nsp_ls, ls = _get_batch_loss_bert(
+                    net, loss, vocab_size, tokens_X_shards, segments_X_shards, valid_lens_x_shards,
+                    pred_positions_X_shards, mlm_weights_X_shards, mlm_Y_shards, nsp_y_shards, mlm_loss)
+            for l in ls:
+                l.backward()
+            trainer.step(1)
+            mlm_value = sum(float(l) for l in mlm_ls) / len(mlm_ls)
+            nsp_value = sum(float(l) for l in nsp_ls) / len(nsp_ls)
+            # float() waits for the forward pass only; backward and the update run asynchronously and
+            # would be charged to the next step's data copy, outside the timer (the book's figure
+            # misses them): wait for them so that sentence pairs/sec counts the whole step.
+            npx.waitall()
+            seconds = timer.stop()
+            step += 1
+            metric.add(mlm_value, nsp_value, len(batch[0]), 1)
+            record = StepRecord(step, mlm_value, nsp_value, int(len(batch[0])), seconds)
+            records.append(record)
+            if (on_step is not None and on_step(record)) or step >= num_steps:
+                stop = True
+                break
+        if num_batches == 0:
+            raise ValueError("train_iter yielded no batches")
+    if verbose and records:
+        print(format_pretrain_summary(records, str(devices)))
+    return records
+
+
+def save_training_state(folder: str | os.PathLike, net: gluon.Block, trainer: gluon.Trainer,
+                        step: int) -> dict[str, str]:
+    """Write the model parameters (`save_parameters`) and the trainer state (`save_states`: Adam's
+    moments and update counts) of step `step` into `folder`, each atomically; returns the file
+    names for the resume `state.json`. MXNet's RNG state cannot be read; `train_bert(seed=...)`
+    re-seeds it per step instead."""
+    os.makedirs(folder, exist_ok=True)
+    files = {"params": step_file(step, "params"), "trainer": step_file(step, "trainer")}
+    with atomic_path(os.path.join(folder, files["params"])) as tmp:
+        net.save_parameters(tmp)
+    with atomic_path(os.path.join(folder, files["trainer"])) as tmp:
+        trainer.save_states(tmp)
+    return files
+
+
+def load_training_state(folder: str | os.PathLike, files: dict[str, str], net: gluon.Block,
+                        trainer: gluon.Trainer, devices: Sequence[mx.Context]) -> None:
+    """Put back what `save_training_state` wrote: parameters (on every device) and trainer state."""
+    net.load_parameters(os.path.join(folder, files["params"]), ctx=list(devices))
+    trainer.load_states(os.path.join(folder, files["trainer"]))

@@ -1,0 +1,140 @@
+"""The book's BERT pretraining loop (`train_bert`, bert-pretraining.md) in PyTorch, and its resumable state.
+
+Semantics kept from d2l: Adam with lr 0.01, the loss `mlm + nsp` per batch, `nn.DataParallel`
+across GPUs, the timer covering forward, backward and update only, and the two lines printed at
+the end (`MLM loss ..., NSP loss ...` and `... sentence pairs/sec on [...]`, means over the steps).
+Changed: no Animator (per-step figures are returned as `StepRecord`s), the MLM loss is by default
+the mean over real predictions only (`mlm_loss='masked'`, what the book's MXNet code computes);
+`mlm_loss='book'` keeps the book's PyTorch formula, whose mean also runs over padded prediction
+slots (facts §1.8). `start_step`, `seed` and `on_step` let a job checkpoint and resume.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from nlibert.core.io import atomic_write
+from nlibert.core.pretraining import StepRecord, check_mlm_loss, format_pretrain_summary, step_file, step_seed
+from nlibert.core.training import Accumulator, Timer
+
+from .checkpoint import _load_state_dict, write_params
+from .runtime import make_trainer
+
+
+def initialize_bert(net: nn.Module, devices: Sequence[torch.device]) -> None:
+    """As the book's pretraining: torch's default initialisation (done when the model is built),
+    the model on devices[0]."""
+    net.to(devices[0])
+
+
+def _get_batch_loss_bert(net: nn.Module, loss: nn.Module, vocab_size: int, tokens_X: torch.Tensor,
+                         segments_X: torch.Tensor, valid_lens_x: torch.Tensor, pred_positions_X: torch.Tensor,
+                         mlm_weights_X: torch.Tensor, mlm_Y: torch.Tensor, nsp_y: torch.Tensor,
+                         mlm_loss: str = "masked") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(mlm_l, nsp_l, mlm_l + nsp_l)` of one batch, each a 0-d tensor.
+
+    `loss` is per-example cross-entropy (`reduction='none'`, `runtime.make_loss()`). The book's
+    `nn.CrossEntropyLoss()` (mean) also works with `mlm_loss='book'`, the only mode it can serve.
+    """
+    check_mlm_loss(mlm_loss)
+    _, mlm_Y_hat, nsp_Y_hat = net(tokens_X, segments_X, valid_lens_x.reshape(-1), pred_positions_X)
+    mlm_l = loss(mlm_Y_hat.reshape(-1, vocab_size), mlm_Y.reshape(-1))  # (B*P,), or 0-d if reduced
+    weights = mlm_weights_X.reshape(-1)  # (B*P,): 1 for a real prediction, 0 for a padded slot
+    if mlm_loss == "masked":
+        if mlm_l.dim() == 0:
+            raise ValueError("mlm_loss='masked' needs a per-example loss: nn.CrossEntropyLoss(reduction='none')")
+        mlm_l = (mlm_l * weights).sum() / (weights.sum() + 1e-8)
+    else:
+        # The book: mean(loss over all slots) * weights, summed, over sum(weights): the weights cancel.
+        mlm_l = mlm_l.mean() * weights.sum() / (weights.sum() + 1e-8)
+    nsp_l = loss(nsp_Y_hat, nsp_y).mean()
+    return mlm_l, nsp_l, mlm_l + nsp_l
+
+
+def train_bert(train_iter: Iterable, net: nn.Module, loss: nn.Module, vocab_size: int,
+               devices: Sequence[torch.device], num_steps: int, *, trainer: torch.optim.Optimizer | None = None,
+               lr: float = 0.01, mlm_loss: str = "masked", start_step: int = 0, seed: int | None = None,
+               on_step: Callable[[StepRecord], bool | None] | None = None, verbose: bool = True
+               ) -> list[StepRecord]:
+    """Pretrain `net` (a `BERTModel`) on batches of the book's 7-tuples until step `num_steps`.
+
+    Steps are numbered from `start_step + 1`; `train_iter` is passed over as often as needed.
+    `trainer` defaults to Adam(lr) as the book. With `seed`, torch's generators are re-seeded from
+    `(seed, step)` before every step (`core.pretraining.step_seed`), so dropout does not depend on
+    where a run was resumed. `on_step(record)` is called after each step; a true return stops.
+    Returns the figures of the steps run here; prints the book's two lines if `verbose`.
+    """
+    check_mlm_loss(mlm_loss)
+    devices = list(devices)
+    if not devices:
+        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
+    net.to(devices[0])
+    model = net
+    if len(devices) > 1 and all(d.type == "cuda" for d in devices):
+        model = nn.DataParallel(net, device_ids=devices).to(devices[0])
+    if trainer is None:
+        trainer = make_trainer(net, lr)
+    model.train()
+    step, timer, records = start_step, Timer(), []
+    # Sum of MLM losses, sum of NSP losses, no. of sentence pairs, count
+    metric = Accumulator(4)
+    stop = step >= num_steps
+    while not stop:
+        num_batches = 0
+        for batch in train_iter:
+            num_batches += 1
+            tokens_X, segments_X, valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y = (
+                torch.as_tensor(x).to(devices[0], non_blocking=True) for x in batch)
+            if seed is not None:
+                torch.manual_seed(step_seed(seed, step + 1))
+            trainer.zero_grad()
+            timer.start()
+            mlm_l, nsp_l, l = _get_batch_loss_bert(model, loss, vocab_size, tokens_X, segments_X, valid_lens_x,
+                                                   pred_positions_X, mlm_weights_X, mlm_Y.long(), nsp_y.long(),
+                                                   mlm_loss)
+            l.backward()
+            trainer.step()
+            mlm_value, nsp_value = torch.stack([mlm_l.detach(), nsp_l.detach()]).tolist()  # one host sync
+            seconds = timer.stop()
+            step += 1
+            metric.add(mlm_value, nsp_value, tokens_X.shape[0], 1)
+            record = StepRecord(step, mlm_value, nsp_value, int(tokens_X.shape[0]), seconds)
+            records.append(record)
+            if (on_step is not None and on_step(record)) or step >= num_steps:
+                stop = True
+                break
+        if num_batches == 0:
+            raise ValueError("train_iter yielded no batches")
+    if verbose and records:
+        print(format_pretrain_summary(records, str(devices)))
+    return records
+
+
+def save_training_state(folder: str | os.PathLike, net: nn.Module, trainer: torch.optim.Optimizer,
+                        step: int) -> dict[str, str]:
+    """Write the model parameters and the optimizer state (with torch's RNG states) of step `step`
+    into `folder`, each atomically; returns the file names for the resume `state.json`."""
+    net = net.module if isinstance(net, nn.DataParallel) else net
+    os.makedirs(folder, exist_ok=True)
+    files = {"params": step_file(step, "params"), "trainer": step_file(step, "trainer")}
+    write_params(net.state_dict(), os.path.join(folder, files["params"]))
+    state = {"optimizer": trainer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    with atomic_write(os.path.join(folder, files["trainer"]), "wb") as f:
+        torch.save(state, f)
+    return files
+
+
+def load_training_state(folder: str | os.PathLike, files: dict[str, str], net: nn.Module,
+                        trainer: torch.optim.Optimizer, devices: Sequence[torch.device]) -> None:
+    """Put back what `save_training_state` wrote: parameters, optimizer state and RNG states."""
+    net.load_state_dict(_load_state_dict(os.path.join(folder, files["params"])), strict=True)
+    net.to(devices[0])
+    state = torch.load(os.path.join(folder, files["trainer"]), map_location="cpu", weights_only=True)
+    trainer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -1,0 +1,116 @@
+"""Shared by the benchmarks: the SNLI length distribution at scale, bert.small's shape, FLOP counts,
+peak memory, and a machine-load note. Benchmarks are scripts, not tests: nothing here is timed in CI."""
+from __future__ import annotations
+
+import os
+import pathlib
+import threading
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("NLIBERT_SHARED_DATA", REPO.parent / "shared" / "data"))
+DEV_FILE = SHARED_DATA / "snli_1.0" / "snli_1.0_dev.txt"
+RESERVED = ["<pad>", "<mask>", "<cls>", "<sep>"]
+# bert.small, as the chapter loads it (facts §1.9): vocabulary 20,256, H 256, F 512, 4 heads, 2 layers.
+BERT_SMALL = dict(vocab_size=20256, num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_layers=2,
+                  dropout=0.1, max_len=512)
+SNLI_TRAIN_PAIRS = 549_367  # the size of SNLI's training split (facts §2)
+
+
+def dev_file() -> pathlib.Path:
+    if not DEV_FILE.exists():
+        raise SystemExit(f"{DEV_FILE} not found: set NLIBERT_SHARED_DATA to the folder holding snli_1.0/")
+    return DEV_FILE
+
+
+def bert_small_vocab(premises, hypotheses, size: int = BERT_SMALL["vocab_size"]):
+    """The dev file's words (every one, so nothing is <unk>) padded with filler tokens to bert.small's
+    vocabulary size, so the embedding table and its optimizer state have the real size."""
+    from nlibert.core.vocab import Vocab
+    vocab = Vocab([s.lower().split() for s in list(premises) + list(hypotheses)], min_freq=1,
+                  reserved_tokens=RESERVED)
+    fillers = [f"<filler{i}>" for i in range(max(0, size - len(vocab)))]
+    return Vocab.from_idx_to_token(vocab.idx_to_token + fillers)
+
+
+def tiled_dev(max_len: int, tile: int):
+    """The dev file packed at `max_len` and repeated `tile` times: SNLI's length distribution at scale
+    (the dev pairs average 26.5 of 128 positions, 99% fit in 51). Returns (arrays, labels, vocab)."""
+    from nlibert.core.packing import pack_pairs
+    from nlibert.core.snli import read_snli_file
+    premises, hypotheses, labels = read_snli_file(dev_file())
+    vocab = bert_small_vocab(premises, hypotheses)
+    ids, segments, valid_lens = pack_pairs(premises, hypotheses, vocab, max_len)
+    arrays = tuple(np.tile(a, (tile,) + (1,) * (a.ndim - 1)) for a in (ids, segments, valid_lens))
+    return arrays, np.tile(np.asarray(labels, dtype=np.int64), tile), vocab
+
+
+def forward_flops(lengths: np.ndarray, width: int | None, H: int, F: int, layers: int) -> float:
+    """Matmul FLOPs of bert.small's classifier forward pass over a batch.
+
+    With `width` None, each example counts only its own valid tokens (L): per layer, Q/K/V/O
+    projections 8 L H^2, the FFN 4 L H F, attention scores and weighted values 4 L^2 H; plus the
+    pooler and output layer on <cls>. With a `width`, every example counts `width` positions:
+    what a padded batch actually computes."""
+    L = np.asarray(lengths, dtype=np.float64) if width is None else np.full(len(lengths), float(width))
+    per_layer = 8 * L * H * H + 4 * L * H * F + 4 * L * L * H
+    return float(layers * per_layer.sum() + len(L) * (2 * H * H + 6 * H))
+
+
+def training_flops(lengths, width, H, F, layers) -> float:
+    """Forward plus backward (twice the forward's matmuls): 3x the forward FLOPs."""
+    return 3.0 * forward_flops(lengths, width, H, F, layers)
+
+
+class PeakRSS:
+    """Samples this process's resident memory every few milliseconds between start() and stop();
+    `peak_delta` is the highest reading above the one at start() (activations, gradients, workspace)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = threading.Event()
+        self.base = self.peak = 0
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def start(self) -> "PeakRSS":
+        self.base = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+        return self.peak - self.base
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"

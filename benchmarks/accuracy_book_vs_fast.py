@@ -1,0 +1,92 @@
+"""Accuracy check: `nlibert finetune --mode book` and `--mode fast`, same data, seed and epochs, side by side.
+
+    python benchmarks/accuracy_book_vs_fast.py                        # both backends, ~10 minutes here
+    python benchmarks/accuracy_book_vs_fast.py --backend torch --train-limit 8858 --epochs 5
+
+Runs the `finetune` job itself (`nlibert.jobs.run_finetune`) in both modes on the SNLI dev file split
+90/10 with the seed (train on a seeded subset of the 90%, test on all of the 10%), from one seeded
+bert.small-shaped checkpoint per backend (no pretrained checkpoint can be downloaded here), and
+prints both test accuracies and their difference in points. The fast path passes when it is within
+`--tolerance` points (0.5) of the book path.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import dev_file  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("torch", "mxnet", "both"), default="both")
+    parser.add_argument("--data", default=str(dev_file().parent),
+                        help="an SNLI-format folder (default: the shared one, dev file only, split 90/10)")
+    parser.add_argument("--train-limit", type=int, default=2000)
+    parser.add_argument("--test-limit", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pretrained", default=None, help="a checkpoint folder (default: a seeded random one)")
+    parser.add_argument("--tolerance", type=float, default=0.5, help="allowed |fast - book| in accuracy points")
+    parser.add_argument("--out", default=None, help="keep the runs' folders here (default: a temporary folder)")
+    args = parser.parse_args(argv)
+
+    from nlibert import jobs
+    backends = ["torch", "mxnet"] if args.backend == "both" else [args.backend]
+    out = args.out or tempfile.mkdtemp(prefix="nlibert-accuracy-")
+    rows = []
+    for backend_name in backends:
+        for seed in args.seeds:
+            pretrained = args.pretrained
+            if pretrained is None:  # one seeded checkpoint for both modes
+                backend = jobs.load_backend(backend_name)
+                train, _, _ = jobs.resolve_snli(args.data, out, seed)
+                train = jobs._subset(train, args.train_limit, seed)
+                pretrained = jobs.build_seeded_checkpoint(
+                    backend, os.path.join(out, f"seeded-{backend_name}-{seed}"), train[0] + train[1], seed)
+            results = {}
+            for mode in ("book", "fast"):
+                print(f"--- {backend_name}, {mode} mode, seed {seed}")
+                start = time.perf_counter()
+                metrics = jobs.run_finetune(
+                    backend_name=backend_name, pretrained=pretrained, data=args.data, max_len=args.max_len,
+                    batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, train_limit=args.train_limit,
+                    test_limit=args.test_limit, seed=seed, device=args.device, mode=mode,
+                    out_dir=os.path.join(out, f"{backend_name}-{mode}-{seed}"),
+                    cache_dir=os.path.join(out, "packed"))
+                metrics["wall_seconds"] = time.perf_counter() - start
+                results[mode] = metrics
+            rows.append((backend_name, seed, results))
+
+    print()
+    print(f"SNLI dev split 90/10 (train limit {args.train_limit}, test {rows[0][2]['book']['num_test']} pairs), "
+          f"{args.epochs} epochs, batch {args.batch_size}, max_len {args.max_len}, lr {args.lr}")
+    header = (f"{'backend':8s} {'seed':>4s} {'mode':5s} {'test acc':>9s} {'train acc':>9s} {'loss':>7s} "
+              f"{'train ex/s':>10s} {'wall s':>7s} {'fast - book':>12s}")
+    print(header)
+    print("-" * len(header))
+    ok = True
+    for backend_name, seed, results in rows:
+        diff = 100 * (results["fast"]["test_acc"] - results["book"]["test_acc"])
+        ok &= abs(diff) <= args.tolerance
+        for mode in ("book", "fast"):
+            m = results[mode]
+            last = m["epochs"][-1]
+            rate = sum(e["num_examples"] for e in m["epochs"]) / sum(e["seconds"] for e in m["epochs"])
+            note = f"{diff:+.2f} pts" if mode == "fast" else ""
+            print(f"{backend_name:8s} {seed:4d} {mode:5s} {m['test_acc']:9.4f} {last['train_acc']:9.4f} "
+                  f"{last['loss']:7.3f} {rate:10.1f} {m['wall_seconds']:7.1f} {note:>12s}")
+    print(f"{'PASS' if ok else 'FAIL'}: fast within {args.tolerance} points of book (folders under {out})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""Fine-tuning throughput: the book-faithful path against the fast path, side by side, in one run.
+
+    python benchmarks/bench_finetune.py                       # both backends, CPU, a few minutes here
+    python benchmarks/bench_finetune.py --backend torch --device cuda --steps 200 --book-steps 50
+    python benchmarks/bench_finetune.py --ablation            # every lever on its own
+
+Both paths train bert.small's shape (vocabulary 20,256, 256 hidden, 4 heads, 2 layers) on batches
+of 512 with max_len 128, drawn from SNLI's length distribution (the dev file tiled to the size of
+SNLI's training split), with Adam at the chapter's lr:
+
+- book: every batch padded to max_len, the book's attention (masked softmax with -1e6), and the
+  book's `train_batch_ch13`, which reads the loss and accuracy back after every batch;
+- fast: length-bucketed batches trimmed to their longest pair (`bucket_batch_indices`, `trim`),
+  fused attention (`set_fused_attention`), `train_batch_fast` (sums kept on the device, read once).
+
+Each (backend, path) runs in its own process, so memory is measured cleanly and MXNet's import does
+not change torch's threads. After a warm-up, a fixed number of steps is timed from the first batch
+fetch to the last result on the host; examples/sec = examples / seconds. Model-FLOP utilisation
+(MFU) counts useful FLOPs only (each example's valid tokens, forward + backward = 3x the forward
+matmuls) per second, against the peak of a large matmul in the same framework and precision,
+measured here in the same run. "executed" counts the padded positions a path actually computes.
+Peak memory is the resident-set growth during the timed steps (CPU) or the peak allocated device
+memory (CUDA, torch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (BERT_SMALL, SNLI_TRAIN_PAIRS, PeakRSS, cpu_model, dev_file, loadavg,  # noqa: E402
+                     tiled_dev, training_flops)
+
+VARIANTS = {
+    # name: (padding, fused attention, loop, precision, graph)
+    "book": ("max_len", False, "book", "float32", False),
+    "fast": ("bucket", True, "fast", "float32", False),
+    # --ablation: one lever at a time
+    "trim only": ("trim", False, "fast", "float32", False),
+    "bucket, book attention": ("bucket", False, "fast", "float32", False),
+    "fast + bfloat16": ("bucket", True, "fast", "bfloat16", False),
+    "fast + graph": ("bucket8", True, "fast", "float32", True),
+}
+DEFAULT_VARIANTS = ["book", "fast"]
+ABLATION_VARIANTS = ["book", "trim only", "bucket, book attention", "fast", "fast + bfloat16", "fast + graph"]
+
+
+# --- the child processes -----------------------------------------------------------------------
+
+def _iterator(arrays, labels, batch_size, padding, seed):
+    from nlibert.core.batching import BatchIterator, bucket_batch_indices
+    if padding == "max_len":
+        return BatchIterator(arrays, labels, batch_size, shuffle=True, seed=seed)
+    if padding == "trim":
+        return BatchIterator(arrays, labels, batch_size, shuffle=True, seed=seed, trim=True)
+    multiple = 8 if padding == "bucket8" else 1
+    return BatchIterator(arrays, labels, batch_size, shuffle=True, seed=seed, trim=True,
+                         sampler=bucket_batch_indices(arrays[2], multiple), pad_multiple=multiple)
+
+
+def _timed_steps(step, finish, sync, batches, warmup, steps, cfg, cuda_peak=None):
+    """Run `warmup` untimed then `steps` timed steps; return throughput, FLOPs and memory figures."""
+    for _ in range(warmup):
+        step(*next(batches))
+    finish()
+    sync()
+    rss = PeakRSS().start()
+    if cuda_peak is not None:
+        cuda_peak("reset")
+    lengths, widths, start = [], [], time.perf_counter()
+    for _ in range(steps):
+        features, labels = next(batches)
+        lengths.append(np.asarray(features[2]))
+        widths.append(np.shape(features[0])[1])
+        step(features, labels)
+    finish()  # the fast loop's one read-back; a no-op for the book's (it read every step)
+    sync()
+    seconds = time.perf_counter() - start
+    mem = rss.stop()
+    H, F, layers = cfg["num_hiddens"], cfg["ffn_num_hiddens"], cfg["num_layers"]
+    useful = sum(training_flops(l, None, H, F, layers) for l in lengths)
+    executed = sum(training_flops(l, w, H, F, layers) for l, w in zip(lengths, widths))
+    n = sum(len(l) for l in lengths)
+    return {"examples": n, "seconds": seconds, "examples_per_sec": n / seconds,
+            "mean_width": float(np.mean(widths)), "mean_valid_len": float(np.mean(np.concatenate(lengths))),
+            "useful_flops": useful, "executed_flops": executed, "peak_mem_bytes": mem,
+            "cuda_peak_bytes": cuda_peak("read") if cuda_peak is not None else None}
+
+
+def child_torch(spec):
+    import torch
+    torch.set_num_threads(spec["threads"])
+    from torch import nn
+
+    from nlibert.backends import torch as backend
+    from nlibert.backends.torch.train import train_batch_ch13, train_batch_fast
+    padding, fused, loop, precision, graph = VARIANTS[spec["variant"]]
+    devices = backend.parse_devices(spec["device"])
+    cuda = devices[0].type == "cuda"
+    arrays, labels, vocab = tiled_dev(spec["max_len"], spec["tile"])
+    backend.set_seed(spec["seed"])
+    bert = backend.BERTModel(len(vocab), BERT_SMALL["num_hiddens"], BERT_SMALL["ffn_num_hiddens"],
+                             BERT_SMALL["num_heads"], BERT_SMALL["num_layers"], BERT_SMALL["dropout"],
+                             BERT_SMALL["max_len"], fused_attention=fused)
+    net = backend.BERTClassifier(bert).to(devices[0])
+    model = net
+    if len(devices) > 1 and cuda:
+        model = nn.DataParallel(net, device_ids=devices).to(devices[0])
+    elif graph:
+        model = torch.compile(net, dynamic=True)
+    loss, trainer = backend.make_loss(), backend.make_trainer(net, 1e-4, fused=loop == "fast")
+    batches = iter(_iterator(arrays, labels, spec["batch_size"], padding, spec["seed"]))
+    sums = []
+
+    if loop == "book":
+        def step(X, y):
+            train_batch_ch13(model, X, y, loss, trainer, devices)
+
+        def finish():
+            pass
+    else:
+        def step(X, y):
+            sums.append(train_batch_fast(model, X, y, loss, trainer, devices, precision))
+
+        def finish():
+            if sums:
+                torch.stack([torch.stack([l, c.float()]) for l, c in sums]).sum(0).tolist()
+                sums.clear()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def cuda_peak(what):
+        if what == "reset":
+            for d in devices:
+                torch.cuda.reset_peak_memory_stats(d)
+            return None
+        return int(sum(torch.cuda.max_memory_allocated(d) for d in devices))
+
+    warmup = spec["warmup"] + (4 if graph else 0)  # compilation happens in the first calls
+    result = _timed_steps(step, finish, sync, batches, warmup, spec["steps"], BERT_SMALL,
+                          cuda_peak if cuda else None)
+    result["devices"] = str(devices)
+    result["threads"] = torch.get_num_threads()
+    return result
+
+
+def child_mxnet(spec):
+    os.environ.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
+    import warnings
+    warnings.filterwarnings("ignore")
+    import mxnet as mx
+    from mxnet import init
+
+    from nlibert.backends import mxnet as backend
+    from nlibert.backends.mxnet.train import _hybridize, train_batch_ch13, train_batch_fast
+    padding, fused, loop, precision, graph = VARIANTS[spec["variant"]]
+    if precision != "float32":
+        return {"skipped": "MXNet 1.9 trains these operators in float32 only"}
+    devices = backend.parse_devices(spec["device"])
+    arrays, labels, vocab = tiled_dev(spec["max_len"], spec["tile"])
+    backend.set_seed(spec["seed"])
+    bert = backend.BERTModel(len(vocab), BERT_SMALL["num_hiddens"], BERT_SMALL["ffn_num_hiddens"],
+                             BERT_SMALL["num_heads"], BERT_SMALL["num_layers"], BERT_SMALL["dropout"],
+                             BERT_SMALL["max_len"], fused_attention=fused)
+    bert.initialize(init.Xavier(), ctx=devices)
+    net = backend.BERTClassifier(bert)
+    net.output.initialize(ctx=devices)
+    if graph:
+        _hybridize(net)
+    loss, trainer = backend.make_loss(), backend.make_trainer(net, 1e-4)
+    batches = iter(_iterator(arrays, labels, spec["batch_size"], padding, spec["seed"]))
+    sums = []
+
+    if loop == "book":
+        def step(X, y):
+            train_batch_ch13(net, X, y, loss, trainer, devices)
+
+        def finish():
+            pass
+    else:
+        def step(X, y):
+            sums.append(train_batch_fast(net, X, y, loss, trainer, devices))
+
+        def finish():
+            if sums:
+                sum(float(a) for ls, cs in sums for a in ls + cs)
+                sums.clear()
+
+    warmup = spec["warmup"] + (2 if graph else 0)
+    result = _timed_steps(step, finish, mx.nd.waitall, batches, warmup, spec["steps"], BERT_SMALL)
+    result["devices"] = str(devices)
+    result["threads"] = int(os.environ.get("OMP_NUM_THREADS", "0"))
+    return result
+
+
+def child_peak(spec):
+    """GFLOP/s of a large dense layer in the framework and precision the model uses."""
+    n, repeats = (8192, 20) if spec["device"] not in (None, "cpu") else (4096, 5)
+    if spec["backend"] == "torch":
+        import torch
+        torch.set_num_threads(spec["threads"])
+        from torch.nn import functional as F
+
+        from nlibert.backends.torch import parse_devices
+        device = parse_devices(spec["device"])[0]
+        dtype = getattr(torch, spec["precision"])
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+
+        def run():
+            F.linear(a, b)
+
+        def sync():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        what = f"torch F.linear {n}x{n}x{n} {spec['precision']}"
+    else:
+        os.environ.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
+        import mxnet as mx
+        from mxnet import np, npx
+        npx.set_np()
+        from nlibert.backends.mxnet import parse_devices
+        ctx = parse_devices(spec["device"])[0]
+        a = np.random.normal(size=(n, n), ctx=ctx)
+        b = np.random.normal(size=(n, n), ctx=ctx)
+
+        def run():
+            npx.fully_connected(a, b, no_bias=True, num_hidden=n)
+
+        sync = mx.nd.waitall
+        what = f"mxnet FullyConnected {n}x{n}x{n} float32"
+    run()
+    sync()
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        sync()
+        best = max(best, 2.0 * n ** 3 * repeats / (time.perf_counter() - start))
+    return {"flops_per_sec": best, "what": what}
+
+
+def child_main(spec):
+    if spec["kind"] == "peak":
+        result = child_peak(spec)
+    elif spec["backend"] == "torch":
+        result = child_torch(spec)
+    else:
+        result = child_mxnet(spec)
+    result["loadavg_after"] = loadavg()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --- the parent ---------------------------------------------------------------------------------
+
+def run_child(spec, timeout=3600):
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"child {spec} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def fmt_bytes(n):
+    if n is None:
+        return "n/a"
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("torch", "mxnet", "both"), default="both")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda (every GPU) or a list like cuda:0,cuda:1")
+    parser.add_argument("--steps", type=int, default=24, help="timed steps of the fast paths")
+    parser.add_argument("--book-steps", type=int, default=3, help="timed steps of the book path (about 15x slower)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (more for --graph variants)")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--pairs", type=int, default=SNLI_TRAIN_PAIRS,
+                        help="tile the dev file to about this many pairs (default: SNLI's training split)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads per framework")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also time each lever alone: trim only, bucketing with the book's attention, "
+                             "bfloat16 autocast, torch.compile / hybridize")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole set, alternating paths")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write every figure to this file")
+    args = parser.parse_args(argv)
+
+    from nlibert.core.snli import read_snli_file
+    num_dev = len(read_snli_file(dev_file())[2])
+    tile = max(1, round(args.pairs / num_dev))
+    backends = ["torch", "mxnet"] if args.backend == "both" else [args.backend]
+    variants = args.variants or (ABLATION_VARIANTS if args.ablation else DEFAULT_VARIANTS)
+    base = dict(device=args.device, batch_size=args.batch_size, max_len=args.max_len, tile=tile,
+                threads=args.threads, seed=args.seed, warmup=args.warmup)
+    print(f"nlibert fine-tuning benchmark: bert.small shape (vocab {BERT_SMALL['vocab_size']:,}, "
+          f"{BERT_SMALL['num_hiddens']} hidden, {BERT_SMALL['num_heads']} heads, {BERT_SMALL['num_layers']} layers), "
+          f"batch {args.batch_size}, max_len {args.max_len}")
+    print(f"data: SNLI dev x{tile} = {num_dev * tile:,} pairs; device {args.device}; {args.threads} threads on "
+          f"{os.cpu_count()} cores ({cpu_model()}); load average {loadavg()}")
+    report = {"args": vars(args), "tile": tile, "backends": {}}
+    for backend in backends:
+        precisions = ["float32"] + (["bfloat16"] if backend == "torch" and "fast + bfloat16" in variants else [])
+        peaks = {p: run_child(dict(base, kind="peak", backend=backend, precision=p)) for p in precisions}
+        results = {v: [] for v in variants}
+        for _ in range(args.rounds):
+            for variant in variants:
+                steps = args.book_steps if VARIANTS[variant][2] == "book" else args.steps
+                warmup = 1 if VARIANTS[variant][2] == "book" else args.warmup
+                results[variant].append(run_child(dict(base, kind="train", backend=backend, variant=variant,
+                                                       steps=steps, warmup=warmup)))
+        print()
+        print(f"== {backend} ==  peak matmul: " + ", ".join(
+            f"{p['flops_per_sec'] / 1e9:,.0f} GFLOP/s ({p['what']})" for p in peaks.values()))
+        header = (f"{'path':24s} {'examples/s':>10s} {'x book':>7s} {'width':>6s} {'useful GFLOP/s':>14s} "
+                  f"{'MFU':>6s} {'executed GFLOP/s':>16s} {'peak mem':>10s}")
+        print(header)
+        print("-" * len(header))
+        book_rate = None
+        summary = {}
+        for variant in variants:
+            runs = [r for r in results[variant] if "skipped" not in r]
+            if not runs:
+                print(f"{variant:24s} skipped: {results[variant][0]['skipped']}")
+                continue
+            examples = sum(r["examples"] for r in runs)
+            seconds = sum(r["seconds"] for r in runs)
+            rate = examples / seconds
+            if variant == "book":
+                book_rate = rate
+            precision = VARIANTS[variant][3]
+            peak = peaks.get(precision, peaks["float32"])["flops_per_sec"]
+            useful = sum(r["useful_flops"] for r in runs) / seconds
+            executed = sum(r["executed_flops"] for r in runs) / seconds
+            width = np.mean([r["mean_width"] for r in runs])
+            mem = max((r["cuda_peak_bytes"] if r["cuda_peak_bytes"] is not None else r["peak_mem_bytes"])
+                      for r in runs)
+            ratio = f"{rate / book_rate:6.2f}x" if book_rate else "   n/a"
+            print(f"{variant:24s} {rate:10.1f} {ratio:>7s} {width:6.1f} {useful / 1e9:14.1f} "
+                  f"{useful / peak:6.1%} {executed / 1e9:16.1f} {fmt_bytes(mem):>10s}")
+            summary[variant] = {"examples_per_sec": rate, "ratio_to_book": rate / book_rate if book_rate else None,
+                                "mean_width": width, "useful_flops_per_sec": useful, "mfu": useful / peak,
+                                "executed_flops_per_sec": executed, "peak_mem_bytes": mem, "runs": runs}
+        valid = np.mean([r["mean_valid_len"] for rs in results.values() for r in rs if "mean_valid_len" in r])
+        print(f"(mean valid length {valid:.1f} tokens; examples/s over {args.book_steps} book and {args.steps} "
+              f"other timed steps x {args.rounds} round(s); MFU = useful FLOP/s / peak of the same precision; "
+              f"load average now {loadavg()})")
+        report["backends"][backend] = {"peaks": peaks, "variants": summary}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        child_main(json.loads(sys.argv[2]))
+    else:
+        main()

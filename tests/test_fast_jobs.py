@@ -1,0 +1,95 @@
+"""`nlibert finetune --mode fast|book`: the fast path trains on exactly the book path's examples,
+records its mode, and reloads packed data from the cache."""
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from nlibert import cli, jobs
+from nlibert.core.packing import SNLIBERTDataset
+from nlibert.core.sample import write_sample_snli
+from nlibert.core.vocab import Vocab
+
+SMALL = ["--train-limit", "64", "--test-limit", "32", "--epochs", "1", "--batch-size", "32", "--max-len", "32",
+         "--device", "cpu"]
+
+
+def vocab_of(folder):
+    words = set()
+    for name in ("train", "test"):
+        path = folder / f"snli_1.0_{name}.txt"
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines()[1:]:
+                words.update(w.lower() for w in line.replace("(", " ").replace(")", " ").split("\t")[1].split())
+    return Vocab([sorted(words)], reserved_tokens=jobs.RESERVED_TOKENS)
+
+
+@pytest.mark.parametrize("dev_only", [False, True])
+@pytest.mark.parametrize("limits", [(None, None), (50, 7)])
+def test_the_fast_path_packs_exactly_the_book_paths_examples(tmp_path, dev_only, limits):
+    sample = write_sample_snli(tmp_path / "sample", num_train=120, num_test=30, seed=2)
+    data = tmp_path / "data"
+    data.mkdir()
+    if dev_only:
+        shutil.copy(f"{sample}/snli_1.0_train.txt", data / "snli_1.0_dev.txt")
+    else:
+        for name in ("train", "test"):
+            shutil.copy(f"{sample}/snli_1.0_{name}.txt", data / f"snli_1.0_{name}.txt")
+    vocab = vocab_of(pathlib.Path(sample))
+    train_limit, test_limit = limits
+    train, test, description = jobs.resolve_snli(str(data), str(tmp_path), seed=3)
+    train, test = jobs._subset(train, train_limit, 3), jobs._subset(test, test_limit, 3)
+    expected = [SNLIBERTDataset(part, 24, vocab) for part in (train, test)]
+    for round_ in range(2):
+        train_set, test_set, fast_description, hit = jobs.packed_snli(
+            str(data), str(tmp_path), 3, vocab, 24, train_limit, test_limit, cache_dir=str(tmp_path / "cache"))
+        assert hit is bool(round_) and fast_description == description
+        for got, want in zip((train_set, test_set), expected):
+            for name in ("all_token_ids", "all_segments", "valid_lens", "labels"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
+def test_finetune_records_its_mode_and_reuses_the_packed_cache(tmp_path, capsys):
+    out = tmp_path / "fast"
+    assert cli.main(["finetune", "--out", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "read 64 training and 32 test examples: embedded NLI sample" in printed
+    assert "examples/sec on [" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"] == "fast"
+    fast = metrics["fast_path"]
+    assert fast["precision"] == "float32" and fast["graph"] is False and fast["fused_attention"] is True
+    assert fast["packed_cache"]["hit"] is False and fast["packed_cache"]["dir"] == str(out / "packed")
+    assert any((out / "packed").iterdir())
+    assert cli.main(["finetune", "--out", str(out), *SMALL]) == 0
+    assert json.loads((out / "metrics.json").read_text())["fast_path"]["packed_cache"]["hit"] is True
+
+    book = tmp_path / "book"
+    assert cli.main(["finetune", "--mode", "book", "--out", str(book), *SMALL]) == 0
+    book_metrics = json.loads((book / "metrics.json").read_text())
+    assert book_metrics["mode"] == "book" and "fast_path" not in book_metrics
+    assert (book_metrics["num_train"], book_metrics["num_test"]) == (64, 32)
+    assert not (book / "packed").exists()
+
+
+def test_mxnet_fast_finetune_with_a_graph(tmp_path):
+    out = tmp_path / "mx"
+    cache = tmp_path / "cache"
+    assert cli.main(["finetune", "--backend", "mxnet", "--graph", "--cache-dir", str(cache), "--out", str(out),
+                     *SMALL]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"] == "fast" and metrics["fast_path"]["graph"] is True
+    assert metrics["fast_path"]["bucketing"]["pad_multiple"] == 8
+    assert metrics["fast_path"]["packed_cache"]["dir"] == str(cache) and any(cache.iterdir())
+
+
+def test_unknown_mode_and_precision_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--mode", "turbo"])
+    with pytest.raises(ValueError, match="mode"):
+        jobs.run_finetune(mode="turbo", out_dir=str(tmp_path))
+    assert cli.main(["finetune", "--backend", "mxnet", "--precision", "bfloat16", "--out", str(tmp_path / "o"),
+                     *SMALL]) == 2
+    assert "bfloat16" in capsys.readouterr().err
