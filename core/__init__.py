@@ -9,9 +9,11 @@ from .data_hub import DATA_HUB, DATA_URL, download, download_extract
 from .packing import SNLIBERTDataset, get_tokens_and_segments, pack_pairs, truncate_pair_of_tokens
 from .snli import read_snli, read_snli_file, split_dataset
 from .vocab import Vocab, load_vocab, save_vocab, tokenize
+from .wiki import WikiTextDataset, load_data_wiki, read_wiki
 
 __all__ = [
     "BatchIterator", "batch_indices", "BERTConfig", "DATA_HUB", "DATA_URL", "download", "download_extract",
     "SNLIBERTDataset", "get_tokens_and_segments", "pack_pairs", "truncate_pair_of_tokens",
     "read_snli", "read_snli_file", "split_dataset", "Vocab", "load_vocab", "save_vocab", "tokenize",
+    "WikiTextDataset", "load_data_wiki", "read_wiki",
 ]
