@@ -132,8 +132,9 @@ def run_finetune(backend_name: str = "torch", pretrained: str | None = None, dat
     """Fine-tune BERT for SNLI as the chapter does; write metrics.json and the model into `out_dir`.
 
     `mode='fast'` (the default) trains the same model on the same examples with the same optimizer,
-    faster: length-bucketed batches trimmed to their longest pair, fused attention, device-side
-    sums read once per epoch, and packed data cached on disk (`cache_dir`; default `$NLIBERT_CACHE`,
+    faster: length-bucketed batches trimmed to their longest pair, fused attention, the last encoder
+    block computed at <cls> only (all the classifier reads), fused Adam (torch), device-side sums
+    read once per epoch, and packed data cached on disk (`cache_dir`; default `$NLIBERT_CACHE`,
     else ~/.cache/nlibert/packed, or `out_dir/packed` for the embedded sample). `precision` and
     `graph` are the fast path's opt-ins (bfloat16 autocast; torch.compile / hybridize).
     `mode='book'` is the chapter's path: every batch padded to `max_len`, the book's attention and
@@ -219,7 +220,7 @@ def _run_finetune_fast(backend: ModuleType, backend_name: str, devices: list, pr
                                            sampler=bucket_batch_indices(test_set.valid_lens, multiple),
                                            pad_multiple=multiple)
     backend.set_fused_attention(bert, True)
-    net = backend.BERTClassifier(bert)
+    net = backend.BERTClassifier(bert, cls_only=True)
     backend.initialize_classifier_head(net, devices)
     records = backend.train_fast(net, Progress(train_iter, "train"), test_iter, backend.make_loss(),
                                  backend.make_trainer(net, lr, fused=True), epochs, devices, precision=precision,
@@ -232,7 +233,7 @@ def _run_finetune_fast(backend: ModuleType, backend_name: str, devices: list, pr
         "hyperparameters": {"max_len": max_len, "batch_size": batch_size, "lr": lr, "epochs": epochs,
                             "dropout": dropout, "seed": seed},
         "fast_path": {"precision": precision, "graph": graph, "fused_attention": True,
-                      "fused_adam": backend_name == "torch",
+                      "last_block_cls_only": True, "fused_adam": backend_name == "torch",
                       "bucketing": {"sampler": "bucket_batch_indices", "pad_multiple": multiple},
                       "packed_cache": {"dir": cache_dir, "hit": cache_hit}},
         "epochs": [r.to_dict() for r in records],

@@ -47,21 +47,27 @@ def tiled_dev(max_len: int, tile: int):
     return arrays, np.tile(np.asarray(labels, dtype=np.int64), tile), vocab
 
 
-def forward_flops(lengths: np.ndarray, width: int | None, H: int, F: int, layers: int) -> float:
+def forward_flops(lengths: np.ndarray, width: int | None, H: int, F: int, layers: int,
+                  cls_only: bool = False) -> float:
     """Matmul FLOPs of bert.small's classifier forward pass over a batch.
 
     With `width` None, each example counts only its own valid tokens (L): per layer, Q/K/V/O
     projections 8 L H^2, the FFN 4 L H F, attention scores and weighted values 4 L^2 H; plus the
-    pooler and output layer on <cls>. With a `width`, every example counts `width` positions:
-    what a padded batch actually computes."""
+    pooler and output layer on <cls>. These are the useful FLOPs. With a `width`, every example
+    counts `width` positions: what a padded batch actually executes; with `cls_only` too, the last
+    block computes keys and values for every position (4 L H^2) but the rest for <cls> alone."""
     L = np.asarray(lengths, dtype=np.float64) if width is None else np.full(len(lengths), float(width))
     per_layer = 8 * L * H * H + 4 * L * H * F + 4 * L * L * H
-    return float(layers * per_layer.sum() + len(L) * (2 * H * H + 6 * H))
+    total = layers * per_layer.sum()
+    if cls_only:
+        last_cls = 4 * L * H * H + 4 * H * H + 4 * H * F + 4 * L * H  # K, V for all; Q, O, FFN, attention at <cls>
+        total += (last_cls - per_layer).sum()
+    return float(total + len(L) * (2 * H * H + 6 * H))
 
 
-def training_flops(lengths, width, H, F, layers) -> float:
+def training_flops(lengths, width, H, F, layers, cls_only: bool = False) -> float:
     """Forward plus backward (twice the forward's matmuls): 3x the forward FLOPs."""
-    return 3.0 * forward_flops(lengths, width, H, F, layers)
+    return 3.0 * forward_flops(lengths, width, H, F, layers, cls_only)
 
 
 class PeakRSS:

@@ -11,7 +11,8 @@ SNLI's training split), with Adam at the chapter's lr:
 - book: every batch padded to max_len, the book's attention (masked softmax with -1e6), and the
   book's `train_batch_ch13`, which reads the loss and accuracy back after every batch;
 - fast: length-bucketed batches trimmed to their longest pair (`bucket_batch_indices`, `trim`),
-  fused attention (`set_fused_attention`), `train_batch_fast` (sums kept on the device, read once).
+  fused attention (`set_fused_attention`), the last block computed at <cls> only (`cls_only`), fused
+  Adam (torch), `train_batch_fast` (sums kept on the device, read once).
 
 Each (backend, path) runs in its own process, so memory is measured cleanly and MXNet's import does
 not change torch's threads. After a warm-up, a fixed number of steps is timed from the first batch
@@ -19,8 +20,8 @@ fetch to the last result on the host; examples/sec = examples / seconds. Model-F
 (MFU) counts useful FLOPs only (each example's valid tokens, forward + backward = 3x the forward
 matmuls) per second, against the peak of a large matmul in the same framework and precision,
 measured here in the same run. "executed" counts the padded positions a path actually computes.
-Peak memory is the resident-set growth during the timed steps (CPU) or the peak allocated device
-memory (CUDA, torch).
+Peak memory is the resident-set growth during the timed steps (CPU), the peak allocated device
+memory (CUDA, torch), or the device memory in use after the steps (GPU, MXNet, which keeps no peak).
 """
 from __future__ import annotations
 
@@ -38,33 +39,39 @@ from _common import (BERT_SMALL, SNLI_TRAIN_PAIRS, PeakRSS, cpu_model, dev_file,
                      tiled_dev, training_flops)
 
 VARIANTS = {
-    # name: (padding, fused attention, loop, precision, graph)
-    "book": ("max_len", False, "book", "float32", False),
-    "fast": ("bucket", True, "fast", "float32", False),
-    # --ablation: one lever at a time
-    "trim only": ("trim", False, "fast", "float32", False),
-    "bucket, book attention": ("bucket", False, "fast", "float32", False),
-    "fast + bfloat16": ("bucket", True, "fast", "bfloat16", False),
-    "fast + graph": ("bucket8", True, "fast", "float32", True),
+    # name: (padding, fused attention, loop, precision, graph, last block at <cls> only)
+    "book": ("max_len", False, "book", "float32", False, False),
+    "fast": ("bucket", True, "fast", "float32", False, True),
+    # --ablation: the levers one by one
+    "trim only": ("trim", False, "fast", "float32", False, False),
+    "bucketing": ("bucket", False, "fast", "float32", False, False),
+    "bucketing + fused attn": ("bucket", True, "fast", "float32", False, False),
+    "fast + bfloat16": ("bucket", True, "fast", "bfloat16", False, True),
+    "fast + graph (x8 widths)": ("bucket8", True, "fast", "float32", True, True),
+    "fast + graph": ("bucket", True, "fast", "float32", True, True),
 }
 DEFAULT_VARIANTS = ["book", "fast"]
-ABLATION_VARIANTS = ["book", "trim only", "bucket, book attention", "fast", "fast + bfloat16", "fast + graph"]
+ABLATION_VARIANTS = ["book", "trim only", "bucketing", "bucketing + fused attn", "fast", "fast + bfloat16",
+                     "fast + graph (x8 widths)", "fast + graph"]
 
 
 # --- the child processes -----------------------------------------------------------------------
 
-def _iterator(arrays, labels, batch_size, padding, seed):
-    from nlibert.core.batching import BatchIterator, bucket_batch_indices
-    if padding == "max_len":
-        return BatchIterator(arrays, labels, batch_size, shuffle=True, seed=seed)
-    if padding == "trim":
-        return BatchIterator(arrays, labels, batch_size, shuffle=True, seed=seed, trim=True)
+def _iterator(arrays, labels, batch_size, padding, seed, warmup, steps):
+    """The warm-up batches (the last ones of a seeded pass), then the timed ones (its first `steps`):
+    every variant with the same sampler times exactly the same batches, however long its warm-up."""
+    from nlibert.core.batching import BatchIterator, batch_indices, bucket_batch_indices
     multiple = 8 if padding == "bucket8" else 1
-    return BatchIterator(arrays, labels, batch_size, shuffle=True, seed=seed, trim=True,
-                         sampler=bucket_batch_indices(arrays[2], multiple), pad_multiple=multiple)
+    sampler = bucket_batch_indices(arrays[2], multiple) if padding.startswith("bucket") else batch_indices
+    order = sampler(len(labels), batch_size, True, np.random.default_rng(seed))
+    if warmup + steps > len(order):
+        raise SystemExit(f"{warmup} warm-up + {steps} timed steps need more than the {len(order)} batches of a pass")
+    chosen = order[len(order) - warmup:] + order[:steps] if warmup else order[:steps]
+    return BatchIterator(arrays, labels, batch_size, sampler=lambda *_: chosen, trim=padding != "max_len",
+                         pad_multiple=multiple)
 
 
-def _timed_steps(step, finish, sync, batches, warmup, steps, cfg, cuda_peak=None):
+def _timed_steps(step, finish, sync, batches, warmup, steps, cfg, cls_only, cuda_peak=None):
     """Run `warmup` untimed then `steps` timed steps; return throughput, FLOPs and memory figures."""
     for _ in range(warmup):
         step(*next(batches))
@@ -85,7 +92,7 @@ def _timed_steps(step, finish, sync, batches, warmup, steps, cfg, cuda_peak=None
     mem = rss.stop()
     H, F, layers = cfg["num_hiddens"], cfg["ffn_num_hiddens"], cfg["num_layers"]
     useful = sum(training_flops(l, None, H, F, layers) for l in lengths)
-    executed = sum(training_flops(l, w, H, F, layers) for l, w in zip(lengths, widths))
+    executed = sum(training_flops(l, w, H, F, layers, cls_only) for l, w in zip(lengths, widths))
     n = sum(len(l) for l in lengths)
     return {"examples": n, "seconds": seconds, "examples_per_sec": n / seconds,
             "mean_width": float(np.mean(widths)), "mean_valid_len": float(np.mean(np.concatenate(lengths))),
@@ -100,7 +107,7 @@ def child_torch(spec):
 
     from nlibert.backends import torch as backend
     from nlibert.backends.torch.train import train_batch_ch13, train_batch_fast
-    padding, fused, loop, precision, graph = VARIANTS[spec["variant"]]
+    padding, fused, loop, precision, graph, cls_only = VARIANTS[spec["variant"]]
     devices = backend.parse_devices(spec["device"])
     cuda = devices[0].type == "cuda"
     arrays, labels, vocab = tiled_dev(spec["max_len"], spec["tile"])
@@ -108,14 +115,15 @@ def child_torch(spec):
     bert = backend.BERTModel(len(vocab), BERT_SMALL["num_hiddens"], BERT_SMALL["ffn_num_hiddens"],
                              BERT_SMALL["num_heads"], BERT_SMALL["num_layers"], BERT_SMALL["dropout"],
                              BERT_SMALL["max_len"], fused_attention=fused)
-    net = backend.BERTClassifier(bert).to(devices[0])
+    net = backend.BERTClassifier(bert, cls_only=cls_only).to(devices[0])
     model = net
     if len(devices) > 1 and cuda:
         model = nn.DataParallel(net, device_ids=devices).to(devices[0])
     elif graph:
         model = torch.compile(net, dynamic=True)
     loss, trainer = backend.make_loss(), backend.make_trainer(net, 1e-4, fused=loop == "fast")
-    batches = iter(_iterator(arrays, labels, spec["batch_size"], padding, spec["seed"]))
+    warmup = spec["warmup"] + (4 if graph else 0)  # compilation happens in the first calls
+    batches = iter(_iterator(arrays, labels, spec["batch_size"], padding, spec["seed"], warmup, spec["steps"]))
     sums = []
 
     if loop == "book":
@@ -144,8 +152,7 @@ def child_torch(spec):
             return None
         return int(sum(torch.cuda.max_memory_allocated(d) for d in devices))
 
-    warmup = spec["warmup"] + (4 if graph else 0)  # compilation happens in the first calls
-    result = _timed_steps(step, finish, sync, batches, warmup, spec["steps"], BERT_SMALL,
+    result = _timed_steps(step, finish, sync, batches, warmup, spec["steps"], BERT_SMALL, cls_only,
                           cuda_peak if cuda else None)
     result["devices"] = str(devices)
     result["threads"] = torch.get_num_threads()
@@ -161,7 +168,7 @@ def child_mxnet(spec):
 
     from nlibert.backends import mxnet as backend
     from nlibert.backends.mxnet.train import _hybridize, train_batch_ch13, train_batch_fast
-    padding, fused, loop, precision, graph = VARIANTS[spec["variant"]]
+    padding, fused, loop, precision, graph, cls_only = VARIANTS[spec["variant"]]
     if precision != "float32":
         return {"skipped": "MXNet 1.9 trains these operators in float32 only"}
     devices = backend.parse_devices(spec["device"])
@@ -171,12 +178,13 @@ def child_mxnet(spec):
                              BERT_SMALL["num_heads"], BERT_SMALL["num_layers"], BERT_SMALL["dropout"],
                              BERT_SMALL["max_len"], fused_attention=fused)
     bert.initialize(init.Xavier(), ctx=devices)
-    net = backend.BERTClassifier(bert)
+    net = backend.BERTClassifier(bert, cls_only=cls_only)
     net.output.initialize(ctx=devices)
     if graph:
         _hybridize(net)
     loss, trainer = backend.make_loss(), backend.make_trainer(net, 1e-4)
-    batches = iter(_iterator(arrays, labels, spec["batch_size"], padding, spec["seed"]))
+    warmup = spec["warmup"] + (2 if graph else 0)
+    batches = iter(_iterator(arrays, labels, spec["batch_size"], padding, spec["seed"], warmup, spec["steps"]))
     sums = []
 
     if loop == "book":
@@ -194,8 +202,15 @@ def child_mxnet(spec):
                 sum(float(a) for ls, cs in sums for a in ls + cs)
                 sums.clear()
 
-    warmup = spec["warmup"] + (2 if graph else 0)
-    result = _timed_steps(step, finish, mx.nd.waitall, batches, warmup, spec["steps"], BERT_SMALL)
+    gpu = [d for d in devices if d.device_type == "gpu"]
+
+    def gpu_used(what):  # MXNet has no peak counter: device memory in use (its pool) after the steps
+        if what == "read":
+            return int(sum(total - free for free, total in (mx.context.gpu_memory_info(d.device_id) for d in gpu)))
+        return None
+
+    result = _timed_steps(step, finish, mx.nd.waitall, batches, warmup, spec["steps"], BERT_SMALL, cls_only,
+                          gpu_used if gpu else None)
     result["devices"] = str(devices)
     result["threads"] = int(os.environ.get("OMP_NUM_THREADS", "0"))
     return result
@@ -263,8 +278,11 @@ def child_main(spec):
 # --- the parent ---------------------------------------------------------------------------------
 
 def run_child(spec, timeout=3600):
+    env = dict(os.environ)
+    if spec.get("omp_wait_policy", "default") != "default":
+        env["OMP_WAIT_POLICY"] = spec["omp_wait_policy"]
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -289,6 +307,10 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=SNLI_TRAIN_PAIRS,
                         help="tile the dev file to about this many pairs (default: SNLI's training split)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads per framework")
+    parser.add_argument("--omp-wait-policy", choices=("default", "PASSIVE", "ACTIVE"), default="PASSIVE",
+                        help="OMP_WAIT_POLICY for every path's process (default PASSIVE: idle OpenMP threads "
+                             "sleep instead of spinning, which keeps a CPU shared with other jobs usable; "
+                             "'default' leaves the environment alone)")
     parser.add_argument("--ablation", action="store_true",
                         help="also time each lever alone: trim only, bucketing with the book's attention, "
                              "bfloat16 autocast, torch.compile / hybridize")
@@ -304,12 +326,13 @@ def main(argv=None):
     backends = ["torch", "mxnet"] if args.backend == "both" else [args.backend]
     variants = args.variants or (ABLATION_VARIANTS if args.ablation else DEFAULT_VARIANTS)
     base = dict(device=args.device, batch_size=args.batch_size, max_len=args.max_len, tile=tile,
-                threads=args.threads, seed=args.seed, warmup=args.warmup)
+                threads=args.threads, seed=args.seed, warmup=args.warmup, omp_wait_policy=args.omp_wait_policy)
     print(f"nlibert fine-tuning benchmark: bert.small shape (vocab {BERT_SMALL['vocab_size']:,}, "
           f"{BERT_SMALL['num_hiddens']} hidden, {BERT_SMALL['num_heads']} heads, {BERT_SMALL['num_layers']} layers), "
           f"batch {args.batch_size}, max_len {args.max_len}")
     print(f"data: SNLI dev x{tile} = {num_dev * tile:,} pairs; device {args.device}; {args.threads} threads on "
-          f"{os.cpu_count()} cores ({cpu_model()}); load average {loadavg()}")
+          f"{os.cpu_count()} cores ({cpu_model()}), OMP_WAIT_POLICY {args.omp_wait_policy}; "
+          f"load average {loadavg()}")
     report = {"args": vars(args), "tile": tile, "backends": {}}
     for backend in backends:
         precisions = ["float32"] + (["bfloat16"] if backend == "torch" and "fast + bfloat16" in variants else [])

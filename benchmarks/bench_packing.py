@@ -136,8 +136,8 @@ def main(argv=None):
             missed.all_token_ids, missed.all_segments, missed.valid_lens))))
         entry = os.path.getsize(missed.cache_path)
         del missed
-        hit_s, hit = timed(lambda: load_packed_snli(source, vocab, args.max_len, cache_dir=os.path.join(folder, "cache")),
-                           args.repeats)
+        cache = os.path.join(folder, "cache")
+        hit_s, hit = timed(lambda: load_packed_snli(source, vocab, args.max_len, cache_dir=cache), args.repeats)
         assert hit.cache_hit is True
         rows.append(("cache hit: reload the entry", hit_s, same(book_arrays, (
             hit.all_token_ids, hit.all_segments, hit.valid_lens))))

@@ -23,11 +23,12 @@ V, H, FFN, HEADS, LAYERS, MAX_LEN = 60, 32, 64, 4, 2, 40
 CPU = [mx.cpu()]
 
 
-def tiny_classifier(dropout=0.0, fused=False, seed=0):
+def tiny_classifier(dropout=0.0, fused=False, seed=0, cls_only=None):
+    """`fused` alone means the whole fast model: fused attention and the last block at <cls> only."""
     mx.random.seed(seed)
     bert = BERTModel(V, H, FFN, HEADS, LAYERS, dropout, MAX_LEN, fused_attention=fused)
     bert.initialize(init.Xavier())
-    net = BERTClassifier(bert)
+    net = BERTClassifier(bert, cls_only=fused if cls_only is None else cls_only)
     net.output.initialize()
     return net
 
@@ -211,7 +212,8 @@ def test_train_fast_follows_train_ch13_step_for_step_on_the_same_batches():
         (ids, segments, lens), labels = separable(4)
         train_iter = BatchIterator((ids, segments, lens), labels, 16, shuffle=True, seed=0)
         test_iter = BatchIterator(*separable(2, seed=1), 16)
-        net = tiny_classifier(dropout=0.1, fused=fused)
+        # (Same dropout draws need the same positions: the last block in full here.)
+        net = tiny_classifier(dropout=0.1, fused=fused, cls_only=False)
         trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": 1e-2})
         records = loop(net, train_iter, test_iter, gluon.loss.SoftmaxCrossEntropyLoss(), trainer, 6, CPU,
                        verbose=False)
@@ -249,3 +251,27 @@ def test_bad_options_are_refused():
         train_fast(net, [], None, loss, trainer, 1, CPU)
     with pytest.raises(ValueError, match="devices"):
         train_fast(net, batches, None, loss, trainer, 1, [])
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_the_last_block_at_cls_only_gives_the_same_logits_and_gradients(hybridize):
+    full, cls = tiny_classifier(fused=True, cls_only=False), tiny_classifier(fused=True, cls_only=True)
+    copy_params(full, cls)
+    if hybridize:
+        cls.hybridize()
+    X, y = packed_batch()
+    X, y = as_mx(X), np.array(y)
+    loss = gluon.loss.SoftmaxCrossEntropyLoss()
+    outs = []
+    for net in (full, cls):
+        with autograd.record():
+            logits = net(X)
+            l = loss(logits, y).sum()
+        l.backward()
+        outs.append((logits.asnumpy(), {k: p.grad().asnumpy() for k, p in net._collect_params_with_prefix().items()}))
+    onp.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+    for k in outs[0][1]:
+        onp.testing.assert_allclose(outs[1][1][k], outs[0][1][k], rtol=1e-4, atol=1e-6, err_msg=k)
+    # The shared encoder still gives every position to a caller that wants them all.
+    assert cls.encoder(*X).shape == (len(y), X[0].shape[1], H)
+    assert cls.encoder(X[0], X[1], X[2], True).shape == (len(y), 1, H)

@@ -63,6 +63,19 @@ def test_fast_packer_on_normalised_text_takes_the_counting_shortcut_and_agrees()
         np.testing.assert_array_equal(g, e)
 
 
+@pytest.mark.parametrize("max_len", [8, 64])
+def test_premises_repeated_on_consecutive_rows_are_packed_once_and_equal_the_book(max_len):
+    # SNLI's layout: each premise on the rows of its three hypotheses (and awkward text, too).
+    premises = [p for p, _ in AWKWARD for _ in range(3)]
+    hypotheses = [f"{h} {i}" for _, h in AWKWARD for i in range(3)]
+    vocab = Vocab([s.lower().split() for s in premises + hypotheses], reserved_tokens=RESERVED)
+    lengths, ids = packing._side_ids(premises, vocab)
+    assert lengths.tolist() == [len(p.split()) for p in premises]
+    assert ids.tolist() == vocab[[t for p in premises for t in p.lower().split()]]
+    for e, g in zip(book_pack(premises, hypotheses, vocab, max_len), pack_pairs(premises, hypotheses, vocab, max_len)):
+        np.testing.assert_array_equal(g, e)
+
+
 def test_packing_leaves_the_garbage_collector_as_it_found_it():
     import gc
     vocab = Vocab([["a"]], reserved_tokens=RESERVED)

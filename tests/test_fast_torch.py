@@ -19,10 +19,11 @@ V, H, FFN, HEADS, LAYERS, MAX_LEN = 60, 32, 64, 4, 2, 40
 CPU = [torch.device("cpu")]
 
 
-def tiny_classifier(dropout=0.0, fused=False, seed=0):
+def tiny_classifier(dropout=0.0, fused=False, seed=0, cls_only=None):
+    """`fused` alone means the whole fast model: fused attention and the last block at <cls> only."""
     torch.manual_seed(seed)
-    net = BERTClassifier(BERTModel(V, H, FFN, HEADS, LAYERS, dropout, MAX_LEN, fused_attention=fused))
-    return net
+    bert = BERTModel(V, H, FFN, HEADS, LAYERS, dropout, MAX_LEN, fused_attention=fused)
+    return BERTClassifier(bert, cls_only=fused if cls_only is None else cls_only)
 
 
 def packed_batch(n=24, T=20, seed=0):
@@ -182,3 +183,23 @@ def test_bfloat16_autocast_trains_and_bad_options_are_refused():
         train_fast(net, [], None, nn.CrossEntropyLoss(reduction="none"), torch.optim.Adam(net.parameters()), 1, CPU)
     with pytest.raises(ValueError, match="devices"):
         train_fast(net, batches, None, nn.CrossEntropyLoss(reduction="none"), torch.optim.Adam(net.parameters()), 1, [])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_last_block_at_cls_only_gives_the_same_logits_and_gradients(fused):
+    full = tiny_classifier(fused=fused, cls_only=False)
+    cls = tiny_classifier(fused=fused, cls_only=True)
+    cls.load_state_dict(full.state_dict())
+    X, y = packed_batch()
+    X, y = as_tensors(X), torch.as_tensor(y)
+    outs = []
+    for net in (full, cls):
+        logits = net(X)
+        loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+        outs.append((logits, torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    for name, a, b in zip([n for n, _ in full.named_parameters()], outs[1][1], outs[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    encoded = cls.encoder(*X, cls_only=True)
+    assert encoded.shape == (len(y), 1, H)
+    torch.testing.assert_close(encoded[:, 0], full.encoder(*X)[:, 0], rtol=1e-5, atol=1e-5)

@@ -214,8 +214,13 @@ class EncoderBlock(nn.HybridBlock):
         self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens)
         self.addnorm2 = AddNorm(num_hiddens, dropout)
 
-    def hybrid_forward(self, F, X: np.ndarray, valid_lens: np.ndarray | None) -> np.ndarray:
-        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))  # (B, T, H)
+    def hybrid_forward(self, F, X: np.ndarray, valid_lens: np.ndarray | None,
+                       queries: np.ndarray | None = None) -> np.ndarray:
+        """`queries` (B, T_q, H), when given, are the only positions computed (attending over all of
+        X): the fast path passes X[:, :1] to the last block, whose <cls> output is all a classifier
+        reads. The result is then (B, T_q, H), those positions' outputs exactly."""
+        Q = X if queries is None else queries
+        Y = self.addnorm1(Q, self.attention(Q, X, X, valid_lens))  # (B, T, H)
         return self.addnorm2(Y, self.ffn(Y))  # (B, T, H)
 
 
@@ -241,7 +246,10 @@ class BERTEncoder(nn.Block):
         self.pos_embedding = self.params.get("pos_embedding", shape=(1, max_len, num_hiddens))
 
     def forward(self, tokens: np.ndarray, segments: np.ndarray,
-                valid_lens: np.ndarray | None) -> np.ndarray:
+                valid_lens: np.ndarray | None, cls_only: bool = False) -> np.ndarray:
+        """(B, T, H) hidden states; with `cls_only` the last block computes position 0 (<cls>) only
+        and the result is (B, 1, H): exactly the <cls> row of the full result, for a fraction of the
+        last block's work (its keys and values still cover every position)."""
         T = tokens.shape[1]
         max_len = self.pos_embedding.shape[1]
         if T > max_len:
@@ -249,9 +257,14 @@ class BERTEncoder(nn.Block):
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
         # No embedding LayerNorm, dropout or sqrt(H) scaling in the book.
         X = X + self.pos_embedding.data(ctx=X.ctx)[:, :T, :]
-        for blk in self.blks:
-            X = blk(X, valid_lens)
-        return X  # (B, T, H)
+        last = len(self.blks) - 1
+        for i, blk in enumerate(self.blks):
+            if i == last and getattr(blk, "_cls_only_graph", cls_only) != cls_only:
+                blk._clear_cached_op()  # a hybridized block's graph has a fixed number of inputs
+            if i == last:
+                blk._cls_only_graph = cls_only
+            X = blk(X, valid_lens, X[:, :1, :]) if cls_only and i == last else blk(X, valid_lens)
+        return X  # (B, T, H), or (B, 1, H) with cls_only
 
 
 class MaskLM(nn.Block):
@@ -327,16 +340,18 @@ class BERTClassifier(nn.Block):
     The MLM and NSP heads are deliberately not kept, so they are neither in `collect_params()`
     (the trainer never sees them) nor in `save_parameters` (39 tensors for a 2-layer model).
     `output` is left uninitialised, as in the book: `net.output.initialize(ctx=devices)` gives it
-    Gluon's default Uniform(0.07).
+    Gluon's default Uniform(0.07). `cls_only=True` (the fast path) computes the encoder's last block
+    at <cls> only, the one position the classifier reads: the same logits and gradients for less work.
     """
 
-    def __init__(self, bert: nn.Block, **kwargs) -> None:
+    def __init__(self, bert: nn.Block, cls_only: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.encoder = bert.encoder
         self.hidden = bert.hidden
         num_hiddens = self.encoder.token_embedding.weight.shape[1]
         self.output = nn.Dense(3, in_units=num_hiddens)
         self.config: BERTConfig | None = getattr(bert, "config", None)
+        self.cls_only = cls_only
 
     def forward(self, inputs: np.ndarray | Sequence[np.ndarray], segments: np.ndarray | None = None,
                 valid_lens: np.ndarray | None = None) -> np.ndarray:
@@ -345,7 +360,10 @@ class BERTClassifier(nn.Block):
             tokens, segments, valid_lens = inputs
         else:
             tokens = inputs
-        encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
+        if self.cls_only:
+            encoded_X = self.encoder(tokens, segments, valid_lens, True)  # cls_only: (B, 1, H)
+        else:
+            encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
         return self.output(self.hidden(encoded_X[:, 0, :]))  # (B, 3) logits
 
 

@@ -183,8 +183,13 @@ class EncoderBlock(nn.Module):
         self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens)
         self.addnorm2 = AddNorm(num_hiddens, dropout)
 
-    def forward(self, X: torch.Tensor, valid_lens: torch.Tensor | None) -> torch.Tensor:
-        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))  # (B, T, H)
+    def forward(self, X: torch.Tensor, valid_lens: torch.Tensor | None,
+                queries: torch.Tensor | None = None) -> torch.Tensor:
+        """`queries` (B, T_q, H), when given, are the only positions computed (attending over all of
+        X): the fast path passes X[:, :1] to the last block, whose <cls> output is all a classifier
+        reads. The result is then (B, T_q, H), those positions' outputs exactly."""
+        Q = X if queries is None else queries
+        Y = self.addnorm1(Q, self.attention(Q, X, X, valid_lens))  # (B, T, H)
         return self.addnorm2(Y, self.ffn(Y))  # (B, T, H)
 
 
@@ -211,16 +216,20 @@ class BERTEncoder(nn.Module):
         self.detach_pos_embedding = detach_pos_embedding
 
     def forward(self, tokens: torch.Tensor, segments: torch.Tensor,
-                valid_lens: torch.Tensor | None) -> torch.Tensor:
+                valid_lens: torch.Tensor | None, cls_only: bool = False) -> torch.Tensor:
+        """(B, T, H) hidden states; with `cls_only` the last block computes position 0 (<cls>) only
+        and the result is (B, 1, H): exactly the <cls> row of the full result, for a fraction of the
+        last block's work (its keys and values still cover every position)."""
         T = tokens.shape[1]
         if T > self.pos_embedding.shape[1]:
             raise ValueError(f"sequence length {T} exceeds max_len {self.pos_embedding.shape[1]}")
         pos = self.pos_embedding.detach() if self.detach_pos_embedding else self.pos_embedding
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
         X = X + pos[:, :T, :]  # no embedding LayerNorm, dropout or sqrt(H) scaling in the book
-        for blk in self.blks:
-            X = blk(X, valid_lens)
-        return X  # (B, T, H)
+        last = len(self.blks) - 1
+        for i, blk in enumerate(self.blks):
+            X = blk(X, valid_lens, X[:, :1, :]) if cls_only and i == last else blk(X, valid_lens)
+        return X  # (B, T, H), or (B, 1, H) with cls_only
 
 
 class MaskLM(nn.Module):
@@ -294,15 +303,18 @@ class BERTClassifier(nn.Module):
 
     The MLM and NSP heads are deliberately not kept, so they are neither in `parameters()` (the
     optimizer never sees them) nor in the `state_dict` (39 tensors for a 2-layer model).
+    `cls_only=True` (the fast path) computes the encoder's last block at <cls> only, the one
+    position the classifier reads: the same logits and gradients for less work.
     """
 
-    def __init__(self, bert: nn.Module) -> None:
+    def __init__(self, bert: nn.Module, cls_only: bool = False) -> None:
         super().__init__()
         self.encoder = bert.encoder
         self.hidden = bert.hidden
         num_hiddens = self.encoder.token_embedding.embedding_dim
         self.output = nn.Linear(num_hiddens, 3)  # torch's default init, as the book
         self.config: BERTConfig | None = getattr(bert, "config", None)
+        self.cls_only = cls_only
 
     def forward(self, inputs: torch.Tensor | Sequence[torch.Tensor], segments: torch.Tensor | None = None,
                 valid_lens: torch.Tensor | None = None) -> torch.Tensor:
@@ -311,7 +323,10 @@ class BERTClassifier(nn.Module):
             tokens, segments, valid_lens = inputs
         else:
             tokens = inputs
-        encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
+        if self.cls_only:
+            encoded_X = self.encoder(tokens, segments, valid_lens, cls_only=True)  # (B, 1, H)
+        else:
+            encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
         return self.output(self.hidden(encoded_X[:, 0, :]))  # (B, 3) logits
 
 
