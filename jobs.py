@@ -254,8 +254,9 @@ def run_predict(model_dir: str, premise: str, hypothesis: str, device: str | Non
     backend = load_backend(config["format"])
     devices = backend.parse_devices(device)
     net, vocab, cfg = backend.load_classifier(model_dir, devices)
-    num_tokens = len(premise.split()) + len(hypothesis.split()) + 3
-    ids, segments, valid_lens = pack_pairs([premise], [hypothesis], vocab, min(cfg.max_len, num_tokens))
+    ids, segments, valid_lens = pack_pairs([premise], [hypothesis], vocab, cfg.max_len)
+    width = int(valid_lens.max())  # no padding: one pair
+    ids, segments = ids[:, :width], segments[:, :width]
     probs = backend.predict_proba(net, ids, segments, valid_lens, devices)[0]
     return {"label": LABEL_NAMES[int(np.argmax(probs))],
             "probabilities": {name: float(p) for name, p in zip(LABEL_NAMES, probs)}}
@@ -263,13 +264,23 @@ def run_predict(model_dir: str, premise: str, hypothesis: str, device: str | Non
 
 def run_convert(src: str, dst: str, to: str) -> str:
     """Convert a checkpoint folder (pretrained `BERTModel` or fine-tuned classifier) to the other
-    framework's format. Tensors are copied bit for bit; only names change (core.checkpoint)."""
+    framework's format. Tensors are copied bit for bit; only names change (core.checkpoint). A
+    Hugging Face BERT folder (or 'minilm-l6') is written in the book's format of `to`."""
     import shutil
 
     from .core.checkpoint import convert_params, describe_checkpoint
-    src_format, kind, params_path = describe_checkpoint(src)
+    from .core.hf import PACKAGED_CHECKPOINTS, is_hf_folder
     if to not in BACKENDS:
         raise ValueError(f"unknown target format {to!r}: use one of {BACKENDS}")
+    if src in PACKAGED_CHECKPOINTS or is_hf_folder(src):
+        # A Hugging Face folder: load it as the target backend does and save the book's format
+        # (heads the file lacks are saved as that backend initialised them).
+        backend = load_backend(to)
+        bert, vocab = backend.load_pretrained_model(src, None, None, None, None, None, None,
+                                                    backend.parse_devices("cpu"))
+        backend.save_pretrained(bert, vocab, dst)
+        return dst
+    src_format, kind, params_path = describe_checkpoint(src)
     params = load_backend(src_format).read_params(params_path)
     if src_format != to:
         params = convert_params(params, to, source=params_path)
@@ -297,15 +308,26 @@ def _parity_inputs(vocab, data_file: str | None, num_pairs: int, max_len: int, s
 def run_parity(checkpoint: str, data_file: str | None = None, tolerance: float = 1e-5, num_pairs: int = 256,
                max_len: int = 128, seed: int = 0) -> dict:
     """Load one checkpoint into both backends, run the same packed batch through both in evaluation mode
-    and report the largest absolute differences of every output."""
+    and report the largest absolute differences of every output. A Hugging Face folder (or 'minilm-l6')
+    is read by both backends directly and compared on the encoder output, since the heads it lacks are
+    initialised by each backend its own way."""
     import tempfile
 
     from .core.checkpoint import describe_checkpoint
-    src_format, kind, _ = describe_checkpoint(checkpoint)
-    other = "mxnet" if src_format == "torch" else "torch"
+    from .core.hf import PACKAGED_CHECKPOINTS, is_hf_folder, resolve_packaged_checkpoint
+    folder = resolve_packaged_checkpoint(checkpoint) if checkpoint in PACKAGED_CHECKPOINTS else checkpoint
+    hugging_face = is_hf_folder(folder)
+    if hugging_face:  # both backends read the folder itself
+        src_format, kind = "huggingface", "pretrained"
+    else:
+        src_format, kind, _ = describe_checkpoint(folder)
     backends = {name: load_backend(name) for name in BACKENDS}
     with tempfile.TemporaryDirectory() as tmp:
-        folders = {src_format: checkpoint, other: run_convert(checkpoint, os.path.join(tmp, other), other)}
+        if hugging_face:
+            folders = {name: folder for name in BACKENDS}
+        else:
+            other = "mxnet" if src_format == "torch" else "torch"
+            folders = {src_format: folder, other: run_convert(folder, os.path.join(tmp, other), other)}
         outputs, vocab = {}, None
         for name, backend in backends.items():
             device = backend.parse_devices("cpu")[0]
@@ -319,6 +341,8 @@ def run_parity(checkpoint: str, data_file: str | None = None, tolerance: float =
             if kind == "pretrained":
                 outputs[name] = dict(zip(("encoded_X", "mlm_Y_hat", "nsp_Y_hat"),
                                          backend.bert_outputs(model, ids, segments, valid_lens, pred_positions, device)))
+                if hugging_face:  # its heads may be missing from the file, hence freshly (differently) initialised
+                    outputs[name] = {"encoded_X": outputs[name]["encoded_X"]}
             else:
                 outputs[name] = {"logits": backend.classifier_logits(model, ids, segments, valid_lens, device)}
     valid = np.arange(inputs[0].shape[1])[None, :] < inputs[2][:, None]
@@ -355,7 +379,8 @@ def run_pretrain(backend_name: str = "torch", corpus: str = "wikitext-2", steps:
                  num_heads: int = 2, num_layers: int = 2, dropout: float = 0.2, lr: float = 0.01,
                  seed: int = 0, device: str | None = None, out_dir: str = "nlibert-pretrain",
                  checkpoint_every: int | None = 100, resume: bool | None = None, mlm_loss: str = "masked",
-                 stop_after: int | None = None, on_step=None) -> dict:
+                 stop_after: int | None = None, on_step=None, warmup_steps: int = 0, lr_decay: str = "none",
+                 mode: str = "book", remask: bool = False) -> dict:
     """Pretrain BERT on WikiText as the book does (MLM + NSP); write the checkpoint into `out_dir`.
 
     `out_dir` gets `vocab.json` + `pretrained.params` + `config.json` (`save_pretrained`, the
@@ -365,15 +390,25 @@ def run_pretrain(backend_name: str = "torch", corpus: str = "wikitext-2", steps:
     that folder holds a checkpoint, True insists on one, False starts over. `stop_after` ends this
     run after that many steps, as if interrupted (re-run to continue). `on_step(record)` is called
     after each step, once its checkpoint (if any) is written.
+
+    `warmup_steps` and `lr_decay` schedule the rate (`core.pretraining.learning_rate_at`; the
+    defaults keep the book's constant lr). `mode='fast'` computes attention with the fused kernels
+    of the fine-tuning fast path (`set_fused_attention`) and, in torch, fused Adam: the same model
+    and update up to rounding. `mode='book'` (default) is the book's code. `remask=True` draws new
+    MLM masks every pass over the data (`WikiBatchIterator`; the book masks once). All of these are
+    part of the resume signature, as is `steps` when the rate decays (the schedule depends on it).
     """
     import shutil
 
-    from .core.pretraining import (StepRecord, check_mlm_loss, commit_resume_state, read_resume_state,
-                                   summarize)
+    from .core.pretraining import (PRETRAIN_MODES, StepRecord, check_lr_schedule, check_mlm_loss,
+                                   commit_resume_state, read_resume_state, summarize)
     from .core.vocab import load_vocab, save_vocab
     from .core.wiki import WikiBatchIterator, WikiTextDataset, read_wiki_files
 
     check_mlm_loss(mlm_loss)
+    check_lr_schedule(warmup_steps, lr_decay)
+    if mode not in PRETRAIN_MODES:
+        raise ValueError(f"unknown mode {mode!r}: use one of {PRETRAIN_MODES}")
     if steps < 1 or batch_size < 1 or max_len < 4:
         raise ValueError(f"need steps >= 1, batch_size >= 1, max_len >= 4 (got {steps}, {batch_size}, {max_len})")
     if checkpoint_every is not None and checkpoint_every < 0:
@@ -385,7 +420,9 @@ def run_pretrain(backend_name: str = "torch", corpus: str = "wikitext-2", steps:
     signature = {"backend": backend_name, "corpus": [[os.path.basename(f), os.path.getsize(f)] for f in files],
                  "batch_size": batch_size, "max_len": max_len, "num_hiddens": num_hiddens,
                  "ffn_num_hiddens": ffn_num_hiddens, "num_heads": num_heads, "num_layers": num_layers,
-                 "dropout": dropout, "lr": lr, "seed": seed, "mlm_loss": mlm_loss}
+                 "dropout": dropout, "lr": lr, "seed": seed, "mlm_loss": mlm_loss, "mode": mode,
+                 "warmup_steps": warmup_steps, "lr_decay": lr_decay, "remask": remask,
+                 "decay_steps": steps if lr_decay != "none" else None}
     state = None
     if resume is not False:
         state = read_resume_state(resume_dir)
@@ -402,7 +439,7 @@ def run_pretrain(backend_name: str = "torch", corpus: str = "wikitext-2", steps:
     rng = np.random.default_rng(seed)
     dataset = WikiTextDataset(read_wiki_files(files, rng), max_len, rng=rng)
     vocab = dataset.vocab
-    train_iter = WikiBatchIterator(dataset, batch_size, shuffle=True, seed=seed)
+    train_iter = WikiBatchIterator(dataset, batch_size, shuffle=True, seed=seed, remask=remask)
     data_seconds = time.perf_counter() - start
     print(f"read {len(dataset)} sentence pairs, vocab size {len(vocab)} "
           f"({data_seconds:.1f} s): {description}")
@@ -410,7 +447,9 @@ def run_pretrain(backend_name: str = "torch", corpus: str = "wikitext-2", steps:
     backend.set_seed(seed)
     bert = backend.BERTModel(len(vocab), num_hiddens, ffn_num_hiddens, num_heads, num_layers, dropout)
     backend.initialize_bert(bert, devices)
-    trainer = backend.make_trainer(bert, lr)
+    if mode == "fast":
+        backend.set_fused_attention(bert, True)
+    trainer = backend.make_trainer(bert, lr, fused=mode == "fast")
     history: list = []
     start_step = 0
     if state is not None:
@@ -447,7 +486,7 @@ def run_pretrain(backend_name: str = "torch", corpus: str = "wikitext-2", steps:
 
     records = backend.train_bert(train_iter, bert, backend.make_loss(), len(vocab), devices, steps,
                                  trainer=trainer, lr=lr, mlm_loss=mlm_loss, start_step=start_step,
-                                 seed=seed, on_step=after_step)
+                                 seed=seed, on_step=after_step, warmup_steps=warmup_steps, lr_decay=lr_decay)
     last_step = history[-1].step if history else start_step
     if records:
         checkpoint(last_step)  # always resumable from where this run ended

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import resource
 import threading
 import time
 
@@ -65,24 +66,43 @@ def forward_flops(lengths: np.ndarray, width: int | None, H: int, F: int, layers
     return float(total + len(L) * (2 * H * H + 6 * H))
 
 
-def training_flops(lengths, width, H, F, layers, cls_only: bool = False) -> float:
-    """Forward plus backward (twice the forward's matmuls): 3x the forward FLOPs."""
+def training_flops(lengths, width: int | None, H: int, F: int, layers: int, cls_only: bool = False) -> float:
+    """Forward plus backward (twice the forward's matmuls): 3x the forward FLOPs.
+
+    The useful FLOPs of one training step (`width` None), summed over the examples, each with its
+    valid length L (padding counts nothing; embedding look-ups are free; softmax, layer norm and the
+    other element-wise work are left out, as MFU conventionally does):
+
+        2 (FLOPs per multiply-add) * 3 (forward + backward) * (
+            layers * [4 L H^2      Q, K, V and output projections
+                      + 2 L^2 H    Q K^T and the attention-weighted V
+                      + 2 L H F]   the position-wise FFN, H -> F -> H
+            + H^2 + 3 H)           pooler (H -> H) and classifier (H -> 3) at <cls>"""
     return 3.0 * forward_flops(lengths, width, H, F, layers, cls_only)
 
 
 class PeakRSS:
-    """Samples this process's resident memory every few milliseconds between start() and stop();
-    `peak_delta` is the highest reading above the one at start() (activations, gradients, workspace)."""
+    """This process's peak resident memory between start() and stop(), above the reading at start()
+    (activations, gradients, optimizer state, workspace): `stop()` returns that growth in bytes.
+
+    A thread samples /proc/self/statm every few milliseconds; and when the kernel's own high-water
+    mark (`ru_maxrss`, monotonic over the process's life) rose during the window, that mark is the
+    window's exact peak, so a spike between two samples is not missed."""
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
         self.page = os.sysconf("SC_PAGE_SIZE")
         self._stop = threading.Event()
-        self.base = self.peak = 0
+        self.base = self.peak = self._maxrss_at_start = 0
 
     def rss(self) -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * self.page
+
+    @staticmethod
+    def maxrss() -> int:
+        """The process's lifetime peak RSS in bytes (Linux reports kilobytes)."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -91,6 +111,7 @@ class PeakRSS:
 
     def start(self) -> "PeakRSS":
         self.base = self.peak = self.rss()
+        self._maxrss_at_start = self.maxrss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -99,6 +120,8 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.rss())
+        if self.maxrss() > self._maxrss_at_start:  # a new lifetime high, reached inside the window
+            self.peak = max(self.peak, self.maxrss())
         return self.peak - self.base
 
 

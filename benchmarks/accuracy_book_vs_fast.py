@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import dev_file  # noqa: E402
 
@@ -86,7 +88,23 @@ def main(argv=None):
             note = f"{diff:+.2f} pts" if mode == "fast" else ""
             print(f"{backend_name:8s} {seed:4d} {mode:5s} {m['test_acc']:9.4f} {last['train_acc']:9.4f} "
                   f"{last['loss']:7.3f} {rate:10.1f} {m['wall_seconds']:7.1f} {note:>12s}")
-    print(f"{'PASS' if ok else 'FAIL'}: fast within {args.tolerance} points of book (folders under {out})")
+    verdicts = []
+    for backend_name in backends:
+        runs = [results for name, _, results in rows if name == backend_name]
+        book = np.array([r["book"]["test_acc"] for r in runs]) * 100
+        fast = np.array([r["fast"]["test_acc"] for r in runs]) * 100
+        diff = float(fast.mean() - book.mean())
+        verdicts.append(abs(diff) <= args.tolerance)
+        spread = (f", seed-to-seed std: book {book.std(ddof=1):.2f}, fast {fast.std(ddof=1):.2f}"
+                  if len(runs) > 1 else "")
+        print(f"{backend_name}: mean test acc over {len(runs)} seed(s): book {book.mean():.2f}%, "
+              f"fast {fast.mean():.2f}%, fast - book {diff:+.2f} points{spread}")
+    if len(args.seeds) > 1:
+        ok = all(verdicts)
+        print(f"{'PASS' if ok else 'FAIL'}: mean fast within {args.tolerance} points of mean book "
+              f"(folders under {out})")
+    else:
+        print(f"{'PASS' if ok else 'FAIL'}: fast within {args.tolerance} points of book (folders under {out})")
     return 0 if ok else 1
 
 

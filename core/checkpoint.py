@@ -12,6 +12,9 @@ no tensor is ever transposed, because Gluon `Dense.weight` is (out, in) like tor
 | `mlm.mlp.3.*`                         | `mlm.mlp.2.*`                     | so Sequential indices shift by 1  |
 
 Everything else (`encoder.*`, `nsp.output.*`, a classifier's `output.*`) is the same in both.
+Models with BERT's embedding LayerNorm (`BERTConfig.embedding_norm`, Hugging Face checkpoints) add
+`encoder.embedding_ln.weight` / `.bias` (MXNet `.gamma` / `.beta`). Hugging Face's own names are
+mapped onto the torch names in core/hf.py.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from .io import read_json
 _TORCH_KEY_PATTERNS = [re.compile(p) for p in (
     r"encoder\.pos_embedding",
     r"encoder\.(token|segment)_embedding\.weight",
+    r"encoder\.embedding_ln\.(weight|bias)",
     r"encoder\.blks\.\d+\.attention\.W_[qkvo]\.(weight|bias)",
     r"encoder\.blks\.\d+\.addnorm[12]\.ln\.(weight|bias)",
     r"encoder\.blks\.\d+\.ffn\.dense[12]\.(weight|bias)",
@@ -39,16 +43,16 @@ _TORCH_KEY_PATTERNS = [re.compile(p) for p in (
 
 # (torch regex, mxnet replacement) and back; applied first match wins.
 _TORCH_TO_MXNET = [
-    (re.compile(r"^(.*\.ln)\.weight$"), r"\1.gamma"),
-    (re.compile(r"^(.*\.ln)\.bias$"), r"\1.beta"),
+    (re.compile(r"^(.*\.(?:embedding_)?ln)\.weight$"), r"\1.gamma"),
+    (re.compile(r"^(.*\.(?:embedding_)?ln)\.bias$"), r"\1.beta"),
     (re.compile(r"^hidden\.0\.(weight|bias)$"), r"hidden.\1"),
     (re.compile(r"^mlm\.mlp\.2\.weight$"), "mlm.mlp.1.gamma"),
     (re.compile(r"^mlm\.mlp\.2\.bias$"), "mlm.mlp.1.beta"),
     (re.compile(r"^mlm\.mlp\.3\.(weight|bias)$"), r"mlm.mlp.2.\1"),
 ]
 _MXNET_TO_TORCH = [
-    (re.compile(r"^(.*\.ln)\.gamma$"), r"\1.weight"),
-    (re.compile(r"^(.*\.ln)\.beta$"), r"\1.bias"),
+    (re.compile(r"^(.*\.(?:embedding_)?ln)\.gamma$"), r"\1.weight"),
+    (re.compile(r"^(.*\.(?:embedding_)?ln)\.beta$"), r"\1.bias"),
     (re.compile(r"^hidden\.(weight|bias)$"), r"hidden.0.\1"),
     (re.compile(r"^mlm\.mlp\.1\.gamma$"), "mlm.mlp.2.weight"),
     (re.compile(r"^mlm\.mlp\.1\.beta$"), "mlm.mlp.2.bias"),
@@ -121,6 +125,8 @@ def expected_shapes(cfg: BERTConfig, kind: str = "pretrained") -> dict[str, tupl
         "encoder.token_embedding.weight": (V, H),
         "encoder.segment_embedding.weight": (2, H),
     }
+    if cfg.embedding_norm:
+        shapes["encoder.embedding_ln.weight"] = shapes["encoder.embedding_ln.bias"] = (H,)
     for i in range(cfg.num_layers):
         b = f"encoder.blks.{i}."
         for w in "qkvo":
@@ -156,7 +162,8 @@ def infer_config(params: Mapping[str, np.ndarray], num_heads: int | None = None,
     return BERTConfig(vocab_size=int(vocab_size), num_hiddens=int(num_hiddens),
                       ffn_num_hiddens=int(params["encoder.blks.0.ffn.dense1.weight"].shape[0]),
                       num_heads=heads, num_layers=len(blocks), dropout=dropout,
-                      max_len=int(params["encoder.pos_embedding"].shape[1]))
+                      max_len=int(params["encoder.pos_embedding"].shape[1]),
+                      embedding_norm="encoder.embedding_ln.weight" in params)
 
 
 def check_shapes(expected: Mapping[str, tuple], found: Mapping[str, tuple], file: str) -> None:
@@ -226,12 +233,16 @@ HUB_NAMES = {"torch": {"bert.small": "bert.small.torch", "bert.base": "bert.base
 
 
 def resolve_pretrained_folder(pretrained_model: str | os.PathLike, fmt: str) -> str:
-    """A folder path as is; otherwise a data-hub name ('bert.small', 'bert.base'), downloaded and
-    extracted (cached) in the archive of format `fmt`."""
+    """A folder path as is; a checkpoint installed as a package ('minilm-l6', core/hf.py); otherwise a
+    data-hub name ('bert.small', 'bert.base'), downloaded and extracted (cached) in the archive of
+    format `fmt`."""
     if os.path.isdir(pretrained_model):
         return os.fspath(pretrained_model)
-    from . import data_hub  # lazily: only hub names need it
+    from .hf import PACKAGED_CHECKPOINTS, resolve_packaged_checkpoint  # lazily: hf imports this module
     name = os.fspath(pretrained_model)
+    if name in PACKAGED_CHECKPOINTS:
+        return resolve_packaged_checkpoint(name)
+    from . import data_hub  # lazily: only hub names need it
     if fmt == "mxnet" and name.endswith(".torch"):
         raise ValueError(f"{name!r} is the book's PyTorch checkpoint; the MXNet backend reads "
                          f"{name[:-len('.torch')]!r}, or convert it first")
@@ -267,18 +278,48 @@ def resolve_sizes(folder: str | os.PathLike, torch_named: Mapping[str, np.ndarra
     return {k: (inferred[k] if v is None else v) for k, v in sizes.items()}
 
 
-def config_dict(config: BERTConfig | Mapping | None, fmt: str, kind: str) -> dict:
-    """What config.json records: the sizes, the format and the kind of checkpoint."""
+def resolve_architecture(torch_named: Mapping[str, np.ndarray], written: Mapping) -> dict:
+    """The architecture options (`BERTConfig.architecture()`) of a checkpoint in our format: the
+    embedding LayerNorm is there when its tensors are, the rest comes from config.json (the book's
+    folders have none, and the book's defaults then apply)."""
+    defaults = BERTConfig(vocab_size=1)
+    return {"hidden_act": written.get("hidden_act", defaults.hidden_act),
+            "layer_norm_eps": written.get("layer_norm_eps", defaults.layer_norm_eps),
+            "embedding_norm": "encoder.embedding_ln.weight" in torch_named,
+            "attention_dropout": written.get("attention_dropout", defaults.attention_dropout)}
+
+
+def config_dict(config: BERTConfig | Mapping | None, fmt: str, kind: str, vocab=None) -> dict:
+    """What config.json records: the sizes and options, the format and the kind of checkpoint, and
+    for a WordPiece vocabulary the tokenizer settings that rebuild it from vocab.json."""
     if isinstance(config, BERTConfig):
         config = config.to_dict()
     if config is None:
         raise ValueError("no config to record: pass a BERTConfig (the model has no `config`)")
-    return {**BERTConfig.from_dict(dict(config)).to_dict(), "format": fmt, "kind": kind}
+    out = {**BERTConfig.from_dict(dict(config)).to_dict(), "format": fmt, "kind": kind}
+    settings = getattr(vocab, "settings", None)
+    if settings is not None:
+        out["tokenizer"] = settings()
+    return out
+
+
+def load_folder_vocab(folder: str | os.PathLike, written: Mapping):
+    """The vocabulary of a checkpoint folder: `vocab.json` as the book's word-level `Vocab`, or, when
+    config.json records WordPiece tokenizer settings, the `WordPieceVocab` they describe."""
+    from .vocab import load_vocab
+    path = os.path.join(folder, VOCAB_FILE)
+    settings = written.get("tokenizer")
+    if not settings:
+        return load_vocab(path)
+    from .wordpiece import WordPieceVocab  # lazily: needs the tokenizers library
+    idx_to_token = read_json(path)
+    if not isinstance(idx_to_token, list):
+        raise ValueError(f"{path}: expected a JSON list of tokens, found {type(idx_to_token).__name__}")
+    return WordPieceVocab.from_settings(idx_to_token, settings)
 
 
 def read_classifier_folder(folder: str | os.PathLike, fmt: str):
     """`(config, vocab, params_path)` of a fine-tuned model folder of format `fmt`, checked for consistency."""
-    from .vocab import load_vocab
     written = read_checkpoint_config(folder)
     if written is None:
         raise FileNotFoundError(f"{os.path.join(folder, CONFIG_FILE)}: missing; not a classifier folder")
@@ -286,7 +327,7 @@ def read_classifier_folder(folder: str | os.PathLike, fmt: str):
         raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: kind {written.get('kind')!r}, "
                          f"format {written.get('format')!r}; expected a {fmt} classifier")
     cfg = BERTConfig.from_dict(written)
-    vocab = load_vocab(os.path.join(folder, VOCAB_FILE))
+    vocab = load_folder_vocab(folder, written)
     if len(vocab) != cfg.vocab_size:
         raise ValueError(f"{folder}: vocab.json has {len(vocab)} tokens, config.json says {cfg.vocab_size}")
     return cfg, vocab, os.path.join(folder, CLASSIFIER_FILE)

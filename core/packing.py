@@ -6,6 +6,11 @@ joined text (a premise repeated on consecutive rows, as SNLI lists them, only on
 mapped to ids in one C-level dictionary map, the truncated lengths come from a closed form of the
 book's pop loop, and the ids are scattered into the padded matrix with flat indexing. No process
 pool, and no per-example Python. `load_packed_snli` caches the result on disk.
+
+The special tokens come from the vocabulary (`vocab.special_tokens`: `<cls>`... for the book's
+`Vocab`, `[CLS]`... for a checkpoint's `WordPieceVocab`). A `WordPieceVocab` tokenizes each side
+with its own `encode_side` (WordPiece in Rust) instead of the lower-case-and-split path; the
+truncation rules then apply to WordPiece counts the same way.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .vocab import Vocab
+from .wordpiece import WordPieceVocab
 
 RESERVED_TOKENS = ["<pad>", "<mask>", "<cls>", "<sep>"]
 TRUNCATION_RULES = ("book", "proportional")
@@ -94,7 +100,9 @@ def _tokenize_lower(sentences: Sequence[str]) -> list[list[str]]:
     return [s.lower().split() for s in sentences]
 
 
-def _special_id(vocab: Vocab, token: str) -> int:
+def _special_id(vocab: Vocab, name: str) -> int:
+    """The id of the vocabulary's special token `name` (cls, sep, pad or mask)."""
+    token = vocab.special_tokens[name]
     if token not in vocab.token_to_idx:
         raise ValueError(f"the vocabulary has no {token!r} token, which BERT inputs need")
     return vocab.token_to_idx[token]
@@ -146,6 +154,15 @@ def _token_ids(flat: list[str], vocab: Vocab) -> np.ndarray:
                        dtype=np.int32, count=len(flat))
 
 
+def _encode_side(sentences: Sequence[str], vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
+    """Each sentence's token count and the flat ids of all their tokens: WordPiece for a
+    `WordPieceVocab`, else the book's lower-case and whitespace split."""
+    if isinstance(vocab, WordPieceVocab):
+        return vocab.encode_side(sentences)
+    lengths, flat = _split_side(sentences)
+    return lengths, _token_ids(flat, vocab)
+
+
 def _side_ids(sentences: Sequence[str], vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
     """Each sentence's token count and the flat ids of all their tokens, in order.
 
@@ -158,22 +175,20 @@ def _side_ids(sentences: Sequence[str], vocab: Vocab) -> tuple[np.ndarray, np.nd
         first = np.fromiter(changed, dtype=bool, count=n)
         num_unique = int(first.sum())
         if num_unique < 0.9 * n:
-            unique_lengths, flat = _split_side(list(itertools.compress(sentences, changed)))
-            unique_ids = _token_ids(flat, vocab)
-            del flat
+            unique_lengths, unique_ids = _encode_side(list(itertools.compress(sentences, changed)), vocab)
             row_of = np.cumsum(first) - 1  # each row's sentence among the unique ones
             lengths = unique_lengths[row_of]
             unique_starts = np.cumsum(unique_lengths) - unique_lengths
             starts = np.cumsum(lengths) - lengths
             source = np.repeat(unique_starts[row_of] - starts, lengths) + np.arange(int(lengths.sum()))
             return lengths, unique_ids[source]
-    lengths, flat = _split_side(sentences)
-    return lengths, _token_ids(flat, vocab)
+    return _encode_side(sentences, vocab)
 
 
 def _layout(len_p: np.ndarray, ids_p: np.ndarray, len_h: np.ndarray, ids_h: np.ndarray, vocab: Vocab,
             max_len: int, truncation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Place truncated premise and hypothesis ids as `<cls> p <sep> h <sep> <pad>...` rows.
+    """Place truncated premise and hypothesis ids as `<cls> p <sep> h <sep> <pad>...` rows (the
+    vocabulary's own special tokens).
 
     Works on flat arrays only: the destination of token j of row r in the flattened (N, max_len)
     matrix is r * max_len + first column of its side + (j - first token of row r), so each side is
@@ -181,7 +196,7 @@ def _layout(len_p: np.ndarray, ids_p: np.ndarray, len_h: np.ndarray, ids_h: np.n
     n = len(len_p)
     if len(len_h) != n:
         raise ValueError(f"{n} premises but {len(len_h)} hypotheses")
-    pad, cls, sep = (_special_id(vocab, t) for t in ("<pad>", "<cls>", "<sep>"))
+    pad, cls, sep = (_special_id(vocab, name) for name in ("pad", "cls", "sep"))
     keep_p, keep_h = truncated_lengths(len_p, len_h, max_len, truncation)
     valid_lens = keep_p + keep_h + 3
 
@@ -240,8 +255,9 @@ def _pack_strings(premises: Sequence[str], hypotheses: Sequence[str], vocab: Voc
 
 def pack_pairs(premises: Sequence[str], hypotheses: Sequence[str], vocab: Vocab, max_len: int,
                truncation: str = "book") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lower-case and word-tokenize raw premise/hypothesis strings and pack each pair as
-    `<cls> p <sep> h <sep>` padded with `<pad>` to `max_len`. Returns int32 arrays
+    """Tokenize raw premise/hypothesis strings (lower-case and split words, or WordPiece for a
+    `WordPieceVocab`) and pack each pair as `<cls> p <sep> h <sep>` padded with `<pad>` to `max_len`
+    (the vocabulary's special tokens). Returns int32 arrays
     token_ids (N, max_len), segments (N, max_len) (1 on `h <sep>`, else 0) and valid_lens (N,)."""
     return _pack_strings(premises, hypotheses, vocab, max_len, truncation)
 
@@ -310,6 +326,12 @@ class SNLIBERTDataset:
 PACK_CACHE_VERSION = 1  # bump when the packed layout or the packing rules change
 
 
+def tokenizer_settings(vocab: Vocab) -> dict:
+    """How the vocabulary turns text into tokens: a `WordPieceVocab`'s `settings()`, else the
+    book's lower-case and whitespace split."""
+    return vocab.settings() if isinstance(vocab, WordPieceVocab) else {"kind": "word"}
+
+
 def vocab_digest(vocab: Vocab) -> str:
     """SHA-1 of the vocabulary's content (its index -> token list), so a changed vocabulary misses."""
     return hashlib.sha1(json.dumps(vocab.idx_to_token, ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -318,7 +340,8 @@ def vocab_digest(vocab: Vocab) -> str:
 def packed_cache_key(source_file: str | os.PathLike, vocab: Vocab, max_len: int, truncation: str = "book",
                      source_sha1: str | None = None) -> dict:
     """Everything that determines the packed arrays of an SNLI file: the file's content (SHA-1) and
-    size, the vocabulary's content, `max_len`, the truncation rule and the cache format version.
+    size, the vocabulary's content and tokenizer settings (word-level or WordPiece, cased or not),
+    `max_len`, the truncation rule and the cache format version.
     `digest` is the SHA-1 of all of them, which names the cache entry."""
     from .data_hub import sha1_of  # lazily: the data hub pulls in the network modules
     _check_max_len(max_len)
@@ -327,7 +350,8 @@ def packed_cache_key(source_file: str | os.PathLike, vocab: Vocab, max_len: int,
     source_file = os.fspath(source_file)
     fields = {"version": PACK_CACHE_VERSION, "source_sha1": source_sha1 or sha1_of(source_file),
               "source_size": os.path.getsize(source_file), "vocab_sha1": vocab_digest(vocab),
-              "vocab_size": len(vocab), "max_len": int(max_len), "truncation": truncation}
+              "vocab_size": len(vocab), "tokenizer": tokenizer_settings(vocab), "max_len": int(max_len),
+              "truncation": truncation}
     fields["digest"] = hashlib.sha1(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
     return fields
 
@@ -375,7 +399,7 @@ def load_packed_snli(source_file: str | os.PathLike, vocab: Vocab, max_len: int,
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
     key = packed_cache_key(source_file, vocab, max_len, truncation)
     path = _cache_path(cache_dir, source_file, key)
-    pad = _special_id(vocab, "<pad>")
+    pad = _special_id(vocab, "pad")
     if os.path.exists(path):
         try:
             with np.load(path, allow_pickle=False) as f:

@@ -21,6 +21,8 @@ import numpy as np
 from .io import read_json, write_json
 
 MLM_LOSSES = ("masked", "book")
+LR_DECAYS = ("none", "linear")
+PRETRAIN_MODES = ("book", "fast")
 STATE_FILE = "state.json"
 _STEP_FILE = re.compile(r"^step-(\d+)\.[a-z]+$")
 
@@ -34,16 +36,43 @@ def check_mlm_loss(mlm_loss: str) -> str:
     return mlm_loss
 
 
+def check_lr_schedule(warmup_steps: int, lr_decay: str) -> None:
+    """Refuse a negative warm-up or an unknown decay (see `learning_rate_at`)."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if lr_decay not in LR_DECAYS:
+        raise ValueError(f"unknown lr_decay {lr_decay!r}: use one of {LR_DECAYS}")
+
+
+def learning_rate_at(step: int, lr: float, num_steps: int, warmup_steps: int = 0, lr_decay: str = "none") -> float:
+    """The learning rate of step `step` (numbered from 1) of a run of `num_steps` steps.
+
+    Warm-up: over steps 1..warmup_steps the rate rises linearly, lr * step / warmup_steps (lr/N
+    at step 1, lr at step N): Adam's first updates are full-sized whatever the gradient's scale,
+    and a small rate while its moment estimates settle keeps them from wrecking the random
+    initialisation. Then `lr_decay='none'` keeps lr (the book: a constant rate) and 'linear' falls
+    in a straight line to 0 at step `num_steps`. With neither, every step gets lr.
+    """
+    check_lr_schedule(warmup_steps, lr_decay)
+    if step <= warmup_steps:
+        return lr * step / warmup_steps
+    if lr_decay == "linear":
+        return lr * max(0, num_steps - step) / (num_steps - warmup_steps)
+    return lr
+
+
 @dataclasses.dataclass
 class StepRecord:
     """One pretraining step: its number (from 1), the MLM and NSP losses of its batch, how many
-    sentence pairs it held and how long it took (the book's timer: forward, backward, update)."""
+    sentence pairs it held, how long it took (the book's timer: forward, backward, update) and
+    the learning rate it used (None in records written before rates were recorded)."""
 
     step: int
     mlm_loss: float
     nsp_loss: float
     num_pairs: int
     seconds: float
+    lr: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

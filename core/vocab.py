@@ -29,13 +29,19 @@ def count_corpus(tokens: Iterable) -> collections.Counter:
 class Vocab:
     """Token <-> index map. `<unk>` first, then reserved tokens, then tokens by descending
     frequency (first seen wins ties) down to `min_freq`. d2l master sorts alphabetically
-    instead; the NLI chapter replaces the order with the checkpoint's `vocab.json` anyway."""
+    instead; the NLI chapter replaces the order with the checkpoint's `vocab.json` anyway.
+
+    `unk_token` and `special_tokens` name the tokens that packing and pretraining look up, so a
+    subclass with other spellings (`WordPieceVocab`: `[UNK]`, `[CLS]`...) packs the same way."""
+
+    unk_token = "<unk>"
+    special_tokens = {"cls": "<cls>", "sep": "<sep>", "pad": "<pad>", "mask": "<mask>"}
 
     def __init__(self, tokens: Iterable | None = None, min_freq: int = 0,
                  reserved_tokens: Sequence[str] | None = None) -> None:
         counter = count_corpus(tokens or [])
         self._token_freqs = sorted(counter.items(), key=lambda x: x[1], reverse=True)
-        self.idx_to_token = ["<unk>"] + list(reserved_tokens or [])
+        self.idx_to_token = [self.unk_token] + list(reserved_tokens or [])
         self.token_to_idx = {t: i for i, t in enumerate(self.idx_to_token)}
         for token, freq in self._token_freqs:
             if freq < min_freq:
@@ -48,17 +54,21 @@ class Vocab:
     def from_idx_to_token(cls, idx_to_token: Sequence[str], source: str = "vocabulary") -> "Vocab":
         """A vocabulary with exactly this order (the checkpoint's `vocab.json`)."""
         vocab = cls()
-        vocab.idx_to_token = list(idx_to_token)
-        vocab.token_to_idx = {}
-        for i, t in enumerate(vocab.idx_to_token):
+        vocab._set_idx_to_token(idx_to_token, source)
+        return vocab
+
+    def _set_idx_to_token(self, idx_to_token: Sequence[str], source: str) -> None:
+        """Take this exact index -> token list: strings only, no duplicates, the unk token present."""
+        self.idx_to_token = list(idx_to_token)
+        self.token_to_idx = {}
+        for i, t in enumerate(self.idx_to_token):
             if not isinstance(t, str):
                 raise ValueError(f"{source}: entry {i} is {t!r}, not a string")
-            if t in vocab.token_to_idx:
-                raise ValueError(f"{source}: token {t!r} appears at {vocab.token_to_idx[t]} and {i}")
-            vocab.token_to_idx[t] = i
-        if "<unk>" not in vocab.token_to_idx:
-            raise ValueError(f"{source}: has no '<unk>' token")
-        return vocab
+            if t in self.token_to_idx:
+                raise ValueError(f"{source}: token {t!r} appears at {self.token_to_idx[t]} and {i}")
+            self.token_to_idx[t] = i
+        if self.unk_token not in self.token_to_idx:
+            raise ValueError(f"{source}: has no {self.unk_token!r} token")
 
     def __len__(self) -> int:
         return len(self.idx_to_token)
@@ -75,7 +85,7 @@ class Vocab:
 
     @property
     def unk(self) -> int:
-        return self.token_to_idx["<unk>"]
+        return self.token_to_idx[self.unk_token]
 
     @property
     def token_freqs(self) -> list[tuple[str, int]]:

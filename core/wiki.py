@@ -167,7 +167,7 @@ class WikiTextDataset:
     built from every sentence (min_freq 5, `RESERVED_TOKENS`). Items are the book's 7-tuple
     `(token_ids, segments, valid_len, pred_positions, mlm_weights, mlm_labels, nsp_label)`;
     the whole arrays are attributes. `sentence_pairs` holds each example's two sentence numbers
-    (into `sentences`) for inspection.
+    (into `sentences`) for inspection; `packed_token_ids` the pairs before masking (`remasked`).
     """
 
     def __init__(self, paragraphs: Sequence[Sequence[str]], max_len: int, vocab: Vocab | None = None,
@@ -188,10 +188,10 @@ class WikiTextDataset:
         paragraph_sizes = np.array([len(p) for p in tokenized], dtype=np.int64)
 
         a, b, is_next = get_nsp_pairs(sentence_lens, paragraph_sizes, max_len, rng)
-        token_ids, self.all_segments, self.valid_lens = pack_nsp_pairs(
+        self.packed_token_ids, self.all_segments, self.valid_lens = pack_nsp_pairs(
             flat_ids, sentence_start, sentence_lens, a, b, max_len, self.vocab)
         (self.all_token_ids, self.all_pred_positions, self.all_mlm_weights,
-         self.all_mlm_labels) = mask_tokens(token_ids, self.valid_lens, self.all_segments, self.vocab, rng)
+         self.all_mlm_labels) = mask_tokens(self.packed_token_ids, self.valid_lens, self.all_segments, self.vocab, rng)
         self.nsp_labels = is_next.astype(np.int64)
         self.sentence_pairs = np.stack([a, b], axis=1)
 
@@ -200,6 +200,13 @@ class WikiTextDataset:
         """The seven arrays, in the book's batch order."""
         return (self.all_token_ids, self.all_segments, self.valid_lens, self.all_pred_positions,
                 self.all_mlm_weights, self.all_mlm_labels, self.nsp_labels)
+
+    def remasked(self, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        """The seven arrays with the masked-LM inputs, positions, weights and labels drawn afresh
+        from `rng` (the same pairs and rule): dynamic masking, for `WikiBatchIterator(remask=True)`."""
+        ids, positions, weights, labels = mask_tokens(self.packed_token_ids, self.valid_lens, self.all_segments,
+                                                      self.vocab, rng, self.all_pred_positions.shape[1])
+        return ids, self.all_segments, self.valid_lens, positions, weights, labels, self.nsp_labels
 
     def __getitem__(self, idx):
         return tuple(a[idx] for a in self.arrays)
@@ -216,14 +223,21 @@ class WikiBatchIterator:
     back exactly where it was: `state_dict()` is `{"epoch", "batch"}` (the pass and how many of its
     batches were handed out) and `load_state_dict` makes the next `iter()` continue from there.
     The last batch of a pass may be smaller (the book's DataLoader keeps it).
+
+    `remask=True` (dynamic masking, as RoBERTa) draws new masks for pass e >= 1 from
+    `default_rng([seed, e, 1])` (`WikiTextDataset.remasked`); pass 0 uses the dataset's own. The
+    book masks once, so a run of many passes sees the same masked positions again and again and
+    its MLM loss falls by memorising them.
     """
 
-    def __init__(self, dataset: WikiTextDataset, batch_size: int, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, dataset: WikiTextDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 remask: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if len(dataset) == 0:
             raise ValueError("the dataset holds no sentence pairs (is max_len too small for the corpus?)")
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
+        self.remask = remask
         self._epoch, self._batch = 0, 0
 
     def __len__(self) -> int:
@@ -235,11 +249,12 @@ class WikiBatchIterator:
     def state_dict(self) -> dict:
         epoch, batch = self._normalized()
         return {"epoch": epoch, "batch": batch, "seed": self.seed, "batch_size": self.batch_size,
-                "num_examples": len(self.dataset)}
+                "num_examples": len(self.dataset), "remask": self.remask}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "batch_size", "num_examples"):
-            ours = {"seed": self.seed, "batch_size": self.batch_size, "num_examples": len(self.dataset)}[key]
+        for key in ("seed", "batch_size", "num_examples", "remask"):
+            ours = {"seed": self.seed, "batch_size": self.batch_size, "num_examples": len(self.dataset),
+                    "remask": self.remask}[key]
             if key in state and state[key] != ours:
                 raise ValueError(f"data iterator state is for {key}={state[key]}, this iterator has {ours}")
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
@@ -250,6 +265,8 @@ class WikiBatchIterator:
         batches = batch_indices(len(self.dataset), self.batch_size, self.shuffle, rng)
         self._epoch, self._batch = epoch, start
         arrays = self.dataset.arrays
+        if self.remask and epoch > 0:
+            arrays = self.dataset.remasked(np.random.default_rng([self.seed, epoch, 1]))
         for i in range(start, len(batches)):
             self._batch = i + 1  # counted as handed out before the consumer sees it
             yield tuple(a[batches[i]] for a in arrays)

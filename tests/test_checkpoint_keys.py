@@ -28,6 +28,8 @@ def test_expected_shapes_match_facts_counts():
     ("encoder.pos_embedding", "encoder.pos_embedding"),
     ("encoder.blks.0.attention.W_q.weight", "encoder.blks.0.attention.W_q.weight"),
     ("output.bias", "output.bias"),
+    ("encoder.embedding_ln.weight", "encoder.embedding_ln.gamma"),  # BERT's embedding LayerNorm (HF checkpoints)
+    ("encoder.embedding_ln.bias", "encoder.embedding_ln.beta"),
 ])
 def test_key_map_both_ways(torch_key, mxnet_key):
     assert torch_to_mxnet_key(torch_key) == mxnet_key
@@ -68,3 +70,13 @@ def test_infer_config_and_check_shapes():
         check_shapes(shapes, found, "x/pretrained.params")
     with pytest.raises(ValueError, match=r"missing keys: \['nsp.output.bias'\]"):
         check_shapes(shapes, {k: v for k, v in shapes.items() if k != "nsp.output.bias"}, "f")
+
+
+def test_embedding_norm_adds_two_tensors_and_is_read_off_them():
+    cfg = BERTConfig(vocab_size=10, num_hiddens=8, ffn_num_hiddens=16, num_heads=2, num_layers=1, max_len=4,
+                     embedding_norm=True)
+    shapes = expected_shapes(cfg)
+    assert shapes["encoder.embedding_ln.weight"] == (8,) and len(shapes) == len(expected_shapes(
+        BERTConfig(vocab_size=10, num_hiddens=8, ffn_num_hiddens=16, num_heads=2, num_layers=1, max_len=4))) + 2
+    params = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    assert infer_config(params, num_heads=2).embedding_norm

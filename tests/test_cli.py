@@ -8,7 +8,7 @@ import pytest
 from nlibert import cli
 from nlibert.core.sample import write_sample_snli
 
-SMALL = ["--train-limit", "96", "--test-limit", "48", "--epochs", "2", "--batch-size", "32", "--max-len", "32"]
+SMALL = ["--pretrained", "random", "--train-limit", "96", "--test-limit", "48", "--epochs", "2", "--batch-size", "32", "--max-len", "32"]
 
 
 @pytest.mark.parametrize("backend", ["torch", "mxnet"])
@@ -42,7 +42,7 @@ def test_finetune_splits_a_dev_only_folder_and_reuses_the_seeded_checkpoint(tmp_
     data.mkdir()
     shutil.copy(f"{sample}/snli_1.0_train.txt", data / "snli_1.0_dev.txt")
     out = tmp_path / "out"
-    args = ["finetune", "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "64", "--max-len", "32"]
+    args = ["finetune", "--pretrained", "random", "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "64", "--max-len", "32"]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "dev file split 90/10, seed 0" in printed

@@ -9,7 +9,7 @@ import nlibert.core
 def test_core_imports_no_framework():
     modules = sorted(f"nlibert.core.{m.name}" for m in pkgutil.iter_modules(nlibert.core.__path__))
     assert {"nlibert.core.data_hub", "nlibert.core.snli", "nlibert.core.packing", "nlibert.core.batching",
-            "nlibert.core.sample", "nlibert.core.vocab", "nlibert.core.io"} <= set(modules)
+            "nlibert.core.sample", "nlibert.core.vocab", "nlibert.core.io", "nlibert.core.wordpiece"} <= set(modules)
     code = ("import importlib, sys\n"
             f"for name in {modules!r}:\n"
             "    importlib.import_module(name)\n"

@@ -1,6 +1,7 @@
 """The MXNet fast path computes what the book path computes: fused attention, hybridized blocks,
 trimmed and bucketed batches, the device-side training loop."""
 import re
+import time
 
 import numpy as onp
 import pytest
@@ -275,3 +276,64 @@ def test_the_last_block_at_cls_only_gives_the_same_logits_and_gradients(hybridiz
     # The shared encoder still gives every position to a caller that wants them all.
     assert cls.encoder(*X).shape == (len(y), X[0].shape[1], H)
     assert cls.encoder(X[0], X[1], X[2], True).shape == (len(y), 1, H)
+
+
+class _SlowBackward(mx.operator.CustomOp):
+    """The identity, whose backward sleeps before noting that it ran: MXNet's engine is still busy
+    with the step after its loss has been read."""
+    backward_done = False
+
+    def forward(self, is_train, req, in_data, out_data, aux):
+        _SlowBackward.backward_done = False  # runs after the previous step's update (it reads its weights)
+        self.assign(out_data[0], req[0], in_data[0])
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        time.sleep(0.2)
+        _SlowBackward.backward_done = True
+        self.assign(in_grad[0], req[0], out_grad[0])
+
+
+@mx.operator.register("nlibert_test_slow_backward")
+class _SlowBackwardProp(mx.operator.CustomOpProp):
+    def __init__(self):
+        super().__init__(need_top_grad=True)
+
+    def create_operator(self, ctx, shapes, dtypes):
+        return _SlowBackward()
+
+
+class _WithSlowBackward(gluon.Block):
+    """The classifier plus 0 x a slow-backward branch from a parameter of its own: the loss does not
+    depend on the branch's backward, so reading the loss does not wait for it (at the top of the net,
+    MXNet's CPU engine would run it before the loss read anyway)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.w = gluon.Parameter("w", shape=(1,), init=init.One())
+
+    def forward(self, X):
+        slow = mx.nd.Custom(self.w.data().as_nd_ndarray(), op_type="nlibert_test_slow_backward").as_np_ndarray()
+        return self.net(X) + 0 * slow
+
+
+@pytest.mark.parametrize("loop", [train_ch13, train_fast])
+def test_the_timer_stops_after_the_whole_step_not_the_loss_read(monkeypatch, loop):
+    """Reading the loss waits for the forward pass only; the examples/sec must cover backward and the update."""
+    from nlibert.backends.mxnet import train as train_module
+    from nlibert.core.training import Timer
+    seen = []
+
+    class RecordingTimer(Timer):
+        def stop(self):
+            seen.append(_SlowBackward.backward_done)
+            return super().stop()
+
+    monkeypatch.setattr(train_module, "Timer", RecordingTimer)
+    net = _WithSlowBackward(tiny_classifier())
+    net.w.initialize()
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
+    loop(net, [separable(1, seed=s) for s in range(2)], None, gluon.loss.SoftmaxCrossEntropyLoss(), trainer, 1,
+         CPU, verbose=False)
+    npx.waitall()  # leave nothing running into the next test, whatever the loop did
+    assert seen and all(seen), seen

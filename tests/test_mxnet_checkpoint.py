@@ -45,7 +45,8 @@ def test_save_pretrained_writes_the_books_folder_with_xavier_init(pretrained, vo
     bert, folder = pretrained
     assert sorted(os.listdir(folder)) == ["config.json", "pretrained.params", "vocab.json"]
     config = json.loads((folder / "config.json").read_text())
-    assert config == {"vocab_size": len(vocab), **SIZES, "format": "mxnet", "kind": "pretrained"}
+    assert config == {"vocab_size": len(vocab), **SIZES, "hidden_act": "relu", "layer_norm_eps": 1e-5,
+                      "embedding_norm": False, "attention_dropout": None, "format": "mxnet", "kind": "pretrained"}
     assert json.loads((folder / "vocab.json").read_text()) == vocab.idx_to_token
     params = read_params(folder / "pretrained.params")
     assert list(params) == list(bert._collect_params_with_prefix())

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from nlibert.core.pretraining import (StepRecord, commit_resume_state, format_pretrain_summary,
-                                      read_resume_state, step_seed)
+                                      learning_rate_at, read_resume_state, step_seed)
 from nlibert.core.wiki import (RESERVED_TOKENS, WikiBatchIterator, WikiTextDataset, load_data_wiki,
                                read_wiki, read_wiki_files, wiki_files)
 
@@ -166,6 +166,50 @@ def test_iterator_passes_differ_cover_everything_and_resume_exactly(dataset):
         np.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="batch_size"):
         WikiBatchIterator(dataset, 32, seed=3).load_state_dict(state)
+
+
+def test_remasking_draws_new_masks_each_pass_over_the_same_pairs(dataset):
+    it = WikiBatchIterator(dataset, len(dataset), shuffle=False, seed=3, remask=True)  # one batch a pass
+    passes = [next(iter(it)) for _ in range(3)]
+    for x, y in zip(passes[0], dataset.arrays):  # pass 0: the dataset's own masks (the book)
+        np.testing.assert_array_equal(x, y)
+    book = WikiBatchIterator(dataset, len(dataset), shuffle=False, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip([next(iter(book)) for _ in range(2)][1], passes[0]))
+    rows = np.arange(len(dataset))[:, None]
+    packed = dataset.packed_token_ids
+    for ids, segments, valid_lens, positions, weights, labels, nsp in passes[1:]:
+        for x, y in ((segments, dataset.all_segments), (valid_lens, dataset.valid_lens), (nsp, dataset.nsp_labels),
+                     (weights.sum(1), dataset.all_mlm_weights.sum(1))):  # the same pairs, as many predictions
+            np.testing.assert_array_equal(x, y)
+        real = weights == 1
+        np.testing.assert_array_equal(labels[real], packed[rows, positions][real])
+        untouched = np.ones(packed.shape, bool)
+        untouched[np.broadcast_to(rows, positions.shape)[real], positions[real]] = False
+        np.testing.assert_array_equal(ids[untouched], packed[untouched])
+        assert np.mean(ids[rows, positions][real] == dataset.vocab["<mask>"]) == pytest.approx(0.8, abs=0.03)
+        assert np.mean(positions[real] != dataset.all_pred_positions[real]) > 0.5  # new positions
+    assert not np.array_equal(passes[1][3], passes[2][3])
+    # the masks of a pass depend only on (seed, pass): a resumed iterator draws the same
+    resumed = WikiBatchIterator(dataset, len(dataset), shuffle=False, seed=3, remask=True)
+    resumed.load_state_dict({"epoch": 2, "batch": 0})
+    for x, y in zip(next(iter(resumed)), passes[2]):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="remask"):
+        book.load_state_dict(it.state_dict())
+
+
+def test_learning_rate_warms_up_then_stays_or_decays_linearly():
+    lr = 0.01
+    assert [learning_rate_at(s, lr, 4) for s in range(1, 5)] == [lr] * 4  # the book: constant
+    assert [learning_rate_at(s, lr, 10, 4) for s in range(1, 11)] == pytest.approx(
+        [lr / 4, lr / 2, 3 * lr / 4] + [lr] * 7)
+    assert [learning_rate_at(s, lr, 10, 4, "linear") for s in range(1, 11)] == pytest.approx(
+        [lr / 4, lr / 2, 3 * lr / 4, lr] + [lr * k / 6 for k in (5, 4, 3, 2, 1, 0)])
+    assert [learning_rate_at(s, lr, 4, 0, "linear") for s in range(1, 5)] == pytest.approx([0.0075, 0.005, 0.0025, 0])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        learning_rate_at(1, lr, 4, -1)
+    with pytest.raises(ValueError, match="lr_decay"):
+        learning_rate_at(1, lr, 4, 0, "cosine")
 
 
 def test_resume_state_names_its_files_and_prunes_older_ones(tmp_path):

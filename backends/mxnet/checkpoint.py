@@ -30,11 +30,13 @@ from mxnet.base import MXNetError
 from mxnet.gluon import nn
 
 from nlibert.core.checkpoint import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_folder_format,
-                                     check_shapes, config_dict, mxnet_to_torch_key, read_classifier_folder,
-                                     resolve_pretrained_folder, resolve_sizes)
+                                     check_shapes, config_dict, convert_params, load_folder_vocab,
+                                     mxnet_to_torch_key, read_classifier_folder,
+                                     resolve_pretrained_folder, resolve_architecture, resolve_sizes)
 from nlibert.core.config import BERTConfig
+from nlibert.core.hf import is_hf_folder, load_hf_checkpoint
 from nlibert.core.io import atomic_path, write_json
-from nlibert.core.vocab import Vocab, load_vocab, save_vocab
+from nlibert.core.vocab import Vocab, save_vocab
 
 from .model import BERTClassifier, BERTEncoder, BERTModel
 
@@ -167,8 +169,11 @@ def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int 
     """
     devices = _as_contexts(devices)
     folder = resolve_pretrained_folder(pretrained_model, "mxnet")
+    if is_hf_folder(folder):
+        return _load_hf_model(folder, devices, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
+                              num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len)
     written = check_folder_format(folder, "mxnet")
-    vocab = load_vocab(os.path.join(folder, VOCAB_FILE))
+    vocab = load_folder_vocab(folder, written)
     params_path = os.path.join(folder, PRETRAINED_FILE)
     params = read_params(params_path)
     # Sizes are read off torch names; names that are not the book's are reported by _load_strict.
@@ -182,8 +187,27 @@ def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int 
                           ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads, num_layers=num_layers,
                           dropout=dropout, max_len=max_len)
 
-    bert = BERTModel(len(vocab), **sizes)
+    bert = BERTModel(len(vocab), **sizes, **resolve_architecture(torch_named, written))
     _load_strict(bert, params, params_path, devices)
+    return bert, vocab
+
+
+def _read_torch_bin(path: str) -> dict[str, onp.ndarray]:
+    """A Hugging Face `pytorch_model.bin` as numpy arrays: only torch reads that format."""
+    from nlibert.backends.torch.checkpoint import read_params as read_torch_params
+    return read_torch_params(path)
+
+
+def _load_hf_model(folder: str, devices: Sequence[mx.Context], **sizes) -> tuple[BERTModel, Vocab]:
+    """`(bert, vocab)` from a Hugging Face BERT folder (core/hf.py): sizes and options from its
+    config.json, its WordPiece vocabulary, its tensors under our names through the torch -> MXNet
+    map. Heads the file lacks (MiniLM has no MLM or NSP head) get the book's `init.Xavier()`."""
+    cfg, vocab, params, missing_heads, path = load_hf_checkpoint(folder, read_bin=_read_torch_bin, **sizes)
+    bert = BERTModel.from_config(cfg)
+    own = bert._collect_params_with_prefix()
+    bert.initialize(init.Xavier(), ctx=list(devices), force_reinit=True)
+    for name, value in convert_params(params, "mxnet", source=path).items():
+        own[name].set_data(np.array(value, dtype="float32"))  # core checked every name and shape
     return bert, vocab
 
 
@@ -218,7 +242,7 @@ def save_pretrained(bert: BERTModel, vocab: Vocab, folder: str | os.PathLike) ->
         own[name].initialize(default_init=init.Xavier())
     os.makedirs(folder, exist_ok=True)
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), config_dict(bert.config, "mxnet", "pretrained"))
+    write_json(os.path.join(folder, CONFIG_FILE), config_dict(bert.config, "mxnet", "pretrained", vocab))
     _save_parameters(bert, os.path.join(folder, PRETRAINED_FILE))
 
 
@@ -233,7 +257,7 @@ def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapp
     config = config if config is not None else getattr(net, "config", None)
     os.makedirs(folder, exist_ok=True)
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), config_dict(config, "mxnet", "classifier"))
+    write_json(os.path.join(folder, CONFIG_FILE), config_dict(config, "mxnet", "classifier", vocab))
     _save_parameters(net, os.path.join(folder, CLASSIFIER_FILE))
 
 
@@ -244,8 +268,7 @@ class _Backbone(nn.Block):
     def __init__(self, cfg: BERTConfig, **kwargs) -> None:
         super().__init__(**kwargs)
         self.config = cfg
-        self.encoder = BERTEncoder(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads,
-                                   cfg.num_layers, cfg.dropout, cfg.max_len)
+        self.encoder = BERTEncoder.from_config(cfg)
         self.hidden = nn.Dense(cfg.num_hiddens, activation="tanh", in_units=cfg.num_hiddens)
 
 

@@ -6,9 +6,12 @@ encoder (token + segment + learned position embeddings, then the blocks), the tw
 heads (masked LM, next-sentence prediction), BERT itself, and the fine-tuning classifier.
 
 It computes what d2l's MXNet `BERTModel` computes (facts §1.2) and its `save_parameters` names are
-the book's (facts §1.4), so the book's `bert.small` / `bert.base` files load unchanged. Differences
-from HF BERT are the book's, kept on purpose: ReLU not GELU, LayerNorm eps 1e-5, no embedding
-LayerNorm or dropout, valid-length masking by *replacing* scores with -1e6.
+the book's (facts §1.4), so the book's `bert.small` / `bert.base` files load unchanged. By default
+the differences from HF BERT are the book's, kept on purpose: ReLU not GELU, LayerNorm eps 1e-5, no
+embedding LayerNorm or dropout. Hugging Face checkpoints switch on BERT's options
+(`hidden_act='gelu'`, `layer_norm_eps`, `embedding_norm`, `attention_dropout`: see `BERTConfig`).
+Either way valid-length masking *replaces* scores with -1e6, which gives the masked keys the same
+zero weight as BERT's additive mask.
 
 Two things differ from the book's text but not from what it computes:
 - every layer is told its input size (`in_units`, `in_channels`), as torch's `nn.Linear(in, out)`
@@ -175,13 +178,31 @@ class MultiHeadAttention(nn.HybridBlock):
         return F.npx.batch_dot(self.attention.dropout(weights), v)  # (B*h, T_q, H/h)
 
 
-class PositionWiseFFN(nn.HybridBlock):
-    """The same two-layer MLP at every position: H -> F -> H, ReLU (the book's, not GELU)."""
+class GELUDense(nn.Dense):
+    """A Dense followed by GELU (the exact erf form), with a Dense's parameters and names: Gluon's
+    `Dense(activation=...)` knows no GELU, and a separate activation child would shift the
+    `Sequential` indices that the masked-LM head's parameter names carry."""
 
-    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, **kwargs) -> None:
+    def hybrid_forward(self, F, x, weight, bias=None):
+        return F.npx.leaky_relu(super().hybrid_forward(F, x, weight, bias), act_type="gelu")
+
+
+def dense_with_activation(units: int, in_units: int, hidden_act: str, flatten: bool = False) -> nn.Dense:
+    """A Dense with the activation fused in: 'relu' (the book's) or 'gelu' (BERT's)."""
+    if hidden_act == "relu":
+        return nn.Dense(units, activation="relu", flatten=flatten, in_units=in_units)
+    if hidden_act == "gelu":
+        return GELUDense(units, flatten=flatten, in_units=in_units)
+    raise ValueError(f"unknown activation {hidden_act!r}: use 'relu' or 'gelu'")
+
+
+class PositionWiseFFN(nn.HybridBlock):
+    """The same two-layer MLP at every position: H -> F -> H, ReLU (the book's) or GELU (BERT's)."""
+
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, hidden_act: str = "relu", **kwargs) -> None:
         super().__init__(**kwargs)
-        # Gluon fuses the ReLU into dense1, so there is no separate activation child (nor key).
-        self.dense1 = nn.Dense(ffn_num_hiddens, activation="relu", flatten=False, in_units=num_hiddens)
+        # The activation is fused into dense1, so there is no separate activation child (nor key).
+        self.dense1 = dense_with_activation(ffn_num_hiddens, num_hiddens, hidden_act)
         self.dense2 = nn.Dense(num_hiddens, flatten=False, in_units=ffn_num_hiddens)
 
     def hybrid_forward(self, F, X: np.ndarray) -> np.ndarray:
@@ -191,10 +212,10 @@ class PositionWiseFFN(nn.HybridBlock):
 class AddNorm(nn.HybridBlock):
     """Residual connection then LayerNorm (post-LN): ln(dropout(Y) + X)."""
 
-    def __init__(self, num_hiddens: int, dropout: float, **kwargs) -> None:
+    def __init__(self, num_hiddens: int, dropout: float, layer_norm_eps: float = 1e-5, **kwargs) -> None:
         super().__init__(**kwargs)
         self.dropout = nn.Dropout(dropout)
-        self.ln = nn.LayerNorm(epsilon=1e-5, in_channels=num_hiddens)  # params gamma / beta
+        self.ln = nn.LayerNorm(epsilon=layer_norm_eps, in_channels=num_hiddens)  # params gamma / beta
 
     def hybrid_forward(self, F, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
         return self.ln(self.dropout(Y) + X)
@@ -206,13 +227,15 @@ class EncoderBlock(nn.HybridBlock):
     The unit that `hybridize()` turns into one cached graph (see `BERTEncoder`)."""
 
     def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float, *,
-                 fused_attention: bool = False, **kwargs) -> None:
+                 fused_attention: bool = False, hidden_act: str = "relu", layer_norm_eps: float = 1e-5,
+                 attention_dropout: float | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, use_bias=True,
+        attention_dropout = dropout if attention_dropout is None else attention_dropout
+        self.attention = MultiHeadAttention(num_hiddens, num_heads, attention_dropout, use_bias=True,
                                             fused_attention=fused_attention)
-        self.addnorm1 = AddNorm(num_hiddens, dropout)
-        self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens)
-        self.addnorm2 = AddNorm(num_hiddens, dropout)
+        self.addnorm1 = AddNorm(num_hiddens, dropout, layer_norm_eps)
+        self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens, hidden_act)
+        self.addnorm2 = AddNorm(num_hiddens, dropout, layer_norm_eps)
 
     def hybrid_forward(self, F, X: np.ndarray, valid_lens: np.ndarray | None,
                        queries: np.ndarray | None = None) -> np.ndarray:
@@ -231,19 +254,32 @@ class BERTEncoder(nn.Block):
     takes the one passed to `initialize` (Xavier in the book's pretraining). Assigning it as an
     attribute registers it, so `save_parameters` names it `encoder.pos_embedding`. Reading it with
     `.data()` inside `autograd.record` is tracked, so unlike r0.17's torch code it is trained.
+
+    `embedding_norm=True` (BERT's, off in the book) adds `embedding_ln` and dropout after the sum.
     """
 
     def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
                  num_layers: int, dropout: float, max_len: int = 1000, *, fused_attention: bool = False,
-                 **kwargs) -> None:
+                 hidden_act: str = "relu", layer_norm_eps: float = 1e-5, embedding_norm: bool = False,
+                 attention_dropout: float | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
         self.segment_embedding = nn.Embedding(2, num_hiddens)
+        if embedding_norm:
+            self.embedding_ln = nn.LayerNorm(epsilon=layer_norm_eps, in_channels=num_hiddens)
+            self.embedding_dropout = nn.Dropout(dropout)
+        self.embedding_norm = embedding_norm
         self.blks = nn.Sequential()  # children '0', '1', ... -> keys encoder.blks.{i}.*
         for _ in range(num_layers):
             self.blks.add(EncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout,
-                                       fused_attention=fused_attention))
+                                       fused_attention=fused_attention, hidden_act=hidden_act,
+                                       layer_norm_eps=layer_norm_eps, attention_dropout=attention_dropout))
         self.pos_embedding = self.params.get("pos_embedding", shape=(1, max_len, num_hiddens))
+
+    @classmethod
+    def from_config(cls, cfg: BERTConfig, *, fused_attention: bool = False) -> "BERTEncoder":
+        return cls(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads, cfg.num_layers,
+                   cfg.dropout, cfg.max_len, fused_attention=fused_attention, **cfg.architecture())
 
     def forward(self, tokens: np.ndarray, segments: np.ndarray,
                 valid_lens: np.ndarray | None, cls_only: bool = False) -> np.ndarray:
@@ -255,8 +291,9 @@ class BERTEncoder(nn.Block):
         if T > max_len:
             raise ValueError(f"sequence length {T} exceeds max_len {max_len}")
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
-        # No embedding LayerNorm, dropout or sqrt(H) scaling in the book.
-        X = X + self.pos_embedding.data(ctx=X.ctx)[:, :T, :]
+        X = X + self.pos_embedding.data(ctx=X.ctx)[:, :T, :]  # no sqrt(H) scaling, in the book as in BERT
+        if self.embedding_norm:
+            X = self.embedding_dropout(self.embedding_ln(X))
         last = len(self.blks) - 1
         for i, blk in enumerate(self.blks):
             if i == last and getattr(blk, "_cls_only_graph", cls_only) != cls_only:
@@ -270,13 +307,14 @@ class BERTEncoder(nn.Block):
 class MaskLM(nn.Block):
     """Masked-LM head: gather the hidden states at `pred_positions`, then an MLP to vocab logits."""
 
-    def __init__(self, vocab_size: int, num_hiddens: int, **kwargs) -> None:
+    def __init__(self, vocab_size: int, num_hiddens: int, hidden_act: str = "relu",
+                 layer_norm_eps: float = 1e-5, **kwargs) -> None:
         super().__init__(**kwargs)
-        # Three children, keys mlm.mlp.{0,1,2}.*: the ReLU is fused into the first Dense
+        # Three children, keys mlm.mlp.{0,1,2}.*: the activation is fused into the first Dense
         # (torch needs a fourth module for it, hence its mlm.mlp.{0,2,3}).
         self.mlp = nn.Sequential()
-        self.mlp.add(nn.Dense(num_hiddens, activation="relu", flatten=False, in_units=num_hiddens),
-                     nn.LayerNorm(epsilon=1e-5, in_channels=num_hiddens),
+        self.mlp.add(dense_with_activation(num_hiddens, num_hiddens, hidden_act),
+                     nn.LayerNorm(epsilon=layer_norm_eps, in_channels=num_hiddens),
                      nn.Dense(vocab_size, flatten=False, in_units=num_hiddens))
 
     def forward(self, X: np.ndarray, pred_positions: np.ndarray) -> np.ndarray:
@@ -303,27 +341,31 @@ class NextSentencePred(nn.Block):
 class BERTModel(nn.Block):
     """BERT as pretrained in the book: encoder, pooler (`hidden`), masked-LM and NSP heads.
 
-    `config` holds the sizes it was built with (a `BERTConfig`), which checkpoints record.
+    `config` holds the sizes and options it was built with (a `BERTConfig`), which checkpoints
+    record. The keyword-only architecture options are `BERTConfig`'s; their defaults are the book's.
     """
 
     def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
                  num_layers: int, dropout: float, max_len: int = 1000, *, fused_attention: bool = False,
-                 **kwargs) -> None:
+                 hidden_act: str = "relu", layer_norm_eps: float = 1e-5, embedding_norm: bool = False,
+                 attention_dropout: float | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.config = BERTConfig(vocab_size=vocab_size, num_hiddens=num_hiddens,
                                  ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
-                                 num_layers=num_layers, dropout=dropout, max_len=max_len)
-        self.encoder = BERTEncoder(vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_layers,
-                                   dropout, max_len, fused_attention=fused_attention)
+                                 num_layers=num_layers, dropout=dropout, max_len=max_len,
+                                 hidden_act=hidden_act, layer_norm_eps=layer_norm_eps,
+                                 embedding_norm=embedding_norm, attention_dropout=attention_dropout)
+        self.encoder = BERTEncoder.from_config(self.config, fused_attention=fused_attention)
         # The pooler: one Dense with a fused tanh on <cls>, so its keys are hidden.* (torch: hidden.0.*).
         self.hidden = nn.Dense(num_hiddens, activation="tanh", in_units=num_hiddens)
-        self.mlm = MaskLM(vocab_size, num_hiddens)
+        self.mlm = MaskLM(vocab_size, num_hiddens, hidden_act, layer_norm_eps)
         self.nsp = NextSentencePred(num_hiddens)
 
     @classmethod
     def from_config(cls, cfg: BERTConfig, *, fused_attention: bool = False) -> "BERTModel":
         return cls(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads,
-                   cfg.num_layers, cfg.dropout, cfg.max_len, fused_attention=fused_attention)
+                   cfg.num_layers, cfg.dropout, cfg.max_len, fused_attention=fused_attention,
+                   **cfg.architecture())
 
     def forward(self, tokens: np.ndarray, segments: np.ndarray,
                 valid_lens: np.ndarray | None = None, pred_positions: np.ndarray | None = None

@@ -14,14 +14,16 @@ Changed: no Animator (per-step figures are returned as `StepRecord`s); `start_st
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Callable, Iterable, Sequence
 
 import mxnet as mx
 import numpy as onp
 from mxnet import autograd, gluon, init, np, npx
 
-from nlibert.core.io import atomic_path
-from nlibert.core.pretraining import StepRecord, check_mlm_loss, format_pretrain_summary, step_file, step_seed
+from nlibert.core.io import atomic_path, atomic_write
+from nlibert.core.pretraining import (StepRecord, check_lr_schedule, check_mlm_loss, format_pretrain_summary,
+                                      learning_rate_at, step_file, step_seed)
 from nlibert.core.training import Accumulator, Timer
 
 from .runtime import make_trainer
@@ -74,8 +76,8 @@ def _as_mx(x, ctx: mx.Context) -> np.ndarray:
 def train_bert(train_iter: Iterable, net: gluon.Block, loss: gluon.loss.Loss, vocab_size: int,
                devices: Sequence[mx.Context], num_steps: int, *, trainer: gluon.Trainer | None = None,
                lr: float = 0.01, mlm_loss: str = "masked", start_step: int = 0, seed: int | None = None,
-               on_step: Callable[[StepRecord], bool | None] | None = None, verbose: bool = True
-               ) -> list[StepRecord]:
+               on_step: Callable[[StepRecord], bool | None] | None = None, verbose: bool = True,
+               warmup_steps: int = 0, lr_decay: str = "none") -> list[StepRecord]:
     """Pretrain `net` (a `BERTModel` initialised on every device) on batches of the book's
     7-tuples until step `num_steps`.
 
@@ -83,9 +85,13 @@ def train_bert(train_iter: Iterable, net: gluon.Block, loss: gluon.loss.Loss, vo
     `trainer` defaults to Adam(lr) as the book. With `seed`, MXNet's generators are re-seeded from
     `(seed, step)` before every step (`core.pretraining.step_seed`), so dropout does not depend on
     where a run was resumed. `on_step(record)` is called after each step; a true return stops.
+    With `warmup_steps` or `lr_decay='linear'`, the trainer's rate is set before every step to
+    `core.pretraining.learning_rate_at(step, lr, num_steps, ...)`; without, it is left alone (the book).
     Returns the figures of the steps run here; prints the book's two lines if `verbose`.
     """
     check_mlm_loss(mlm_loss)
+    check_lr_schedule(warmup_steps, lr_decay)
+    scheduled = warmup_steps > 0 or lr_decay != "none"
     devices = list(devices)
     if not devices:
         raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
@@ -109,6 +115,8 @@ def train_bert(train_iter: Iterable, net: gluon.Block, loss: gluon.loss.Loss, vo
                 gluon.utils.split_and_load(_as_mx(elem, staging), devices, even_split=False) for elem in batch]
             if seed is not None:
                 mx.random.seed(step_seed(seed, step + 1))
+            if scheduled:
+                trainer.set_learning_rate(learning_rate_at(step + 1, lr, num_steps, warmup_steps, lr_decay))
             timer.start()
             with autograd.record():
                 mlm_ls, nsp_ls, ls = _get_batch_loss_bert(
@@ -126,7 +134,8 @@ def train_bert(train_iter: Iterable, net: gluon.Block, loss: gluon.loss.Loss, vo
             seconds = timer.stop()
             step += 1
             metric.add(mlm_value, nsp_value, len(batch[0]), 1)
-            record = StepRecord(step, mlm_value, nsp_value, int(len(batch[0])), seconds)
+            record = StepRecord(step, mlm_value, nsp_value, int(len(batch[0])), seconds,
+                                float(trainer.learning_rate))
             records.append(record)
             if (on_step is not None and on_step(record)) or step >= num_steps:
                 stop = True
@@ -138,23 +147,86 @@ def train_bert(train_iter: Iterable, net: gluon.Block, loss: gluon.loss.Loss, vo
     return records
 
 
+def _trainer_updaters(trainer: gluon.Trainer) -> list:
+    """The `Updater`s holding the trainer's optimizer states, keyed by the trainer's parameter index:
+    the kvstore's one when it updates (several devices), else one per device."""
+    # The same set-up `Trainer.save_states` / `load_states` do first (the kvstore is created lazily).
+    if not trainer._kv_initialized:
+        trainer._init_kvstore()
+    if trainer._params_to_init:
+        trainer._init_params()
+    return [trainer._kvstore._updater] if trainer._update_on_kvstore else list(trainer._updaters)
+
+
+def _trainer_index_by_name(net: gluon.Block, trainer: gluon.Trainer) -> dict[str, int]:
+    """Structured parameter name (`encoder.blks.0.attention.W_q.weight`, as `save_parameters`) ->
+    the trainer's index of that parameter. The trainer orders parameters by their global names
+    (`dense12_weight`), which depend on how many blocks the process made before: two models of
+    the same shape can order them differently, so states are never matched by index across runs."""
+    return {name: trainer._param2idx[param.name] for name, param in net._collect_params_with_prefix().items()}
+
+
 def save_training_state(folder: str | os.PathLike, net: gluon.Block, trainer: gluon.Trainer,
                         step: int) -> dict[str, str]:
-    """Write the model parameters (`save_parameters`) and the trainer state (`save_states`: Adam's
-    moments and update counts) of step `step` into `folder`, each atomically; returns the file
-    names for the resume `state.json`. MXNet's RNG state cannot be read; `train_bert(seed=...)`
+    """Write the model parameters (`save_parameters`) and the trainer state of step `step` into
+    `folder`, each atomically; returns the file names for the resume `state.json`.
+
+    The trainer file is a numpy `.npz` keyed by structured parameter name: `mean:NAME`, `var:NAME`
+    (Adam's moments) and `count:NAME` (its update count, Adam's bias correction), plus `num_update`.
+    (`Trainer.save_states` keys them by the trainer's index instead, which another model of the same
+    shape may assign to another parameter.) MXNet's RNG state cannot be read; `train_bert(seed=...)`
     re-seeds it per step instead."""
     os.makedirs(folder, exist_ok=True)
     files = {"params": step_file(step, "params"), "trainer": step_file(step, "trainer")}
     with atomic_path(os.path.join(folder, files["params"])) as tmp:
         net.save_parameters(tmp)
-    with atomic_path(os.path.join(folder, files["trainer"])) as tmp:
-        trainer.save_states(tmp)
+    states = _trainer_updaters(trainer)[0].states
+    optimizer = trainer._optimizer
+    counts = optimizer._all_index_update_counts.values()  # one dict per device, all alike
+    arrays = {"num_update": onp.asarray(optimizer.num_update, dtype=onp.int64)}
+    for name, index in _trainer_index_by_name(net, trainer).items():
+        if index not in states:
+            continue  # never updated: Adam creates zero moments at its first update
+        mean, var = states[index]
+        arrays[f"mean:{name}"], arrays[f"var:{name}"] = mean.asnumpy(), var.asnumpy()
+        arrays[f"count:{name}"] = onp.asarray(max(c.get(index, 0) for c in counts), dtype=onp.int64)
+    with atomic_write(os.path.join(folder, files["trainer"]), "wb") as f:
+        onp.savez(f, **arrays)
     return files
 
 
 def load_training_state(folder: str | os.PathLike, files: dict[str, str], net: gluon.Block,
                         trainer: gluon.Trainer, devices: Sequence[mx.Context]) -> None:
-    """Put back what `save_training_state` wrote: parameters (on every device) and trainer state."""
+    """Put back what `save_training_state` wrote: parameters (on every device) and the trainer's
+    Adam states, matched by structured parameter name; every name and shape is checked."""
     net.load_parameters(os.path.join(folder, files["params"]), ctx=list(devices))
-    trainer.load_states(os.path.join(folder, files["trainer"]))
+    path = os.path.join(folder, files["trainer"])
+    try:
+        with onp.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a trainer state of this version (an .npz keyed by parameter name): {e}; "
+                         "pass --no-resume to start over") from e
+    params = net._collect_params_with_prefix()
+    index_by_name = _trainer_index_by_name(net, trainer)
+    expected = {"num_update"} | {f"{kind}:{name}" for name in params for kind in ("mean", "var", "count")}
+    missing, unknown = sorted(expected - arrays.keys()), sorted(arrays.keys() - expected)
+    if missing:
+        raise ValueError(f"{path}: has no key {missing[0]} (not this model's trainer state)")
+    if unknown:
+        raise ValueError(f"{path}: key {unknown[0]} names no parameter of this model")
+    updaters = _trainer_updaters(trainer)
+    optimizer = trainer._optimizer
+    device_ids = {0} | {ctx.device_id for ctx in trainer._contexts}
+    for name, param in params.items():
+        mean, var = arrays[f"mean:{name}"], arrays[f"var:{name}"]
+        for key, value in ((f"mean:{name}", mean), (f"var:{name}", var)):
+            if value.shape != param.shape:
+                raise ValueError(f"{path}: key {key} has shape {value.shape}, the parameter {param.shape}")
+        index = index_by_name[name]
+        for updater in updaters:
+            updater.states[index] = (mx.nd.array(mean, dtype=mean.dtype), mx.nd.array(var, dtype=var.dtype))
+            updater.states_synced[index] = False  # moved to the weight's device at its next update
+        for device_id in device_ids:  # Adam's bias correction reads the count of the update's device
+            optimizer._all_index_update_counts.setdefault(device_id, {})[index] = int(arrays[f"count:{name}"])
+    optimizer.num_update = int(arrays["num_update"])

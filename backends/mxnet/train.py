@@ -4,7 +4,8 @@ Semantics kept from d2l: each batch is split across the devices (`split_batch_mu
 one forward and one loss per shard inside `autograd.record()`, `backward()` on each, then
 `trainer.step(batch_size, ignore_stale_grad=True)`, which sums the shards' gradients and divides
 by the batch size (a mean gradient); `valid_lens` as float32; the timer covering training batches
-only; and the two summary lines printed at the end. Changed: no Animator (figures are returned as
+only (and, here, waiting for each step's backward and update, which the book's timer misses);
+and the two summary lines printed at the end. Changed: no Animator (figures are returned as
 `EpochRecord`s instead), no `num_batches // 5` plotting step (which divided by zero with fewer than
 5 batches), and batches may be plain numpy arrays (`nlibert.core.batching.BatchIterator`).
 """
@@ -99,7 +100,8 @@ def train_batch_ch13(net: gluon.Block, features: Sequence, labels, loss: gluon.l
     # Gradients are summed over the devices and divided by the batch size: a mean over the batch.
     # ignore_stale_grad: as the book (its reason, unused MLM/NSP heads, does not arise: facts §1.4).
     trainer.step(len(y), ignore_stale_grad=True)
-    # One host sync per shard for both numbers; it also makes the caller's per-batch timing honest.
+    # One host read per shard for both numbers. It waits for the forward pass only: backward and the
+    # update may still be running (train_ch13 waits for them before stopping its timer).
     sums = [np.stack([l.sum(), _correct(p, y_shard).astype(l.dtype)]).asnumpy()
             for l, p, y_shard in zip(ls, pred_shards, y_shards)]
     loss_sum, correct = (float(v) for v in onp.sum(sums, axis=0))
@@ -126,6 +128,10 @@ def train_ch13(net: gluon.Block, train_iter: Iterable, test_iter: Iterable | Non
         for features, labels in train_iter:
             timer.start()
             l, acc = train_batch_ch13(net, features, labels, loss, trainer, devices, split_f)
+            # Reading the loss waited for the forward pass only; backward and the update run on in
+            # MXNet's engine and would be charged to the next batch's data copy, outside the timer
+            # (the book's figure misses them): wait for the whole step, once per batch.
+            npx.waitall()
             timer.stop()
             metric.add(l, acc, len(labels), int(onp.prod(onp.shape(labels))))
         if metric[2] == 0:
@@ -219,6 +225,7 @@ def train_fast(net: gluon.Block, train_iter: Iterable, test_iter: Iterable | Non
             raise ValueError("train_iter yielded no batches")
         loss_sum = sum(float(a) for a in loss_sums)  # the epoch's host syncs, one per device
         num_correct = sum(float(a) for a in correct)
+        npx.waitall()  # the sums waited for the last forward pass; the timer covers its backward and update too
         seconds = timer.stop()
         test_acc = (evaluate_accuracy(net, test_iter, devices, split_f) if test_iter is not None
                     else float("nan"))

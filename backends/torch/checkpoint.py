@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from nlibert.core.checkpoint import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_folder_format,
-                                     check_shapes, config_dict, read_classifier_folder, resolve_pretrained_folder,
-                                     resolve_sizes)
+                                     check_shapes, config_dict, load_folder_vocab, read_classifier_folder, resolve_pretrained_folder,
+                                     resolve_architecture, resolve_sizes)
 from nlibert.core.config import BERTConfig
+from nlibert.core.hf import is_hf_folder, load_hf_checkpoint
 from nlibert.core.io import atomic_write, write_json
-from nlibert.core.vocab import Vocab, load_vocab, save_vocab
+from nlibert.core.vocab import Vocab, save_vocab
 
 from .model import BERTClassifier, BERTEncoder, BERTModel
 
@@ -91,16 +92,33 @@ def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int 
     64-dimensional heads); `dropout` is honoured (the book's torch code ignored it and used 0.2).
     """
     folder = resolve_pretrained_folder(pretrained_model, "torch")
+    if is_hf_folder(folder):
+        return _load_hf_model(folder, devices, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
+                              num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len)
     written = check_folder_format(folder, "torch")
-    vocab = load_vocab(os.path.join(folder, VOCAB_FILE))
+    vocab = load_folder_vocab(folder, written)
     params_path = os.path.join(folder, PRETRAINED_FILE)
     state = _load_state_dict(params_path)
     sizes = resolve_sizes(folder, state, params_path, written, num_hiddens=num_hiddens,
                           ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads, num_layers=num_layers,
                           dropout=dropout, max_len=max_len)
 
-    bert = BERTModel(len(vocab), **sizes)
+    bert = BERTModel(len(vocab), **sizes, **resolve_architecture(state, written))
     _load_strict(bert, state, params_path)
+    return bert.to(_first_device(devices)), vocab
+
+
+def _load_hf_model(folder: str, devices: Sequence[torch.device], **sizes) -> tuple[BERTModel, Vocab]:
+    """`(bert, vocab)` from a Hugging Face BERT folder (core/hf.py): sizes and options from its
+    config.json, its WordPiece vocabulary, its tensors under our names. Heads the file lacks (MiniLM
+    has no MLM or NSP head) keep torch's initialisation."""
+    cfg, vocab, params, missing_heads, path = load_hf_checkpoint(folder, read_bin=read_params, **sizes)
+    bert = BERTModel.from_config(cfg)
+    result = bert.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in params.items()},
+                                  strict=False)
+    if result.unexpected_keys or sorted(result.missing_keys) != sorted(missing_heads):
+        raise ValueError(f"{path}: did not fill the model (missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys})")
     return bert.to(_first_device(devices)), vocab
 
 
@@ -115,7 +133,7 @@ def save_pretrained(bert: BERTModel, vocab: Vocab, folder: str | os.PathLike) ->
     os.makedirs(folder, exist_ok=True)
     # The params file last: a folder that has it is complete (jobs reuse such folders).
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), config_dict(bert.config, "torch", "pretrained"))
+    write_json(os.path.join(folder, CONFIG_FILE), config_dict(bert.config, "torch", "pretrained", vocab))
     write_params(bert.state_dict(), os.path.join(folder, PRETRAINED_FILE))
 
 
@@ -127,7 +145,7 @@ def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapp
     config = config if config is not None else getattr(net, "config", None)
     os.makedirs(folder, exist_ok=True)
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), config_dict(config, "torch", "classifier"))
+    write_json(os.path.join(folder, CONFIG_FILE), config_dict(config, "torch", "classifier", vocab))
     write_params(net.state_dict(), os.path.join(folder, CLASSIFIER_FILE))
 
 
@@ -138,8 +156,7 @@ class _Backbone(nn.Module):
     def __init__(self, cfg: BERTConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.encoder = BERTEncoder(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads,
-                                   cfg.num_layers, cfg.dropout, cfg.max_len)
+        self.encoder = BERTEncoder.from_config(cfg)
         self.hidden = nn.Sequential(nn.Linear(cfg.num_hiddens, cfg.num_hiddens), nn.Tanh())
 
 

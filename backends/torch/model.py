@@ -7,8 +7,11 @@ heads (masked LM, next-sentence prediction), BERT itself, and the fine-tuning cl
 
 It computes what d2l's `BERTModel` computes (facts §1.2) and its `state_dict` keys are the book's
 (facts §1.4), so the book's `bert.small.torch` / `bert.base.torch` files load unchanged.
-Differences from HF BERT are the book's, kept on purpose: ReLU not GELU, LayerNorm eps 1e-5,
-no embedding LayerNorm or dropout, valid-length masking by *replacing* scores with -1e6.
+By default the differences from HF BERT are the book's, kept on purpose: ReLU not GELU, LayerNorm
+eps 1e-5, no embedding LayerNorm or dropout. Hugging Face checkpoints switch on BERT's options
+(`hidden_act='gelu'`, `layer_norm_eps`, `embedding_norm`, `attention_dropout`: see `BERTConfig`).
+Either way valid-length masking *replaces* scores with -1e6, which gives the masked keys the same
+zero weight as BERT's additive mask.
 
 Shapes: B batch, T sequence length, H num_hiddens, h num_heads, F ffn_num_hiddens, V vocab size,
 P number of masked positions to predict.
@@ -146,26 +149,35 @@ class MultiHeadAttention(nn.Module):
         return self.W_o(out.transpose(1, 2).reshape(B, T_q, H))  # (B, T_q, H)
 
 
-class PositionWiseFFN(nn.Module):
-    """The same two-layer MLP at every position: H -> F -> H, ReLU (the book's, not GELU)."""
+def activation(name: str) -> nn.Module:
+    """'relu' (the book's) or 'gelu' (BERT's exact erf form, not the tanh approximation)."""
+    if name == "relu":
+        return nn.ReLU()
+    if name == "gelu":
+        return nn.GELU(approximate="none")
+    raise ValueError(f"unknown activation {name!r}: use 'relu' or 'gelu'")
 
-    def __init__(self, num_hiddens: int, ffn_num_hiddens: int) -> None:
+
+class PositionWiseFFN(nn.Module):
+    """The same two-layer MLP at every position: H -> F -> H, ReLU (the book's) or GELU (BERT's)."""
+
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, hidden_act: str = "relu") -> None:
         super().__init__()
         self.dense1 = nn.Linear(num_hiddens, ffn_num_hiddens)
-        self.relu = nn.ReLU()
+        self.activation = activation(hidden_act)
         self.dense2 = nn.Linear(ffn_num_hiddens, num_hiddens)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return self.dense2(self.relu(self.dense1(X)))  # (B, T, H)
+        return self.dense2(self.activation(self.dense1(X)))  # (B, T, H)
 
 
 class AddNorm(nn.Module):
     """Residual connection then LayerNorm (post-LN): ln(dropout(Y) + X)."""
 
-    def __init__(self, num_hiddens: int, dropout: float) -> None:
+    def __init__(self, num_hiddens: int, dropout: float, layer_norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.ln = nn.LayerNorm(num_hiddens, eps=1e-5)
+        self.ln = nn.LayerNorm(num_hiddens, eps=layer_norm_eps)
 
     def forward(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         return self.ln(self.dropout(Y) + X)
@@ -175,13 +187,15 @@ class EncoderBlock(nn.Module):
     """One Transformer encoder block: self-attention, add & norm, FFN, add & norm."""
 
     def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float, *,
-                 fused_attention: bool = False) -> None:
+                 fused_attention: bool = False, hidden_act: str = "relu", layer_norm_eps: float = 1e-5,
+                 attention_dropout: float | None = None) -> None:
         super().__init__()
-        self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, bias=True,
+        attention_dropout = dropout if attention_dropout is None else attention_dropout
+        self.attention = MultiHeadAttention(num_hiddens, num_heads, attention_dropout, bias=True,
                                             fused_attention=fused_attention)
-        self.addnorm1 = AddNorm(num_hiddens, dropout)
-        self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens)
-        self.addnorm2 = AddNorm(num_hiddens, dropout)
+        self.addnorm1 = AddNorm(num_hiddens, dropout, layer_norm_eps)
+        self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens, hidden_act)
+        self.addnorm2 = AddNorm(num_hiddens, dropout, layer_norm_eps)
 
     def forward(self, X: torch.Tensor, valid_lens: torch.Tensor | None,
                 queries: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,19 +215,36 @@ class BERTEncoder(nn.Module):
     positional embedding never got a gradient and stayed at its random init (fixed in d2l master,
     d2l-en PR #2121). `detach_pos_embedding=True` reproduces that r0.17 behaviour for readers who
     want to compare; the parameter is still in the `state_dict` either way.
+
+    `embedding_norm=True` (BERT's, off in the book) adds `embedding_ln` and dropout after the sum.
     """
 
     def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
                  num_layers: int, dropout: float, max_len: int = 1000, *,
-                 detach_pos_embedding: bool = False, fused_attention: bool = False) -> None:
+                 detach_pos_embedding: bool = False, fused_attention: bool = False, hidden_act: str = "relu",
+                 layer_norm_eps: float = 1e-5, embedding_norm: bool = False,
+                 attention_dropout: float | None = None) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
         self.segment_embedding = nn.Embedding(2, num_hiddens)
+        if embedding_norm:
+            self.embedding_ln = nn.LayerNorm(num_hiddens, eps=layer_norm_eps)
+            self.embedding_dropout = nn.Dropout(dropout)
+        self.embedding_norm = embedding_norm
         self.blks = nn.Sequential(*[EncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout,
-                                                 fused_attention=fused_attention)
+                                                 fused_attention=fused_attention, hidden_act=hidden_act,
+                                                 layer_norm_eps=layer_norm_eps,
+                                                 attention_dropout=attention_dropout)
                                     for _ in range(num_layers)])
         self.pos_embedding = nn.Parameter(torch.randn(1, max_len, num_hiddens))  # N(0, 1), as the book
         self.detach_pos_embedding = detach_pos_embedding
+
+    @classmethod
+    def from_config(cls, cfg: BERTConfig, *, detach_pos_embedding: bool = False,
+                    fused_attention: bool = False) -> "BERTEncoder":
+        return cls(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads, cfg.num_layers,
+                   cfg.dropout, cfg.max_len, detach_pos_embedding=detach_pos_embedding,
+                   fused_attention=fused_attention, **cfg.architecture())
 
     def forward(self, tokens: torch.Tensor, segments: torch.Tensor,
                 valid_lens: torch.Tensor | None, cls_only: bool = False) -> torch.Tensor:
@@ -225,7 +256,9 @@ class BERTEncoder(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_len {self.pos_embedding.shape[1]}")
         pos = self.pos_embedding.detach() if self.detach_pos_embedding else self.pos_embedding
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
-        X = X + pos[:, :T, :]  # no embedding LayerNorm, dropout or sqrt(H) scaling in the book
+        X = X + pos[:, :T, :]  # no sqrt(H) scaling, in the book as in BERT
+        if self.embedding_norm:
+            X = self.embedding_dropout(self.embedding_ln(X))
         last = len(self.blks) - 1
         for i, blk in enumerate(self.blks):
             X = blk(X, valid_lens, X[:, :1, :]) if cls_only and i == last else blk(X, valid_lens)
@@ -235,11 +268,12 @@ class BERTEncoder(nn.Module):
 class MaskLM(nn.Module):
     """Masked-LM head: gather the hidden states at `pred_positions`, then an MLP to vocab logits."""
 
-    def __init__(self, vocab_size: int, num_hiddens: int) -> None:
+    def __init__(self, vocab_size: int, num_hiddens: int, hidden_act: str = "relu",
+                 layer_norm_eps: float = 1e-5) -> None:
         super().__init__()
         # Indices 0..3 matter: they are the state_dict keys mlm.mlp.{0,2,3}.* of the book's files.
-        self.mlp = nn.Sequential(nn.Linear(num_hiddens, num_hiddens), nn.ReLU(),
-                                 nn.LayerNorm(num_hiddens, eps=1e-5),
+        self.mlp = nn.Sequential(nn.Linear(num_hiddens, num_hiddens), activation(hidden_act),
+                                 nn.LayerNorm(num_hiddens, eps=layer_norm_eps),
                                  nn.Linear(num_hiddens, vocab_size))
 
     def forward(self, X: torch.Tensor, pred_positions: torch.Tensor) -> torch.Tensor:
@@ -264,22 +298,26 @@ class NextSentencePred(nn.Module):
 class BERTModel(nn.Module):
     """BERT as pretrained in the book: encoder, pooler (`hidden`), masked-LM and NSP heads.
 
-    `config` holds the sizes it was built with (a `BERTConfig`), which checkpoints record.
+    `config` holds the sizes and options it was built with (a `BERTConfig`), which checkpoints
+    record. The keyword-only architecture options are `BERTConfig`'s; their defaults are the book's.
     """
 
     def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
                  num_layers: int, dropout: float, max_len: int = 1000, *,
-                 detach_pos_embedding: bool = False, fused_attention: bool = False) -> None:
+                 detach_pos_embedding: bool = False, fused_attention: bool = False, hidden_act: str = "relu",
+                 layer_norm_eps: float = 1e-5, embedding_norm: bool = False,
+                 attention_dropout: float | None = None) -> None:
         super().__init__()
         self.config = BERTConfig(vocab_size=vocab_size, num_hiddens=num_hiddens,
                                  ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
-                                 num_layers=num_layers, dropout=dropout, max_len=max_len)
-        self.encoder = BERTEncoder(vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_layers,
-                                   dropout, max_len, detach_pos_embedding=detach_pos_embedding,
-                                   fused_attention=fused_attention)
+                                 num_layers=num_layers, dropout=dropout, max_len=max_len,
+                                 hidden_act=hidden_act, layer_norm_eps=layer_norm_eps,
+                                 embedding_norm=embedding_norm, attention_dropout=attention_dropout)
+        self.encoder = BERTEncoder.from_config(self.config, detach_pos_embedding=detach_pos_embedding,
+                                               fused_attention=fused_attention)
         # The pooler: a Linear + Tanh on <cls>. A Sequential so the keys are hidden.0.*, as the book.
         self.hidden = nn.Sequential(nn.Linear(num_hiddens, num_hiddens), nn.Tanh())
-        self.mlm = MaskLM(vocab_size, num_hiddens)
+        self.mlm = MaskLM(vocab_size, num_hiddens, hidden_act, layer_norm_eps)
         self.nsp = NextSentencePred(num_hiddens)
 
     @classmethod
@@ -287,7 +325,7 @@ class BERTModel(nn.Module):
                     fused_attention: bool = False) -> "BERTModel":
         return cls(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads,
                    cfg.num_layers, cfg.dropout, cfg.max_len, detach_pos_embedding=detach_pos_embedding,
-                   fused_attention=fused_attention)
+                   fused_attention=fused_attention, **cfg.architecture())
 
     def forward(self, tokens: torch.Tensor, segments: torch.Tensor,
                 valid_lens: torch.Tensor | None = None, pred_positions: torch.Tensor | None = None

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from nlibert.core.io import atomic_write
-from nlibert.core.pretraining import StepRecord, check_mlm_loss, format_pretrain_summary, step_file, step_seed
+from nlibert.core.pretraining import (StepRecord, check_lr_schedule, check_mlm_loss, format_pretrain_summary,
+                                      learning_rate_at, step_file, step_seed)
 from nlibert.core.training import Accumulator, Timer
 
 from .checkpoint import _load_state_dict, write_params
@@ -57,17 +58,21 @@ def _get_batch_loss_bert(net: nn.Module, loss: nn.Module, vocab_size: int, token
 def train_bert(train_iter: Iterable, net: nn.Module, loss: nn.Module, vocab_size: int,
                devices: Sequence[torch.device], num_steps: int, *, trainer: torch.optim.Optimizer | None = None,
                lr: float = 0.01, mlm_loss: str = "masked", start_step: int = 0, seed: int | None = None,
-               on_step: Callable[[StepRecord], bool | None] | None = None, verbose: bool = True
-               ) -> list[StepRecord]:
+               on_step: Callable[[StepRecord], bool | None] | None = None, verbose: bool = True,
+               warmup_steps: int = 0, lr_decay: str = "none") -> list[StepRecord]:
     """Pretrain `net` (a `BERTModel`) on batches of the book's 7-tuples until step `num_steps`.
 
     Steps are numbered from `start_step + 1`; `train_iter` is passed over as often as needed.
     `trainer` defaults to Adam(lr) as the book. With `seed`, torch's generators are re-seeded from
     `(seed, step)` before every step (`core.pretraining.step_seed`), so dropout does not depend on
     where a run was resumed. `on_step(record)` is called after each step; a true return stops.
+    With `warmup_steps` or `lr_decay='linear'`, the trainer's rate is set before every step to
+    `core.pretraining.learning_rate_at(step, lr, num_steps, ...)`; without, it is left alone (the book).
     Returns the figures of the steps run here; prints the book's two lines if `verbose`.
     """
     check_mlm_loss(mlm_loss)
+    check_lr_schedule(warmup_steps, lr_decay)
+    scheduled = warmup_steps > 0 or lr_decay != "none"
     devices = list(devices)
     if not devices:
         raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
@@ -90,6 +95,9 @@ def train_bert(train_iter: Iterable, net: nn.Module, loss: nn.Module, vocab_size
                 torch.as_tensor(x).to(devices[0], non_blocking=True) for x in batch)
             if seed is not None:
                 torch.manual_seed(step_seed(seed, step + 1))
+            if scheduled:
+                for group in trainer.param_groups:
+                    group["lr"] = learning_rate_at(step + 1, lr, num_steps, warmup_steps, lr_decay)
             trainer.zero_grad()
             timer.start()
             mlm_l, nsp_l, l = _get_batch_loss_bert(model, loss, vocab_size, tokens_X, segments_X, valid_lens_x,
@@ -101,7 +109,8 @@ def train_bert(train_iter: Iterable, net: nn.Module, loss: nn.Module, vocab_size
             seconds = timer.stop()
             step += 1
             metric.add(mlm_value, nsp_value, tokens_X.shape[0], 1)
-            record = StepRecord(step, mlm_value, nsp_value, int(tokens_X.shape[0]), seconds)
+            record = StepRecord(step, mlm_value, nsp_value, int(tokens_X.shape[0]), seconds,
+                                float(trainer.param_groups[0]["lr"]))
             records.append(record)
             if (on_step is not None and on_step(record)) or step >= num_steps:
                 stop = True

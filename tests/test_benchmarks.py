@@ -1,0 +1,74 @@
+"""The benchmarks' arithmetic and plumbing (never their speed): the FLOP count against a hand count,
+the peak-memory probe, and `bench_finetune.py` end to end on a tiny configuration."""
+import json
+import mmap
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+from _common import PeakRSS, training_flops  # noqa: E402
+
+H, F, LAYERS = 4, 8, 2
+
+
+def hand_count(L, layers=LAYERS):
+    """The issue's formula for one example, written out: 2 FLOPs per multiply-add, x3 for fwd + bwd."""
+    per_layer = 4 * L * H * H + 2 * L * L * H + 2 * L * H * F
+    return 2 * 3 * (layers * per_layer + H * H + 3 * H)
+
+
+def test_useful_flops_count_valid_tokens_only():
+    # L=3: 6 * (2 * (192 + 72 + 192) + 16 + 12) = 5640; L=5: 6 * (2 * (320 + 200 + 320) + 28) = 10248
+    assert hand_count(3) == 5640 and hand_count(5) == 10248
+    assert training_flops(np.array([3, 5]), None, H, F, LAYERS) == 5640 + 10248
+
+
+def test_executed_flops_count_the_padding_and_the_cls_only_last_block():
+    assert training_flops(np.array([3, 5]), 6, H, F, LAYERS) == 2 * hand_count(6)
+    # With cls_only the last block computes K and V at all 6 positions (4 L H^2 = 384) but the
+    # Q and O projections (4 H^2 = 64), the FFN (4 H F = 128) and attention (4 L H = 96) at <cls> only.
+    last_block = 3 * (384 + 64 + 128 + 96)
+    per_example = hand_count(6, layers=1) + last_block
+    assert training_flops(np.array([3, 5]), 6, H, F, LAYERS, cls_only=True) == 2 * per_example
+
+
+def test_peak_rss_sees_memory_touched_inside_the_window():
+    probe = PeakRSS().start()
+    # 64 MiB of fresh pages straight from the kernel (an allocator could reuse resident memory), written
+    # so they become resident, then released: the peak must still show them.
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\1" * len(block))
+    block.close()
+    assert probe.stop() >= 48 * 2**20
+
+
+@pytest.mark.parametrize("backends, device", [("both", "cpu"), ("mxnet", "cpu:0,cpu:1")])
+def test_bench_finetune_runs_both_paths_on_a_tiny_configuration(tmp_path, shared_data, backends, device):
+    """Both backends on the CPU; and MXNet splitting each batch across two CPU contexts, the code path
+    that `--device cuda:0,cuda:1` takes with GPUs."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_finetune.py"), "--backend", backends, "--device", device,
+         "--batch-size", "4", "--steps", "1", "--book-steps", "1", "--warmup", "0", "--pairs", "1",
+         "--peak-size", "128", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "NLIBERT_SHARED_DATA": str(shared_data)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for backend in (("torch", "mxnet") if backends == "both" else (backends,)):
+        assert f"{backend}: fast / book = " in proc.stdout
+        variants = json.loads(out.read_text())["backends"][backend]["variants"]
+        book, fast = variants["book"], variants["fast"]
+        assert book["ratio_to_book"] == pytest.approx(1.0)
+        assert fast["ratio_to_book"] == pytest.approx(fast["examples_per_sec"] / book["examples_per_sec"])
+        assert 0 < fast["mfu"] and 0 < book["mfu"] and fast["mfu_issue_peak"] > 0
+        assert book["mean_width"] == 128 and fast["mean_width"] < 128  # padded vs trimmed
+        assert all(v["peak_mem_bytes"] >= 0 for v in (book, fast))
+        assert fast["runs"][0]["devices"] == ("[cpu(0), cpu(1)]" if device != "cpu" else
+                                              "[device(type='cpu')]" if backend == "torch" else "[cpu(0)]")
+    assert f"== summary: batch 4, max_len 128, device {device} ==" in proc.stdout
