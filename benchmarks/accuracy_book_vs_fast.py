@@ -8,6 +8,13 @@ Runs the `finetune` job itself (`nlibert.jobs.run_finetune`) in both modes on th
 bert.small-shaped checkpoint per backend (no pretrained checkpoint can be downloaded here), and
 prints both test accuracies and their difference in points. The fast path passes when it is within
 `--tolerance` points (0.5) of the book path.
+
+It then reloads both fine-tuned models and predicts the same test pairs (the test split as the job packs
+it, `jobs.packed_snli`), checks that this reproduces each run's reported test accuracy, and prints a paired
+comparison: how many pairs the two models label differently, and a 95% confidence interval of the paired
+accuracy difference (from the discordant pairs). That interval is the resolution of the test: a |diff|
+within tolerance whose interval is wider than +-tolerance says the paths agree to within the interval,
+not to within the tolerance.
 """
 from __future__ import annotations
 
@@ -21,6 +28,63 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import dev_file  # noqa: E402
+
+
+def paired_difference(labels, book_pred, fast_pred, z: float = 1.96) -> dict:
+    """Paired comparison of two classifiers on the same examples (all in points where noted).
+
+    b = book right & fast wrong, c = fast right & book wrong (the discordant pairs), n pairs:
+    diff = (c - b) / n, se = sqrt(b + c - (c - b)^2 / n) / n, CI = diff +- z * se.
+    `disagree` counts the pairs whose predicted labels differ (b + c plus those both get wrong differently)."""
+    labels, book_pred, fast_pred = (np.asarray(a).ravel() for a in (labels, book_pred, fast_pred))
+    if not (len(labels) == len(book_pred) == len(fast_pred)) or len(labels) == 0:
+        raise ValueError(f"need equal, non-empty lengths: {len(labels)}, {len(book_pred)}, {len(fast_pred)}")
+    n = len(labels)
+    book_ok, fast_ok = book_pred == labels, fast_pred == labels
+    b, c = int(np.sum(book_ok & ~fast_ok)), int(np.sum(fast_ok & ~book_ok))
+    diff = (c - b) / n
+    se = float(np.sqrt(max(b + c - (c - b) ** 2 / n, 0.0)) / n)
+    return {"n": n, "book_acc": float(book_ok.mean()), "fast_acc": float(fast_ok.mean()),
+            "diff_pts": 100 * diff, "disagree": int(np.sum(book_pred != fast_pred)), "b": b, "c": c,
+            "se_pts": 100 * se, "ci_pts": (100 * (diff - z * se), 100 * (diff + z * se))}
+
+
+def predict_labels(backend, model_dir: str, devices, test_set, chunk: int = 256) -> np.ndarray:
+    """Reload a fine-tuned model folder and predict `test_set`'s pairs in order, `chunk` rows at a time,
+    each chunk trimmed to its longest pair (the masked padding beyond it changes nothing)."""
+    net, _, _ = backend.load_classifier(model_dir, devices)
+    preds = []
+    for i in range(0, len(test_set.valid_lens), chunk):
+        lens = test_set.valid_lens[i:i + chunk]
+        width = int(lens.max())
+        probs = backend.predict_proba(net, test_set.all_token_ids[i:i + chunk, :width],
+                                      test_set.all_segments[i:i + chunk, :width], lens, devices)
+        preds.append(np.argmax(probs, axis=1))
+    return np.concatenate(preds)
+
+
+def paired_check(backend_name: str, seed: int, results: dict, args, out: str) -> dict:
+    """Both fine-tuned models on the same test pairs: accuracies recomputed, checked against the runs'
+    `test_acc`, and `paired_difference` of the two."""
+    from nlibert import jobs
+    backend = jobs.load_backend(backend_name)
+    devices = backend.parse_devices(args.device)
+    preds, test_set = {}, None
+    for mode in ("book", "fast"):
+        _, vocab, cfg = backend.load_classifier(results[mode]["model_dir"], devices)
+        if test_set is None:
+            _, test_set, _, _ = jobs.packed_snli(args.data, os.path.join(out, f"{backend_name}-{mode}-{seed}"),
+                                                 seed, vocab, args.max_len, args.train_limit, args.test_limit,
+                                                 os.path.join(out, "packed"))
+        preds[mode] = predict_labels(backend, results[mode]["model_dir"], devices, test_set)
+    paired = paired_difference(test_set.labels, preds["book"], preds["fast"])
+    for mode in ("book", "fast"):
+        recomputed, reported = paired[f"{mode}_acc"], results[mode]["test_acc"]
+        paired[f"{mode}_matches_run"] = abs(recomputed - reported) <= 1e-9
+        if not paired[f"{mode}_matches_run"]:
+            print(f"WARNING {backend_name} {mode}: reloaded model gives test acc {recomputed:.6f} on "
+                  f"{paired['n']} pairs, the run reported {reported:.6f} on {results[mode]['num_test']}")
+    return paired
 
 
 def main(argv=None):
@@ -68,6 +132,7 @@ def main(argv=None):
                     cache_dir=os.path.join(out, "packed"))
                 metrics["wall_seconds"] = time.perf_counter() - start
                 results[mode] = metrics
+            results["paired"] = paired_check(backend_name, seed, results, args, out)
             rows.append((backend_name, seed, results))
 
     print()
@@ -88,6 +153,24 @@ def main(argv=None):
             note = f"{diff:+.2f} pts" if mode == "fast" else ""
             print(f"{backend_name:8s} {seed:4d} {mode:5s} {m['test_acc']:9.4f} {last['train_acc']:9.4f} "
                   f"{last['loss']:7.3f} {rate:10.1f} {m['wall_seconds']:7.1f} {note:>12s}")
+    print()
+    print("Paired: both reloaded models on the same test pairs (b = book right & fast wrong, c = fast right "
+          "& book wrong)")
+    ci_ok = True
+    for backend_name, seed, results in rows:
+        p = results["paired"]
+        inside = -args.tolerance <= p["ci_pts"][0] and p["ci_pts"][1] <= args.tolerance
+        ci_ok &= inside
+        match = ("matches" if p["book_matches_run"] and p["fast_matches_run"] else "DOES NOT match")
+        print(f"{backend_name} seed {seed}: n {p['n']}, book {100 * p['book_acc']:.2f}%, "
+              f"fast {100 * p['fast_acc']:.2f}% ({match} the runs' test_acc to 1e-9), "
+              f"fast - book {p['diff_pts']:+.2f} points; disagree on {p['disagree']} pairs "
+              f"(b {p['b']}, c {p['c']}); 95% CI of the difference [{p['ci_pts'][0]:+.2f}, "
+              f"{p['ci_pts'][1]:+.2f}] points, {'inside' if inside else 'NOT inside'} +-{args.tolerance}")
+    print(f"The confidence interval is the resolution of this test: "
+          f"{'it lies within' if ci_ok else 'it does not lie within'} +-{args.tolerance} points, so "
+          + ("the paths are shown equal to within the tolerance." if ci_ok else
+             "the PASS/FAIL on |diff| below resolves nothing finer than the interval's width."))
     verdicts = []
     for backend_name in backends:
         runs = [results for name, _, results in rows if name == backend_name]

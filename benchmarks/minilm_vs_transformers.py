@@ -8,7 +8,8 @@ The data is the SNLI dev file split 90/10 with the seed (8,858 training and 984 
 once by nlibert's core (WordPiece ids identical to transformers' tokenizer: tests/test_wordpiece.py).
 All three see the same examples in the same length-bucketed, trimmed batches (nlibert's fast-mode
 batches), with the same optimizer (Adam, no weight decay, constant lr, as the chapter), loss, epochs
-and seed. nlibert runs its `finetune` job (`nlibert.jobs.run_finetune`, fast mode); transformers runs a
+and seed, and the same OpenMP setting (`OMP_WAIT_POLICY=PASSIVE`, as the `nlibert` command sets).
+nlibert runs its `finetune` job (`nlibert.jobs.run_finetune`, fast mode); transformers runs a
 plain loop over the same batches. Examples/sec count training time only, for all three.
 
 The one model difference is the one between the chapter's classifier and transformers': transformers
@@ -113,6 +114,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="keep the runs' folders here (default: a temporary folder)")
     args = parser.parse_args(argv)
     out = args.out or tempfile.mkdtemp(prefix="nlibert-minilm-")
+    # As the `nlibert` command does (cli.py), before torch loads OpenMP: the same setting for all three.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     results = {}
     for system in args.systems:

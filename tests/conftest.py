@@ -2,6 +2,10 @@
 import os
 import pathlib
 
+# As the `nlibert` command does (cli.py): xdist workers share the cores, and spinning OpenMP threads
+# would steal them from each other. Set here, before any test module loads torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 

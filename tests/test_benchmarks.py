@@ -72,3 +72,20 @@ def test_bench_finetune_runs_both_paths_on_a_tiny_configuration(tmp_path, shared
         assert fast["runs"][0]["devices"] == ("[cpu(0), cpu(1)]" if device != "cpu" else
                                               "[device(type='cpu')]" if backend == "torch" else "[cpu(0)]")
     assert f"== summary: batch 4, max_len 128, device {device} ==" in proc.stdout
+
+
+def test_paired_difference_on_a_hand_computed_example():
+    from accuracy_book_vs_fast import paired_difference
+    labels = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    book = [0, 1, 2, 0, 1, 2, 1, 2, 0, 2]  # right on 0-5: 6/10
+    fast = [0, 1, 2, 0, 1, 1, 0, 1, 2, 1]  # wrong on 5 (b), right on 6, 7, 8 (c), wrong differently on 9
+    p = paired_difference(labels, book, fast)
+    assert (p["n"], p["b"], p["c"], p["disagree"]) == (10, 1, 3, 5)
+    assert p["book_acc"] == pytest.approx(0.6) and p["fast_acc"] == pytest.approx(0.8)
+    # diff = (3 - 1) / 10 = 0.2; se = sqrt(1 + 3 - 2^2 / 10) / 10 = sqrt(3.6) / 10 = 0.189737
+    assert p["diff_pts"] == pytest.approx(20.0)
+    assert p["se_pts"] == pytest.approx(18.9737, abs=1e-4)
+    assert p["ci_pts"] == pytest.approx((20 - 1.96 * 18.9737, 20 + 1.96 * 18.9737), abs=1e-3)
+    # No discordant pairs: a zero-width interval at 0.
+    same = paired_difference(labels, book, book)
+    assert (same["diff_pts"], same["se_pts"], same["disagree"], same["ci_pts"]) == (0, 0, 0, (0, 0))

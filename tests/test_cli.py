@@ -62,3 +62,13 @@ def test_clear_errors(tmp_path, capsys):
     assert "not a fine-tuned model folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["finetune", "--train-limit", "0"])
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise(tmp_path, monkeypatch):
+    import os
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert cli.main(["predict", "--model", str(tmp_path), "a", "b"]) == 2  # fails fast, after the setting
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    cli.main(["predict", "--model", str(tmp_path), "a", "b"])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
