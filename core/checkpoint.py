@@ -306,16 +306,13 @@ def config_dict(config: BERTConfig | Mapping | None, fmt: str, kind: str, vocab=
 def load_folder_vocab(folder: str | os.PathLike, written: Mapping):
     """The vocabulary of a checkpoint folder: `vocab.json` as the book's word-level `Vocab`, or, when
     config.json records WordPiece tokenizer settings, the `WordPieceVocab` they describe."""
-    from .vocab import load_vocab
+    from .vocab import load_vocab, read_vocab_list
     path = os.path.join(folder, VOCAB_FILE)
     settings = written.get("tokenizer")
     if not settings:
         return load_vocab(path)
     from .wordpiece import WordPieceVocab  # lazily: needs the tokenizers library
-    idx_to_token = read_json(path)
-    if not isinstance(idx_to_token, list):
-        raise ValueError(f"{path}: expected a JSON list of tokens, found {type(idx_to_token).__name__}")
-    return WordPieceVocab.from_settings(idx_to_token, settings)
+    return WordPieceVocab.from_settings(read_vocab_list(path), settings)
 
 
 def read_classifier_folder(folder: str | os.PathLike, fmt: str):

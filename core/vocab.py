@@ -92,8 +92,8 @@ class Vocab:
         return self._token_freqs
 
 
-def load_vocab(path: str | os.PathLike) -> Vocab:
-    """Read a `vocab.json` (a JSON list: index -> token), as in the book's checkpoints."""
+def read_vocab_list(path: str | os.PathLike) -> list:
+    """The index -> token list of a `vocab.json`; an error naming the file if it is not a JSON list."""
     path = os.fspath(path)
     with open(path, encoding="utf-8") as f:
         try:
@@ -102,7 +102,12 @@ def load_vocab(path: str | os.PathLike) -> Vocab:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(idx_to_token, list):
         raise ValueError(f"{path}: expected a JSON list of tokens, found {type(idx_to_token).__name__}")
-    return Vocab.from_idx_to_token(idx_to_token, source=path)
+    return idx_to_token
+
+
+def load_vocab(path: str | os.PathLike) -> Vocab:
+    """Read a `vocab.json` (a JSON list: index -> token), as in the book's checkpoints."""
+    return Vocab.from_idx_to_token(read_vocab_list(path), source=os.fspath(path))
 
 
 def save_vocab(vocab: Vocab, path: str | os.PathLike) -> None:
