@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fast mode: bfloat16 autocast for the forward pass (torch only; pays on GPUs)")
     ft.add_argument("--graph", action="store_true",
                     help="fast mode: torch.compile the net / hybridize it (MXNet), widths rounded to multiples of 8")
+    ft.add_argument("--bucketing", action=argparse.BooleanOptionalAction, default=True,
+                    help="fast mode: length-bucketed training batches (default); --no-bucketing trains on the book "
+                         "path's batches, trimmed (for accuracy checks: with --dropout 0 the modes differ by rounding)")
     ft.add_argument("--cache-dir", default=None,
                     help="fast mode: where packed datasets are cached (default: $NLIBERT_CACHE, else "
                          "~/.cache/nlibert/packed; OUT/packed for the embedded sample)")
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after the warm-up: none (default, constant lr) or linear, down to 0 at the last step")
     pt.add_argument("--remask", action="store_true",
                     help="draw new MLM masks every pass over the data (dynamic masking); the book masks once")
+    pt.add_argument("--init", choices=("book", "xavier"), default="book",
+                    help="book (default): each backend's book init (torch's layer defaults; MXNet's Xavier); "
+                         "xavier: MXNet's Xavier init in either backend")
     pt.add_argument("--mode", choices=("book", "fast"), default="book",
                     help="book (default): the book's attention and Adam; fast: fused attention (and fused Adam "
                          "in torch), the same model and update up to rounding")
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, train_limit=args.train_limit,
                 test_limit=args.test_limit, seed=args.seed, device=args.device, out_dir=args.out,
                 dropout=args.dropout, mode=args.mode, precision=args.precision, graph=args.graph,
-                cache_dir=args.cache_dir)
+                bucketing=args.bucketing, cache_dir=args.cache_dir)
             print(f"wrote {args.out}/metrics.json and the fine-tuned model to {metrics['model_dir']}")
         elif args.command == "predict":
             result = jobs.run_predict(args.model, args.premise, args.hypothesis, args.device)
@@ -151,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 num_heads=args.num_heads, num_layers=args.num_layers, dropout=args.dropout, lr=args.lr,
                 seed=args.seed, device=args.device, out_dir=args.out, checkpoint_every=args.checkpoint_every,
                 resume=args.resume, mlm_loss=args.mlm_loss, stop_after=args.stop_after,
-                warmup_steps=args.warmup_steps, lr_decay=args.lr_decay, mode=args.mode, remask=args.remask)
+                warmup_steps=args.warmup_steps, lr_decay=args.lr_decay, mode=args.mode, remask=args.remask,
+                init=args.init)
             if metrics["completed"]:
                 print(f"wrote the pretrained checkpoint and metrics.json to {args.out}")
     except (FileNotFoundError, ValueError, KeyError) as e:

@@ -11,7 +11,7 @@ from types import ModuleType
 import numpy as np
 
 from . import __version__
-from .core.batching import BatchIterator, bucket_batch_indices
+from .core.batching import BatchIterator, batch_indices, bucket_batch_indices
 from .core.checkpoint import read_checkpoint_config
 from .core.data_hub import download_extract
 from .core.io import write_json
@@ -128,7 +128,7 @@ def run_finetune(backend_name: str = "torch", pretrained: str | None = None, dat
                  train_limit: int | None = None, test_limit: int | None = None, seed: int = 0,
                  device: str | None = None, out_dir: str = "nlibert-out", dropout: float = 0.1,
                  num_workers_note: str = "", mode: str = "fast", precision: str = "float32",
-                 graph: bool = False, cache_dir: str | None = None) -> dict:
+                 graph: bool = False, cache_dir: str | None = None, bucketing: bool = True) -> dict:
     """Fine-tune BERT for SNLI as the chapter does; write metrics.json and the model into `out_dir`.
 
     `mode='fast'` (the default) trains the same model on the same examples with the same optimizer,
@@ -137,6 +137,9 @@ def run_finetune(backend_name: str = "torch", pretrained: str | None = None, dat
     read once per epoch, and packed data cached on disk (`cache_dir`; default `$NLIBERT_CACHE`,
     else ~/.cache/nlibert/packed, or `out_dir/packed` for the embedded sample). `precision` and
     `graph` are the fast path's opt-ins (bfloat16 autocast; torch.compile / hybridize).
+    `bucketing=False` keeps the fast path's kernels but trains on the book path's batches (the same
+    seeded shuffle, each batch trimmed to its longest pair): with dropout 0 the two modes then differ by
+    rounding only, which isolates what bucketing's different batch composition does to accuracy.
     `mode='book'` is the chapter's path: every batch padded to `max_len`, the book's attention and
     loop, one host sync per batch."""
     if mode not in FINETUNE_MODES:
@@ -147,7 +150,7 @@ def run_finetune(backend_name: str = "torch", pretrained: str | None = None, dat
     if mode == "fast":
         return _run_finetune_fast(backend, backend_name, devices, pretrained, data, max_len, batch_size, lr,
                                   epochs, train_limit, test_limit, seed, out_dir, dropout, precision, graph,
-                                  cache_dir)
+                                  cache_dir, bucketing)
     train_data, test_data, data_description = resolve_snli(data, out_dir, seed)
     train_data, test_data = _subset(train_data, train_limit, seed), _subset(test_data, test_limit, seed)
     print(f"read {len(train_data[2])} training and {len(test_data[2])} test examples: {data_description}")
@@ -191,7 +194,8 @@ FINETUNE_MODES = ("fast", "book")
 def _run_finetune_fast(backend: ModuleType, backend_name: str, devices: list, pretrained: str | None,
                        data: str | None, max_len: int, batch_size: int, lr: float, epochs: int,
                        train_limit: int | None, test_limit: int | None, seed: int, out_dir: str,
-                       dropout: float, precision: str, graph: bool, cache_dir: str | None) -> dict:
+                       dropout: float, precision: str, graph: bool, cache_dir: str | None,
+                       bucketing: bool = True) -> dict:
     """`run_finetune(mode='fast')`: the same examples, model and optimizer as the book path."""
     if pretrained is None:
         folder = os.path.join(out_dir, f"seeded-bert-{backend_name}")
@@ -213,9 +217,9 @@ def _run_finetune_fast(backend: ModuleType, backend_name: str, devices: list, pr
 
     # Widths rounded to a multiple of 8 when a graph is compiled, so it sees only a few shapes.
     multiple = 8 if graph else 1
+    train_sampler = bucket_batch_indices(train_set.valid_lens, multiple) if bucketing else batch_indices
     train_iter = BatchIterator.from_dataset(train_set, batch_size, shuffle=True, seed=seed, trim=True,
-                                            sampler=bucket_batch_indices(train_set.valid_lens, multiple),
-                                            pad_multiple=multiple)
+                                            sampler=train_sampler, pad_multiple=multiple)
     test_iter = BatchIterator.from_dataset(test_set, batch_size, shuffle=False, trim=True,
                                            sampler=bucket_batch_indices(test_set.valid_lens, multiple),
                                            pad_multiple=multiple)
@@ -234,7 +238,8 @@ def _run_finetune_fast(backend: ModuleType, backend_name: str, devices: list, pr
                             "dropout": dropout, "seed": seed},
         "fast_path": {"precision": precision, "graph": graph, "fused_attention": True,
                       "last_block_cls_only": True, "fused_adam": backend_name == "torch",
-                      "bucketing": {"sampler": "bucket_batch_indices", "pad_multiple": multiple},
+                      "bucketing": {"sampler": "bucket_batch_indices" if bucketing else "batch_indices",
+                                    "pad_multiple": multiple},
                       "packed_cache": {"dir": cache_dir, "hit": cache_hit}},
         "epochs": [r.to_dict() for r in records],
         "test_acc": records[-1].test_acc, "packing_seconds": packing_seconds,
@@ -380,7 +385,7 @@ def run_pretrain(backend_name: str = "torch", corpus: str = "wikitext-2", steps:
                  seed: int = 0, device: str | None = None, out_dir: str = "nlibert-pretrain",
                  checkpoint_every: int | None = 100, resume: bool | None = None, mlm_loss: str = "masked",
                  stop_after: int | None = None, on_step=None, warmup_steps: int = 0, lr_decay: str = "none",
-                 mode: str = "book", remask: bool = False) -> dict:
+                 mode: str = "book", remask: bool = False, init: str = "book") -> dict:
     """Pretrain BERT on WikiText as the book does (MLM + NSP); write the checkpoint into `out_dir`.
 
     `out_dir` gets `vocab.json` + `pretrained.params` + `config.json` (`save_pretrained`, the
@@ -395,18 +400,20 @@ def run_pretrain(backend_name: str = "torch", corpus: str = "wikitext-2", steps:
     defaults keep the book's constant lr). `mode='fast'` computes attention with the fused kernels
     of the fine-tuning fast path (`set_fused_attention`) and, in torch, fused Adam: the same model
     and update up to rounding. `mode='book'` (default) is the book's code. `remask=True` draws new
-    MLM masks every pass over the data (`WikiBatchIterator`; the book masks once). All of these are
+    MLM masks every pass over the data (`WikiBatchIterator`; the book masks once). `init='xavier'`
+    starts torch from MXNet's book init (`initialize_bert`; core.pretraining.INIT_SCHEMES). All of these are
     part of the resume signature, as is `steps` when the rate decays (the schedule depends on it).
     """
     import shutil
 
-    from .core.pretraining import (PRETRAIN_MODES, StepRecord, check_lr_schedule, check_mlm_loss,
+    from .core.pretraining import (PRETRAIN_MODES, StepRecord, check_init, check_lr_schedule, check_mlm_loss,
                                    commit_resume_state, read_resume_state, summarize)
     from .core.vocab import load_vocab, save_vocab
     from .core.wiki import WikiBatchIterator, WikiTextDataset, read_wiki_files
 
     check_mlm_loss(mlm_loss)
     check_lr_schedule(warmup_steps, lr_decay)
+    check_init(init)
     if mode not in PRETRAIN_MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {PRETRAIN_MODES}")
     if steps < 1 or batch_size < 1 or max_len < 4:
@@ -421,7 +428,7 @@ def run_pretrain(backend_name: str = "torch", corpus: str = "wikitext-2", steps:
                  "batch_size": batch_size, "max_len": max_len, "num_hiddens": num_hiddens,
                  "ffn_num_hiddens": ffn_num_hiddens, "num_heads": num_heads, "num_layers": num_layers,
                  "dropout": dropout, "lr": lr, "seed": seed, "mlm_loss": mlm_loss, "mode": mode,
-                 "warmup_steps": warmup_steps, "lr_decay": lr_decay, "remask": remask,
+                 "warmup_steps": warmup_steps, "lr_decay": lr_decay, "remask": remask, "init": init,
                  "decay_steps": steps if lr_decay != "none" else None}
     state = None
     if resume is not False:
@@ -446,7 +453,7 @@ def run_pretrain(backend_name: str = "torch", corpus: str = "wikitext-2", steps:
 
     backend.set_seed(seed)
     bert = backend.BERTModel(len(vocab), num_hiddens, ffn_num_hiddens, num_heads, num_layers, dropout)
-    backend.initialize_bert(bert, devices)
+    backend.initialize_bert(bert, devices, init)
     if mode == "fast":
         backend.set_fused_attention(bert, True)
     trainer = backend.make_trainer(bert, lr, fused=mode == "fast")

@@ -49,6 +49,19 @@ def paired_difference(labels, book_pred, fast_pred, z: float = 1.96) -> dict:
             "se_pts": 100 * se, "ci_pts": (100 * (diff - z * se), 100 * (diff + z * se))}
 
 
+# Student's t quantile t(0.975, df) for df = 1..10; beyond, the normal 1.96 is within 0.2.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def seed_interval(differences) -> tuple[float, float]:
+    """95% t-interval of the mean of per-seed differences (needs two or more)."""
+    d = np.asarray(differences, dtype=float)
+    if len(d) < 2:
+        raise ValueError(f"need two or more per-seed differences, got {len(d)}")
+    half = T_975.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d))
+    return float(d.mean() - half), float(d.mean() + half)
+
+
 def predict_labels(backend, model_dir: str, devices, test_set, chunk: int = 256) -> np.ndarray:
     """Reload a fine-tuned model folder and predict `test_set`'s pairs in order, `chunk` rows at a time,
     each chunk trimmed to its longest pair (the masked padding beyond it changes nothing)."""
@@ -101,6 +114,10 @@ def main(argv=None):
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--bucketing", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-bucketing: the fast path trains on the book path's batches (trimmed); with "
+                             "--dropout 0 the two paths then differ by rounding only")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pretrained", default=None, help="a checkpoint folder (default: a seeded random one)")
     parser.add_argument("--tolerance", type=float, default=0.5, help="allowed |fast - book| in accuracy points")
@@ -128,6 +145,7 @@ def main(argv=None):
                     backend_name=backend_name, pretrained=pretrained, data=args.data, max_len=args.max_len,
                     batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, train_limit=args.train_limit,
                     test_limit=args.test_limit, seed=seed, device=args.device, mode=mode,
+                    dropout=args.dropout, bucketing=args.bucketing,
                     out_dir=os.path.join(out, f"{backend_name}-{mode}-{seed}"),
                     cache_dir=os.path.join(out, "packed"))
                 metrics["wall_seconds"] = time.perf_counter() - start
@@ -137,7 +155,8 @@ def main(argv=None):
 
     print()
     print(f"SNLI dev split 90/10 (train limit {args.train_limit}, test {rows[0][2]['book']['num_test']} pairs), "
-          f"{args.epochs} epochs, batch {args.batch_size}, max_len {args.max_len}, lr {args.lr}")
+          f"{args.epochs} epochs, batch {args.batch_size}, max_len {args.max_len}, lr {args.lr}, "
+          f"dropout {args.dropout}, fast path {'bucketed' if args.bucketing else 'on the book batches'}")
     header = (f"{'backend':8s} {'seed':>4s} {'mode':5s} {'test acc':>9s} {'train acc':>9s} {'loss':>7s} "
               f"{'train ex/s':>10s} {'wall s':>7s} {'fast - book':>12s}")
     print(header)
@@ -178,8 +197,11 @@ def main(argv=None):
         fast = np.array([r["fast"]["test_acc"] for r in runs]) * 100
         diff = float(fast.mean() - book.mean())
         verdicts.append(abs(diff) <= args.tolerance)
-        spread = (f", seed-to-seed std: book {book.std(ddof=1):.2f}, fast {fast.std(ddof=1):.2f}"
-                  if len(runs) > 1 else "")
+        spread = ""
+        if len(runs) > 1:  # the seeds' own spread: training noise, which the paired CI above leaves out
+            low, high = seed_interval(fast - book)
+            spread = (f", seed-to-seed std: book {book.std(ddof=1):.2f}, fast {fast.std(ddof=1):.2f}; "
+                      f"95% t-interval of the mean difference over seeds [{low:+.2f}, {high:+.2f}]")
         print(f"{backend_name}: mean test acc over {len(runs)} seed(s): book {book.mean():.2f}%, "
               f"fast {fast.mean():.2f}%, fast - book {diff:+.2f} points{spread}")
     if len(args.seeds) > 1:

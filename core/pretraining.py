@@ -23,6 +23,10 @@ from .io import read_json, write_json
 MLM_LOSSES = ("masked", "book")
 LR_DECAYS = ("none", "linear")
 PRETRAIN_MODES = ("book", "fast")
+# 'book': each backend's own book init (torch: its layer defaults; MXNet: init.Xavier()).
+# 'xavier': MXNet's book init in both backends (every matrix Xavier-uniform, biases 0, LayerNorm 1/0),
+# so a run starts from the same distribution whichever backend pretrains.
+INIT_SCHEMES = ("book", "xavier")
 STATE_FILE = "state.json"
 _STEP_FILE = re.compile(r"^step-(\d+)\.[a-z]+$")
 
@@ -34,6 +38,13 @@ def check_mlm_loss(mlm_loss: str) -> str:
     if mlm_loss not in MLM_LOSSES:
         raise ValueError(f"unknown mlm_loss {mlm_loss!r}: use one of {MLM_LOSSES}")
     return mlm_loss
+
+
+def check_init(init: str) -> str:
+    """Refuse an unknown initialisation scheme (see INIT_SCHEMES)."""
+    if init not in INIT_SCHEMES:
+        raise ValueError(f"unknown init {init!r}: use one of {INIT_SCHEMES}")
+    return init
 
 
 def check_lr_schedule(warmup_steps: int, lr_decay: str) -> None:

@@ -89,3 +89,13 @@ def test_paired_difference_on_a_hand_computed_example():
     # No discordant pairs: a zero-width interval at 0.
     same = paired_difference(labels, book, book)
     assert (same["diff_pts"], same["se_pts"], same["disagree"], same["ci_pts"]) == (0, 0, 0, (0, 0))
+
+
+def test_seed_interval_is_the_t_interval_of_the_mean_difference():
+    from accuracy_book_vs_fast import seed_interval
+    low, high = seed_interval([1.0, -1.0, 3.0])  # mean 1, sd 2, se 2/sqrt(3), t(0.975, 2) = 4.303
+    half = 4.303 * 2 / np.sqrt(3)
+    assert (low, high) == pytest.approx((1 - half, 1 + half))
+    assert seed_interval([0.5, 0.5]) == pytest.approx((0.5, 0.5))
+    with pytest.raises(ValueError, match="two or more"):
+        seed_interval([1.0])

@@ -358,10 +358,45 @@ def test_cli_pretrain_passes_the_schedule_mode_and_masking(monkeypatch, capsys):
     real = jobs.run_pretrain
     monkeypatch.setattr(jobs, "run_pretrain", fake_run_pretrain)
     assert cli.main(["pretrain", "--corpus", "c", "--out", "o"]) == 0
-    assert (seen["warmup_steps"], seen["lr_decay"], seen["mode"], seen["remask"]) == (0, "none", "book", False)
+    assert (seen["warmup_steps"], seen["lr_decay"], seen["mode"], seen["remask"], seen["init"]) == (0, "none", "book", False, "book")
     assert cli.main(["pretrain", "--corpus", "c", "--out", "o", "--warmup-steps", "20", "--lr-decay", "linear",
-                     "--mode", "fast", "--remask"]) == 0
-    assert (seen["warmup_steps"], seen["lr_decay"], seen["mode"], seen["remask"]) == (20, "linear", "fast", True)
+                     "--mode", "fast", "--remask", "--init", "xavier"]) == 0
+    assert (seen["warmup_steps"], seen["lr_decay"], seen["mode"], seen["remask"], seen["init"]) == (
+        20, "linear", "fast", True, "xavier")
     monkeypatch.setattr(jobs, "run_pretrain", real)
     assert cli.main(["pretrain", "--corpus", "c", "--out", "o", "--warmup-steps", "-1"]) == 2
     assert "warmup_steps" in capsys.readouterr().err
+
+
+def test_xavier_init_gives_torch_the_distribution_of_mxnets_book_init(tmp_path):
+    """`--init xavier` in torch draws every tensor from the interval MXNet's `init.Xavier()` uses
+    (the same fans for Dense weights, embeddings and the 3-d positional embedding), biases 0,
+    LayerNorm 1/0; `book` stays torch's own defaults (N(0, 1) positional embedding)."""
+    from nlibert.backends.mxnet.checkpoint import read_params as read_mxnet
+    from nlibert.backends.torch.checkpoint import read_params as read_torch
+    from nlibert.core.checkpoint import torch_to_mxnet_key
+    from nlibert.core.vocab import Vocab
+    vocab = Vocab([f"w{i}" for i in range(300)] * 5, min_freq=1, reserved_tokens=["<pad>", "<mask>", "<cls>", "<sep>"])
+    tensors = {}
+    for name, init in (("torch", "xavier"), ("torch", "book"), ("mxnet", "xavier")):
+        backend = jobs.load_backend(name)
+        backend.set_seed(0)
+        net = backend.BERTModel(len(vocab), dropout=0.0, max_len=64, **TINY)
+        backend.initialize_bert(net, backend.parse_devices("cpu"), init)
+        backend.save_pretrained(net, vocab, tmp_path / f"{name}-{init}")
+        read = read_torch if name == "torch" else read_mxnet
+        tensors[name, init] = read(tmp_path / f"{name}-{init}" / "pretrained.params")
+    xavier, mxnet = tensors["torch", "xavier"], tensors["mxnet", "xavier"]
+    assert len(xavier) == len(mxnet)
+    for key, value in xavier.items():
+        other = mxnet[torch_to_mxnet_key(key)]
+        assert value.shape == other.shape, key
+        if value.ndim >= 2:  # uniform on the same +-bound: the largest |draw| of each is within a few %
+            assert np.abs(value).max() == pytest.approx(np.abs(other).max(), rel=0.1), key
+            assert not np.array_equal(value, other), key
+        else:  # biases 0, LayerNorm scales 1
+            np.testing.assert_array_equal(value, other, err_msg=key)
+    pos = "encoder.pos_embedding"
+    assert np.abs(xavier[pos]).max() < 0.2 < np.abs(tensors["torch", "book"][pos]).max()
+    with pytest.raises(ValueError, match="unknown init 'normal'"):
+        jobs.load_backend("torch").initialize_bert(None, [], "normal")

@@ -19,11 +19,11 @@ from typing import Callable, Iterable, Sequence
 
 import mxnet as mx
 import numpy as onp
-from mxnet import autograd, gluon, init, np, npx
+from mxnet import autograd, gluon, np, npx
 
 from nlibert.core.io import atomic_path, atomic_write
-from nlibert.core.pretraining import (StepRecord, check_lr_schedule, check_mlm_loss, format_pretrain_summary,
-                                      learning_rate_at, step_file, step_seed)
+from nlibert.core.pretraining import (StepRecord, check_init, check_lr_schedule, check_mlm_loss,
+                                      format_pretrain_summary, learning_rate_at, step_file, step_seed)
 from nlibert.core.training import Accumulator, Timer
 
 from .runtime import make_trainer
@@ -31,10 +31,13 @@ from .runtime import make_trainer
 npx.set_np()
 
 
-def initialize_bert(net: gluon.Block, devices: Sequence[mx.Context]) -> None:
-    """As the book's pretraining: `net.initialize(init.Xavier(), ctx=devices)` (Dense biases stay
-    zeros, LayerNorm ones/zeros: they name their own initializers)."""
-    net.initialize(init.Xavier(), ctx=list(devices))
+def initialize_bert(net: gluon.Block, devices: Sequence[mx.Context], init: str = "book") -> None:
+    """The model on every device, initialised as `init` says (`core.pretraining.INIT_SCHEMES`).
+
+    'book' and 'xavier' are the same here: the book's `net.initialize(init.Xavier(), ctx=devices)`
+    (Dense biases stay zeros, LayerNorm ones/zeros: they name their own initializers)."""
+    check_init(init)
+    net.initialize(mx.init.Xavier(), ctx=list(devices))
 
 
 def _get_batch_loss_bert(net: gluon.Block, loss: gluon.loss.Loss, vocab_size: int, tokens_X_shards,

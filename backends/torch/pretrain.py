@@ -17,17 +17,29 @@ import torch
 from torch import nn
 
 from nlibert.core.io import atomic_write
-from nlibert.core.pretraining import (StepRecord, check_lr_schedule, check_mlm_loss, format_pretrain_summary,
-                                      learning_rate_at, step_file, step_seed)
+from nlibert.core.pretraining import (StepRecord, check_init, check_lr_schedule, check_mlm_loss,
+                                      format_pretrain_summary, learning_rate_at, step_file, step_seed)
 from nlibert.core.training import Accumulator, Timer
 
 from .checkpoint import _load_state_dict, write_params
 from .runtime import make_trainer
 
 
-def initialize_bert(net: nn.Module, devices: Sequence[torch.device]) -> None:
-    """As the book's pretraining: torch's default initialisation (done when the model is built),
-    the model on devices[0]."""
+def initialize_bert(net: nn.Module, devices: Sequence[torch.device], init: str = "book") -> None:
+    """The model on devices[0], initialised as `init` says (`core.pretraining.INIT_SCHEMES`).
+
+    'book': torch's layer defaults, done when the model is built, as the book's pretraining.
+    'xavier': as MXNet's `init.Xavier()`: every parameter of 2 or more dimensions (Linear weights,
+    embeddings, the (1, max_len, H) positional embedding) Xavier-uniform with the same fans MXNet
+    computes, every bias 0, LayerNorm scales left at 1."""
+    check_init(init)
+    if init == "xavier":
+        with torch.no_grad():
+            for name, param in net.named_parameters():
+                if param.dim() >= 2:
+                    nn.init.xavier_uniform_(param)
+                elif name.endswith("bias"):
+                    param.zero_()
     net.to(devices[0])
 
 
