@@ -173,22 +173,31 @@ def run_finetune(backend_name: str = "torch", pretrained: str | None = None, dat
                                  backend.make_trainer(net, lr), epochs, devices)
     model_dir = os.path.join(out_dir, "model")
     backend.save_classifier(net, vocab, bert.config, model_dir)
-    metrics = {
-        "backend": backend_name, "mode": mode, "pretrained": str(pretrained), "data": data_description,
-        "num_train": len(train_data[2]), "num_test": len(test_data[2]),
-        "hyperparameters": {"max_len": max_len, "batch_size": batch_size, "lr": lr, "epochs": epochs,
-                            "dropout": dropout, "seed": seed},
-        "epochs": [r.to_dict() for r in records],
-        "test_acc": records[-1].test_acc, "packing_seconds": packing_seconds,
-        "devices": [str(d) for d in devices], "model_dir": model_dir,
-        "versions": {"nlibert": __version__, "python": platform.python_version(), "numpy": np.__version__,
-                     "platform": platform.platform(), **backend.framework_versions()},
-    }
+    metrics = _finetune_metrics(backend, backend_name, mode, pretrained, data_description, len(train_data[2]),
+                                len(test_data[2]), {"max_len": max_len, "batch_size": batch_size, "lr": lr,
+                                                    "epochs": epochs, "dropout": dropout, "seed": seed},
+                                records, packing_seconds, devices, model_dir)
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     return metrics
 
 
 FINETUNE_MODES = ("fast", "book")
+
+
+def _versions(backend: ModuleType) -> dict:
+    return {"nlibert": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "platform": platform.platform(), **backend.framework_versions()}
+
+
+def _finetune_metrics(backend: ModuleType, backend_name: str, mode: str, pretrained: str, data_description: str,
+                      num_train: int, num_test: int, hyperparameters: dict, records: list, packing_seconds: float,
+                      devices: list, model_dir: str, **extra) -> dict:
+    """metrics.json of a fine-tuning run, the same keys in both modes (`extra`: the fast path's settings)."""
+    return {"backend": backend_name, "mode": mode, "pretrained": str(pretrained), "data": data_description,
+            "num_train": num_train, "num_test": num_test, "hyperparameters": hyperparameters, **extra,
+            "epochs": [r.to_dict() for r in records], "test_acc": records[-1].test_acc,
+            "packing_seconds": packing_seconds, "devices": [str(d) for d in devices], "model_dir": model_dir,
+            "versions": _versions(backend)}
 
 
 def _run_finetune_fast(backend: ModuleType, backend_name: str, devices: list, pretrained: str | None,
@@ -231,22 +240,15 @@ def _run_finetune_fast(backend: ModuleType, backend_name: str, devices: list, pr
                                  graph=graph)
     model_dir = os.path.join(out_dir, "model")
     backend.save_classifier(net, vocab, bert.config, model_dir)
-    metrics = {
-        "backend": backend_name, "mode": "fast", "pretrained": str(pretrained), "data": data_description,
-        "num_train": len(train_set), "num_test": len(test_set),
-        "hyperparameters": {"max_len": max_len, "batch_size": batch_size, "lr": lr, "epochs": epochs,
-                            "dropout": dropout, "seed": seed},
-        "fast_path": {"precision": precision, "graph": graph, "fused_attention": True,
-                      "last_block_cls_only": True, "fused_adam": backend_name == "torch",
-                      "bucketing": {"sampler": "bucket_batch_indices" if bucketing else "batch_indices",
-                                    "pad_multiple": multiple},
-                      "packed_cache": {"dir": cache_dir, "hit": cache_hit}},
-        "epochs": [r.to_dict() for r in records],
-        "test_acc": records[-1].test_acc, "packing_seconds": packing_seconds,
-        "devices": [str(d) for d in devices], "model_dir": model_dir,
-        "versions": {"nlibert": __version__, "python": platform.python_version(), "numpy": np.__version__,
-                     "platform": platform.platform(), **backend.framework_versions()},
-    }
+    fast_path = {"precision": precision, "graph": graph, "fused_attention": True,
+                 "last_block_cls_only": True, "fused_adam": backend_name == "torch",
+                 "bucketing": {"sampler": "bucket_batch_indices" if bucketing else "batch_indices",
+                               "pad_multiple": multiple},
+                 "packed_cache": {"dir": cache_dir, "hit": cache_hit}}
+    metrics = _finetune_metrics(backend, backend_name, "fast", pretrained, data_description, len(train_set),
+                                len(test_set), {"max_len": max_len, "batch_size": batch_size, "lr": lr,
+                                                "epochs": epochs, "dropout": dropout, "seed": seed},
+                                records, packing_seconds, devices, model_dir, fast_path=fast_path)
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     return metrics
 
@@ -505,8 +507,7 @@ def run_pretrain(backend_name: str = "torch", corpus: str = "wikitext-2", steps:
         "this_run": summarize(records), "all_steps": summarize(history),
         "history": [r.to_dict() for r in history], "data_seconds": data_seconds,
         "devices": [str(d) for d in devices], "out_dir": out_dir,
-        "versions": {"nlibert": __version__, "python": platform.python_version(), "numpy": np.__version__,
-                     "platform": platform.platform(), **backend.framework_versions()},
+        "versions": _versions(backend),
     }
     if stopped:
         print(f"stopped after step {last_step} of {steps}; run the same command again to resume")
