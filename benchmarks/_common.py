@@ -143,3 +143,16 @@ def cpu_model() -> str:
         pass
     import platform
     return platform.processor() or "unknown CPU"
+
+
+# Student's t quantile t(0.975, df) for df = 1..10; beyond, the normal 1.96 is within 0.2.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def seed_interval(differences) -> tuple[float, float]:
+    """95% t-interval of the mean of per-seed differences (needs two or more)."""
+    d = np.asarray(differences, dtype=float)
+    if len(d) < 2:
+        raise ValueError(f"need two or more per-seed differences, got {len(d)}")
+    half = T_975.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d))
+    return float(d.mean() - half), float(d.mean() + half)

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import dev_file  # noqa: E402
+from _common import dev_file, seed_interval  # noqa: E402
 
 
 def paired_difference(labels, book_pred, fast_pred, z: float = 1.96) -> dict:
@@ -47,19 +47,6 @@ def paired_difference(labels, book_pred, fast_pred, z: float = 1.96) -> dict:
     return {"n": n, "book_acc": float(book_ok.mean()), "fast_acc": float(fast_ok.mean()),
             "diff_pts": 100 * diff, "disagree": int(np.sum(book_pred != fast_pred)), "b": b, "c": c,
             "se_pts": 100 * se, "ci_pts": (100 * (diff - z * se), 100 * (diff + z * se))}
-
-
-# Student's t quantile t(0.975, df) for df = 1..10; beyond, the normal 1.96 is within 0.2.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def seed_interval(differences) -> tuple[float, float]:
-    """95% t-interval of the mean of per-seed differences (needs two or more)."""
-    d = np.asarray(differences, dtype=float)
-    if len(d) < 2:
-        raise ValueError(f"need two or more per-seed differences, got {len(d)}")
-    half = T_975.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d))
-    return float(d.mean() - half), float(d.mean() + half)
 
 
 def predict_labels(backend, model_dir: str, devices, test_set, chunk: int = 256) -> np.ndarray:

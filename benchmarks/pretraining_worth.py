@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import dev_file  # noqa: E402
+from _common import dev_file, seed_interval  # noqa: E402
 
 
 def pretraining_figures(folder: str) -> dict | None:
@@ -142,8 +142,6 @@ def main(argv=None):
                          "test_acc_per_epoch": [e["test_acc"] for e in metrics["epochs"]]}
         row["difference"] = row["pretrained"]["test_acc"] - row["random_init"]["test_acc"]
         report["runs"].append(row)
-    from nlibert.core.io import write_json
-    write_json(os.path.join(args.out, "worth.json"), report)
 
     print()
     p = report["pretraining"]
@@ -170,6 +168,12 @@ def main(argv=None):
         mean = {k: np.mean([r[k]["test_acc"] for r in report["runs"]]) for k in ("pretrained", "random_init")}
         print(f"{'mean':>4s} {mean['pretrained']:10.3f} {mean['random_init']:11.3f} "
               f"{mean['pretrained'] - mean['random_init']:+10.3f}")
+        low, high = seed_interval([100 * row["difference"] for row in report["runs"]])
+        report["difference_95pct_t_interval_pts"] = [low, high]
+        verdict = "pretraining pays" if low > 0 else "not shown" if high > 0 else "pretraining hurts"
+        print(f"95% t-interval of the mean difference over seeds: [{low:+.1f}, {high:+.1f}] points ({verdict})")
+    from nlibert.core.io import write_json
+    write_json(os.path.join(args.out, "worth.json"), report)
     print(f"wrote {os.path.join(args.out, 'worth.json')}")
 
 

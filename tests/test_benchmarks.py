@@ -12,7 +12,7 @@ import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-from _common import PeakRSS, training_flops  # noqa: E402
+from _common import PeakRSS, seed_interval, training_flops  # noqa: E402
 
 H, F, LAYERS = 4, 8, 2
 
@@ -92,10 +92,44 @@ def test_paired_difference_on_a_hand_computed_example():
 
 
 def test_seed_interval_is_the_t_interval_of_the_mean_difference():
-    from accuracy_book_vs_fast import seed_interval
     low, high = seed_interval([1.0, -1.0, 3.0])  # mean 1, sd 2, se 2/sqrt(3), t(0.975, 2) = 4.303
     half = 4.303 * 2 / np.sqrt(3)
     assert (low, high) == pytest.approx((1 - half, 1 + half))
     assert seed_interval([0.5, 0.5]) == pytest.approx((0.5, 0.5))
     with pytest.raises(ValueError, match="two or more"):
         seed_interval([1.0])
+
+
+def test_pretraining_worth_compares_against_the_pretrainings_own_init(tmp_path, monkeypatch):
+    """End to end on a tiny checkpoint pretrained with --init xavier: both fine-tunes per seed, the
+    random baseline drawn with the pretraining's init (Xavier: no N(0, 1) positional embedding),
+    the seeds' t-interval in worth.json."""
+    import torch
+    from nlibert import jobs
+    from nlibert.backends.torch.checkpoint import read_params
+    from nlibert.core.sample import write_sample_snli
+    from pretraining_worth import main as worth_main
+    monkeypatch.setattr(jobs, "restore_torch_threads", lambda: torch.set_num_threads(1))
+    sample = write_sample_snli(tmp_path / "snli", num_train=120, num_test=10, seed=1)
+    corpus = tmp_path / "wiki"
+    corpus.mkdir()
+    words = [f"w{i}" for i in range(40)]
+    rng = np.random.default_rng(0)
+    lines = [" " + " . ".join(" ".join(rng.choice(words, 5)) for _ in range(4)) + " . \n" for _ in range(40)]
+    (corpus / "wiki.valid.tokens").write_text("".join(lines), encoding="utf-8")
+    pretrained = tmp_path / "pretrained"
+    jobs.run_pretrain(corpus=str(corpus), steps=2, batch_size=8, max_len=24, num_hiddens=16, ffn_num_hiddens=32,
+                      num_heads=2, num_layers=1, out_dir=str(pretrained), init="xavier")
+    out = tmp_path / "worth"
+    worth_main(["--pretrained", str(pretrained), "--out", str(out), "--snli-dev", f"{sample}/snli_1.0_train.txt",
+                "--seeds", "0", "1", "--epochs", "1", "--batch-size", "16", "--max-len", "24"])
+    report = json.loads((out / "worth.json").read_text())
+    assert [row["seed"] for row in report["runs"]] == [0, 1]
+    assert report["pretraining"]["hyperparameters"]["init"] == "xavier"
+    for row in report["runs"]:
+        assert row["difference"] == pytest.approx(row["pretrained"]["test_acc"] - row["random_init"]["test_acc"])
+    low, high = report["difference_95pct_t_interval_pts"]
+    assert low <= 100 * np.mean([row["difference"] for row in report["runs"]]) <= high
+    for seed in (0, 1):
+        pos = read_params(out / f"random-init-{seed}" / "pretrained.params")["encoder.pos_embedding"]
+        assert np.abs(pos).max() < 0.5  # Xavier's bound here; torch's own init draws N(0, 1)
