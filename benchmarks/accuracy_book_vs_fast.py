@@ -9,8 +9,8 @@ Runs the `finetune` job itself (`nlibert.jobs.run_finetune`) in both modes on th
 90/10 with the seed (train on a seeded subset of the 90%, test on all of the 10%), from `--pretrained`
 (default: one seeded random bert.small-shaped checkpoint per backend), and prints both test
 accuracies and their difference in points. `--dropout 0 --no-bucketing` leaves the two modes only
-their kernels to differ by (the fast path on the book's batches): they should then agree pair for pair. The fast path passes when it is within
-`--tolerance` points (0.5) of the book path.
+their kernels to differ by (the fast path on the book's batches): they should then agree pair for
+pair. The fast path passes when it is within `--tolerance` points (0.5) of the book path.
 
 It then reloads both fine-tuned models and predicts the same test pairs (the test split as the job packs
 it, `jobs.packed_snli`), checks that this reproduces each run's reported test accuracy, and prints a paired

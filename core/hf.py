@@ -68,7 +68,7 @@ def read_hf_config(folder: str | os.PathLike) -> BERTConfig:
     """A `BERTConfig` from a Hugging Face BERT config.json; anything we cannot build is an error
     naming the file and the key."""
     path = os.path.join(folder, HF_CONFIG_FILE)
-    c = read_json(path)
+    c = read_json(path, dict)
     if c.get("model_type") != "bert":
         raise ValueError(f"{path}: model_type {c.get('model_type')!r}; only 'bert' checkpoints are supported")
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):

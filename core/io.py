@@ -50,9 +50,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
+_JSON_KINDS = {dict: "object", list: "list"}
+
+
+def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
+    """The parsed file; invalid JSON, or with `expect` (dict or list) a top-level value of another
+    kind, is an error naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{os.fspath(path)}: not valid JSON ({e})") from e
+    if expect is not None and not isinstance(obj, expect):
+        raise ValueError(f"{os.fspath(path)}: expected a JSON {_JSON_KINDS[expect]}, found {type(obj).__name__}")
+    return obj

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Iterable, Sequence
 
-from .io import atomic_write
+from .io import atomic_write, read_json
 
 
 def tokenize(lines: Sequence[str], token: str = "word") -> list[list[str]]:
@@ -94,15 +94,7 @@ class Vocab:
 
 def read_vocab_list(path: str | os.PathLike) -> list:
     """The index -> token list of a `vocab.json`; an error naming the file if it is not a JSON list."""
-    path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        try:
-            idx_to_token = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(idx_to_token, list):
-        raise ValueError(f"{path}: expected a JSON list of tokens, found {type(idx_to_token).__name__}")
-    return idx_to_token
+    return read_json(path, list)
 
 
 def load_vocab(path: str | os.PathLike) -> Vocab:

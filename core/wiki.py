@@ -252,11 +252,10 @@ class WikiBatchIterator:
                 "num_examples": len(self.dataset), "remask": self.remask}
 
     def load_state_dict(self, state: dict) -> None:
+        ours = self.state_dict()
         for key in ("seed", "batch_size", "num_examples", "remask"):
-            ours = {"seed": self.seed, "batch_size": self.batch_size, "num_examples": len(self.dataset),
-                    "remask": self.remask}[key]
-            if key in state and state[key] != ours:
-                raise ValueError(f"data iterator state is for {key}={state[key]}, this iterator has {ours}")
+            if key in state and state[key] != ours[key]:
+                raise ValueError(f"data iterator state is for {key}={state[key]}, this iterator has {ours[key]}")
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:

@@ -17,13 +17,13 @@ them back.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from typing import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
+from .io import read_json
 from .vocab import Vocab
 
 KIND = "wordpiece"
@@ -130,16 +130,7 @@ def read_vocab_txt(path: str | os.PathLike) -> list[str]:
 
 
 def _read_optional_json(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
-    return obj
+    return read_json(path, dict) if os.path.exists(path) else {}
 
 
 def _special_token(value, path: str, key: str) -> str:

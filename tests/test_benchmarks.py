@@ -109,14 +109,10 @@ def test_pretraining_worth_compares_against_the_pretrainings_own_init(tmp_path, 
     from nlibert.backends.torch.checkpoint import read_params
     from nlibert.core.sample import write_sample_snli
     from pretraining_worth import main as worth_main
+    from test_pretrain import write_wiki
     monkeypatch.setattr(jobs, "restore_torch_threads", lambda: torch.set_num_threads(1))
     sample = write_sample_snli(tmp_path / "snli", num_train=120, num_test=10, seed=1)
-    corpus = tmp_path / "wiki"
-    corpus.mkdir()
-    words = [f"w{i}" for i in range(40)]
-    rng = np.random.default_rng(0)
-    lines = [" " + " . ".join(" ".join(rng.choice(words, 5)) for _ in range(4)) + " . \n" for _ in range(40)]
-    (corpus / "wiki.valid.tokens").write_text("".join(lines), encoding="utf-8")
+    corpus = write_wiki(tmp_path / "wiki")
     pretrained = tmp_path / "pretrained"
     jobs.run_pretrain(corpus=str(corpus), steps=2, batch_size=8, max_len=24, num_hiddens=16, ffn_num_hiddens=32,
                       num_heads=2, num_layers=1, out_dir=str(pretrained), init="xavier")

@@ -212,6 +212,9 @@ def test_unsupported_configs_are_refused_by_key(tmp_path):
         path.write_text(json.dumps({**original, key: value}))
         with pytest.raises(ValueError, match=match):
             hf.read_hf_config(tmp_path / "hf")
+    path.write_text(json.dumps([original]))
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object, found list"):
+        hf.read_hf_config(tmp_path / "hf")
 
 
 def test_packaged_checkpoint_not_installed_names_the_install_command(monkeypatch):

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from nlibert.core.checkpoint import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_folder_format,
-                                     check_shapes, config_dict, load_folder_vocab, read_classifier_folder, resolve_pretrained_folder,
-                                     resolve_architecture, resolve_sizes)
+                                     check_shapes, config_dict, load_folder_vocab, read_classifier_folder,
+                                     resolve_pretrained_folder, resolve_architecture, resolve_sizes)
 from nlibert.core.config import BERTConfig
 from nlibert.core.hf import is_hf_folder, load_hf_checkpoint
 from nlibert.core.io import atomic_write, write_json
