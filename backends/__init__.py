@@ -1,1 +1,54 @@
-"""Framework-specific implementations: `nlibert.backends.torch` and `nlibert.backends.mxnet`."""
+"""The registry of backends: the one place that names the frameworks.
+
+Each backend is a package exporting the names written down in `nlibert.backends.contract`, with the
+same signatures (a test holds every registered backend to it). Its `name` is also the `format` its
+checkpoint folders record in config.json, and the key of its rename table in core/names.py.
+Importing this module imports no framework: `load_backend` does, on demand.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from types import ModuleType
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    name: str  # `--backend NAME`, and the checkpoint format its folders record
+    module: str  # the package exporting the contract's names
+    framework: str  # the framework's import name, to tell whether it is installed
+    requirement: str  # what to install when it is not
+    fused_adam: bool = False  # `make_trainer(fused=True)` has a fused kernel (metrics.json's fast_path records it)
+
+
+REGISTRY = (
+    BackendInfo("torch", "nlibert.backends.torch", "torch", "torch==2.13.0", fused_adam=True),
+    BackendInfo("mxnet", "nlibert.backends.mxnet", "mxnet", "mxnet==1.9.1"),
+)
+BACKENDS = tuple(info.name for info in REGISTRY)
+_BY_NAME = {info.name: info for info in REGISTRY}
+
+
+def backend_info(name: str) -> BackendInfo:
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
+    return _BY_NAME[name]
+
+
+def is_installed(name: str) -> bool:
+    """Whether the backend's framework can be imported (without importing it)."""
+    return importlib.util.find_spec(backend_info(name).framework) is not None
+
+
+def installed_backends() -> list[str]:
+    return [name for name in BACKENDS if is_installed(name)]
+
+
+def load_backend(name: str) -> ModuleType:
+    """Import the backend `name` (its framework with it); an uninstalled framework is an error that
+    says what to install."""
+    info = backend_info(name)
+    if not is_installed(name):
+        raise ModuleNotFoundError(f"the {name} backend needs {info.requirement}: pip install {info.requirement}")
+    return importlib.import_module(info.module)

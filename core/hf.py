@@ -6,8 +6,8 @@ Its encoder is the book's with BERT's options on (`BERTConfig`: GELU, the config
 epsilon, LayerNorm + dropout after the embeddings), so its tensors load into our models unchanged
 except for one reshape: `position_embeddings.weight` (P, H) is our `pos_embedding` (1, P, H).
 
-`hf_key_map` is the one place that names Hugging Face keys; MXNet receives the same tensors through
-the torch <-> MXNet map of core/checkpoint.py. Encoder tensors are required. The pooler and the
+The names go through the Hugging Face rename table (core/names.py `HF_NAMES`) to the canonical
+names every backend maps from. Encoder tensors are required. The pooler and the
 pretraining heads are taken when the file has them (a sentence-embedding model like MiniLM has
 neither MLM nor NSP head) and are otherwise left as the backend initialised them.
 """
@@ -16,13 +16,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 
-from .checkpoint import expected_shapes
 from .config import BERTConfig
 from .io import read_json
+from .names import HF_NAMES, canonical_key, expected_shapes, format_key
 
 HF_CONFIG_FILE = "config.json"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
@@ -106,105 +106,79 @@ def apply_given_sizes(cfg: BERTConfig, source: str, **given) -> BERTConfig:
     return BERTConfig.from_dict(fields)
 
 
-def hf_key_map(cfg: BERTConfig) -> dict[str, str]:
-    """Our torch `state_dict` name -> the Hugging Face name of the same tensor (no `bert.` prefix)."""
-    names = {
-        "encoder.pos_embedding": "embeddings.position_embeddings.weight",  # (P, H) there, (1, P, H) here
-        "encoder.token_embedding.weight": "embeddings.word_embeddings.weight",
-        "encoder.segment_embedding.weight": "embeddings.token_type_embeddings.weight",
-        "encoder.embedding_ln.weight": "embeddings.LayerNorm.weight",
-        "encoder.embedding_ln.bias": "embeddings.LayerNorm.bias",
-    }
-    ours_to_hf = {"attention.W_q": "attention.self.query", "attention.W_k": "attention.self.key",
-                  "attention.W_v": "attention.self.value", "attention.W_o": "attention.output.dense",
-                  "addnorm1.ln": "attention.output.LayerNorm", "ffn.dense1": "intermediate.dense",
-                  "ffn.dense2": "output.dense", "addnorm2.ln": "output.LayerNorm"}
-    for i in range(cfg.num_layers):
-        for ours, hf in ours_to_hf.items():
-            for p in ("weight", "bias"):
-                names[f"encoder.blks.{i}.{ours}.{p}"] = f"encoder.layer.{i}.{hf}.{p}"
-    heads = {"hidden.0": "pooler.dense", "mlm.mlp.0": "cls.predictions.transform.dense",
-             "mlm.mlp.2": "cls.predictions.transform.LayerNorm", "nsp.output": "cls.seq_relationship"}
-    for ours, hf in heads.items():
-        for p in ("weight", "bias"):
-            names[f"{ours}.{p}"] = f"{hf}.{p}"
-    names["mlm.mlp.3.weight"] = "cls.predictions.decoder.weight"  # tied to the word embeddings
-    names["mlm.mlp.3.bias"] = "cls.predictions.bias"
-    return names
-
-
 def _normalized_hf_key(key: str) -> str:
     """Drop the `bert.` prefix of task models and the old TF-converted LayerNorm gamma/beta names."""
     key = key[len("bert."):] if key.startswith("bert.") else key
     return re.sub(r"(LayerNorm)\.gamma$", r"\1.weight", re.sub(r"(LayerNorm)\.beta$", r"\1.bias", key))
 
 
-def hf_to_torch_params(hf_params: Mapping[str, np.ndarray], cfg: BERTConfig, source: str
-                       ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """(params under our torch names, our names of the optional heads the file lacks).
+def hf_to_canonical(hf_params: Mapping[str, np.ndarray], cfg: BERTConfig, source: str
+                    ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(params under canonical names, canonical names of the optional heads the file lacks), through
+    the Hugging Face rename table (core/names.py `HF_NAMES`).
 
-    An encoder tensor missing, a tensor of the wrong shape, or a key that is neither ours nor
+    An encoder tensor missing, a tensor of the wrong shape, or a key that is neither BERT's nor
     ignorable (`_IGNORED_KEYS`) is an error naming the Hugging Face key."""
-    key_map = hf_key_map(cfg)
-    hf_to_ours = {hf: ours for ours, hf in key_map.items()}
-    found = {}
-    unknown = []
+    found, unknown = {}, []
     for key, value in hf_params.items():
         name = _normalized_hf_key(key)
-        if name in hf_to_ours:
-            found[name] = np.asarray(value)
-        elif not _IGNORED_KEYS.match(name):
+        if _IGNORED_KEYS.match(name):
+            continue
+        try:
+            found[canonical_key(name, HF_NAMES)] = (name, np.asarray(value))
+        except KeyError:
             unknown.append(key)
     if unknown:
         raise KeyError(f"{source}: keys that are not BERT encoder, pooler or pretraining-head tensors: {unknown}")
-    if "cls.predictions.decoder.weight" not in found and "cls.predictions.transform.dense.weight" in found:
-        found["cls.predictions.decoder.weight"] = found["embeddings.word_embeddings.weight"]  # tied weights
+    if "mlm.mlp.3.weight" not in found and "mlm.mlp.0.weight" in found:
+        # BERT ties its MLM decoder to the word embeddings; files may store it once.
+        found["mlm.mlp.3.weight"] = found["encoder.token_embedding.weight"]
 
-    shapes = expected_shapes(cfg, "pretrained")
     params, missing_heads, missing, wrong = {}, [], [], []
-    for ours, hf in key_map.items():
-        if hf not in found:
-            (missing_heads if ours.startswith(_HEAD_PREFIXES) else missing).append(hf)
+    for ours, shape in expected_shapes(cfg, "pretrained").items():
+        if ours not in found:
+            (missing_heads if ours.startswith(_HEAD_PREFIXES) else missing).append(ours)
             continue
-        value = found[hf]
-        if ours == "encoder.pos_embedding":
-            value = value.reshape((1,) + value.shape) if value.ndim == 2 else value
-        if tuple(value.shape) != shapes[ours]:
-            wrong.append(f"{hf}: file has {tuple(found[hf].shape)}, config.json implies {shapes[ours]}")
+        hf, value = found[ours]
+        if ours == "encoder.pos_embedding" and value.ndim == 2:
+            value = value.reshape((1,) + value.shape)  # (P, H) there, (1, P, H) here
+        if tuple(value.shape) != shape:
+            wrong.append(f"{hf}: file has {tuple(found[ours][1].shape)}, config.json implies {shape}")
         params[ours] = value
     if missing:
-        raise KeyError(f"{source}: missing encoder tensors: {missing}")
+        raise KeyError(f"{source}: missing encoder tensors: {[format_key(k, HF_NAMES) for k in missing]}")
     if wrong:
         raise ValueError(f"{source}: shape mismatch: " + "; ".join(wrong))
-    return params, [ours for ours, hf in key_map.items() if hf in missing_heads]
+    return params, missing_heads
 
 
-def read_hf_weights(folder: str | os.PathLike, read_bin: Callable[[str], Mapping[str, np.ndarray]] | None = None
-                    ) -> tuple[dict[str, np.ndarray], str]:
-    """(name -> array, path) of the folder's weights: `model.safetensors` read with the safetensors
-    library (numpy, no framework), else `pytorch_model.bin` through `read_bin` (the backends pass a
-    `torch.load(..., weights_only=True)` reader)."""
+def hf_weights_path(folder: str | os.PathLike) -> str:
+    """The folder's weights file: `model.safetensors`, else `pytorch_model.bin`."""
     for name in HF_WEIGHT_FILES:
         path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
-        if name.endswith(".safetensors"):
-            from safetensors import SafetensorError
-            from safetensors.numpy import load_file
-            try:
-                return load_file(path), path
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-        if read_bin is None:
-            raise ValueError(f"{path}: reading a .bin checkpoint needs a torch reader")
-        return dict(read_bin(path)), path
+        if os.path.isfile(path):
+            return path
     raise FileNotFoundError(f"{folder}: no {' or '.join(HF_WEIGHT_FILES)}")
 
 
-def load_hf_checkpoint(folder: str | os.PathLike, read_bin: Callable[[str], Mapping[str, np.ndarray]] | None = None,
-                       **given_sizes):
+def read_hf_weights(path: str) -> dict[str, np.ndarray]:
+    """name -> array of a Hugging Face weights file: `model.safetensors` read with the safetensors
+    library (numpy, no framework); `pytorch_model.bin` is torch's pickle format, which only torch
+    reads, so it goes through the torch backend's reader (found through the backend registry)."""
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    from ..backends import load_backend  # lazily, and only for this file format
+    return dict(load_backend("torch").read_params(path))
+
+
+def load_hf_checkpoint(folder: str | os.PathLike, **given_sizes):
     """Everything a backend needs to build and fill its model from a Hugging Face folder:
-    `(config, vocab, params under our torch names, heads the file lacks, weights path)`."""
+    `(config, vocab, params under canonical names, canonical names of heads the file lacks, weights path)`."""
     from .wordpiece import load_wordpiece_vocab  # lazily: needs the tokenizers library
     folder = os.fspath(folder)
     cfg = apply_given_sizes(read_hf_config(folder), os.path.join(folder, HF_CONFIG_FILE), **given_sizes)
@@ -212,6 +186,6 @@ def load_hf_checkpoint(folder: str | os.PathLike, read_bin: Callable[[str], Mapp
     if len(vocab) > cfg.vocab_size:
         raise ValueError(f"{folder}: vocab.txt has {len(vocab)} tokens but config.json's vocab_size is "
                          f"{cfg.vocab_size}")
-    hf_params, path = read_hf_weights(folder, read_bin)
-    params, missing_heads = hf_to_torch_params(hf_params, cfg, path)
+    path = hf_weights_path(folder)
+    params, missing_heads = hf_to_canonical(read_hf_weights(path), cfg, path)
     return cfg, vocab, params, missing_heads, path

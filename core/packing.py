@@ -25,10 +25,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .vocab import Vocab
+from .vocab import RESERVED_TOKENS, Vocab
 from .wordpiece import WordPieceVocab
 
-RESERVED_TOKENS = ["<pad>", "<mask>", "<cls>", "<sep>"]
 TRUNCATION_RULES = ("book", "proportional")
 
 

@@ -1,5 +1,8 @@
-"""Bookkeeping for BERT pretraining shared by both backends' `train_bert`: per-step figures, the
-book's two printed lines, per-step seeds, and the resumable checkpoint folder (OUT/resume/).
+"""BERT pretraining, once for every backend: the step loop (`train_steps`: per-step seeds, the
+learning-rate schedule, timing, checkpoints and stopping), its per-step figures and the book's two
+printed lines, and the resumable checkpoint folder (OUT/resume/). A backend supplies only a
+`PretrainStep` (backends/contract.py): its inputs on the device, one optimizer step, its RNG seed
+and learning rate.
 
 The resume folder holds, per checkpoint, two files written by the backend (the model parameters
 and the optimizer state, named after the step: `step-00000040.params`, `step-00000040.trainer`),
@@ -14,27 +17,25 @@ import contextlib
 import dataclasses
 import os
 import re
-from typing import Sequence
+import shutil
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
 from .io import read_json, write_json
+from .settings import INIT_SCHEMES, LR_DECAYS, MLM_LOSSES
+from .training import Timer
+from .vocab import Vocab, load_vocab, save_vocab
 
-MLM_LOSSES = ("masked", "book")
-LR_DECAYS = ("none", "linear")
-PRETRAIN_MODES = ("book", "fast")
-# 'book': each backend's own book init (torch: its layer defaults; MXNet: init.Xavier()).
-# 'xavier': MXNet's book init in both backends (every matrix Xavier-uniform, biases 0, LayerNorm 1/0),
-# so a run starts from the same distribution whichever backend pretrains.
-INIT_SCHEMES = ("book", "xavier")
 STATE_FILE = "state.json"
 _STEP_FILE = re.compile(r"^step-(\d+)\.[a-z]+$")
 
 
 def check_mlm_loss(mlm_loss: str) -> str:
     """'masked': the mean over real predictions only (padded slots have weight 0); the book's
-    MXNet code computes this. 'book': the book's PyTorch formula, whose mean runs over all
-    `max_num_mlm_preds` slots, padded ones (label 0) included (facts §1.8)."""
+    MXNet code computes this (`SoftmaxCELoss` with the prediction weights as sample weights).
+    'book': the book's PyTorch formula, `CrossEntropyLoss()`'s mean times the weights over their
+    sum, which equals the mean over all `max_num_mlm_preds` slots, padded ones (label 0) included."""
     if mlm_loss not in MLM_LOSSES:
         raise ValueError(f"unknown mlm_loss {mlm_loss!r}: use one of {MLM_LOSSES}")
     return mlm_loss
@@ -143,3 +144,122 @@ def commit_resume_state(folder: str | os.PathLike, state: dict) -> None:
         if _STEP_FILE.match(name) and name not in keep:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(folder, name))
+
+
+class PretrainStep(Protocol):
+    """What the step loop needs from a backend (each backend's `pretrain.PretrainStep`)."""
+
+    learning_rate: float  # read and set before each step
+
+    def load(self, batch: Sequence) -> Any:
+        """The book's 7-tuple batch on the device(s), before the step's timer starts."""
+
+    def __call__(self, inputs: Any) -> tuple[float, float]:
+        """One optimizer step; its (MLM loss, NSP loss) as floats, once the step has finished."""
+
+    def reseed(self, seed: int) -> None:
+        """Seed the framework's RNG (dropout draws)."""
+
+
+def train_steps(step: PretrainStep, train_iter: Iterable, num_steps: int, *, start_step: int = 0,
+                seed: int | None = None, lr_at: Callable[[int], float] | None = None,
+                on_step: Callable[[StepRecord], bool | None] | None = None,
+                checkpoint: Callable[[int, list[StepRecord]], None] | None = None, checkpoint_every: int = 0,
+                stop_after: int | None = None) -> list[StepRecord]:
+    """Run steps `start_step + 1` .. `num_steps`, passing over `train_iter` as often as needed;
+    return their records.
+
+    The timer covers each step's forward, backward and update (the book's), not the batch's copy
+    to the device. With `seed`, the framework's RNG is re-seeded before every step from (seed,
+    step) (`step_seed`), so a resumed run draws what an uninterrupted one would. `lr_at(step)` sets
+    each step's learning rate (None: the trainer's own, the book's constant rate). `checkpoint(step,
+    records)` runs every `checkpoint_every` steps before the last; the loop ends early when
+    `on_step(record)` returns true or after `stop_after` steps of this call, as if interrupted.
+    """
+    step_no, timer, records = start_step, Timer(), []
+    while step_no < num_steps:
+        num_batches = 0
+        for batch in train_iter:
+            num_batches += 1
+            inputs = step.load(batch)
+            if seed is not None:
+                step.reseed(step_seed(seed, step_no + 1))
+            if lr_at is not None:
+                step.learning_rate = lr_at(step_no + 1)
+            timer.start()
+            mlm_value, nsp_value = step(inputs)
+            seconds = timer.stop()
+            step_no += 1
+            record = StepRecord(step_no, mlm_value, nsp_value, int(len(batch[0])), seconds,
+                                float(step.learning_rate))
+            records.append(record)
+            if checkpoint is not None and checkpoint_every and step_no % checkpoint_every == 0 \
+                    and step_no < num_steps:
+                checkpoint(step_no, records)
+            if on_step is not None and on_step(record):
+                return records
+            if step_no >= num_steps or (stop_after is not None and step_no - start_step >= stop_after):
+                return records
+        if num_batches == 0:
+            raise ValueError("train_iter yielded no batches")
+    return records
+
+
+def scheduled_lr(lr: float, num_steps: int, warmup_steps: int = 0, lr_decay: str = "none"
+                 ) -> Callable[[int], float] | None:
+    """`train_steps`' `lr_at` for a schedule (`learning_rate_at`), or None for the book's constant rate."""
+    check_lr_schedule(warmup_steps, lr_decay)
+    if warmup_steps == 0 and lr_decay == "none":
+        return None
+    return lambda step: learning_rate_at(step, lr, num_steps, warmup_steps, lr_decay)
+
+
+def open_resume(folder: str | os.PathLike, signature: dict, resume: bool | None) -> dict | None:
+    """The checkpoint state to resume from, or None to start fresh. `resume` None resumes when the
+    folder holds a checkpoint, True insists on one, False starts over (the folder is cleared). A
+    checkpoint written with other settings (`signature`) is refused, naming them."""
+    folder = os.fspath(folder)
+    if resume is False:
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        return None
+    state = read_resume_state(folder)
+    if state is None and resume:
+        raise FileNotFoundError(f"{folder}: no checkpoint to resume from")
+    if state is not None and state.get("signature") != signature:
+        differ = sorted(k for k in signature if state.get("signature", {}).get(k) != signature[k])
+        raise ValueError(f"{folder}: written by a run with other settings ({', '.join(differ)}); "
+                         "re-run with those settings, or pass --no-resume to start over")
+    return state
+
+
+class ResumeFolder:
+    """OUT/resume/ of one run: puts a checkpoint's state back (`restore`) and writes new ones (`save`),
+    through the backend's `save_training_state` / `load_training_state`."""
+
+    def __init__(self, folder: str | os.PathLike, signature: dict, backend, net, trainer, devices: list,
+                 train_iter, vocab: Vocab, seed: int) -> None:
+        self.folder, self.signature = os.fspath(folder), signature
+        self.backend, self.net, self.trainer, self.devices = backend, net, trainer, devices
+        self.train_iter, self.vocab, self.seed = train_iter, vocab, seed
+        self.history: list[StepRecord] = []  # the records of the runs before this one
+
+    def restore(self, state: dict) -> int:
+        """Load the model, optimizer and data position of `state`; returns its step."""
+        if load_vocab(os.path.join(self.folder, "vocab.json")).idx_to_token != self.vocab.idx_to_token:
+            raise ValueError(f"{self.folder}: its vocabulary differs from the corpus's; pass --no-resume")
+        self.backend.load_training_state(self.folder, state["files"], self.net, self.trainer, self.devices)
+        self.train_iter.load_state_dict(state["data"])
+        self.history = [StepRecord(**r) for r in state["history"]]
+        return int(state["step"])
+
+    def save(self, step: int, records: Sequence[StepRecord]) -> None:
+        """A checkpoint at `step`, `records` being this run's steps so far."""
+        os.makedirs(self.folder, exist_ok=True)
+        if not os.path.exists(os.path.join(self.folder, "vocab.json")):
+            save_vocab(self.vocab, os.path.join(self.folder, "vocab.json"))
+        written = self.backend.save_training_state(self.folder, self.net, self.trainer, step)
+        commit_resume_state(self.folder, {
+            "step": step, "files": written, "data": self.train_iter.state_dict(), "signature": self.signature,
+            "rng": {"seed": self.seed, "rule": "framework RNG re-seeded per step from (seed, step)"},
+            "history": [r.to_dict() for r in [*self.history, *records]]})

@@ -8,6 +8,9 @@ from typing import Iterable, Sequence
 
 from .io import atomic_write, read_json
 
+# The book's special tokens, after `<unk>` (index 0) in every vocabulary it builds (SNLI, WikiText).
+RESERVED_TOKENS = ["<pad>", "<mask>", "<cls>", "<sep>"]
+
 
 def tokenize(lines: Sequence[str], token: str = "word") -> list[list[str]]:
     """Split each line into word tokens (`str.split`) or characters, as the book does."""

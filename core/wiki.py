@@ -33,9 +33,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .batching import batch_indices
-from .vocab import Vocab, tokenize
+from .vocab import RESERVED_TOKENS, Vocab, tokenize
 
-RESERVED_TOKENS = ["<pad>", "<mask>", "<cls>", "<sep>"]
 MIN_FREQ = 5
 MLM_FRACTION = 0.15
 

@@ -24,15 +24,3 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _restore_torch_threads_after_mxnet():
-    """`import mxnet` drops torch's thread count to 1 in the same process. Test modules import both at
-    collection, before any fixture runs, so once per session (per xdist worker) give torch every core back."""
-    import sys
-
-    if "torch" in sys.modules and "mxnet" in sys.modules:
-        from nlibert.jobs import restore_torch_threads
-        restore_torch_threads()
-    yield

@@ -108,14 +108,16 @@ def test_pretraining_worth_compares_against_the_pretrainings_own_init(tmp_path, 
     from nlibert import jobs
     from nlibert.backends.torch.checkpoint import read_params
     from nlibert.core.sample import write_sample_snli
+    from nlibert.core.settings import PretrainSettings
     from pretraining_worth import main as worth_main
     from test_pretrain import write_wiki
-    monkeypatch.setattr(jobs, "restore_torch_threads", lambda: torch.set_num_threads(1))
+    torch.set_num_threads(1)
     sample = write_sample_snli(tmp_path / "snli", num_train=120, num_test=10, seed=1)
     corpus = write_wiki(tmp_path / "wiki")
     pretrained = tmp_path / "pretrained"
-    jobs.run_pretrain(corpus=str(corpus), steps=2, batch_size=8, max_len=24, num_hiddens=16, ffn_num_hiddens=32,
-                      num_heads=2, num_layers=1, out_dir=str(pretrained), init="xavier")
+    jobs.run_pretrain(PretrainSettings(corpus=str(corpus), steps=2, batch_size=8, max_len=24, num_hiddens=16,
+                                       ffn_num_hiddens=32, num_heads=2, num_layers=1, out=str(pretrained),
+                                       init="xavier"))
     out = tmp_path / "worth"
     worth_main(["--pretrained", str(pretrained), "--out", str(out), "--snli-dev", f"{sample}/snli_1.0_train.txt",
                 "--seeds", "0", "1", "--epochs", "1", "--batch-size", "16", "--max-len", "24"])

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from nlibert.core.checkpoint import (check_shapes, convert_params, detect_format, expected_shapes,
-                                     infer_config, mxnet_to_torch_key, torch_to_mxnet_key)
+from nlibert.core.names import (FORMAT_NAMES, HF_NAMES, canonical_key, check_shapes, convert_params, expected_shapes,
+                                format_key, infer_config, is_canonical)
 from nlibert.core.config import BERTConfig
 
 SMALL = BERTConfig(vocab_size=1000, num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_layers=2, max_len=512)
@@ -32,28 +32,44 @@ def test_expected_shapes_match_facts_counts():
     ("encoder.embedding_ln.bias", "encoder.embedding_ln.beta"),
 ])
 def test_key_map_both_ways(torch_key, mxnet_key):
-    assert torch_to_mxnet_key(torch_key) == mxnet_key
-    assert mxnet_to_torch_key(mxnet_key) == torch_key
+    assert format_key(torch_key, "mxnet") == mxnet_key
+    assert canonical_key(mxnet_key, "mxnet") == torch_key
+    assert format_key(torch_key, "torch") == canonical_key(torch_key, "torch") == torch_key  # the hub's own names
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMAT_NAMES) + ["huggingface"])
+def test_every_rename_table_round_trips_every_canonical_name(fmt):
+    table = HF_NAMES if fmt == "huggingface" else fmt
+    names = list(expected_shapes(BERTConfig(10, 8, 16, 2, 2, max_len=4, embedding_norm=True), "pretrained"))
+    names += [] if fmt == "huggingface" else ["output.weight", "output.bias"]  # HF has no NLI head
+    renamed = [format_key(k, table) for k in names]
+    assert len(set(renamed)) == len(names)  # one-to-one
+    assert [canonical_key(k, table) for k in renamed] == names
+    assert all(is_canonical(k) for k in names)
 
 
 def test_unknown_keys_are_errors_naming_them():
     with pytest.raises(KeyError, match="encoder.extra"):
-        torch_to_mxnet_key("encoder.extra.weight")
+        format_key("encoder.extra.weight", "mxnet")
     with pytest.raises(KeyError, match="hidden.0.weight"):
-        mxnet_to_torch_key("hidden.0.weight")  # a torch name is not an MXNet one
+        canonical_key("hidden.0.weight", "mxnet")  # a torch name is not an MXNet one
+    with pytest.raises(ValueError, match="unknown checkpoint format 'jax'"):
+        format_key("output.bias", "jax")
     params = {k: np.zeros(s, np.float32) for k, s in expected_shapes(BERTConfig(10, 8, 16, 2, 1, max_len=4)).items()}
     params["bogus"] = np.zeros(1)
     with pytest.raises(KeyError, match="bogus"):
-        convert_params(params, "mxnet")
+        convert_params(params, "torch", "mxnet")
 
 
 def test_convert_round_trip_is_bit_exact():
     rng = np.random.default_rng(0)
     params = {k: rng.standard_normal(s).astype(np.float32)
               for k, s in expected_shapes(BERTConfig(10, 8, 16, 2, 2, max_len=4)).items()}
-    mx = convert_params(params, "mxnet")
-    assert detect_format(mx) == "mxnet" and detect_format(params) == "torch"
-    back = convert_params(mx, "torch")
+    mx = convert_params(params, "torch", "mxnet")
+    assert list(mx) != list(params) and list(convert_params(params, "torch", "torch")) == list(params)
+    with pytest.raises(KeyError):  # MXNet names are not torch names
+        convert_params(mx, "torch", "mxnet")
+    back = convert_params(mx, "mxnet", "torch")
     assert list(back) == list(params)
     assert all(np.array_equal(back[k], params[k]) for k in params)
 

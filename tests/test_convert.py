@@ -18,24 +18,18 @@ mx = pytest.importorskip("mxnet")
 import nlibert.backends.mxnet as mb  # noqa: E402
 import nlibert.backends.torch as tb  # noqa: E402
 from nlibert import cli, jobs  # noqa: E402
-from nlibert.core.checkpoint import torch_to_mxnet_key  # noqa: E402
+from nlibert.core.names import format_key  # noqa: E402
 from nlibert.core.sample import write_sample_snli  # noqa: E402
 from nlibert.core.snli import read_snli_file  # noqa: E402
-from nlibert.core.vocab import Vocab, tokenize  # noqa: E402
+from nlibert.core.vocab import RESERVED_TOKENS, Vocab, tokenize  # noqa: E402
 
 SIZES = dict(num_hiddens=16, ffn_num_hiddens=32, num_heads=2, num_layers=2, dropout=0.1, max_len=64)
 V = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads():
-    """`import mxnet` drops torch to one thread in this process: give it every core back."""
-    jobs.restore_torch_threads()
-    yield
-
 
 def _vocab(size: int = V) -> Vocab:
-    return Vocab.from_idx_to_token(["<unk>"] + jobs.RESERVED_TOKENS + [f"w{i}" for i in range(size - 5)])
+    return Vocab.from_idx_to_token(["<unk>"] + RESERVED_TOKENS + [f"w{i}" for i in range(size - 5)])
 
 
 def _torch_pretrained(folder, seed=0, vocab=None):
@@ -75,7 +69,7 @@ def test_round_trip_torch_mxnet_torch_is_bit_exact(tmp_path, kind):
     original = tb.read_params(src / params_file)
     assert len(original) == (13 + 16 * 2 if kind == "pretrained" else 7 + 16 * 2)  # facts §1.4: 45 / 39
     in_mxnet = mb.read_params(tmp_path / "mxnet" / params_file)
-    _assert_bit_equal({torch_to_mxnet_key(k): v for k, v in original.items()}, in_mxnet)
+    _assert_bit_equal({format_key(k, "mxnet"): v for k, v in original.items()}, in_mxnet)
     _assert_bit_equal(original, tb.read_params(tmp_path / "back" / params_file))
 
     # config.json: the same dict with the format switched; vocab.json copied byte for byte.
@@ -125,7 +119,7 @@ def test_an_unknown_torch_key_is_named_by_convert_and_by_the_loader(tmp_path, ca
     assert not (tmp_path / "mxnet" / "pretrained.params").exists()
     assert cli.main(["convert", str(src), str(tmp_path / "mxnet"), "--to", "mxnet"]) == 2
     assert "encoder.bogus_scale" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"unexpected keys: \['encoder.bogus_scale'\]"):
+    with pytest.raises(KeyError, match=r"not torch-format BERT names: \['encoder.bogus_scale'\]"):
         tb.load_pretrained_model(str(src), None, None, None, None, None, None, [torch.device("cpu")])
 
 
@@ -139,7 +133,7 @@ def test_an_unknown_mxnet_key_is_named_by_convert_and_by_the_loader(tmp_path):
 
     with pytest.raises(KeyError, match=r"hidden\.0\.weight"):
         jobs.run_convert(str(tmp_path / "mxnet"), str(tmp_path / "torch"), to="torch")
-    with pytest.raises(ValueError, match=r"unexpected keys: \['hidden\.0\.weight'\]"):
+    with pytest.raises(KeyError, match=r"not mxnet-format BERT names: \['hidden\.0\.weight'\]"):
         mb.load_pretrained_model(str(tmp_path / "mxnet"), None, None, None, None, None, None, [mx.cpu()])
 
 
@@ -185,7 +179,7 @@ def sample_checkpoints(tmp_path_factory):
     data = write_sample_snli(root / "sample", num_train=200, num_test=50, seed=0)
     premises, hypotheses, _ = read_snli_file(f"{data}/snli_1.0_train.txt")
     vocab = Vocab(tokenize([s.lower() for s in premises + hypotheses]), min_freq=1,
-                  reserved_tokens=jobs.RESERVED_TOKENS)
+                  reserved_tokens=RESERVED_TOKENS)
     return _torch_pretrained(root / "pretrained", seed=1, vocab=vocab), \
         _torch_classifier(root / "classifier", seed=2, vocab=vocab)
 
@@ -246,12 +240,20 @@ def test_run_parity_report(sample_checkpoints):
     pretrained, classifier = sample_checkpoints
     report = jobs.run_parity(str(pretrained), num_pairs=16, max_len=40, seed=3)
     assert report["kind"] == "pretrained" and report["format"] == "torch" and report["num_pairs"] == 16
-    assert {"encoded_X", "mlm_Y_hat", "nsp_Y_hat"} <= set(report["max_abs_diff"])
+    # the checkpoint's own backend is the reference, every other installed backend is compared to it
+    assert report["reference"] == "torch" and report["compared"] == ["mxnet"] == list(report["max_abs_diff"])
+    diffs = report["max_abs_diff"]["mxnet"]
+    assert {"encoded_X", "mlm_Y_hat", "nsp_Y_hat"} <= set(diffs)
     # Pads are compared too, so the all-position figure bounds the valid-position one.
-    assert report["max_abs_diff"]["encoded_X (valid positions)"] <= report["max_abs_diff"]["encoded_X"]
+    assert diffs["encoded_X (valid positions)"] <= diffs["encoded_X"]
     assert report["passed"] is True and report["tolerance"] == 1e-5
 
     report = jobs.run_parity(str(classifier), num_pairs=16, max_len=40, seed=3)
-    assert report["kind"] == "classifier" and set(report["max_abs_diff"]) == {"logits"}
-    assert report["label_agreement"] == 1.0 and report["passed"] is True
-    assert 0 < report["max_abs_diff"]["logits"] <= 1e-5
+    assert report["kind"] == "classifier" and set(report["max_abs_diff"]["mxnet"]) == {"logits"}
+    assert report["label_agreement"] == {"mxnet": 1.0} and report["passed"] is True
+    assert 0 < report["max_abs_diff"]["mxnet"]["logits"] <= 1e-5
+
+    mxnet_copy = jobs.run_convert(str(classifier), str(classifier) + "-mxnet", "mxnet")
+    report = jobs.run_parity(mxnet_copy, num_pairs=16, max_len=40, seed=3)
+    assert report["format"] == report["reference"] == "mxnet" and report["compared"] == ["torch"]
+    assert report["passed"] is True

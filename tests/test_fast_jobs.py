@@ -10,7 +10,9 @@ import pytest
 from nlibert import cli, jobs
 from nlibert.core.packing import SNLIBERTDataset
 from nlibert.core.sample import write_sample_snli
-from nlibert.core.vocab import Vocab
+from nlibert.core.settings import FinetuneSettings
+from nlibert.core.sources import snli_packed, snli_source, snli_texts
+from nlibert.core.vocab import RESERVED_TOKENS, Vocab
 
 SMALL = ["--train-limit", "64", "--test-limit", "32", "--epochs", "1", "--batch-size", "32", "--max-len", "32",
          "--device", "cpu"]
@@ -23,7 +25,7 @@ def vocab_of(folder):
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines()[1:]:
                 words.update(w.lower() for w in line.replace("(", " ").replace(")", " ").split("\t")[1].split())
-    return Vocab([sorted(words)], reserved_tokens=jobs.RESERVED_TOKENS)
+    return Vocab([sorted(words)], reserved_tokens=RESERVED_TOKENS)
 
 
 @pytest.mark.parametrize("dev_only", [False, True])
@@ -39,13 +41,15 @@ def test_the_fast_path_packs_exactly_the_book_paths_examples(tmp_path, dev_only,
             shutil.copy(f"{sample}/snli_1.0_{name}.txt", data / f"snli_1.0_{name}.txt")
     vocab = vocab_of(pathlib.Path(sample))
     train_limit, test_limit = limits
-    train, test, description = jobs.resolve_snli(str(data), str(tmp_path), seed=3)
-    train, test = jobs._subset(train, train_limit, 3), jobs._subset(test, test_limit, 3)
+    source = snli_source(str(data), str(tmp_path), seed=3)
+    assert (source.test_file is None) == dev_only and str(data) in source.description
+    train, test = snli_texts(source, 3, train_limit, test_limit)
+    assert len(train[2]) == (train_limit or (108 if dev_only else 120))
     expected = [SNLIBERTDataset(part, 24, vocab) for part in (train, test)]
     for round_ in range(2):
-        train_set, test_set, fast_description, hit = jobs.packed_snli(
-            str(data), str(tmp_path), 3, vocab, 24, train_limit, test_limit, cache_dir=str(tmp_path / "cache"))
-        assert hit is bool(round_) and fast_description == description
+        train_set, test_set, hit = snli_packed(source, 3, vocab, 24, train_limit, test_limit,
+                                               cache_dir=str(tmp_path / "cache"))
+        assert hit is bool(round_)
         for got, want in zip((train_set, test_set), expected):
             for name in ("all_token_ids", "all_segments", "valid_lens", "labels"):
                 np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
@@ -88,8 +92,8 @@ def test_mxnet_fast_finetune_with_a_graph(tmp_path):
 def test_unknown_mode_and_precision_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["finetune", "--mode", "turbo"])
-    with pytest.raises(ValueError, match="mode"):
-        jobs.run_finetune(mode="turbo", out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="--mode 'turbo'"):
+        FinetuneSettings(mode="turbo", out=str(tmp_path))
     assert cli.main(["finetune", "--backend", "mxnet", "--precision", "bfloat16", "--out", str(tmp_path / "o"),
                      *SMALL]) == 2
     assert "bfloat16" in capsys.readouterr().err

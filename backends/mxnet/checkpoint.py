@@ -9,7 +9,7 @@ Unlike the book's `load_pretrained_model`, which builds the model from the sizes
 size passed as None is read off the file, and any size the file contradicts is an error that
 names the key and both shapes.
 
-Parameter files come in two namings (facts §1.4): `save_parameters` writes structured names
+Parameter files come in two namings: `save_parameters` writes structured names
 (`encoder.blks.0.attention.W_q.weight`), while the deprecated `collect_params().save` wrote
 Gluon's global prefixed names (`bertencoder0_pos_embedding`, `dense3_weight`, ...), whose counters
 depend on what else the saving process had built. `read_params` always returns structured names:
@@ -29,18 +29,19 @@ from mxnet import init, np, npx
 from mxnet.base import MXNetError
 from mxnet.gluon import nn
 
-from nlibert.core.checkpoint import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_folder_format,
-                                     check_shapes, config_dict, convert_params, load_folder_vocab,
-                                     mxnet_to_torch_key, read_classifier_folder,
-                                     resolve_pretrained_folder, resolve_architecture, resolve_sizes)
 from nlibert.core.config import BERTConfig
-from nlibert.core.hf import is_hf_folder, load_hf_checkpoint
+from nlibert.core.folders import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_filled,
+                                  config_dict, read_classifier_folder, read_pretrained)
 from nlibert.core.io import atomic_path, write_json
+from nlibert.core.names import canonical_key, check_shapes, from_canonical
+from nlibert.core.training import require_devices
 from nlibert.core.vocab import Vocab, save_vocab
 
 from .model import BERTClassifier, BERTEncoder, BERTModel
 
 npx.set_np()
+
+FORMAT = "mxnet"  # the format config.json records, the backend's name in nlibert.backends
 
 def _load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The name -> array dict of an MXNet parameter file (numpy- or legacy-semantics); anything
@@ -136,9 +137,7 @@ def _as_contexts(devices: Sequence[mx.Context] | mx.Context | None) -> list[mx.C
         return [mx.cpu()]
     if isinstance(devices, mx.Context):
         return [devices]
-    if len(devices) == 0:
-        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
-    return list(devices)
+    return require_devices(devices)
 
 
 def _shapes(params: Mapping) -> dict[str, tuple[int, ...]]:
@@ -161,53 +160,27 @@ def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int 
                           ffn_num_hiddens: int | None, num_heads: int | None, num_layers: int | None,
                           dropout: float | None, max_len: int | None,
                           devices: Sequence[mx.Context]) -> tuple[BERTModel, Vocab]:
-    """The book's loader: `(bert, vocab)` from a data-hub name ('bert.small', 'bert.base') or a folder.
+    """The book's loader: `(bert, vocab)` from a data-hub name ('bert.small', 'bert.base'), a
+    packaged checkpoint ('minilm-l6'), an MXNet-format folder or a Hugging Face BERT folder
+    (core/folders.py `read_pretrained`).
 
     The vocabulary size comes from `vocab.json`. A size passed as None is read from the checkpoint
     (the head count, which leaves no trace in the tensors, from config.json if there is one, else
-    64-dimensional heads). The parameters are placed on every device in `devices`.
+    64-dimensional heads). The parameters are placed on every device in `devices`. Heads a Hugging
+    Face file lacks (MiniLM has no MLM or NSP head) get the book's `init.Xavier()`.
     """
     devices = _as_contexts(devices)
-    folder = resolve_pretrained_folder(pretrained_model, "mxnet")
-    if is_hf_folder(folder):
-        return _load_hf_model(folder, devices, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
-                              num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len)
-    written = check_folder_format(folder, "mxnet")
-    vocab = load_folder_vocab(folder, written)
-    params_path = os.path.join(folder, PRETRAINED_FILE)
-    params = read_params(params_path)
-    # Sizes are read off torch names; names that are not the book's are reported by _load_strict.
-    torch_named = {}
-    for k, v in params.items():
-        try:
-            torch_named[mxnet_to_torch_key(k)] = v
-        except KeyError:
-            pass
-    sizes = resolve_sizes(folder, torch_named, params_path, written, num_hiddens=num_hiddens,
-                          ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads, num_layers=num_layers,
-                          dropout=dropout, max_len=max_len)
-
-    bert = BERTModel(len(vocab), **sizes, **resolve_architecture(torch_named, written))
-    _load_strict(bert, params, params_path, devices)
-    return bert, vocab
-
-
-def _read_torch_bin(path: str) -> dict[str, onp.ndarray]:
-    """A Hugging Face `pytorch_model.bin` as numpy arrays: only torch reads that format."""
-    from nlibert.backends.torch.checkpoint import read_params as read_torch_params
-    return read_torch_params(path)
-
-
-def _load_hf_model(folder: str, devices: Sequence[mx.Context], **sizes) -> tuple[BERTModel, Vocab]:
-    """`(bert, vocab)` from a Hugging Face BERT folder (core/hf.py): sizes and options from its
-    config.json, its WordPiece vocabulary, its tensors under our names through the torch -> MXNet
-    map. Heads the file lacks (MiniLM has no MLM or NSP head) get the book's `init.Xavier()`."""
-    cfg, vocab, params, missing_heads, path = load_hf_checkpoint(folder, read_bin=_read_torch_bin, **sizes)
+    cfg, vocab, params, missing_heads, path = read_pretrained(
+        pretrained_model, FORMAT, read_params, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
+        num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len)
     bert = BERTModel.from_config(cfg)
-    own = bert._collect_params_with_prefix()
-    bert.initialize(init.Xavier(), ctx=list(devices), force_reinit=True)
-    for name, value in convert_params(params, "mxnet", source=path).items():
-        own[name].set_data(np.array(value, dtype="float32"))  # core checked every name and shape
+    own = bert._collect_params_with_prefix()  # the names save_parameters / load_parameters use
+    check_filled({canonical_key(k, FORMAT): p.shape for k, p in own.items()}, params, missing_heads, path, FORMAT)
+    # Every shape is known at construction (model.py), so this allocates at once; what the file
+    # holds overwrites it below. force_reinit: a net loaded twice is simply reloaded.
+    bert.initialize(init.Xavier() if missing_heads else init.Zero(), ctx=devices, force_reinit=True)
+    for name, value in from_canonical(params, FORMAT, path).items():
+        own[name].set_data(np.array(value, dtype="float32"))
     return bert, vocab
 
 
@@ -242,7 +215,7 @@ def save_pretrained(bert: BERTModel, vocab: Vocab, folder: str | os.PathLike) ->
         own[name].initialize(default_init=init.Xavier())
     os.makedirs(folder, exist_ok=True)
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), config_dict(bert.config, "mxnet", "pretrained", vocab))
+    write_json(os.path.join(folder, CONFIG_FILE), config_dict(bert.config, FORMAT, "pretrained", vocab))
     _save_parameters(bert, os.path.join(folder, PRETRAINED_FILE))
 
 
@@ -257,7 +230,7 @@ def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapp
     config = config if config is not None else getattr(net, "config", None)
     os.makedirs(folder, exist_ok=True)
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), config_dict(config, "mxnet", "classifier", vocab))
+    write_json(os.path.join(folder, CONFIG_FILE), config_dict(config, FORMAT, "classifier", vocab))
     _save_parameters(net, os.path.join(folder, CLASSIFIER_FILE))
 
 
@@ -276,7 +249,7 @@ def load_classifier(folder: str | os.PathLike, devices: Sequence[mx.Context]
                     ) -> tuple[BERTClassifier, Vocab, BERTConfig]:
     """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on every device."""
     devices = _as_contexts(devices)
-    cfg, vocab, params_path = read_classifier_folder(folder, "mxnet")
+    cfg, vocab, params_path = read_classifier_folder(folder, FORMAT)
     net = BERTClassifier(_Backbone(cfg))
     _load_strict(net, read_params(params_path), params_path, devices)
     return net, vocab, cfg

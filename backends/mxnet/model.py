@@ -100,8 +100,8 @@ class DotProductAttention(nn.HybridBlock):
     each encoder block as one cached graph; called imperatively it runs the same operators.
     """
 
-    def __init__(self, dropout: float, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.keep_attention_weights = False
         self.attention_weights: np.ndarray | None = None
@@ -125,19 +125,19 @@ class MultiHeadAttention(nn.HybridBlock):
     weights are not kept.
     """
 
-    def __init__(self, num_hiddens: int, num_heads: int, dropout: float, use_bias: bool = True, *,
-                 fused_attention: bool = False, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, num_hiddens: int, num_heads: int, dropout: float, bias: bool = True, *,
+                 fused_attention: bool = False) -> None:
+        super().__init__()
         if num_hiddens % num_heads:
             raise ValueError(f"num_hiddens={num_hiddens} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.fused_attention = fused_attention
         self.attention = DotProductAttention(dropout)
         # flatten=False: a Dense on (B, T, H) acts on the last axis, like torch's nn.Linear.
-        self.W_q = nn.Dense(num_hiddens, use_bias=use_bias, flatten=False, in_units=num_hiddens)
-        self.W_k = nn.Dense(num_hiddens, use_bias=use_bias, flatten=False, in_units=num_hiddens)
-        self.W_v = nn.Dense(num_hiddens, use_bias=use_bias, flatten=False, in_units=num_hiddens)
-        self.W_o = nn.Dense(num_hiddens, use_bias=use_bias, flatten=False, in_units=num_hiddens)
+        self.W_q = nn.Dense(num_hiddens, use_bias=bias, flatten=False, in_units=num_hiddens)
+        self.W_k = nn.Dense(num_hiddens, use_bias=bias, flatten=False, in_units=num_hiddens)
+        self.W_v = nn.Dense(num_hiddens, use_bias=bias, flatten=False, in_units=num_hiddens)
+        self.W_o = nn.Dense(num_hiddens, use_bias=bias, flatten=False, in_units=num_hiddens)
 
     def split_heads(self, X: np.ndarray) -> np.ndarray:
         """(B, T, H) -> (B*h, T, H/h), batch-major: rows b*h .. b*h+h-1 are example b's heads."""
@@ -178,7 +178,7 @@ class MultiHeadAttention(nn.HybridBlock):
         return F.npx.batch_dot(self.attention.dropout(weights), v)  # (B*h, T_q, H/h)
 
 
-class GELUDense(nn.Dense):
+class _GELUDense(nn.Dense):
     """A Dense followed by GELU (the exact erf form), with a Dense's parameters and names: Gluon's
     `Dense(activation=...)` knows no GELU, and a separate activation child would shift the
     `Sequential` indices that the masked-LM head's parameter names carry."""
@@ -187,22 +187,22 @@ class GELUDense(nn.Dense):
         return F.npx.leaky_relu(super().hybrid_forward(F, x, weight, bias), act_type="gelu")
 
 
-def dense_with_activation(units: int, in_units: int, hidden_act: str, flatten: bool = False) -> nn.Dense:
+def _dense_with_activation(units: int, in_units: int, hidden_act: str, flatten: bool = False) -> nn.Dense:
     """A Dense with the activation fused in: 'relu' (the book's) or 'gelu' (BERT's)."""
     if hidden_act == "relu":
         return nn.Dense(units, activation="relu", flatten=flatten, in_units=in_units)
     if hidden_act == "gelu":
-        return GELUDense(units, flatten=flatten, in_units=in_units)
+        return _GELUDense(units, flatten=flatten, in_units=in_units)
     raise ValueError(f"unknown activation {hidden_act!r}: use 'relu' or 'gelu'")
 
 
 class PositionWiseFFN(nn.HybridBlock):
     """The same two-layer MLP at every position: H -> F -> H, ReLU (the book's) or GELU (BERT's)."""
 
-    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, hidden_act: str = "relu", **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, hidden_act: str = "relu") -> None:
+        super().__init__()
         # The activation is fused into dense1, so there is no separate activation child (nor key).
-        self.dense1 = dense_with_activation(ffn_num_hiddens, num_hiddens, hidden_act)
+        self.dense1 = _dense_with_activation(ffn_num_hiddens, num_hiddens, hidden_act)
         self.dense2 = nn.Dense(num_hiddens, flatten=False, in_units=ffn_num_hiddens)
 
     def hybrid_forward(self, F, X: np.ndarray) -> np.ndarray:
@@ -212,8 +212,8 @@ class PositionWiseFFN(nn.HybridBlock):
 class AddNorm(nn.HybridBlock):
     """Residual connection then LayerNorm (post-LN): ln(dropout(Y) + X)."""
 
-    def __init__(self, num_hiddens: int, dropout: float, layer_norm_eps: float = 1e-5, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, num_hiddens: int, dropout: float, layer_norm_eps: float = 1e-5) -> None:
+        super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.ln = nn.LayerNorm(epsilon=layer_norm_eps, in_channels=num_hiddens)  # params gamma / beta
 
@@ -228,10 +228,10 @@ class EncoderBlock(nn.HybridBlock):
 
     def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float, *,
                  fused_attention: bool = False, hidden_act: str = "relu", layer_norm_eps: float = 1e-5,
-                 attention_dropout: float | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
+                 attention_dropout: float | None = None) -> None:
+        super().__init__()
         attention_dropout = dropout if attention_dropout is None else attention_dropout
-        self.attention = MultiHeadAttention(num_hiddens, num_heads, attention_dropout, use_bias=True,
+        self.attention = MultiHeadAttention(num_hiddens, num_heads, attention_dropout, bias=True,
                                             fused_attention=fused_attention)
         self.addnorm1 = AddNorm(num_hiddens, dropout, layer_norm_eps)
         self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens, hidden_act)
@@ -253,16 +253,18 @@ class BERTEncoder(nn.Block):
     `pos_embedding` is a Parameter of shape (1, max_len, H) with no initializer of its own, so it
     takes the one passed to `initialize` (Xavier in the book's pretraining). Assigning it as an
     attribute registers it, so `save_parameters` names it `encoder.pos_embedding`. Reading it with
-    `.data()` inside `autograd.record` is tracked, so unlike r0.17's torch code it is trained.
+    `.data()` inside `autograd.record` is tracked, so unlike r0.17's torch code it is trained;
+    `detach_pos_embedding=True` reproduces r0.17 torch's untrained embedding (as the torch twin).
 
     `embedding_norm=True` (BERT's, off in the book) adds `embedding_ln` and dropout after the sum.
     """
 
     def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
-                 num_layers: int, dropout: float, max_len: int = 1000, *, fused_attention: bool = False,
-                 hidden_act: str = "relu", layer_norm_eps: float = 1e-5, embedding_norm: bool = False,
-                 attention_dropout: float | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
+                 num_layers: int, dropout: float, max_len: int = 1000, *,
+                 detach_pos_embedding: bool = False, fused_attention: bool = False, hidden_act: str = "relu",
+                 layer_norm_eps: float = 1e-5, embedding_norm: bool = False,
+                 attention_dropout: float | None = None) -> None:
+        super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
         self.segment_embedding = nn.Embedding(2, num_hiddens)
         if embedding_norm:
@@ -275,11 +277,14 @@ class BERTEncoder(nn.Block):
                                        fused_attention=fused_attention, hidden_act=hidden_act,
                                        layer_norm_eps=layer_norm_eps, attention_dropout=attention_dropout))
         self.pos_embedding = self.params.get("pos_embedding", shape=(1, max_len, num_hiddens))
+        self.detach_pos_embedding = detach_pos_embedding
 
     @classmethod
-    def from_config(cls, cfg: BERTConfig, *, fused_attention: bool = False) -> "BERTEncoder":
+    def from_config(cls, cfg: BERTConfig, *, detach_pos_embedding: bool = False,
+                    fused_attention: bool = False) -> "BERTEncoder":
         return cls(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads, cfg.num_layers,
-                   cfg.dropout, cfg.max_len, fused_attention=fused_attention, **cfg.architecture())
+                   cfg.dropout, cfg.max_len, detach_pos_embedding=detach_pos_embedding,
+                   fused_attention=fused_attention, **cfg.architecture())
 
     def forward(self, tokens: np.ndarray, segments: np.ndarray,
                 valid_lens: np.ndarray | None, cls_only: bool = False) -> np.ndarray:
@@ -291,7 +296,9 @@ class BERTEncoder(nn.Block):
         if T > max_len:
             raise ValueError(f"sequence length {T} exceeds max_len {max_len}")
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
-        X = X + self.pos_embedding.data(ctx=X.ctx)[:, :T, :]  # no sqrt(H) scaling, in the book as in BERT
+        pos = self.pos_embedding.data(ctx=X.ctx)
+        pos = pos.detach() if self.detach_pos_embedding else pos  # r0.17 torch's untrained embedding
+        X = X + pos[:, :T, :]  # no sqrt(H) scaling, in the book as in BERT
         if self.embedding_norm:
             X = self.embedding_dropout(self.embedding_ln(X))
         last = len(self.blks) - 1
@@ -308,12 +315,12 @@ class MaskLM(nn.Block):
     """Masked-LM head: gather the hidden states at `pred_positions`, then an MLP to vocab logits."""
 
     def __init__(self, vocab_size: int, num_hiddens: int, hidden_act: str = "relu",
-                 layer_norm_eps: float = 1e-5, **kwargs) -> None:
-        super().__init__(**kwargs)
+                 layer_norm_eps: float = 1e-5) -> None:
+        super().__init__()
         # Three children, keys mlm.mlp.{0,1,2}.*: the activation is fused into the first Dense
         # (torch needs a fourth module for it, hence its mlm.mlp.{0,2,3}).
         self.mlp = nn.Sequential()
-        self.mlp.add(dense_with_activation(num_hiddens, num_hiddens, hidden_act),
+        self.mlp.add(_dense_with_activation(num_hiddens, num_hiddens, hidden_act),
                      nn.LayerNorm(epsilon=layer_norm_eps, in_channels=num_hiddens),
                      nn.Dense(vocab_size, flatten=False, in_units=num_hiddens))
 
@@ -330,8 +337,8 @@ class MaskLM(nn.Block):
 class NextSentencePred(nn.Block):
     """Next-sentence head: a 2-way linear classifier on the pooled <cls> representation."""
 
-    def __init__(self, num_hiddens: int, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, num_hiddens: int) -> None:
+        super().__init__()
         self.output = nn.Dense(2, in_units=num_hiddens)  # flatten=True is harmless on (B, H)
 
     def forward(self, X: np.ndarray) -> np.ndarray:
@@ -346,26 +353,29 @@ class BERTModel(nn.Block):
     """
 
     def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
-                 num_layers: int, dropout: float, max_len: int = 1000, *, fused_attention: bool = False,
-                 hidden_act: str = "relu", layer_norm_eps: float = 1e-5, embedding_norm: bool = False,
-                 attention_dropout: float | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
+                 num_layers: int, dropout: float, max_len: int = 1000, *,
+                 detach_pos_embedding: bool = False, fused_attention: bool = False, hidden_act: str = "relu",
+                 layer_norm_eps: float = 1e-5, embedding_norm: bool = False,
+                 attention_dropout: float | None = None) -> None:
+        super().__init__()
         self.config = BERTConfig(vocab_size=vocab_size, num_hiddens=num_hiddens,
                                  ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
                                  num_layers=num_layers, dropout=dropout, max_len=max_len,
                                  hidden_act=hidden_act, layer_norm_eps=layer_norm_eps,
                                  embedding_norm=embedding_norm, attention_dropout=attention_dropout)
-        self.encoder = BERTEncoder.from_config(self.config, fused_attention=fused_attention)
+        self.encoder = BERTEncoder.from_config(self.config, detach_pos_embedding=detach_pos_embedding,
+                                               fused_attention=fused_attention)
         # The pooler: one Dense with a fused tanh on <cls>, so its keys are hidden.* (torch: hidden.0.*).
         self.hidden = nn.Dense(num_hiddens, activation="tanh", in_units=num_hiddens)
         self.mlm = MaskLM(vocab_size, num_hiddens, hidden_act, layer_norm_eps)
         self.nsp = NextSentencePred(num_hiddens)
 
     @classmethod
-    def from_config(cls, cfg: BERTConfig, *, fused_attention: bool = False) -> "BERTModel":
+    def from_config(cls, cfg: BERTConfig, *, detach_pos_embedding: bool = False,
+                    fused_attention: bool = False) -> "BERTModel":
         return cls(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads,
-                   cfg.num_layers, cfg.dropout, cfg.max_len, fused_attention=fused_attention,
-                   **cfg.architecture())
+                   cfg.num_layers, cfg.dropout, cfg.max_len, detach_pos_embedding=detach_pos_embedding,
+                   fused_attention=fused_attention, **cfg.architecture())
 
     def forward(self, tokens: np.ndarray, segments: np.ndarray,
                 valid_lens: np.ndarray | None = None, pred_positions: np.ndarray | None = None
@@ -386,8 +396,8 @@ class BERTClassifier(nn.Block):
     at <cls> only, the one position the classifier reads: the same logits and gradients for less work.
     """
 
-    def __init__(self, bert: nn.Block, cls_only: bool = False, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, bert: nn.Block, cls_only: bool = False) -> None:
+        super().__init__()
         self.encoder = bert.encoder
         self.hidden = bert.hidden
         num_hiddens = self.encoder.token_embedding.weight.shape[1]

@@ -1,4 +1,5 @@
-"""The book's BERT pretraining loop (`train_bert`, bert-pretraining.md) in MXNet Gluon, and its resumable state.
+"""BERT pretraining in MXNet Gluon: the step core/pretraining.py's loop drives, the book's `train_bert`
+(bert-pretraining.md), and the resumable state.
 
 Semantics kept from d2l: Adam with lr 0.01, every batch split across the devices
 (`split_and_load`), one `mlm + nsp` loss per shard inside `autograd.record()`, `backward()` on
@@ -7,7 +8,7 @@ backward and update only, and the two lines printed at the end (`MLM loss ..., N
 `... sentence pairs/sec on [...]`, means over the steps). The MLM loss is the book's MXNet one by
 default, `SoftmaxCELoss` with the prediction weights as sample weights: a mean over real
 predictions only (`mlm_loss='masked'`); `mlm_loss='book'` computes the book's PyTorch formula,
-whose mean also runs over padded prediction slots (facts §1.8), for comparing with torch runs.
+whose mean also runs over padded prediction slots, for comparing with torch runs.
 Changed: no Animator (per-step figures are returned as `StepRecord`s); `start_step`, `seed` and
 `on_step` let a job checkpoint and resume.
 """
@@ -22,11 +23,12 @@ import numpy as onp
 from mxnet import autograd, gluon, np, npx
 
 from nlibert.core.io import atomic_path, atomic_write
-from nlibert.core.pretraining import (StepRecord, check_init, check_lr_schedule, check_mlm_loss,
-                                      format_pretrain_summary, learning_rate_at, step_file, step_seed)
-from nlibert.core.training import Accumulator, Timer
+from nlibert.core.pretraining import (StepRecord, check_init, check_mlm_loss, format_pretrain_summary,
+                                      scheduled_lr, step_file, train_steps)
+from nlibert.core.training import require_devices
 
 from .runtime import make_trainer
+from .train import _as_mx
 
 npx.set_np()
 
@@ -69,11 +71,54 @@ def _get_batch_loss_bert(net: gluon.Block, loss: gluon.loss.Loss, vocab_size: in
     return mlm_ls, nsp_ls, ls
 
 
-def _as_mx(x, ctx: mx.Context) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    x = onp.asarray(x)
-    return np.array(x, dtype=x.dtype, ctx=ctx)
+class PretrainStep:
+    """core/pretraining.py's step: each call is one step of the book's `train_bert`: the batch split
+    across the devices (`split_and_load`; the net's parameters live on all of them), one `mlm + nsp`
+    loss per shard inside `autograd.record()`, `backward()` on each, `trainer.step(1)` (the
+    per-shard losses are already means), then the losses read back and every queued operation
+    waited for, so that the step's timer covers its backward and update too."""
+
+    def __init__(self, net: gluon.Block, loss: gluon.loss.Loss, vocab_size: int, trainer: gluon.Trainer,
+                 devices: Sequence[mx.Context], mlm_loss: str = "masked") -> None:
+        self.devices = require_devices(devices)
+        self.net, self.loss, self.vocab_size, self.trainer = net, loss, vocab_size, trainer
+        self.mlm_loss = check_mlm_loss(mlm_loss)
+        # A batch goes to the one device directly, else to the CPU and from there in slices.
+        self.staging = self.devices[0] if len(self.devices) == 1 else mx.cpu()
+
+    @property
+    def learning_rate(self) -> float:
+        return self.trainer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, lr: float) -> None:
+        self.trainer.set_learning_rate(lr)
+
+    def load(self, batch: Sequence) -> list[list[np.ndarray]]:
+        if len(batch[0]) < len(self.devices):
+            # A device without a shard would keep last step's gradient, which the trainer still sums.
+            raise ValueError(f"a batch of {len(batch[0])} sentence pairs cannot be split across "
+                             f"{len(self.devices)} devices")
+        return [gluon.utils.split_and_load(_as_mx(elem, self.staging), self.devices, even_split=False)
+                for elem in batch]
+
+    def __call__(self, inputs: list[list[np.ndarray]]) -> tuple[float, float]:
+        with autograd.record():
+            mlm_ls, nsp_ls, ls = _get_batch_loss_bert(self.net, self.loss, self.vocab_size, *inputs,
+                                                      mlm_loss=self.mlm_loss)
+        for l in ls:
+            l.backward()
+        self.trainer.step(1)
+        mlm_value = sum(float(l) for l in mlm_ls) / len(mlm_ls)
+        nsp_value = sum(float(l) for l in nsp_ls) / len(nsp_ls)
+        # float() waits for the forward pass only; backward and the update run asynchronously and
+        # would be charged to the next step's data copy, outside the timer (the book's figure misses
+        # them): wait for them so that sentence pairs/sec counts the whole step.
+        npx.waitall()
+        return mlm_value, nsp_value
+
+    def reseed(self, seed: int) -> None:
+        mx.random.seed(seed)
 
 
 def train_bert(train_iter: Iterable, net: gluon.Block, loss: gluon.loss.Loss, vocab_size: int,
@@ -82,7 +127,7 @@ def train_bert(train_iter: Iterable, net: gluon.Block, loss: gluon.loss.Loss, vo
                on_step: Callable[[StepRecord], bool | None] | None = None, verbose: bool = True,
                warmup_steps: int = 0, lr_decay: str = "none") -> list[StepRecord]:
     """Pretrain `net` (a `BERTModel` initialised on every device) on batches of the book's
-    7-tuples until step `num_steps`.
+    7-tuples until step `num_steps` (core/pretraining.py `train_steps`).
 
     Steps are numbered from `start_step + 1`; `train_iter` is passed over as often as needed.
     `trainer` defaults to Adam(lr) as the book. With `seed`, MXNet's generators are re-seeded from
@@ -92,61 +137,13 @@ def train_bert(train_iter: Iterable, net: gluon.Block, loss: gluon.loss.Loss, vo
     `core.pretraining.learning_rate_at(step, lr, num_steps, ...)`; without, it is left alone (the book).
     Returns the figures of the steps run here; prints the book's two lines if `verbose`.
     """
-    check_mlm_loss(mlm_loss)
-    check_lr_schedule(warmup_steps, lr_decay)
-    scheduled = warmup_steps > 0 or lr_decay != "none"
-    devices = list(devices)
-    if not devices:
-        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
-    if trainer is None:
-        trainer = make_trainer(net, lr)
-    staging = devices[0] if len(devices) == 1 else mx.cpu()
-    step, timer, records = start_step, Timer(), []
-    # Sum of MLM losses, sum of NSP losses, no. of sentence pairs, count
-    metric = Accumulator(4)
-    stop = step >= num_steps
-    while not stop:
-        num_batches = 0
-        for batch in train_iter:
-            num_batches += 1
-            if len(batch[0]) < len(devices):
-                # A device without a shard would keep last step's gradient, which the trainer still sums.
-                raise ValueError(f"a batch of {len(batch[0])} sentence pairs cannot be split across "
-                                 f"{len(devices)} devices")
-            (tokens_X_shards, segments_X_shards, valid_lens_x_shards, pred_positions_X_shards,
-             mlm_weights_X_shards, mlm_Y_shards, nsp_y_shards) = [
-                gluon.utils.split_and_load(_as_mx(elem, staging), devices, even_split=False) for elem in batch]
-            if seed is not None:
-                mx.random.seed(step_seed(seed, step + 1))
-            if scheduled:
-                trainer.set_learning_rate(learning_rate_at(step + 1, lr, num_steps, warmup_steps, lr_decay))
-            timer.start()
-            with autograd.record():
-                mlm_ls, nsp_ls, ls = _get_batch_loss_bert(
-                    net, loss, vocab_size, tokens_X_shards, segments_X_shards, valid_lens_x_shards,
-                    pred_positions_X_shards, mlm_weights_X_shards, mlm_Y_shards, nsp_y_shards, mlm_loss)
-            for l in ls:
-                l.backward()
-            trainer.step(1)
-            mlm_value = sum(float(l) for l in mlm_ls) / len(mlm_ls)
-            nsp_value = sum(float(l) for l in nsp_ls) / len(nsp_ls)
-            # float() waits for the forward pass only; backward and the update run asynchronously and
-            # would be charged to the next step's data copy, outside the timer (the book's figure
-            # misses them): wait for them so that sentence pairs/sec counts the whole step.
-            npx.waitall()
-            seconds = timer.stop()
-            step += 1
-            metric.add(mlm_value, nsp_value, len(batch[0]), 1)
-            record = StepRecord(step, mlm_value, nsp_value, int(len(batch[0])), seconds,
-                                float(trainer.learning_rate))
-            records.append(record)
-            if (on_step is not None and on_step(record)) or step >= num_steps:
-                stop = True
-                break
-        if num_batches == 0:
-            raise ValueError("train_iter yielded no batches")
+    lr_at = scheduled_lr(lr, num_steps, warmup_steps, lr_decay)
+    step = PretrainStep(net, loss, vocab_size, trainer if trainer is not None else make_trainer(net, lr),
+                        devices, mlm_loss)
+    records = train_steps(step, train_iter, num_steps, start_step=start_step, seed=seed, lr_at=lr_at,
+                          on_step=on_step)
     if verbose and records:
-        print(format_pretrain_summary(records, str(devices)))
+        print(format_pretrain_summary(records, str(step.devices)))
     return records
 
 

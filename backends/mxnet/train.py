@@ -1,13 +1,14 @@
-"""The book's multi-device fine-tuning loop (`train_ch13`) and its helpers, in MXNet Gluon.
+"""Fine-tuning in MXNet Gluon: the step core/training.py's epoch loop drives, and the book's `train_ch13`.
 
 Semantics kept from d2l: each batch is split across the devices (`split_batch_multi_inputs`),
 one forward and one loss per shard inside `autograd.record()`, `backward()` on each, then
 `trainer.step(batch_size, ignore_stale_grad=True)`, which sums the shards' gradients and divides
-by the batch size (a mean gradient); `valid_lens` as float32; the timer covering training batches
-only (and, here, waiting for each step's backward and update, which the book's timer misses);
-and the two summary lines printed at the end. Changed: no Animator (figures are returned as
-`EpochRecord`s instead), no `num_batches // 5` plotting step (which divided by zero with fewer than
-5 batches), and batches may be plain numpy arrays (`nlibert.core.batching.BatchIterator`).
+by the batch size (a mean gradient); `valid_lens` as float32; and, in `train_ch13`, the sums read
+after every batch, the timer over training batches only (here waiting for each step's backward
+and update, which the book's timer misses) and the two summary lines at the end. Changed: no
+Animator (figures are returned as `EpochRecord`s instead), no `num_batches // 5` plotting step
+(which divided by zero with fewer than 5 batches), and batches may be plain numpy arrays
+(`nlibert.core.batching.BatchIterator`).
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ import mxnet as mx
 import numpy as onp
 from mxnet import autograd, gluon, np, npx
 
-from nlibert.core.training import Accumulator, EpochRecord, Timer, format_summary
+from nlibert.core.training import EpochRecord, require_devices, train_epochs
 
 npx.set_np()
+
+PRECISIONS = ("float32",)  # MXNet 1.9 has no bfloat16 training on these operators
 
 
 def try_all_gpus() -> list[mx.Context]:
@@ -29,16 +32,22 @@ def try_all_gpus() -> list[mx.Context]:
     return [mx.gpu(i) for i in range(n)] if n else [mx.cpu()]
 
 
-def split_batch_multi_inputs(X: Sequence[np.ndarray], y: np.ndarray, devices: Sequence[mx.Context]
-                             ) -> tuple[list[tuple[np.ndarray, ...]], list[np.ndarray]]:
-    """Split every input of a batch, and its labels, along the batch axis across `devices`.
+def _as_mx(x, ctx: mx.Context) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    x = onp.asarray(x)
+    return np.array(x, dtype=x.dtype, ctx=ctx)
 
-    Returns one `(tokens, segments, valid_lens)` tuple and one label array per device (slices may
-    differ in size by one). A batch with fewer examples than devices uses only the first ones.
-    """
+
+def split_batch_multi_inputs(X: Sequence, y, devices: Sequence[mx.Context]
+                             ) -> tuple[list[tuple[np.ndarray, ...]], list[np.ndarray]]:
+    """Split every input of a batch, and its labels, along the batch axis across `devices`: one
+    `(tokens, segments, valid_lens)` tuple and one label array per device (slices may differ in
+    size by one; a batch with fewer examples than devices uses only the first ones). The book's."""
     devices = list(devices)[:len(y)]
-    X_shards = list(zip(*[gluon.utils.split_and_load(feature, devices, even_split=False) for feature in X]))
-    return X_shards, gluon.utils.split_and_load(y, devices, even_split=False)
+    X_shards = list(zip(*[gluon.utils.split_and_load(_as_mx(feature, mx.cpu()), devices, even_split=False)
+                          for feature in X]))
+    return X_shards, gluon.utils.split_and_load(_as_mx(y, mx.cpu()), devices, even_split=False)
 
 
 def _to_batch(features: Sequence, labels, ctx: mx.Context) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
@@ -46,13 +55,6 @@ def _to_batch(features: Sequence, labels, ctx: mx.Context) -> tuple[tuple[np.nda
     `valid_lens` becomes float32 as in the book (`npx.sequence_mask` takes either)."""
     tokens, segments, valid_lens = (_as_mx(x, ctx) for x in features)
     return (tokens, segments, valid_lens.astype("float32", copy=False)), _as_mx(labels, ctx)
-
-
-def _as_mx(x, ctx: mx.Context) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    x = onp.asarray(x)
-    return np.array(x, dtype=x.dtype, ctx=ctx)
 
 
 def _staging_context(devices: Sequence[mx.Context]) -> mx.Context:
@@ -67,10 +69,10 @@ def _correct(y_hat: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def evaluate_accuracy(net: gluon.Block, data_iter: Iterable, devices: Sequence[mx.Context],
-                      split_f: Callable = split_batch_multi_inputs) -> float:
-    """Accuracy over `data_iter`, each batch split across `devices` (outside `autograd.record`,
-    so dropout is off and no graph is built)."""
-    devices = list(devices)
+                      split_f: Callable | None = None) -> float:
+    """Accuracy over `data_iter`, each batch split across `devices` by `split_f` (default
+    `split_batch_multi_inputs`), outside `autograd.record`: dropout is off and no graph is built."""
+    devices, split_f = require_devices(devices), split_f or split_batch_multi_inputs
     correct, total = [], 0  # per-shard counts stay on their devices until the end: one sync each
     for features, labels in data_iter:
         X, y = _to_batch(features, labels, _staging_context(devices))
@@ -80,12 +82,10 @@ def evaluate_accuracy(net: gluon.Block, data_iter: Iterable, devices: Sequence[m
     return sum(float(c) for c in correct) / total if total else float("nan")
 
 
-def train_batch_ch13(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss,
-                     trainer: gluon.Trainer, devices: Sequence[mx.Context],
-                     split_f: Callable = split_batch_multi_inputs) -> tuple[float, float]:
-    """One optimizer step on one batch split across `devices`; returns (sum of per-example losses,
-    number correct)."""
-    devices = list(devices)
+def _step(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss, trainer: gluon.Trainer,
+          devices: list[mx.Context], split_f: Callable) -> tuple[np.ndarray, np.ndarray]:
+    """One optimizer step on a batch split across `devices`; the loss sum and the number correct as
+    0-d arrays on devices[0] (no host synchronisation)."""
     X, y = _to_batch(features, labels, _staging_context(devices))
     if len(y) < len(devices):
         # A device without a shard would keep last step's gradient, which the trainer still sums.
@@ -98,62 +98,28 @@ def train_batch_ch13(net: gluon.Block, features: Sequence, labels, loss: gluon.l
     for l in ls:
         l.backward()
     # Gradients are summed over the devices and divided by the batch size: a mean over the batch.
-    # ignore_stale_grad: as the book (its reason, unused MLM/NSP heads, does not arise: facts §1.4).
+    # ignore_stale_grad: as the book, whose reason (unused MLM/NSP heads) does not arise here, since
+    # `BERTClassifier` does not register those heads; harmless either way.
     trainer.step(len(y), ignore_stale_grad=True)
-    # One host read per shard for both numbers. It waits for the forward pass only: backward and the
-    # update may still be running (train_ch13 waits for them before stopping its timer).
-    sums = [np.stack([l.sum(), _correct(p, y_shard).astype(l.dtype)]).asnumpy()
-            for l, p, y_shard in zip(ls, pred_shards, y_shards)]
-    loss_sum, correct = (float(v) for v in onp.sum(sums, axis=0))
+    home = devices[0]
+    loss_sum = sum(l.sum().as_in_ctx(home) for l in ls)
+    correct = sum(_correct(p, y_shard).astype("float32").as_in_ctx(home) for p, y_shard in zip(pred_shards, y_shards))
     return loss_sum, correct
 
 
-def train_ch13(net: gluon.Block, train_iter: Iterable, test_iter: Iterable | None, loss: gluon.loss.Loss,
-               trainer: gluon.Trainer, num_epochs: int, devices: Sequence[mx.Context],
-               split_f: Callable = split_batch_multi_inputs, verbose: bool = True,
-               on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
-    """Train for `num_epochs`, testing after each; print the book's two lines; return per-epoch records.
-
-    The net's parameters must already live on every device in `devices` (the book initialises and
-    loads them with `ctx=devices`); each batch is split across them by `split_f`.
-    `on_epoch`, if given, is called with each epoch's record as soon as it is known.
-    """
-    devices = list(devices)
-    if not devices:
-        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
-    records: list[EpochRecord] = []
-    for epoch in range(1, num_epochs + 1):
-        # Sum of training loss, no. of correct predictions, no. of examples, no. of predictions
-        metric, timer = Accumulator(4), Timer()
-        for features, labels in train_iter:
-            timer.start()
-            l, acc = train_batch_ch13(net, features, labels, loss, trainer, devices, split_f)
-            # Reading the loss waited for the forward pass only; backward and the update run on in
-            # MXNet's engine and would be charged to the next batch's data copy, outside the timer
-            # (the book's figure misses them): wait for the whole step, once per batch.
-            npx.waitall()
-            timer.stop()
-            metric.add(l, acc, len(labels), int(onp.prod(onp.shape(labels))))
-        if metric[2] == 0:
-            raise ValueError("train_iter yielded no batches")
-        test_acc = (evaluate_accuracy(net, test_iter, devices, split_f) if test_iter is not None
-                    else float("nan"))
-        record = EpochRecord.from_sums(epoch, metric[0], metric[1], int(metric[2]), test_acc, timer.sum())
-        record.train_acc = metric[1] / metric[3]  # the book divides by predictions, not examples
-        records.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-    if verbose and records:
-        print(format_summary(records, str(devices)))
-    return records
+def _read(sums: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    """Both numbers in one host read; then wait for every queued operation (the read waited for the
+    forward passes only: backward and the updates would run on, outside a caller's timer)."""
+    loss_sum, correct = (float(v) for v in np.stack([sums[0], sums[1]]).asnumpy())
+    npx.waitall()
+    return loss_sum, correct
 
 
-PRECISIONS = ("float32",)  # MXNet 1.9 has no bfloat16 training on these operators
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not supported by the MXNet backend: use one of {PRECISIONS}")
+def train_batch_ch13(net: gluon.Block, X, y, loss: gluon.loss.Loss, trainer: gluon.Trainer,
+                     devices: Sequence[mx.Context], split_f: Callable | None = None) -> tuple[float, float]:
+    """One optimizer step on one batch split across `devices`; returns (sum of per-example losses,
+    number correct)."""
+    return _read(_step(net, X, y, loss, trainer, require_devices(devices), split_f or split_batch_multi_inputs))
 
 
 def _hybridize(net: gluon.Block) -> None:
@@ -165,77 +131,62 @@ def _hybridize(net: gluon.Block) -> None:
         net.hybridize()
 
 
-def train_batch_fast(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss,
-                     trainer: gluon.Trainer, devices: Sequence[mx.Context],
-                     split_f: Callable = split_batch_multi_inputs, precision: str = "float32"
-                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """`train_batch_ch13`'s step (split across devices, one loss per shard, `backward` on each,
-    `trainer.step(batch_size)`), but the per-shard loss sums and correct counts come back as arrays
-    on their devices: no host synchronisation."""
-    _check_precision(precision)
-    devices = list(devices)
-    X, y = _to_batch(features, labels, _staging_context(devices))
-    if len(y) < len(devices):
-        raise ValueError(f"a training batch of {len(y)} examples cannot be split across "
-                         f"{len(devices)} devices; use a batch size that leaves no smaller last batch")
-    X_shards, y_shards = split_f(X, y, devices)
-    with autograd.record():
-        pred_shards = [net(X_shard) for X_shard in X_shards]  # each (B/k, 3)
-        ls = [loss(p, y_shard) for p, y_shard in zip(pred_shards, y_shards)]  # each (B/k,)
-    for l in ls:
-        l.backward()
-    trainer.step(len(y), ignore_stale_grad=True)
-    return ([l.sum() for l in ls],
-            [_correct(p, y_shard).astype("float32") for p, y_shard in zip(pred_shards, y_shards)])
+class FinetuneStep:
+    """core/training.py's step: each call is `train_batch_ch13`'s step with the sums left on the device
+    (MXNet's engine runs ahead meanwhile). The net's parameters must already live on every device
+    (the book initialises and loads them with `ctx=devices`); `graph` hybridizes it."""
+
+    def __init__(self, net: gluon.Block, loss: gluon.loss.Loss, trainer: gluon.Trainer,
+                 devices: Sequence[mx.Context], split_f: Callable | None = None, *, precision: str = "float32",
+                 graph: bool = False) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not supported by the MXNet backend: use one of {PRECISIONS}")
+        self.devices = require_devices(devices)
+        self.net, self.loss, self.trainer = net, loss, trainer
+        self.split_f = split_f or split_batch_multi_inputs
+        if graph:
+            _hybridize(net)
+
+    def __call__(self, features, labels) -> tuple[np.ndarray, np.ndarray]:
+        return _step(self.net, features, labels, self.loss, self.trainer, self.devices, self.split_f)
+
+    def read(self, sums: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+        return _read(sums)
+
+    def evaluate(self, data_iter: Iterable) -> float:
+        return evaluate_accuracy(self.net, data_iter, self.devices, self.split_f)
+
+
+def train_ch13(net: gluon.Block, train_iter: Iterable, test_iter: Iterable | None, loss: gluon.loss.Loss,
+               trainer: gluon.Trainer, num_epochs: int, devices: Sequence[mx.Context],
+               split_f: Callable | None = None, *, verbose: bool = True,
+               on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
+    """Train for `num_epochs`, testing after each; print the book's two lines; return per-epoch records.
+
+    The net's parameters must already live on every device in `devices` (the book initialises and
+    loads them with `ctx=devices`); each batch is split across them by `split_f`.
+    `on_epoch`, if given, is called with each epoch's record as soon as it is known.
+    """
+    step = FinetuneStep(net, loss, trainer, devices, split_f)
+    return train_epochs(step, train_iter, test_iter, num_epochs, sync="batch", devices=str(step.devices),
+                        verbose=verbose, on_epoch=on_epoch)
 
 
 def train_fast(net: gluon.Block, train_iter: Iterable, test_iter: Iterable | None, loss: gluon.loss.Loss,
                trainer: gluon.Trainer, num_epochs: int, devices: Sequence[mx.Context],
-               split_f: Callable = split_batch_multi_inputs, *, precision: str = "float32",
-               graph: bool = False, verbose: bool = True,
-               on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
-    """`train_ch13` for the fast path: the same optimisation (same loss, mean gradient over the
-    batch split across devices, trainer), the same records and printed lines, with fewer host round
-    trips: the loss and accuracy sums stay on each device and are read once per epoch (MXNet's
-    engine runs ahead meanwhile), and the epoch timer covers the whole pass (batching included).
-    Feed it length-bucketed, trimmed batches (`core.batching.bucket_batch_indices`, `trim=True`) and
-    a net with fused attention (`set_fused_attention`) for the speed.
+               split_f: Callable | None = None, *, precision: str = "float32", graph: bool = False,
+               verbose: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
+    """`train_ch13` for the fast path: the same optimisation and records, with the sums read once per
+    epoch (the timer then covers the whole pass, batching included). Feed it length-bucketed, trimmed
+    batches (`core.batching.bucket_batch_indices`, `trim=True`) and a net with fused attention
+    (`set_fused_attention`) for the speed.
 
     `graph=True` hybridizes the net (each encoder block one cached graph; see the README's
     Performance section for what it buys). `precision` must be 'float32' in this backend.
     """
-    _check_precision(precision)
-    devices = list(devices)
-    if not devices:
-        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
-    if graph:
-        _hybridize(net)
-    records: list[EpochRecord] = []
-    for epoch in range(1, num_epochs + 1):
-        loss_sums: list[np.ndarray] = []
-        correct: list[np.ndarray] = []
-        num_examples, timer = 0, Timer()
-        for features, labels in train_iter:
-            ls, cs = train_batch_fast(net, features, labels, loss, trainer, devices, split_f, precision)
-            # Running sums per device slot: still no synchronisation.
-            loss_sums = [a + b for a, b in zip(loss_sums, ls)] + ls[len(loss_sums):]
-            correct = [a + b for a, b in zip(correct, cs)] + cs[len(correct):]
-            num_examples += len(labels)
-        if num_examples == 0:
-            raise ValueError("train_iter yielded no batches")
-        loss_sum = sum(float(a) for a in loss_sums)  # the epoch's host syncs, one per device
-        num_correct = sum(float(a) for a in correct)
-        npx.waitall()  # the sums waited for the last forward pass; the timer covers its backward and update too
-        seconds = timer.stop()
-        test_acc = (evaluate_accuracy(net, test_iter, devices, split_f) if test_iter is not None
-                    else float("nan"))
-        record = EpochRecord.from_sums(epoch, loss_sum, num_correct, num_examples, test_acc, seconds)
-        records.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-    if verbose and records:
-        print(format_summary(records, str(devices)))
-    return records
+    step = FinetuneStep(net, loss, trainer, devices, split_f, precision=precision, graph=graph)
+    return train_epochs(step, train_iter, test_iter, num_epochs, sync="epoch", devices=str(step.devices),
+                        verbose=verbose, on_epoch=on_epoch)
 
 
 def predict_proba(net: gluon.Block, token_ids, segments, valid_lens, devices: Sequence[mx.Context],
@@ -250,7 +201,7 @@ def predict_proba(net: gluon.Block, token_ids, segments, valid_lens, devices: Se
     if not (len(token_ids) == len(segments) == len(valid_lens)):
         raise ValueError(f"row counts differ: token_ids {len(token_ids)}, segments {len(segments)}, "
                          f"valid_lens {len(valid_lens)}")
-    ctx = list(devices)[0]
+    ctx = require_devices(devices)[0]
     out = []
     for i in range(0, len(token_ids), batch_size):  # outside autograd.record: dropout is off
         X, _ = _to_batch((token_ids[i:i + batch_size], segments[i:i + batch_size],

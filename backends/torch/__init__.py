@@ -3,27 +3,25 @@
 The names are the book's (`d2l.BERTModel`, `d2l.train_ch13`, ...), so chapter code reads
 `from nlibert.backends.torch import BERTModel, load_pretrained_model, train_ch13`.
 """
-from .model import BERTEncoder, MaskLM, NextSentencePred, BERTModel, BERTClassifier
-from .checkpoint import (load_pretrained_model, save_pretrained, save_classifier, load_classifier,
-                         read_params, write_params)
-from .train import train_ch13, evaluate_accuracy, try_all_gpus, predict_proba
+from .model import (BERTEncoder, MaskLM, NextSentencePred, BERTModel, BERTClassifier,
+                    set_fused_attention)
+from .checkpoint import (read_params, write_params, load_pretrained_model, save_pretrained,
+                         save_classifier, load_classifier)
+from .train import (try_all_gpus, split_batch_multi_inputs, evaluate_accuracy, train_batch_ch13,
+                    FinetuneStep, train_ch13, train_fast, predict_proba)
+from .pretrain import (initialize_bert, PretrainStep, train_bert, save_training_state,
+                       load_training_state)
 from .runtime import (parse_devices, set_seed, make_loss, make_trainer, framework_versions,
                       initialize_classifier_head, bert_outputs, classifier_logits)
 
+# The contract's list (backends/contract.py), in its order; tests/test_contract.py compares them.
 __all__ = [
-    "BERTEncoder", "MaskLM", "NextSentencePred", "BERTModel", "BERTClassifier",
-    "load_pretrained_model", "save_pretrained", "save_classifier", "load_classifier",
-    "read_params", "write_params",
-    "train_ch13", "evaluate_accuracy", "try_all_gpus", "predict_proba",
+    "BERTEncoder", "MaskLM", "NextSentencePred", "BERTModel", "BERTClassifier", "set_fused_attention",
+    "read_params", "write_params", "load_pretrained_model", "save_pretrained", "save_classifier",
+    "load_classifier",
+    "try_all_gpus", "split_batch_multi_inputs", "evaluate_accuracy", "train_batch_ch13", "FinetuneStep",
+    "train_ch13", "train_fast", "predict_proba",
+    "initialize_bert", "PretrainStep", "train_bert", "save_training_state", "load_training_state",
     "parse_devices", "set_seed", "make_loss", "make_trainer", "framework_versions",
     "initialize_classifier_head", "bert_outputs", "classifier_logits",
 ]
-
-from .pretrain import initialize_bert, train_bert, save_training_state, load_training_state  # noqa: E402
-
-__all__ += ["initialize_bert", "train_bert", "save_training_state", "load_training_state"]
-
-from .model import set_fused_attention  # noqa: E402
-from .train import train_fast  # noqa: E402
-
-__all__ += ["set_fused_attention", "train_fast"]

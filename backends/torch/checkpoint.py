@@ -18,15 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from nlibert.core.checkpoint import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_folder_format,
-                                     check_shapes, config_dict, load_folder_vocab, read_classifier_folder,
-                                     resolve_pretrained_folder, resolve_architecture, resolve_sizes)
 from nlibert.core.config import BERTConfig
-from nlibert.core.hf import is_hf_folder, load_hf_checkpoint
+from nlibert.core.folders import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_filled,
+                                  config_dict, read_classifier_folder, read_pretrained)
 from nlibert.core.io import atomic_write, write_json
+from nlibert.core.names import check_shapes
+from nlibert.core.training import require_devices
 from nlibert.core.vocab import Vocab, save_vocab
 
 from .model import BERTClassifier, BERTEncoder, BERTModel
+
+FORMAT = "torch"  # the format config.json records, the backend's name in nlibert.backends
+
 
 def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A torch `state_dict` from `path`, on the CPU; anything else is a ValueError naming the file."""
@@ -66,9 +69,7 @@ def _first_device(devices: Sequence[torch.device] | torch.device | str | None) -
         return torch.device("cpu")
     if isinstance(devices, (torch.device, str)):
         return torch.device(devices)
-    if len(devices) == 0:
-        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
-    return torch.device(devices[0])
+    return torch.device(require_devices(devices)[0])
 
 
 def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -85,40 +86,22 @@ def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int 
                           ffn_num_hiddens: int | None, num_heads: int | None, num_layers: int | None,
                           dropout: float | None, max_len: int | None,
                           devices: Sequence[torch.device]) -> tuple[BERTModel, Vocab]:
-    """The book's loader: `(bert, vocab)` from a data-hub name ('bert.small', 'bert.base') or a folder.
+    """The book's loader: `(bert, vocab)` from a data-hub name ('bert.small', 'bert.base'), a
+    packaged checkpoint ('minilm-l6'), a torch-format folder or a Hugging Face BERT folder
+    (core/folders.py `read_pretrained`).
 
     The vocabulary size comes from `vocab.json`. A size passed as None is read from the checkpoint
     (the head count, which leaves no trace in the tensors, from config.json if there is one, else
     64-dimensional heads); `dropout` is honoured (the book's torch code ignored it and used 0.2).
+    Heads a Hugging Face file lacks (MiniLM has no MLM or NSP head) keep torch's initialisation.
     """
-    folder = resolve_pretrained_folder(pretrained_model, "torch")
-    if is_hf_folder(folder):
-        return _load_hf_model(folder, devices, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
-                              num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len)
-    written = check_folder_format(folder, "torch")
-    vocab = load_folder_vocab(folder, written)
-    params_path = os.path.join(folder, PRETRAINED_FILE)
-    state = _load_state_dict(params_path)
-    sizes = resolve_sizes(folder, state, params_path, written, num_hiddens=num_hiddens,
-                          ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads, num_layers=num_layers,
-                          dropout=dropout, max_len=max_len)
-
-    bert = BERTModel(len(vocab), **sizes, **resolve_architecture(state, written))
-    _load_strict(bert, state, params_path)
-    return bert.to(_first_device(devices)), vocab
-
-
-def _load_hf_model(folder: str, devices: Sequence[torch.device], **sizes) -> tuple[BERTModel, Vocab]:
-    """`(bert, vocab)` from a Hugging Face BERT folder (core/hf.py): sizes and options from its
-    config.json, its WordPiece vocabulary, its tensors under our names. Heads the file lacks (MiniLM
-    has no MLM or NSP head) keep torch's initialisation."""
-    cfg, vocab, params, missing_heads, path = load_hf_checkpoint(folder, read_bin=read_params, **sizes)
+    cfg, vocab, params, missing_heads, path = read_pretrained(
+        pretrained_model, FORMAT, read_params, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
+        num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len)
     bert = BERTModel.from_config(cfg)
-    result = bert.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in params.items()},
-                                  strict=False)
-    if result.unexpected_keys or sorted(result.missing_keys) != sorted(missing_heads):
-        raise ValueError(f"{path}: did not fill the model (missing {result.missing_keys}, "
-                         f"unexpected {result.unexpected_keys})")
+    check_filled(_shapes(bert.state_dict()), params, missing_heads, path, FORMAT)
+    bert.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in params.items()},
+                         strict=not missing_heads)
     return bert.to(_first_device(devices)), vocab
 
 
@@ -133,7 +116,7 @@ def save_pretrained(bert: BERTModel, vocab: Vocab, folder: str | os.PathLike) ->
     os.makedirs(folder, exist_ok=True)
     # The params file last: a folder that has it is complete (jobs reuse such folders).
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), config_dict(bert.config, "torch", "pretrained", vocab))
+    write_json(os.path.join(folder, CONFIG_FILE), config_dict(bert.config, FORMAT, "pretrained", vocab))
     write_params(bert.state_dict(), os.path.join(folder, PRETRAINED_FILE))
 
 
@@ -145,7 +128,7 @@ def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapp
     config = config if config is not None else getattr(net, "config", None)
     os.makedirs(folder, exist_ok=True)
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), config_dict(config, "torch", "classifier", vocab))
+    write_json(os.path.join(folder, CONFIG_FILE), config_dict(config, FORMAT, "classifier", vocab))
     write_params(net.state_dict(), os.path.join(folder, CLASSIFIER_FILE))
 
 
@@ -163,7 +146,7 @@ class _Backbone(nn.Module):
 def load_classifier(folder: str | os.PathLike, devices: Sequence[torch.device]
                     ) -> tuple[BERTClassifier, Vocab, BERTConfig]:
     """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on devices[0]."""
-    cfg, vocab, params_path = read_classifier_folder(folder, "torch")
+    cfg, vocab, params_path = read_classifier_folder(folder, FORMAT)
     net = BERTClassifier(_Backbone(cfg))
     _load_strict(net, _load_state_dict(params_path), params_path)
     return net.to(_first_device(devices)), vocab, cfg

@@ -149,7 +149,7 @@ class MultiHeadAttention(nn.Module):
         return self.W_o(out.transpose(1, 2).reshape(B, T_q, H))  # (B, T_q, H)
 
 
-def activation(name: str) -> nn.Module:
+def _activation(name: str) -> nn.Module:
     """'relu' (the book's) or 'gelu' (BERT's exact erf form, not the tanh approximation)."""
     if name == "relu":
         return nn.ReLU()
@@ -164,7 +164,7 @@ class PositionWiseFFN(nn.Module):
     def __init__(self, num_hiddens: int, ffn_num_hiddens: int, hidden_act: str = "relu") -> None:
         super().__init__()
         self.dense1 = nn.Linear(num_hiddens, ffn_num_hiddens)
-        self.activation = activation(hidden_act)
+        self.activation = _activation(hidden_act)
         self.dense2 = nn.Linear(ffn_num_hiddens, num_hiddens)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
@@ -272,7 +272,7 @@ class MaskLM(nn.Module):
                  layer_norm_eps: float = 1e-5) -> None:
         super().__init__()
         # Indices 0..3 matter: they are the state_dict keys mlm.mlp.{0,2,3}.* of the book's files.
-        self.mlp = nn.Sequential(nn.Linear(num_hiddens, num_hiddens), activation(hidden_act),
+        self.mlp = nn.Sequential(nn.Linear(num_hiddens, num_hiddens), _activation(hidden_act),
                                  nn.LayerNorm(num_hiddens, eps=layer_norm_eps),
                                  nn.Linear(num_hiddens, vocab_size))
 

@@ -1,12 +1,14 @@
-"""The book's BERT pretraining loop (`train_bert`, bert-pretraining.md) in PyTorch, and its resumable state.
+"""BERT pretraining in PyTorch: the step core/pretraining.py's loop drives, the book's `train_bert`
+(bert-pretraining.md), and the resumable state.
 
 Semantics kept from d2l: Adam with lr 0.01, the loss `mlm + nsp` per batch, `nn.DataParallel`
 across GPUs, the timer covering forward, backward and update only, and the two lines printed at
 the end (`MLM loss ..., NSP loss ...` and `... sentence pairs/sec on [...]`, means over the steps).
 Changed: no Animator (per-step figures are returned as `StepRecord`s), the MLM loss is by default
 the mean over real predictions only (`mlm_loss='masked'`, what the book's MXNet code computes);
-`mlm_loss='book'` keeps the book's PyTorch formula, whose mean also runs over padded prediction
-slots (facts §1.8). `start_step`, `seed` and `on_step` let a job checkpoint and resume.
+`mlm_loss='book'` keeps the book's PyTorch formula, `CrossEntropyLoss()`'s mean (over every
+prediction slot, padded ones included) times the weights over their sum, in which the weights
+cancel. `start_step`, `seed` and `on_step` let a job checkpoint and resume.
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ import torch
 from torch import nn
 
 from nlibert.core.io import atomic_write
-from nlibert.core.pretraining import (StepRecord, check_init, check_lr_schedule, check_mlm_loss,
-                                      format_pretrain_summary, learning_rate_at, step_file, step_seed)
-from nlibert.core.training import Accumulator, Timer
+from nlibert.core.pretraining import (StepRecord, check_init, check_mlm_loss, format_pretrain_summary,
+                                      scheduled_lr, step_file, train_steps)
+from nlibert.core.training import require_devices
 
 from .checkpoint import _load_state_dict, write_params
 from .runtime import make_trainer
@@ -67,12 +69,56 @@ def _get_batch_loss_bert(net: nn.Module, loss: nn.Module, vocab_size: int, token
     return mlm_l, nsp_l, mlm_l + nsp_l
 
 
+class PretrainStep:
+    """core/pretraining.py's step: the net on devices[0] (in `nn.DataParallel` across several GPUs,
+    as the book), in training mode; each call is one step of the book's `train_bert`: the batch's
+    `mlm + nsp` loss, `backward`, `trainer.step()`, both losses read back (one host sync, which
+    waits for the step)."""
+
+    def __init__(self, net: nn.Module, loss: nn.Module, vocab_size: int, trainer: torch.optim.Optimizer,
+                 devices: Sequence[torch.device], mlm_loss: str = "masked") -> None:
+        self.devices = require_devices(devices)
+        self.loss, self.vocab_size, self.trainer, self.mlm_loss = loss, vocab_size, trainer, check_mlm_loss(mlm_loss)
+        net.to(self.devices[0])
+        self.model = net
+        if len(self.devices) > 1 and all(d.type == "cuda" for d in self.devices):
+            self.model = nn.DataParallel(net, device_ids=self.devices).to(self.devices[0])
+        self.model.train()
+
+    @property
+    def learning_rate(self) -> float:
+        return self.trainer.param_groups[0]["lr"]
+
+    @learning_rate.setter
+    def learning_rate(self, lr: float) -> None:
+        for group in self.trainer.param_groups:
+            group["lr"] = lr
+
+    def load(self, batch: Sequence) -> list[torch.Tensor]:
+        return [torch.as_tensor(x).to(self.devices[0], non_blocking=True) for x in batch]
+
+    def __call__(self, inputs: list[torch.Tensor]) -> tuple[float, float]:
+        tokens_X, segments_X, valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y = inputs
+        self.trainer.zero_grad()
+        mlm_l, nsp_l, l = _get_batch_loss_bert(self.model, self.loss, self.vocab_size, tokens_X, segments_X,
+                                               valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y.long(),
+                                               nsp_y.long(), self.mlm_loss)
+        l.backward()
+        self.trainer.step()
+        mlm_value, nsp_value = torch.stack([mlm_l.detach(), nsp_l.detach()]).tolist()  # one host sync
+        return mlm_value, nsp_value
+
+    def reseed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+
 def train_bert(train_iter: Iterable, net: nn.Module, loss: nn.Module, vocab_size: int,
                devices: Sequence[torch.device], num_steps: int, *, trainer: torch.optim.Optimizer | None = None,
                lr: float = 0.01, mlm_loss: str = "masked", start_step: int = 0, seed: int | None = None,
                on_step: Callable[[StepRecord], bool | None] | None = None, verbose: bool = True,
                warmup_steps: int = 0, lr_decay: str = "none") -> list[StepRecord]:
-    """Pretrain `net` (a `BERTModel`) on batches of the book's 7-tuples until step `num_steps`.
+    """Pretrain `net` (a `BERTModel`) on batches of the book's 7-tuples until step `num_steps`
+    (core/pretraining.py `train_steps`).
 
     Steps are numbered from `start_step + 1`; `train_iter` is passed over as often as needed.
     `trainer` defaults to Adam(lr) as the book. With `seed`, torch's generators are re-seeded from
@@ -82,55 +128,13 @@ def train_bert(train_iter: Iterable, net: nn.Module, loss: nn.Module, vocab_size
     `core.pretraining.learning_rate_at(step, lr, num_steps, ...)`; without, it is left alone (the book).
     Returns the figures of the steps run here; prints the book's two lines if `verbose`.
     """
-    check_mlm_loss(mlm_loss)
-    check_lr_schedule(warmup_steps, lr_decay)
-    scheduled = warmup_steps > 0 or lr_decay != "none"
-    devices = list(devices)
-    if not devices:
-        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
-    net.to(devices[0])
-    model = net
-    if len(devices) > 1 and all(d.type == "cuda" for d in devices):
-        model = nn.DataParallel(net, device_ids=devices).to(devices[0])
-    if trainer is None:
-        trainer = make_trainer(net, lr)
-    model.train()
-    step, timer, records = start_step, Timer(), []
-    # Sum of MLM losses, sum of NSP losses, no. of sentence pairs, count
-    metric = Accumulator(4)
-    stop = step >= num_steps
-    while not stop:
-        num_batches = 0
-        for batch in train_iter:
-            num_batches += 1
-            tokens_X, segments_X, valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y = (
-                torch.as_tensor(x).to(devices[0], non_blocking=True) for x in batch)
-            if seed is not None:
-                torch.manual_seed(step_seed(seed, step + 1))
-            if scheduled:
-                for group in trainer.param_groups:
-                    group["lr"] = learning_rate_at(step + 1, lr, num_steps, warmup_steps, lr_decay)
-            trainer.zero_grad()
-            timer.start()
-            mlm_l, nsp_l, l = _get_batch_loss_bert(model, loss, vocab_size, tokens_X, segments_X, valid_lens_x,
-                                                   pred_positions_X, mlm_weights_X, mlm_Y.long(), nsp_y.long(),
-                                                   mlm_loss)
-            l.backward()
-            trainer.step()
-            mlm_value, nsp_value = torch.stack([mlm_l.detach(), nsp_l.detach()]).tolist()  # one host sync
-            seconds = timer.stop()
-            step += 1
-            metric.add(mlm_value, nsp_value, tokens_X.shape[0], 1)
-            record = StepRecord(step, mlm_value, nsp_value, int(tokens_X.shape[0]), seconds,
-                                float(trainer.param_groups[0]["lr"]))
-            records.append(record)
-            if (on_step is not None and on_step(record)) or step >= num_steps:
-                stop = True
-                break
-        if num_batches == 0:
-            raise ValueError("train_iter yielded no batches")
+    lr_at = scheduled_lr(lr, num_steps, warmup_steps, lr_decay)
+    step = PretrainStep(net, loss, vocab_size, trainer if trainer is not None else make_trainer(net, lr),
+                        devices, mlm_loss)
+    records = train_steps(step, train_iter, num_steps, start_step=start_step, seed=seed, lr_at=lr_at,
+                          on_step=on_step)
     if verbose and records:
-        print(format_pretrain_summary(records, str(devices)))
+        print(format_pretrain_summary(records, str(step.devices)))
     return records
 
 

@@ -1,10 +1,11 @@
-"""The book's multi-device fine-tuning loop (`train_ch13`) and its helpers, in PyTorch.
+"""Fine-tuning in PyTorch: the step core/training.py's epoch loop drives, and the book's `train_ch13`.
 
 Semantics kept from d2l: per-example cross-entropy summed before `backward()` (so the gradient is
-a sum over the batch, not a mean), `nn.DataParallel` across GPUs, the timer covering training
-batches only, and the two summary lines printed at the end. Changed: no Animator (figures are
-returned as `EpochRecord`s instead), no `num_batches // 5` plotting step (which divided by zero
-with fewer than 5 batches), and `try_all_gpus()` falls back to the CPU as r0.17 does.
+a sum over the batch, not a mean), `nn.DataParallel` across GPUs, and, in `train_ch13`, the sums
+read after every batch, the timer over training batches only and the two summary lines at the
+end. Changed: no Animator (figures are returned as `EpochRecord`s instead), no `num_batches // 5`
+plotting step (which divided by zero with fewer than 5 batches), and `try_all_gpus()` falls back
+to the CPU as r0.17 does.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from nlibert.core.training import Accumulator, EpochRecord, Timer, format_summary
+from nlibert.core.training import EpochRecord, require_devices, train_epochs
+
+PRECISIONS = ("float32", "bfloat16")
 
 
 def try_all_gpus() -> list[torch.device]:
@@ -30,13 +33,29 @@ def _to_device(x, device: torch.device):
     return torch.as_tensor(x).to(device, non_blocking=True)
 
 
+def split_batch_multi_inputs(X: Sequence, y, devices: Sequence[torch.device]
+                             ) -> tuple[list[tuple[torch.Tensor, ...]], list[torch.Tensor]]:
+    """Split every input of a batch, and its labels, along the batch axis across `devices`: one
+    `(tokens, segments, valid_lens)` tuple and one label tensor per device (slices may differ in
+    size by one; a batch with fewer examples than devices uses only the first ones). The book's
+    MXNet helper; torch's `nn.DataParallel` splits batches the same way by itself."""
+    devices = list(devices)[:len(y)]
+    chunks = [torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).tensor_split(len(devices))
+              for a in (*X, y)]
+    X_shards = [tuple(chunk[i].to(d) for chunk in chunks[:-1]) for i, d in enumerate(devices)]
+    return X_shards, [chunks[-1][i].to(d) for i, d in enumerate(devices)]
+
+
 def _correct(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Number of rows whose argmax equals the label, as a 0-d tensor (no host sync)."""
     return (y_hat.argmax(dim=1) == y.to(torch.long)).sum()
 
 
-def evaluate_accuracy(net: nn.Module, data_iter: Iterable, devices: Sequence[torch.device]) -> float:
-    """Accuracy over `data_iter` in eval mode (dropout off), without building a graph."""
+def evaluate_accuracy(net: nn.Module, data_iter: Iterable, devices: Sequence[torch.device],
+                      split_f: Callable | None = None) -> float:
+    """Accuracy over `data_iter` in eval mode (dropout off), without building a graph. `split_f` is
+    accepted as the MXNet book's; `nn.DataParallel` splits the batches of a wrapped net itself."""
+    devices = require_devices(devices)
     was_training = net.training
     net.eval()
     correct, total = torch.zeros((), dtype=torch.long, device=devices[0]), 0
@@ -49,64 +68,6 @@ def evaluate_accuracy(net: nn.Module, data_iter: Iterable, devices: Sequence[tor
     return correct.item() / total if total else float("nan")
 
 
-def train_batch_ch13(net: nn.Module, X, y, loss: nn.Module, trainer: torch.optim.Optimizer,
-                     devices: Sequence[torch.device]) -> tuple[float, float]:
-    """One optimizer step on one batch; returns (sum of per-example losses, number correct)."""
-    X, y = _to_device(X, devices[0]), _to_device(y, devices[0]).to(torch.long)
-    net.train()
-    trainer.zero_grad()
-    pred = net(X)  # (B, num_classes)
-    l = loss(pred, y)  # (B,): the loss must be built with reduction='none', as the book
-    l.sum().backward()
-    trainer.step()
-    # One host sync for both numbers; it also makes the caller's per-batch timing honest on a GPU.
-    loss_sum, correct = torch.stack([l.detach().sum().float(), _correct(pred.detach(), y).float()]).tolist()
-    return loss_sum, correct
-
-
-def train_ch13(net: nn.Module, train_iter: Iterable, test_iter: Iterable | None, loss: nn.Module,
-               trainer: torch.optim.Optimizer, num_epochs: int, devices: Sequence[torch.device],
-               verbose: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None
-               ) -> list[EpochRecord]:
-    """Train for `num_epochs`, testing after each; print the book's two lines; return per-epoch records.
-
-    With more than one CUDA device the net is wrapped in `nn.DataParallel` (the batch is split
-    across them, as the book); the caller's `net` keeps the trained weights either way.
-    `on_epoch`, if given, is called with each epoch's record as soon as it is known.
-    """
-    devices = list(devices)
-    if not devices:
-        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
-    net.to(devices[0])
-    model = net
-    if len(devices) > 1 and all(d.type == "cuda" for d in devices):
-        model = nn.DataParallel(net, device_ids=devices).to(devices[0])
-    records: list[EpochRecord] = []
-    for epoch in range(1, num_epochs + 1):
-        # Sum of training loss, no. of correct predictions, no. of examples, no. of predictions
-        metric, timer = Accumulator(4), Timer()
-        for features, labels in train_iter:
-            timer.start()
-            l, acc = train_batch_ch13(model, features, labels, loss, trainer, devices)
-            timer.stop()
-            n = int(np.prod(np.shape(labels)))
-            metric.add(l, acc, len(labels), n)
-        if metric[2] == 0:
-            raise ValueError("train_iter yielded no batches")
-        test_acc = evaluate_accuracy(model, test_iter, devices) if test_iter is not None else float("nan")
-        record = EpochRecord.from_sums(epoch, metric[0], metric[1], int(metric[2]), test_acc, timer.sum())
-        record.train_acc = metric[1] / metric[3]  # the book divides by predictions, not examples
-        records.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-    if verbose and records:
-        print(format_summary(records, str(devices)))
-    return records
-
-
-PRECISIONS = ("float32", "bfloat16")
-
-
 def _autocast(device: torch.device, precision: str):
     """bfloat16 autocast on the device (matmuls in bf16, reductions in float32), or a no-op."""
     if precision not in PRECISIONS:
@@ -114,71 +75,95 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
-def train_batch_fast(net: nn.Module, X, y, loss: nn.Module, trainer: torch.optim.Optimizer,
-                     devices: Sequence[torch.device], precision: str = "float32"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`train_batch_ch13`'s step (summed per-example loss, `backward`, `trainer.step()`), but the loss
-    sum and the number correct come back as 0-d tensors on the device: no host synchronisation."""
-    X, y = _to_device(X, devices[0]), _to_device(y, devices[0]).to(torch.long)
+def _step(model: nn.Module, X, y, loss: nn.Module, trainer: torch.optim.Optimizer, device: torch.device,
+          precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: per-example losses (`loss` has reduction='none', as the book) summed,
+    `backward`, `trainer.step()`; the loss sum and the number correct as 0-d tensors on the device."""
+    X, y = _to_device(X, device), _to_device(y, device).to(torch.long)
+    model.train()
     trainer.zero_grad(set_to_none=True)
-    with _autocast(devices[0], precision):
-        pred = net(X)  # (B, num_classes)
-    l = loss(pred.float(), y)  # (B,), reduction='none' as the book
+    with _autocast(device, precision):
+        pred = model(X)  # (B, num_classes)
+    l = loss(pred.float(), y)  # (B,)
     l.sum().backward()
     trainer.step()
     return l.detach().sum(), _correct(pred.detach(), y)
 
 
-def train_fast(net: nn.Module, train_iter: Iterable, test_iter: Iterable | None, loss: nn.Module,
-               trainer: torch.optim.Optimizer, num_epochs: int, devices: Sequence[torch.device], *,
-               precision: str = "float32", graph: bool = False, verbose: bool = True,
+def _read(sums: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+    """One host sync for both numbers; it waits for every step queued before (same stream)."""
+    loss_sum, correct = torch.stack([sums[0].float(), sums[1].float()]).tolist()
+    return loss_sum, correct
+
+
+def train_batch_ch13(net: nn.Module, X, y, loss: nn.Module, trainer: torch.optim.Optimizer,
+                     devices: Sequence[torch.device], split_f: Callable | None = None) -> tuple[float, float]:
+    """One optimizer step on one batch; returns (sum of per-example losses, number correct)."""
+    return _read(_step(net, X, y, loss, trainer, require_devices(devices)[0]))
+
+
+class FinetuneStep:
+    """core/training.py's step: the net on devices[0], in `nn.DataParallel` across several GPUs (as the
+    book) or `torch.compile`d with `graph` (one device); each call is `train_batch_ch13`'s step with
+    the sums left on the device. `split_f` is accepted as the MXNet book's argument and not called:
+    DataParallel splits the batch."""
+
+    def __init__(self, net: nn.Module, loss: nn.Module, trainer: torch.optim.Optimizer,
+                 devices: Sequence[torch.device], split_f: Callable | None = None, *, precision: str = "float32",
+                 graph: bool = False) -> None:
+        self.devices = require_devices(devices)
+        _autocast(self.devices[0], precision)  # validates the name
+        self.loss, self.trainer, self.precision = loss, trainer, precision
+        net.to(self.devices[0])
+        self.model = net
+        if len(self.devices) > 1 and all(d.type == "cuda" for d in self.devices):
+            if graph:
+                raise ValueError("graph=True (torch.compile) is for one device; nn.DataParallel replicates the net")
+            self.model = nn.DataParallel(net, device_ids=self.devices).to(self.devices[0])
+        elif graph:
+            self.model = torch.compile(net, dynamic=True)
+
+    def __call__(self, features, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        return _step(self.model, features, labels, self.loss, self.trainer, self.devices[0], self.precision)
+
+    def read(self, sums: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+        return _read(sums)
+
+    def evaluate(self, data_iter: Iterable) -> float:
+        return evaluate_accuracy(self.model, data_iter, self.devices)
+
+
+def train_ch13(net: nn.Module, train_iter: Iterable, test_iter: Iterable | None, loss: nn.Module,
+               trainer: torch.optim.Optimizer, num_epochs: int, devices: Sequence[torch.device],
+               split_f: Callable | None = None, *, verbose: bool = True,
                on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
-    """`train_ch13` for the fast path: the same optimisation (same loss, gradient sum, optimizer,
-    multi-GPU `nn.DataParallel`), the same records and printed lines, with fewer host round trips:
-    the loss and accuracy sums stay on the device and are read once per epoch, and the epoch timer
-    covers the whole pass (batching included). Feed it length-bucketed, trimmed batches
-    (`core.batching.bucket_batch_indices`, `trim=True`) and a net with fused attention
+    """Train for `num_epochs`, testing after each; print the book's two lines; return per-epoch records.
+
+    With more than one CUDA device the net is wrapped in `nn.DataParallel` (the batch is split
+    across them, as the book); the caller's `net` keeps the trained weights either way.
+    `on_epoch`, if given, is called with each epoch's record as soon as it is known.
+    """
+    step = FinetuneStep(net, loss, trainer, devices, split_f)
+    return train_epochs(step, train_iter, test_iter, num_epochs, sync="batch", devices=str(step.devices),
+                        verbose=verbose, on_epoch=on_epoch)
+
+
+def train_fast(net: nn.Module, train_iter: Iterable, test_iter: Iterable | None, loss: nn.Module,
+               trainer: torch.optim.Optimizer, num_epochs: int, devices: Sequence[torch.device],
+               split_f: Callable | None = None, *, precision: str = "float32", graph: bool = False,
+               verbose: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
+    """`train_ch13` for the fast path: the same optimisation and records, with the sums read once per
+    epoch (the timer then covers the whole pass, batching included). Feed it length-bucketed, trimmed
+    batches (`core.batching.bucket_batch_indices`, `trim=True`) and a net with fused attention
     (`set_fused_attention`) for the speed.
 
     `precision='bfloat16'` runs the forward pass under bfloat16 autocast (the loss and the weights
     stay float32); `graph=True` runs the net through `torch.compile` (one device only). Neither pays
     on a CPU without AMX (see the README's Performance section); both are for GPUs.
     """
-    devices = list(devices)
-    if not devices:
-        raise ValueError("devices is empty: pass at least one device (try_all_gpus() never returns [])")
-    _autocast(devices[0], precision)  # validates the name
-    net.to(devices[0])
-    model = net
-    if len(devices) > 1 and all(d.type == "cuda" for d in devices):
-        if graph:
-            raise ValueError("graph=True (torch.compile) is for one device; nn.DataParallel replicates the net")
-        model = nn.DataParallel(net, device_ids=devices).to(devices[0])
-    elif graph:
-        model = torch.compile(net, dynamic=True)
-    records: list[EpochRecord] = []
-    for epoch in range(1, num_epochs + 1):
-        model.train()
-        loss_sum = torch.zeros((), dtype=torch.float32, device=devices[0])
-        correct = torch.zeros((), dtype=torch.long, device=devices[0])
-        num_examples, timer = 0, Timer()
-        for features, labels in train_iter:
-            l, c = train_batch_fast(model, features, labels, loss, trainer, devices, precision)
-            loss_sum += l
-            correct += c
-            num_examples += len(labels)
-        if num_examples == 0:
-            raise ValueError("train_iter yielded no batches")
-        totals = torch.stack([loss_sum, correct.float()]).tolist()  # the epoch's one host sync
-        seconds = timer.stop()
-        test_acc = evaluate_accuracy(model, test_iter, devices) if test_iter is not None else float("nan")
-        record = EpochRecord.from_sums(epoch, totals[0], totals[1], num_examples, test_acc, seconds)
-        records.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-    if verbose and records:
-        print(format_summary(records, str(devices)))
-    return records
+    step = FinetuneStep(net, loss, trainer, devices, split_f, precision=precision, graph=graph)
+    return train_epochs(step, train_iter, test_iter, num_epochs, sync="epoch", devices=str(step.devices),
+                        verbose=verbose, on_epoch=on_epoch)
 
 
 def predict_proba(net: nn.Module, token_ids, segments, valid_lens, devices: Sequence[torch.device],
@@ -193,13 +178,14 @@ def predict_proba(net: nn.Module, token_ids, segments, valid_lens, devices: Sequ
     if not (len(token_ids) == len(segments) == len(valid_lens)):
         raise ValueError(f"row counts differ: token_ids {len(token_ids)}, segments {len(segments)}, "
                          f"valid_lens {len(valid_lens)}")
+    device = require_devices(devices)[0]
     was_training = net.training
     net.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(token_ids), batch_size):
             X = _to_device((token_ids[i:i + batch_size], segments[i:i + batch_size],
-                            valid_lens[i:i + batch_size]), devices[0])
+                            valid_lens[i:i + batch_size]), device)
             out.append(torch.softmax(net(X).float(), dim=-1).cpu().numpy())
     net.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, 3), dtype=np.float32)

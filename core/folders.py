@@ -1,0 +1,206 @@
+"""Checkpoint folders: what they hold, how a user's `--pretrained` string finds one, and the rules
+every backend's loaders and savers share.
+
+A folder in the book's layout holds `vocab.json` (a list: index -> token) and `pretrained.params`
+(a `BERTModel`) or `classifier.params` (a fine-tuned `BERTClassifier`), in one backend's format.
+nlibert also writes `config.json`: the `BERTConfig`, `"format"` (the backend that wrote the params
+file), `"kind"` ('pretrained' or 'classifier') and, for a WordPiece vocabulary, its tokenizer
+settings. The book's own downloads have no config.json: their format is told from the params
+file's first bytes, their sizes from the tensors (core/names.py). A Hugging Face BERT folder
+(core/hf.py) is the third kind of source; every backend reads it directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .config import BERTConfig
+from .hf import PACKAGED_CHECKPOINTS, hf_weights_path, is_hf_folder, load_hf_checkpoint, resolve_packaged_checkpoint
+from .io import read_json
+from .names import check_shapes, format_key, infer_config, to_canonical
+
+VOCAB_FILE = "vocab.json"
+CONFIG_FILE = "config.json"
+PARAMS_FILES = {"pretrained": "pretrained.params", "classifier": "classifier.params"}
+PRETRAINED_FILE, CLASSIFIER_FILE = PARAMS_FILES["pretrained"], PARAMS_FILES["classifier"]
+HUGGING_FACE = "huggingface"
+
+# The book's two checkpoint formats, told apart by their params file's first bytes when a folder
+# has no config.json: `torch.save` writes a zip, MXNet's `npx.save` an NDArray list (magic 0x112).
+_BOOK_MAGIC = {"torch": b"PK", "mxnet": (0x112).to_bytes(8, "little")}
+# The book's data-hub archives of its pretrained BERTs (d2l's chapter defines them): the torch
+# ones carry a '.torch' suffix. core/data_hub.py holds their URLs and sha1 sums.
+HUB_NAMES = {"torch": {"bert.small": "bert.small.torch", "bert.base": "bert.base.torch"},
+             "mxnet": {"bert.small": "bert.small", "bert.base": "bert.base"}}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSource:
+    """Where a checkpoint lives and what it is: `format` is 'huggingface' or the name of the backend
+    that wrote it, `kind` 'pretrained' or 'classifier', `params_path` its weights file."""
+
+    folder: str
+    format: str
+    kind: str
+    params_path: str
+
+
+def read_checkpoint_config(folder: str | os.PathLike) -> dict | None:
+    """The `config.json` nlibert writes beside a checkpoint, or None for the book's own folders."""
+    path = os.path.join(folder, CONFIG_FILE)
+    return read_json(path, dict) if os.path.exists(path) else None
+
+
+def sniff_params_format(path: str | os.PathLike) -> str:
+    """The book format ('torch' or 'mxnet') of a params file, judged by its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    for fmt, magic in _BOOK_MAGIC.items():
+        if head.startswith(magic):
+            return fmt
+    raise ValueError(f"{os.fspath(path)}: neither a torch state_dict nor an MXNet parameter file")
+
+
+def describe_checkpoint(folder: str | os.PathLike) -> CheckpointSource:
+    """What a checkpoint folder holds: a Hugging Face BERT folder, or one in the book's layout
+    (its format and kind from config.json, else from the files)."""
+    folder = os.fspath(folder)
+    if is_hf_folder(folder):
+        return CheckpointSource(folder, HUGGING_FACE, "pretrained", hf_weights_path(folder))
+    config = read_checkpoint_config(folder) or {}
+    kind = config.get("kind") or next((k for k, f in PARAMS_FILES.items()
+                                       if os.path.exists(os.path.join(folder, f))), None)
+    if kind not in PARAMS_FILES:
+        raise FileNotFoundError(f"{folder}: no pretrained.params or classifier.params")
+    path = os.path.join(folder, PARAMS_FILES[kind])
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder}: config.json says kind {kind!r} but {PARAMS_FILES[kind]} is missing")
+    if not os.path.exists(os.path.join(folder, VOCAB_FILE)):
+        raise FileNotFoundError(f"{folder}: no vocab.json")
+    return CheckpointSource(folder, config.get("format") or sniff_params_format(path), kind, path)
+
+
+def resolve_checkpoint(spec: str | os.PathLike, fmt: str) -> CheckpointSource:
+    """The checkpoint a user names: a folder (the book's layout or Hugging Face's), a checkpoint
+    installed as a package ('minilm-l6', core/hf.py), or a data-hub name ('bert.small',
+    'bert.base'), downloaded (cached, sha1-checked) in the archive of format `fmt`."""
+    name = os.fspath(spec)
+    if os.path.isdir(name):
+        return describe_checkpoint(name)
+    if name in PACKAGED_CHECKPOINTS:
+        return describe_checkpoint(resolve_packaged_checkpoint(name))
+    from . import data_hub  # lazily: only hub names need the network modules
+    archive = HUB_NAMES.get(fmt, {}).get(name, name)
+    owner = [f for f, names in HUB_NAMES.items() if archive in names.values()]
+    if owner and fmt not in owner:
+        raise ValueError(f"{name!r} is the book's {owner[0]} checkpoint; the {fmt} backend reads "
+                         f"{sorted(HUB_NAMES.get(fmt, {})) or 'no data-hub checkpoint'}, or convert it first")
+    if not name.startswith("bert.") or archive not in data_hub.DATA_HUB:
+        known = sorted(set(PACKAGED_CHECKPOINTS) | set(HUB_NAMES.get(fmt, {})))
+        raise FileNotFoundError(f"{name!r} is neither a folder nor a checkpoint name (known: {known})")
+    return describe_checkpoint(data_hub.download_extract(archive))
+
+
+def check_folder_format(source: CheckpointSource, fmt: str) -> dict:
+    """The folder's config.json (or {} for the book's own folders); a folder in another format is
+    refused with the conversion to run."""
+    if source.format != fmt:
+        raise ValueError(f"{source.folder}: a {source.format} checkpoint; the {fmt} backend reads {fmt} "
+                         f"checkpoints: run `nlibert convert {source.folder} DST --to {fmt}` first")
+    return read_checkpoint_config(source.folder) or {}
+
+
+def checkpoint_config(params: Mapping[str, np.ndarray], written: Mapping, vocab_size: int, source: str,
+                      **given) -> BERTConfig:
+    """The `BERTConfig` to build for a canonically named checkpoint: the sizes given, those given as
+    None read off the tensors (the head count, which leaves no trace in them, from config.json if
+    there is one, else 64-dimensional heads; dropout from config.json, else 0.1); the architecture
+    options from config.json (the book's folders have none: the book's defaults), the embedding
+    LayerNorm wherever its tensors are."""
+    sizes = dict(given)
+    if any(v is None for v in sizes.values()):
+        heads = sizes.get("num_heads") if sizes.get("num_heads") is not None else written.get("num_heads")
+        drop = sizes.get("dropout") if sizes.get("dropout") is not None else written.get("dropout", 0.1)
+        try:
+            inferred = infer_config(params, num_heads=heads, dropout=drop).to_dict()
+        except KeyError as e:
+            raise ValueError(f"{source}: cannot read sizes off the file: {e}") from e
+        sizes = {k: (inferred[k] if v is None else v) for k, v in sizes.items()}
+    defaults = BERTConfig(vocab_size=1)
+    return BERTConfig(vocab_size=vocab_size, **sizes,
+                      hidden_act=written.get("hidden_act", defaults.hidden_act),
+                      layer_norm_eps=written.get("layer_norm_eps", defaults.layer_norm_eps),
+                      embedding_norm="encoder.embedding_ln.weight" in params,
+                      attention_dropout=written.get("attention_dropout", defaults.attention_dropout))
+
+
+def read_pretrained(spec: str | os.PathLike, fmt: str, read_params: Callable[[str], Mapping[str, np.ndarray]],
+                    **given) -> tuple[BERTConfig, object, dict[str, np.ndarray], list[str], str]:
+    """Everything a backend needs to build and fill a `BERTModel` from what a user named:
+    `(config, vocab, params under canonical names, canonical names of heads the file lacks, path)`.
+    A Hugging Face folder gives its own config (sizes given must agree); a folder in the book's
+    layout must be in format `fmt` and is read with `read_params`, the backend's own reader."""
+    source = resolve_checkpoint(spec, fmt)
+    if source.format == HUGGING_FACE:
+        return load_hf_checkpoint(source.folder, **given)
+    written = check_folder_format(source, fmt)
+    vocab = load_folder_vocab(source.folder, written)
+    params = to_canonical(read_params(source.params_path), fmt, source.params_path)
+    return checkpoint_config(params, written, len(vocab), source.params_path, **given), vocab, params, [], \
+        source.params_path
+
+
+def check_filled(expected: Mapping[str, tuple], params: Mapping[str, np.ndarray], missing_heads: list[str],
+                 source: str, fmt: str) -> None:
+    """Every name and shape of `params` against a model's own (`expected`), both under canonical
+    names, heads the file lacks excepted: an error names each mismatch, in backend `fmt`'s names (the
+    ones its users see), before any tensor is copied."""
+    def in_format(shapes: Mapping[str, tuple]) -> dict[str, tuple]:
+        return {format_key(k, fmt): s for k, s in shapes.items()}
+
+    check_shapes(in_format({k: s for k, s in expected.items() if k not in missing_heads}),
+                 in_format({k: np.shape(v) for k, v in params.items()}), source)
+
+
+def config_dict(config: BERTConfig | Mapping | None, fmt: str, kind: str, vocab=None) -> dict:
+    """What config.json records: the sizes and options, the format and the kind of checkpoint, and
+    for a WordPiece vocabulary the tokenizer settings that rebuild it from vocab.json."""
+    if isinstance(config, BERTConfig):
+        config = config.to_dict()
+    if config is None:
+        raise ValueError("no config to record: pass a BERTConfig (the model has no `config`)")
+    out = {**BERTConfig.from_dict(dict(config)).to_dict(), "format": fmt, "kind": kind}
+    settings = getattr(vocab, "settings", None)
+    if settings is not None:
+        out["tokenizer"] = settings()
+    return out
+
+
+def load_folder_vocab(folder: str | os.PathLike, written: Mapping):
+    """The vocabulary of a checkpoint folder: `vocab.json` as the book's word-level `Vocab`, or, when
+    config.json records WordPiece tokenizer settings, the `WordPieceVocab` they describe."""
+    from .vocab import load_vocab, read_vocab_list
+    path = os.path.join(folder, VOCAB_FILE)
+    settings = written.get("tokenizer")
+    if not settings:
+        return load_vocab(path)
+    from .wordpiece import WordPieceVocab  # lazily: needs the tokenizers library
+    return WordPieceVocab.from_settings(read_vocab_list(path), settings)
+
+
+def read_classifier_folder(folder: str | os.PathLike, fmt: str):
+    """`(config, vocab, params_path)` of a fine-tuned model folder of format `fmt`, checked for consistency."""
+    written = read_checkpoint_config(folder)
+    if written is None:
+        raise FileNotFoundError(f"{os.path.join(folder, CONFIG_FILE)}: missing; not a classifier folder")
+    if written.get("kind") != "classifier" or written.get("format", fmt) != fmt:
+        raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: kind {written.get('kind')!r}, "
+                         f"format {written.get('format')!r}; expected a {fmt} classifier")
+    cfg = BERTConfig.from_dict(written)
+    vocab = load_folder_vocab(folder, written)
+    if len(vocab) != cfg.vocab_size:
+        raise ValueError(f"{folder}: vocab.json has {len(vocab)} tokens, config.json says {cfg.vocab_size}")
+    return cfg, vocab, os.path.join(folder, CLASSIFIER_FILE)

@@ -1,0 +1,146 @@
+"""The settings of a run, as objects: the CLI builds one from its arguments, a job takes one.
+
+Defaults are the chapter's (fine-tuning: batch 512, max_len 128, lr 1e-4, 5 epochs; pretraining:
+the book's `bert-pretraining` section: a 2-layer, 128-hidden BERT, batch 512, max_len 64, Adam at
+0.01, 50 steps). What `metrics.json` records as hyperparameters, and the signature a resumed
+pretraining run must match, are derived from the fields, never written out by hand.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Sequence
+
+FINETUNE_MODES = ("fast", "book")
+PRECISIONS = ("float32", "bfloat16")
+MLM_LOSSES = ("masked", "book")
+LR_DECAYS = ("none", "linear")
+PRETRAIN_MODES = ("book", "fast")
+# 'book': each backend's own book init (torch: its layer defaults; MXNet: init.Xavier()).
+# 'xavier': MXNet's book init in every backend (every matrix Xavier-uniform, biases 0, LayerNorm 1/0),
+# so a run starts from the same distribution whichever backend pretrains.
+INIT_SCHEMES = ("book", "xavier")
+
+
+def _check(settings: Any) -> None:
+    """Refuse values no run can use, naming the option (`--batch-size`, ...)."""
+    def option(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in settings.POSITIVE:
+        value = getattr(settings, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{option(name)} must be a positive integer, got {value!r}")
+    for name, choices in settings.CHOICES.items():
+        if getattr(settings, name) not in choices:
+            raise ValueError(f"{option(name)} {getattr(settings, name)!r}: use one of {', '.join(choices)}")
+    if not (isinstance(settings.lr, (int, float)) and math.isfinite(settings.lr) and settings.lr > 0):
+        raise ValueError(f"--lr must be a positive finite number, got {settings.lr!r}")
+    if not 0.0 <= settings.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {settings.dropout!r}")
+
+
+def _without(settings: Any, names: Sequence[str]) -> dict:
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in names}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """One fine-tuning run (`nlibert finetune`; the CLI's options have these names)."""
+
+    backend: str = "torch"
+    pretrained: str = "minilm-l6"  # a checkpoint name or folder, or 'random' (a seeded bert.small shape)
+    data: str | None = None  # an SNLI-layout folder, 'SNLI', or None: the embedded NLI sample
+    max_len: int = 128
+    batch_size: int = 512
+    lr: float = 1e-4
+    epochs: int = 5
+    dropout: float = 0.1
+    train_limit: int | None = None  # a seeded random subset of N training pairs
+    test_limit: int | None = None
+    seed: int = 0
+    mode: str = "fast"
+    precision: str = "float32"  # fast mode: bfloat16 autocast of the forward pass (torch)
+    graph: bool = False  # fast mode: torch.compile / hybridize
+    bucketing: bool = True  # fast mode: length-bucketed batches
+    device: str | None = None
+    out: str = "nlibert-out"
+    cache_dir: str | None = None
+
+    # Fields metrics.json records elsewhere (what was trained, the fast path's block) or that say
+    # where a run happens rather than what it computes; the rest are its hyperparameters.
+    NOT_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = (
+        "backend", "pretrained", "data", "train_limit", "test_limit", "mode", "precision", "graph",
+        "bucketing", "device", "out", "cache_dir")
+    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "epochs", "train_limit", "test_limit")
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"mode": FINETUNE_MODES, "precision": PRECISIONS}
+
+    def __post_init__(self) -> None:
+        _check(self)
+        if self.max_len < 3:  # room for <cls> and two <sep>
+            raise ValueError(f"--max-len must be at least 3, got {self.max_len}")
+
+    def hyperparameters(self) -> dict:
+        return _without(self, self.NOT_HYPERPARAMETERS)
+
+    def replace(self, **changes: Any) -> "FinetuneSettings":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainSettings:
+    """One pretraining run (`nlibert pretrain`; the CLI's options have these names)."""
+
+    backend: str = "torch"
+    corpus: str = "wikitext-2"  # 'wikitext-2' (downloaded) or a folder of wiki.*.tokens files
+    steps: int = 50
+    batch_size: int = 512
+    max_len: int = 64
+    num_hiddens: int = 128
+    ffn_num_hiddens: int = 256
+    num_heads: int = 2
+    num_layers: int = 2
+    dropout: float = 0.2
+    lr: float = 0.01
+    warmup_steps: int = 0
+    lr_decay: str = "none"
+    remask: bool = False
+    init: str = "book"
+    mode: str = "book"
+    mlm_loss: str = "masked"
+    seed: int = 0
+    device: str | None = None
+    checkpoint_every: int = 100  # 0: only when the run ends
+    resume: bool | None = None  # None: when OUT/resume holds a checkpoint; True: insist; False: start over
+    stop_after: int | None = None  # end this run after N steps, as if interrupted
+    out: str = "nlibert-pretrain"
+
+    # Fields that do not change what the steps compute, so a resumed run may differ in them
+    # (`steps` matters only through a decaying schedule: `decay_steps` in the signature).
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("corpus", "steps", "device", "checkpoint_every", "resume",
+                                           "stop_after", "out")
+    POSITIVE: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "num_hiddens", "ffn_num_hiddens", "num_heads",
+                                           "num_layers", "stop_after")
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"lr_decay": LR_DECAYS, "init": INIT_SCHEMES,
+                                                     "mode": PRETRAIN_MODES, "mlm_loss": MLM_LOSSES}
+
+    def __post_init__(self) -> None:
+        _check(self)
+        if self.max_len < 4:  # <cls>, <sep>, <sep> and at least one token
+            raise ValueError(f"--max-len must be at least 4, got {self.max_len}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0 (0: only when the run ends), got {self.checkpoint_every}")
+
+    def signature(self, corpus_files: Sequence[tuple[str, int]]) -> dict:
+        """What a resumed run must share with the run that wrote the checkpoint: every field that
+        changes what the steps compute, and the corpus files (names and sizes)."""
+        return {**_without(self, self.RUN_ONLY), "corpus": [list(f) for f in corpus_files],
+                "decay_steps": self.steps if self.lr_decay != "none" else None}
+
+    def hyperparameters(self, corpus_files: Sequence[tuple[str, int]]) -> dict:
+        return {k: v for k, v in self.signature(corpus_files).items() if k not in ("backend", "corpus")}
+
+    def replace(self, **changes: Any) -> "PretrainSettings":
+        return dataclasses.replace(self, **changes)

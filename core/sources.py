@@ -1,0 +1,121 @@
+"""Where a job's data comes from: SNLI in its own layout (the embedded sample, a folder, or the data
+hub), seeded subsets, the packed-data cache, and WikiText for pretraining.
+
+Both fine-tuning paths see exactly the same examples in the same order: the book path reads the
+texts (`snli_texts`) and packs them, the fast path reloads packed arrays from the disk cache
+(`snli_packed`); both take the same seeded 90/10 split of a dev-only folder and the same seeded
+subsets (`subset_indices`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .data_hub import download_extract
+from .packing import SNLIBERTDataset, default_cache_dir, load_packed_snli
+from .sample import write_sample_snli
+from .snli import read_snli_file, split_dataset
+from .vocab import Vocab
+
+SPLIT_FRACTION = 0.9  # a folder with only SNLI's dev file: 90% to train, 10% to test
+
+
+def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """The rows of a seeded random subset of `limit` of `n` examples (all of them, in order, when
+    `limit` is None or not smaller than `n`)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.random.default_rng(seed).permutation(n)[:limit]
+
+
+def take(dataset: Sequence[Sequence], indices: np.ndarray) -> tuple[list, ...]:
+    """The rows `indices` of a (premises, hypotheses, labels) dataset, same form."""
+    return tuple([column[i] for i in indices] for column in dataset)
+
+
+@dataclasses.dataclass(frozen=True)
+class SNLISource:
+    """The SNLI files of a run: a test file of None means the train file is SNLI's dev file, split
+    90/10 with the run's seed."""
+
+    train_file: str
+    test_file: str | None
+    description: str
+
+
+def snli_source(data: str | None, out_dir: str, seed: int) -> SNLISource:
+    """The files for `--data`: a folder in SNLI's layout (train + test files, or the dev file alone),
+    'SNLI' (downloaded from the data hub), or None: the embedded NLI sample, written into `out_dir`."""
+    if data is None:
+        folder = write_sample_snli(os.path.join(out_dir, "sample-snli"), seed=0)
+        description = "embedded NLI sample (nlibert.core.sample)"
+    elif data == "SNLI":
+        folder, description = download_extract("SNLI"), "SNLI 1.0 (data hub)"
+    else:
+        folder, description = data, f"SNLI-format folder {data}"
+    if os.path.isdir(os.path.join(folder, "snli_1.0")):
+        folder = os.path.join(folder, "snli_1.0")
+    train_file, test_file = (os.path.join(folder, f"snli_1.0_{s}.txt") for s in ("train", "test"))
+    dev_file = os.path.join(folder, "snli_1.0_dev.txt")
+    if os.path.exists(train_file) and os.path.exists(test_file):
+        return SNLISource(train_file, test_file, description)
+    if os.path.exists(dev_file):
+        return SNLISource(dev_file, None, description + f" (dev file split 90/10, seed {seed})")
+    raise FileNotFoundError(f"{folder}: expected snli_1.0_train.txt and snli_1.0_test.txt, "
+                            "or snli_1.0_dev.txt to split")
+
+
+def snli_texts(source: SNLISource, seed: int, train_limit: int | None = None, test_limit: int | None = None
+               ) -> tuple[tuple[list, ...], tuple[list, ...]]:
+    """(train, test) as (premises, hypotheses, labels), split and subset with `seed`."""
+    if source.test_file is None:
+        train, test = split_dataset(read_snli_file(source.train_file), SPLIT_FRACTION, seed)
+    else:
+        train, test = read_snli_file(source.train_file), read_snli_file(source.test_file)
+    return (take(train, subset_indices(len(train[2]), train_limit, seed)),
+            take(test, subset_indices(len(test[2]), test_limit, seed)))
+
+
+def snli_packed(source: SNLISource, seed: int, vocab: Vocab, max_len: int, train_limit: int | None = None,
+                test_limit: int | None = None, cache_dir: str | None = None
+                ) -> tuple[SNLIBERTDataset, SNLIBERTDataset, bool]:
+    """`(train_set, test_set, cache_hit)`: exactly the examples, in the same order, that `snli_texts`
+    + `SNLIBERTDataset` give, but packed once per file and vocabulary and then reloaded from the
+    disk cache (`core.packing.load_packed_snli`; `cache_dir` None: its default)."""
+    full_train = load_packed_snli(source.train_file, vocab, max_len, cache_dir=cache_dir)
+    if source.test_file is None:
+        (first,), (second,) = split_dataset((np.arange(len(full_train)),), SPLIT_FRACTION, seed)
+        train_set, test_set, hit = full_train.subset(first), full_train.subset(second), full_train.cache_hit
+    else:
+        train_set, test_set = full_train, load_packed_snli(source.test_file, vocab, max_len, cache_dir=cache_dir)
+        hit = full_train.cache_hit and test_set.cache_hit
+    if train_limit is not None:
+        train_set = train_set.subset(subset_indices(len(train_set), train_limit, seed))
+    if test_limit is not None:
+        test_set = test_set.subset(subset_indices(len(test_set), test_limit, seed))
+    return train_set, test_set, bool(hit)
+
+
+def packed_cache_dir(cache_dir: str | None, data: str | None, out_dir: str) -> str:
+    """Where the fast path caches packed data: `cache_dir` if given; for the embedded sample
+    `out_dir/packed` (it lives there too); else `$NLIBERT_CACHE` or ~/.cache/nlibert/packed."""
+    if cache_dir is not None:
+        return cache_dir
+    return os.path.join(out_dir, "packed") if data is None else default_cache_dir()
+
+
+def wiki_source(corpus: str) -> tuple[list[str], str]:
+    """(corpus files, description) for `--corpus`: a folder (its wiki.train.tokens, else every
+    wiki.*.tokens there) or the data-hub name 'wikitext-2' (downloaded as the book does)."""
+    from .wiki import wiki_files
+    if os.path.isdir(corpus):
+        folder, description = corpus, f"WikiText folder {corpus}"
+    elif corpus == "wikitext-2":
+        folder, description = download_extract("wikitext-2", "wikitext-2"), "WikiText-2 (data hub)"
+    else:
+        raise FileNotFoundError(f"--corpus {corpus!r}: neither a folder nor 'wikitext-2'")
+    files = wiki_files(folder)
+    return files, description + " [" + ", ".join(os.path.basename(f) for f in files) + "]"
