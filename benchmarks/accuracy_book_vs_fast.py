@@ -13,7 +13,7 @@ their kernels to differ by (the fast path on the book's batches): they should th
 pair. The fast path passes when it is within `--tolerance` points (0.5) of the book path.
 
 It then reloads both fine-tuned models and predicts the same test pairs (the test split as the job packs
-it, `jobs.packed_snli`), checks that this reproduces each run's reported test accuracy, and prints a paired
+it, `core.sources.snli_packed`), checks that this reproduces each run's reported test accuracy, and prints a paired
 comparison: how many pairs the two models label differently, and a 95% confidence interval of the paired
 accuracy difference (from the discordant pairs). That interval is the resolution of the test: a |diff|
 within tolerance whose interval is wider than +-tolerance says the paths agree to within the interval,
@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import dev_file, seed_interval  # noqa: E402
+from nlibert.backends import BACKENDS  # noqa: E402  (the registry: imports no framework)
 
 
 def paired_difference(labels, book_pred, fast_pred, z: float = 1.96) -> dict:
@@ -69,16 +70,17 @@ def predict_labels(backend, model_dir: str, devices, test_set, chunk: int = 256)
 def paired_check(backend_name: str, seed: int, results: dict, args, out: str) -> dict:
     """Both fine-tuned models on the same test pairs: accuracies recomputed, checked against the runs'
     `test_acc`, and `paired_difference` of the two."""
-    from nlibert import jobs
-    backend = jobs.load_backend(backend_name)
+    from nlibert.backends import load_backend
+    from nlibert.core.sources import snli_packed, snli_source
+    backend = load_backend(backend_name)
     devices = backend.parse_devices(args.device)
     preds, test_set = {}, None
     for mode in ("book", "fast"):
         _, vocab, cfg = backend.load_classifier(results[mode]["model_dir"], devices)
         if test_set is None:
-            _, test_set, _, _ = jobs.packed_snli(args.data, os.path.join(out, f"{backend_name}-{mode}-{seed}"),
-                                                 seed, vocab, args.max_len, args.train_limit, args.test_limit,
-                                                 os.path.join(out, "packed"))
+            source = snli_source(args.data, os.path.join(out, f"{backend_name}-{mode}-{seed}"), seed)
+            _, test_set, _ = snli_packed(source, seed, vocab, args.max_len, args.train_limit, args.test_limit,
+                                         os.path.join(out, "packed"))
         preds[mode] = predict_labels(backend, results[mode]["model_dir"], devices, test_set)
     paired = paired_difference(test_set.labels, preds["book"], preds["fast"])
     for mode in ("book", "fast"):
@@ -92,7 +94,7 @@ def paired_check(backend_name: str, seed: int, results: dict, args, out: str) ->
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=("torch", "mxnet", "both"), default="both")
+    parser.add_argument("--backend", choices=(*BACKENDS, "both"), default="both")
     parser.add_argument("--data", default=str(dev_file().parent),
                         help="an SNLI-format folder (default: the shared one, dev file only, split 90/10)")
     parser.add_argument("--train-limit", type=int, default=2000)
@@ -115,29 +117,31 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from nlibert import jobs
-    backends = ["torch", "mxnet"] if args.backend == "both" else [args.backend]
+    from nlibert.backends import load_backend
+    from nlibert.core.settings import FinetuneSettings
+    from nlibert.core.sources import snli_source, snli_texts
+    backends = list(BACKENDS) if args.backend == "both" else [args.backend]
     out = args.out or tempfile.mkdtemp(prefix="nlibert-accuracy-")
     rows = []
     for backend_name in backends:
         for seed in args.seeds:
             pretrained = args.pretrained
             if pretrained is None:  # one seeded checkpoint for both modes
-                backend = jobs.load_backend(backend_name)
-                train, _, _ = jobs.resolve_snli(args.data, out, seed)
-                train = jobs._subset(train, args.train_limit, seed)
+                backend = load_backend(backend_name)
+                train, _ = snli_texts(snli_source(args.data, out, seed), seed, args.train_limit)
                 pretrained = jobs.build_seeded_checkpoint(
                     backend, os.path.join(out, f"seeded-{backend_name}-{seed}"), train[0] + train[1], seed)
             results = {}
             for mode in ("book", "fast"):
                 print(f"--- {backend_name}, {mode} mode, seed {seed}")
                 start = time.perf_counter()
-                metrics = jobs.run_finetune(
-                    backend_name=backend_name, pretrained=pretrained, data=args.data, max_len=args.max_len,
+                metrics = jobs.run_finetune(FinetuneSettings(
+                    backend=backend_name, pretrained=pretrained, data=args.data, max_len=args.max_len,
                     batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, train_limit=args.train_limit,
                     test_limit=args.test_limit, seed=seed, device=args.device, mode=mode,
                     dropout=args.dropout, bucketing=args.bucketing,
-                    out_dir=os.path.join(out, f"{backend_name}-{mode}-{seed}"),
-                    cache_dir=os.path.join(out, "packed"))
+                    out=os.path.join(out, f"{backend_name}-{mode}-{seed}"),
+                    cache_dir=os.path.join(out, "packed")))
                 metrics["wall_seconds"] = time.perf_counter() - start
                 results[mode] = metrics
             results["paired"] = paired_check(backend_name, seed, results, args, out)

@@ -13,7 +13,7 @@ SNLI's training split), with Adam at the chapter's lr:
   book's `train_batch_ch13`, which reads the loss and accuracy back after every batch;
 - fast: length-bucketed batches trimmed to their longest pair (`bucket_batch_indices`, `trim`),
   fused attention (`set_fused_attention`), the last block computed at <cls> only (`cls_only`), fused
-  Adam (torch), `train_batch_fast` (sums kept on the device, read once).
+  Adam (torch), `FinetuneStep` with the sums kept on the device and read once (as `train_fast`).
 
 Each (backend, path) runs in its own process, so memory is measured cleanly and MXNet's import does
 not change torch's threads. After a warm-up, a fixed number of steps is timed from the first batch
@@ -47,6 +47,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (BERT_SMALL, SNLI_TRAIN_PAIRS, PeakRSS, cpu_model, dev_file, loadavg,  # noqa: E402
                      tiled_dev, training_flops)
+from nlibert.backends import BACKENDS  # noqa: E402  (the registry: imports no framework)
 
 VARIANTS = {
     # name: (padding, fused attention, loop, precision, graph, last block at <cls> only)
@@ -116,13 +117,30 @@ def _timed_steps(step, finish, sync, batches, warmup, steps, cfg, cls_only, cuda
             "cuda_peak_bytes": cuda_peak("read") if cuda_peak is not None else None}
 
 
+def _step_and_finish(finetune_step, loop):
+    """The timed calls of a loop: the book's reads the sums after every step (train_ch13), the fast
+    one keeps them on the device and reads their total once (train_fast)."""
+    sums = []
+
+    def step(X, y):
+        if loop == "book":
+            finetune_step.read(finetune_step(X, y))
+        else:
+            sums.append(finetune_step(X, y))
+
+    def finish():
+        if sums:
+            finetune_step.read((sum(l for l, _ in sums), sum(c for _, c in sums)))
+            sums.clear()
+
+    return step, finish
+
+
 def child_torch(spec):
     import torch
     torch.set_num_threads(spec["threads"])
-    from torch import nn
 
     from nlibert.backends import torch as backend
-    from nlibert.backends.torch.train import train_batch_ch13, train_batch_fast
     padding, fused, loop, precision, graph, cls_only = VARIANTS[spec["variant"]]
     devices = backend.parse_devices(spec["device"])
     cuda = devices[0].type == "cuda"
@@ -131,31 +149,14 @@ def child_torch(spec):
     bert = backend.BERTModel(len(vocab), BERT_SMALL["num_hiddens"], BERT_SMALL["ffn_num_hiddens"],
                              BERT_SMALL["num_heads"], BERT_SMALL["num_layers"], BERT_SMALL["dropout"],
                              BERT_SMALL["max_len"], fused_attention=fused)
-    net = backend.BERTClassifier(bert, cls_only=cls_only).to(devices[0])
-    model = net
-    if len(devices) > 1 and cuda:
-        model = nn.DataParallel(net, device_ids=devices).to(devices[0])
-    elif graph:
-        model = torch.compile(net, dynamic=True)
+    net = backend.BERTClassifier(bert, cls_only=cls_only)
+    backend.initialize_classifier_head(net, devices)
     loss, trainer = backend.make_loss(), backend.make_trainer(net, 1e-4, fused=loop == "fast")
+    # DataParallel across several GPUs, torch.compile with `graph`: what train_ch13 / train_fast run.
+    finetune_step = backend.FinetuneStep(net, loss, trainer, devices, precision=precision, graph=graph)
     warmup = spec["warmup"] + (4 if graph else 0)  # compilation happens in the first calls
     batches = iter(_iterator(arrays, labels, spec["batch_size"], padding, spec["seed"], warmup, spec["steps"]))
-    sums = []
-
-    if loop == "book":
-        def step(X, y):
-            train_batch_ch13(model, X, y, loss, trainer, devices)
-
-        def finish():
-            pass
-    else:
-        def step(X, y):
-            sums.append(train_batch_fast(model, X, y, loss, trainer, devices, precision))
-
-        def finish():
-            if sums:
-                torch.stack([torch.stack([l, c.float()]) for l, c in sums]).sum(0).tolist()
-                sums.clear()
+    step, finish = _step_and_finish(finetune_step, loop)
 
     def sync():
         for d in devices:  # every GPU: with DataParallel, replicas run on the others' streams
@@ -185,7 +186,6 @@ def child_mxnet(spec):
     from mxnet import init
 
     from nlibert.backends import mxnet as backend
-    from nlibert.backends.mxnet.train import _hybridize, train_batch_ch13, train_batch_fast
     padding, fused, loop, precision, graph, cls_only = VARIANTS[spec["variant"]]
     if precision != "float32":
         return {"skipped": "MXNet 1.9 trains these operators in float32 only"}
@@ -197,28 +197,12 @@ def child_mxnet(spec):
                              BERT_SMALL["max_len"], fused_attention=fused)
     bert.initialize(init.Xavier(), ctx=devices)
     net = backend.BERTClassifier(bert, cls_only=cls_only)
-    net.output.initialize(ctx=devices)
-    if graph:
-        _hybridize(net)
+    backend.initialize_classifier_head(net, devices)
     loss, trainer = backend.make_loss(), backend.make_trainer(net, 1e-4)
+    finetune_step = backend.FinetuneStep(net, loss, trainer, devices, graph=graph)  # `graph`: hybridized
     warmup = spec["warmup"] + (2 if graph else 0)
     batches = iter(_iterator(arrays, labels, spec["batch_size"], padding, spec["seed"], warmup, spec["steps"]))
-    sums = []
-
-    if loop == "book":
-        def step(X, y):
-            train_batch_ch13(net, X, y, loss, trainer, devices)
-
-        def finish():
-            pass
-    else:
-        def step(X, y):
-            sums.append(train_batch_fast(net, X, y, loss, trainer, devices))
-
-        def finish():
-            if sums:
-                sum(float(a) for ls, cs in sums for a in ls + cs)
-                sums.clear()
+    step, finish = _step_and_finish(finetune_step, loop)
 
     gpu = [d for d in devices if d.device_type == "gpu"]
 
@@ -338,7 +322,7 @@ def print_overview(backends: dict, args) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=("torch", "mxnet", "both"), default="both")
+    parser.add_argument("--backend", choices=(*BACKENDS, "both"), default="both")
     parser.add_argument("--device", default="cpu", help="cpu, cuda (every GPU) or a list like cuda:0,cuda:1")
     parser.add_argument("--steps", type=int, default=24, help="timed steps of the fast paths")
     parser.add_argument("--book-steps", type=int, default=3, help="timed steps of the book path (about 15x slower)")
@@ -366,7 +350,7 @@ def main(argv=None):
     from nlibert.core.snli import read_snli_file
     num_dev = len(read_snli_file(dev_file())[2])
     tile = max(1, round(args.pairs / num_dev))
-    backends = ["torch", "mxnet"] if args.backend == "both" else [args.backend]
+    backends = list(BACKENDS) if args.backend == "both" else [args.backend]
     variants = args.variants or (ABLATION_VARIANTS if args.ablation else DEFAULT_VARIANTS)
     base = dict(device=args.device, batch_size=args.batch_size, max_len=args.max_len, tile=tile,
                 threads=args.threads, seed=args.seed, warmup=args.warmup, omp_wait_policy=args.omp_wait_policy,

@@ -33,10 +33,12 @@ SYSTEMS = ("nlibert-torch", "nlibert-mxnet", "transformers")
 
 def run_nlibert(backend_name: str, args, out: str) -> dict:
     from nlibert import jobs
-    m = jobs.run_finetune(backend_name, pretrained="minilm-l6", data=args.data, max_len=args.max_len,
-                          batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, train_limit=args.train_limit,
-                          test_limit=args.test_limit, seed=args.seed, device=args.device,
-                          out_dir=os.path.join(out, backend_name), cache_dir=os.path.join(out, "packed"))
+    from nlibert.core.settings import FinetuneSettings
+    m = jobs.run_finetune(FinetuneSettings(
+        backend=backend_name, pretrained="minilm-l6", data=args.data, max_len=args.max_len,
+        batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, train_limit=args.train_limit,
+        test_limit=args.test_limit, seed=args.seed, device=args.device, out=os.path.join(out, backend_name),
+        cache_dir=os.path.join(out, "packed")))
     seconds = sum(e["seconds"] for e in m["epochs"])
     examples = sum(e["num_examples"] for e in m["epochs"])
     return {"test_acc": m["test_acc"], "train_acc": m["epochs"][-1]["train_acc"], "loss": m["epochs"][-1]["loss"],
@@ -47,16 +49,15 @@ def run_transformers(args, out: str) -> dict:
     import torch
     import transformers
 
-    from nlibert import jobs
     from nlibert.core.batching import BatchIterator, bucket_batch_indices
     from nlibert.core.hf import resolve_packaged_checkpoint
+    from nlibert.core.sources import snli_packed, snli_source
     from nlibert.core.wordpiece import load_wordpiece_vocab
 
-    jobs.restore_torch_threads()
     folder = resolve_packaged_checkpoint("minilm-l6")
     vocab = load_wordpiece_vocab(folder)
-    train_set, test_set, _, _ = jobs.packed_snli(args.data, out, args.seed, vocab, args.max_len, args.train_limit,
-                                                 args.test_limit, os.path.join(out, "packed"))
+    train_set, test_set, _ = snli_packed(snli_source(args.data, out, args.seed), args.seed, vocab, args.max_len,
+                                         args.train_limit, args.test_limit, os.path.join(out, "packed"))
     torch.manual_seed(args.seed)
     model = transformers.BertForSequenceClassification.from_pretrained(folder, num_labels=3)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import dev_file, seed_interval  # noqa: E402
+from nlibert.backends import BACKENDS  # noqa: E402  (the registry: imports no framework)
 
 
 def pretraining_figures(folder: str) -> dict | None:
@@ -48,14 +49,14 @@ def pretraining_figures(folder: str) -> dict | None:
 def build_random_checkpoint(backend_name: str, pretrained: str, folder: str, seed: int, init: str = "book") -> str:
     """A seeded, randomly initialised checkpoint with the config and vocabulary of `pretrained`,
     initialised by `initialize_bert(..., init)`: the scheme the pretraining started from."""
-    from nlibert import jobs
-    from nlibert.core.checkpoint import read_checkpoint_config
+    from nlibert.backends import load_backend
     from nlibert.core.config import BERTConfig
+    from nlibert.core.folders import read_checkpoint_config
     from nlibert.core.vocab import load_vocab
     config = read_checkpoint_config(pretrained)
     if config is None:
         raise SystemExit(f"{pretrained}: no config.json (write the checkpoint with `nlibert pretrain`)")
-    backend = jobs.load_backend(backend_name)
+    backend = load_backend(backend_name)
     devices = backend.parse_devices("cpu")
     backend.set_seed(seed)
     bert = backend.BERTModel.from_config(BERTConfig.from_dict(config))
@@ -66,7 +67,7 @@ def build_random_checkpoint(backend_name: str, pretrained: str, folder: str, see
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=("torch", "mxnet"), default="torch", help="the fine-tuning backend")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="the fine-tuning backend")
     parser.add_argument("--pretrained", default=None,
                         help="a folder `nlibert pretrain` wrote (default: pretrain here with the --pretrain-* settings)")
     parser.add_argument("--out", required=True, help="folder for the checkpoints, fine-tuned models and worth.json")
@@ -91,7 +92,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from nlibert import jobs
-    from nlibert.core.checkpoint import describe_checkpoint
+    from nlibert.core.folders import describe_checkpoint
+    from nlibert.core.settings import FinetuneSettings, PretrainSettings
     os.makedirs(args.out, exist_ok=True)
     report = {"fine_tune_backend": args.backend, "pretraining_wall_seconds": None}
     pretrained = args.pretrained
@@ -99,19 +101,18 @@ def main(argv=None):
         corpus = args.corpus or str(dev_file().parents[1] / "wikitext-2")
         pretrained = os.path.join(args.out, "pretrained")
         start = time.perf_counter()
-        jobs.run_pretrain(backend_name=args.backend, corpus=corpus, steps=args.pretrain_steps,
-                          batch_size=args.pretrain_batch_size, max_len=args.pretrain_max_len, num_hiddens=256,
-                          ffn_num_hiddens=512, num_heads=4, num_layers=2, dropout=0.1, lr=args.pretrain_lr,
-                          device="cpu", out_dir=pretrained, warmup_steps=args.warmup_steps,
-                          lr_decay=args.lr_decay, mode="fast", remask=True, checkpoint_every=200,
-                          init=args.init)
+        jobs.run_pretrain(PretrainSettings(
+            backend=args.backend, corpus=corpus, steps=args.pretrain_steps, batch_size=args.pretrain_batch_size,
+            max_len=args.pretrain_max_len, num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_layers=2,
+            dropout=0.1, lr=args.pretrain_lr, device="cpu", out=pretrained, warmup_steps=args.warmup_steps,
+            lr_decay=args.lr_decay, mode="fast", remask=True, checkpoint_every=200, init=args.init))
         report["pretraining_wall_seconds"] = time.perf_counter() - start
     report["pretraining"] = pretraining_figures(pretrained)
     # the random baseline starts where the pretraining started (torch's defaults and Xavier differ by
     # points of SNLI accuracy on their own); checkpoints from before --init existed used the book's
     init = (report["pretraining"] or {}).get("hyperparameters", {}).get("init", "book")
     report["pretrained_source"] = pretrained
-    source_format = describe_checkpoint(pretrained)[0]
+    source_format = describe_checkpoint(pretrained).format
     if source_format != args.backend:  # e.g. a torch pretraining fine-tuned in MXNet
         pretrained = jobs.run_convert(pretrained, os.path.join(args.out, f"pretrained-{args.backend}"), args.backend)
     report["pretrained_checkpoint"] = pretrained
@@ -131,11 +132,11 @@ def main(argv=None):
         for name, checkpoint in (("pretrained", pretrained), ("random_init", random_init)):
             print(f"--- fine-tune {args.backend} from {name} ({checkpoint}), seed {seed}")
             start = time.perf_counter()
-            metrics = jobs.run_finetune(
-                backend_name=args.backend, pretrained=checkpoint, data=snli, max_len=args.max_len,
+            metrics = jobs.run_finetune(FinetuneSettings(
+                backend=args.backend, pretrained=checkpoint, data=snli, max_len=args.max_len,
                 batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, train_limit=args.train_limit,
-                seed=seed, device="cpu", out_dir=os.path.join(args.out, f"finetune-{name}-{seed}"),
-                dropout=args.dropout, mode="fast", cache_dir=os.path.join(args.out, "packed"))
+                seed=seed, device="cpu", out=os.path.join(args.out, f"finetune-{name}-{seed}"),
+                dropout=args.dropout, mode="fast", cache_dir=os.path.join(args.out, "packed")))
             row[name] = {"test_acc": metrics["test_acc"], "train_acc": metrics["epochs"][-1]["train_acc"],
                          "loss": metrics["epochs"][-1]["loss"], "num_train": metrics["num_train"],
                          "num_test": metrics["num_test"], "wall_seconds": time.perf_counter() - start,
