@@ -14,10 +14,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("NLIBERT_SHARED_DATA", REPO.parent / "shared" / "data"))
 DEV_FILE = SHARED_DATA / "snli_1.0" / "snli_1.0_dev.txt"
 RESERVED = ["<pad>", "<mask>", "<cls>", "<sep>"]
-# bert.small, as the chapter loads it (facts §1.9): vocabulary 20,256, H 256, F 512, 4 heads, 2 layers.
+# bert.small, as the chapter loads it (`load_pretrained_model('bert.small', 256, 512, 4, 2, 0.1, 512)`): vocabulary 20,256, H 256, F 512, 4 heads, 2 layers.
 BERT_SMALL = dict(vocab_size=20256, num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_layers=2,
                   dropout=0.1, max_len=512)
-SNLI_TRAIN_PAIRS = 549_367  # the size of SNLI's training split (facts §2)
+SNLI_TRAIN_PAIRS = 549_367  # the size of SNLI's training split (SNLI 1.0; the book prints `read 549367 examples`)
 
 
 def dev_file() -> pathlib.Path:

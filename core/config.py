@@ -10,8 +10,9 @@ HIDDEN_ACTIVATIONS = ("relu", "gelu")
 @dataclasses.dataclass
 class BERTConfig:
     """Sizes and architecture options of a BERT encoder. Defaults are the chapter's `bert.small`
-    (facts §1.9) with the book's architecture; Hugging Face BERT checkpoints set the last four
-    fields from their config.json (core/hf.py):
+    (the chapter loads it with num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_layers=2,
+    dropout=0.1, max_len=512) with the book's architecture; Hugging Face BERT checkpoints set the
+    last four fields from their config.json (core/hf.py):
 
     - `hidden_act`: the feed-forward (and masked-LM head) activation, 'relu' (the book) or 'gelu'
       (BERT's, the exact erf form).

@@ -25,7 +25,7 @@ from .io import atomic_write
 
 DATA_URL = "http://d2l-data.s3-accelerate.amazonaws.com/"
 
-# name -> (url, sha1 of the file at that url); values from the book (facts §1.6).
+# name -> (url, sha1 of the file at that url); values from the book (d2l's `DATA_HUB` entries).
 DATA_HUB: dict[str, tuple[str, str]] = {
     "SNLI": ("https://nlp.stanford.edu/projects/snli/snli_1.0.zip",
              "9fcde07509c7e87ec61c640c1b2753d9041758e4"),

@@ -1,6 +1,6 @@
 """BERT pretraining data from WikiText (d2l "The Dataset for Pretraining BERT"), vectorised and seeded.
 
-The book's pipeline, step by step, with its semantics (facts §1.8):
+The book's pipeline, step by step, with its semantics (d2l's bert-dataset.md and bert-pretraining.md):
 
 1. `read_wiki`: every line of the corpus with at least two sentences when split on ' . ' is a
    paragraph; it is `strip().lower().split(' . ')`. The paragraphs are shuffled.

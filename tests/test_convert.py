@@ -1,8 +1,9 @@
 """Checkpoint conversion between the torch and MXNet formats (`jobs.run_convert`, `nlibert convert`)
 and the cross-framework parity job (`jobs.run_parity`, `nlibert parity`).
 
-Conversion only renames (facts §1.4): every tensor must come back bit for bit, and anything that is
-not one of the book's names, or has the wrong shape, must be refused with a message that names it.
+Conversion only renames (the formats name the same tensors, of the same shapes): every tensor must
+come back bit for bit, and anything that is not one of the book's names, or has the wrong shape, must
+be refused with a message that names it.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def test_round_trip_torch_mxnet_torch_is_bit_exact(tmp_path, kind):
     jobs.run_convert(str(tmp_path / "mxnet"), str(tmp_path / "back"), to="torch")
 
     original = tb.read_params(src / params_file)
-    assert len(original) == (13 + 16 * 2 if kind == "pretrained" else 7 + 16 * 2)  # facts §1.4: 45 / 39
+    assert len(original) == (13 + 16 * 2 if kind == "pretrained" else 7 + 16 * 2)  # 13 + 16 per layer / 7 + 16 per layer: 45 / 39
     in_mxnet = mb.read_params(tmp_path / "mxnet" / params_file)
     _assert_bit_equal({format_key(k, "mxnet"): v for k, v in original.items()}, in_mxnet)
     _assert_bit_equal(original, tb.read_params(tmp_path / "back" / params_file))

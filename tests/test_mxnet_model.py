@@ -1,4 +1,5 @@
-"""The MXNet model: masking, head layout, parameter names and counts (facts §1.4), padding invariance,
+"""The MXNet model: masking, head layout, parameter names and counts (the book's
+`save_parameters` names; bert.small has 13 + 16 per layer tensors), padding invariance,
 gradients reaching the positional embedding, and the MLM gather."""
 import numpy as onp
 import pytest
@@ -58,7 +59,7 @@ def test_split_heads_is_batch_major_and_merge_inverts_it(rng):
 
 
 def _expected_bert_small_keys(V):
-    """facts §1.4, MXNet column, in table order, for bert.small (H=256, F=512, L=2, max_len=512)."""
+    """The book's MXNet `save_parameters` names, in its order, for bert.small (H=256, F=512, L=2, max_len=512)."""
     keys = [("encoder.pos_embedding", (1, 512, 256)),
             ("encoder.token_embedding.weight", (V, 256)),
             ("encoder.segment_embedding.weight", (2, 256))]

@@ -101,7 +101,8 @@ def test_two_devices_train_like_one(tmp_path):
 
 
 def test_a_step_follows_the_mean_gradient_of_the_batch():
-    """trainer.step(batch_size) divides the summed per-example gradients by the batch size (facts §1.7)."""
+    """trainer.step(batch_size) divides the summed per-example gradients by the batch size (the book's MXNet
+    `train_batch_ch13` calls `trainer.step(labels.shape[0])`)."""
     from mxnet import autograd
     net, reference = _classifier([mx.cpu()]), _classifier([mx.cpu()])
     (X, y), = _batches(_task(8, seed=8), 8)

@@ -1,7 +1,7 @@
 """Cross-framework parity: the same weights give the same numbers in PyTorch and MXNet.
 
 Every checkpoint here is built in one framework, written in its own format, converted with
-`jobs.run_convert` (names only, facts §1.4) and loaded into the other, so these tests cover the
+`jobs.run_convert` (names only: the formats differ in three spellings, core/names.py) and loaded into the other, so these tests cover the
 models, the key map, the converter and both loaders together.
 
 Float32 on the CPU never gives bit-equal results across two libraries (different GEMM kernels,
@@ -40,7 +40,7 @@ CPU_T, CPU_M = torch.device("cpu"), mx.cpu()
 
 # Forward tolerance: max |torch - mxnet| <= 1e-5 on every output, every position (pads included).
 # Measured here: encoded_X <= 1.7e-6, mlm_Y_hat <= 2.4e-6, nsp_Y_hat <= 1.2e-7 (bert.small shape,
-# V 500, T = 512); facts §1.4 measured 1.7e-6 on encoded_X. The outputs are O(1) (LayerNorm'd states,
+# V 500, T = 512); bert.small in both frameworks measured 1.7e-6 on encoded_X. The outputs are O(1) (LayerNorm'd states,
 # logits of N(0, 1)-scale inputs), so 1e-5 is ~4x the worst figure and ~80 float32 ulps of 1.0.
 # mlm_Y_hat's figure is a max over B * P * V logits, so it grows with V: `nlibert parity` on a
 # bert.small-shaped checkpoint with the book's V = 20256 and SNLI dev inputs measured mlm_Y_hat
@@ -210,7 +210,7 @@ def test_gradient_parity_classifier(tmp_path):
     net_t, net_m = _classifier_pair(tmp_path, SHAPES["bert.small"], seed=0)
     _backward_both(net_t, net_m, SHAPES["bert.small"][0])
     grads = _grads(net_t, net_m)
-    assert len(grads) == 39  # facts §1.4: a 2-layer classifier has 39 tensors
+    assert len(grads) == 39  # a classifier has 7 + 16 per layer tensors: 39 for 2 layers
     G = max(onp.abs(gt).max() for gt, _ in grads.values())
     assert G > 0.1
     for name, (gt, gm) in grads.items():
@@ -264,7 +264,7 @@ def test_gradient_parity_pretraining_heads(tmp_path):
 def test_one_adam_step_parity(tmp_path):
     """Parameters after one training step: torch Adam vs the book's gluon.Trainer('adam').step(B).
 
-    How the two differ (facts §1.7; mxnet 1.9.1 optimizer.Adam + the adam_update kernel):
+    How the two differ (mxnet 1.9.1 optimizer.Adam + the adam_update kernel):
     1. Gradient scale. torch sums the per-example losses (`l.sum().backward()`), so its gradient is a
        sum over the batch; `Trainer.step(batch_size)` multiplies MXNet's (also summed) gradient by
        rescale_grad = 1/batch_size, so MXNet updates with the *mean* gradient.

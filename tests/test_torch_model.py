@@ -1,4 +1,4 @@
-"""The PyTorch BERT: masking, parameter names and counts (facts §1.4), shapes, invariances, gradients."""
+"""The PyTorch BERT: masking, parameter names and counts (the book's state_dict keys), shapes, invariances, gradients."""
 import math
 
 import numpy as np
@@ -102,10 +102,10 @@ def test_addnorm_is_post_ln_with_the_book_names():
     torch.testing.assert_close(an(X, Y), F.layer_norm(X + Y, (H,), eps=1e-5))
 
 
-# --- names, shapes and counts (facts §1.4) ----------------------------------------------------
+# --- names, shapes and counts (the book's state_dict) ----------------------------------------------------
 
 def bert_small_table(V: int) -> list[tuple[str, tuple]]:
-    """The facts §1.4 table for bert.small (H 256, F 512, h 4, L 2, max_len 512), written out."""
+    """The book's state_dict of bert.small (H 256, F 512, h 4, L 2, max_len 512), written out."""
     rows = [("encoder.pos_embedding", (1, 512, 256)),
             ("encoder.token_embedding.weight", (V, 256)),
             ("encoder.segment_embedding.weight", (2, 256))]

@@ -14,14 +14,4 @@ from .pretrain import (initialize_bert, PretrainStep, train_bert, save_training_
 from .runtime import (parse_devices, set_seed, make_loss, make_trainer, framework_versions,
                       initialize_classifier_head, bert_outputs, classifier_logits)
 
-# The contract's list (backends/contract.py), in its order; tests/test_contract.py compares them.
-__all__ = [
-    "BERTEncoder", "MaskLM", "NextSentencePred", "BERTModel", "BERTClassifier", "set_fused_attention",
-    "read_params", "write_params", "load_pretrained_model", "save_pretrained", "save_classifier",
-    "load_classifier",
-    "try_all_gpus", "split_batch_multi_inputs", "evaluate_accuracy", "train_batch_ch13", "FinetuneStep",
-    "train_ch13", "train_fast", "predict_proba",
-    "initialize_bert", "PretrainStep", "train_bert", "save_training_state", "load_training_state",
-    "parse_devices", "set_seed", "make_loss", "make_trainer", "framework_versions",
-    "initialize_classifier_head", "bert_outputs", "classifier_logits",
-]
+from ..contract import __all__  # noqa: F401  (the contract's names, in its order)
