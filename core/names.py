@@ -147,30 +147,28 @@ def canonical_key(key: str, fmt: str | RenameTable) -> str:
     return canonical
 
 
-def to_canonical(params: Mapping[str, np.ndarray], fmt: str, source: str = "checkpoint") -> dict[str, np.ndarray]:
-    """A checkpoint of format `fmt` under canonical names; every unknown name is one error."""
+def _renamed(params: Mapping[str, np.ndarray], rename, error: str) -> dict[str, np.ndarray]:
+    """`params` with every name through `rename`, in order; the names it refuses are one KeyError."""
     out, unknown = {}, []
     for key, value in params.items():
         try:
-            out[canonical_key(key, fmt)] = np.asarray(value)
+            out[rename(key)] = np.asarray(value)
         except KeyError:
             unknown.append(key)
     if unknown:
-        raise KeyError(f"{source}: parameter names that are not {fmt}-format BERT names: {unknown}")
+        raise KeyError(f"{error}: {unknown}")
     return out
+
+
+def to_canonical(params: Mapping[str, np.ndarray], fmt: str, source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """A checkpoint of format `fmt` under canonical names; every unknown name is one error."""
+    return _renamed(params, lambda key: canonical_key(key, fmt),
+                    f"{source}: parameter names that are not {fmt}-format BERT names")
 
 
 def from_canonical(params: Mapping[str, np.ndarray], fmt: str, source: str = "checkpoint") -> dict[str, np.ndarray]:
     """A canonically named checkpoint under format `fmt`'s names, in the same order."""
-    out, unknown = {}, []
-    for key, value in params.items():
-        try:
-            out[format_key(key, fmt)] = np.asarray(value)
-        except KeyError:
-            unknown.append(key)
-    if unknown:
-        raise KeyError(f"{source}: parameter names that are not BERT names: {unknown}")
-    return out
+    return _renamed(params, lambda key: format_key(key, fmt), f"{source}: parameter names that are not BERT names")
 
 
 def convert_params(params: Mapping[str, np.ndarray], src: str, dst: str,
