@@ -9,6 +9,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import pytest
 
+import nlibert  # noqa: F401  before any test module imports mxnet: it keeps every core (nlibert/__init__.py)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

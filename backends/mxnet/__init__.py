@@ -4,15 +4,15 @@ The names are the book's (`d2l.BERTModel`, `d2l.train_ch13`, ...), so chapter co
 `from nlibert.backends.mxnet import BERTModel, load_pretrained_model, train_ch13`.
 Importing it switches MXNet to its numpy interface (`npx.set_np()`), as the book's MXNet code does.
 """
-import os
+import warnings
 
-# MXNet 1.9's engine (src/engine/openmp.cc), unless OMP_NUM_THREADS or MXNET_OMP_MAX_THREADS is
-# set, halves omp_get_num_procs() on Intel CPUs (assuming hyper-threading) and calls
-# omp_set_num_threads with that at import. libgomp is shared by the process, so on a 2-core machine
-# MXNet *and* torch then run on one thread. Naming every core we may use keeps both at full width;
-# a user's own OMP_NUM_THREADS / MXNET_OMP_MAX_THREADS is left alone.
-if "OMP_NUM_THREADS" not in os.environ and "MXNET_OMP_MAX_THREADS" not in os.environ:
-    os.environ["MXNET_OMP_MAX_THREADS"] = str(len(os.sched_getaffinity(0)))
+import nlibert
+
+if nlibert._mxnet_started_before_nlibert:
+    # MXNet fixed its thread count when it started (see nlibert/__init__.py): too late to change.
+    warnings.warn("mxnet was imported before nlibert, so MXNet (and torch beside it) may use only half the "
+                  "cores: import nlibert first, or set MXNET_OMP_MAX_THREADS to the number of cores before "
+                  "importing mxnet", RuntimeWarning, stacklevel=2)
 
 from mxnet import npx  # noqa: E402
 
