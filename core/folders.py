@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .config import BERTConfig
-from .hf import PACKAGED_CHECKPOINTS, hf_weights_path, is_hf_folder, load_hf_checkpoint, resolve_packaged_checkpoint
+from .hf import HF_WEIGHT_FILES, PACKAGED_CHECKPOINTS, hf_weights_path, is_hf_folder, load_hf_checkpoint, resolve_packaged_checkpoint
 from .io import read_json
 from .names import check_shapes, format_key, infer_config, to_canonical
 
@@ -71,6 +71,9 @@ def describe_checkpoint(folder: str | os.PathLike) -> CheckpointSource:
     if is_hf_folder(folder):
         return CheckpointSource(folder, HUGGING_FACE, "pretrained", hf_weights_path(folder))
     config = read_checkpoint_config(folder) or {}
+    if "model_type" in config:  # Hugging Face's config.json, but is_hf_folder found no weights
+        raise FileNotFoundError(f"{folder}: a Hugging Face config.json but none of its weight files "
+                                f"({' or '.join(HF_WEIGHT_FILES)}); put the model's weights beside it")
     kind = config.get("kind") or next((k for k, f in PARAMS_FILES.items()
                                        if os.path.exists(os.path.join(folder, f))), None)
     if kind not in PARAMS_FILES:

@@ -373,6 +373,20 @@ def _compact(token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray
     return {"ids": token_ids[mask], "segments": segments[mask].astype(np.int8), "valid_lens": valid_lens}
 
 
+_PAYLOAD = ("ids", "segments", "valid_lens", "labels")
+
+
+def _payload_sha1(arrays: dict) -> str:
+    """A checksum over the entry's arrays (dtype, shape and bytes), so flipped bytes that still
+    decompress are caught too."""
+    h = hashlib.sha1()
+    for name in _PAYLOAD:
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _expand(ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray, max_len: int,
             pad: int) -> tuple[np.ndarray, np.ndarray]:
     mask = np.arange(max_len) < valid_lens[:, None]
@@ -389,8 +403,8 @@ def load_packed_snli(source_file: str | os.PathLike, vocab: Vocab, max_len: int,
     cache when an entry with the same key (`packed_cache_key`) exists, else read, packed and cached.
 
     The entry is written atomically (a reader never sees half a file) and holds only each row's
-    valid positions; it is checked against the key on load, and an unreadable or mismatched entry is
-    rebuilt. `dataset.cache_hit` says which way it went and `dataset.cache_path` where it lives.
+    valid positions and a sha1 of them; it is checked against the key and the sha1 on load, and any
+    entry that cannot be read, or reads as something else, is rebuilt with one line saying so. `dataset.cache_hit` says which way it went and `dataset.cache_path` where it lives.
     `cache_dir` None means `default_cache_dir()`."""
     from .io import atomic_write
     from .snli import read_snli_file
@@ -403,24 +417,28 @@ def load_packed_snli(source_file: str | os.PathLike, vocab: Vocab, max_len: int,
         try:
             with np.load(path, allow_pickle=False) as f:
                 if json.loads(str(f["key"])) != key:
-                    raise ValueError("key mismatch")
-                token_ids, segments = _expand(f["ids"], f["segments"], f["valid_lens"], max_len, pad)
-                dataset = SNLIBERTDataset.from_arrays(token_ids, segments, f["valid_lens"], f["labels"],
-                                                      vocab, max_len, truncation)
+                    raise ValueError("it was built with other settings")
+                arrays = {name: f[name] for name in _PAYLOAD}
+                if str(f["sha1"]) != _payload_sha1(arrays):
+                    raise ValueError("its contents do not match their checksum")
+            token_ids, segments = _expand(arrays["ids"], arrays["segments"], arrays["valid_lens"], max_len, pad)
+            dataset = SNLIBERTDataset.from_arrays(token_ids, segments, arrays["valid_lens"], arrays["labels"],
+                                                  vocab, max_len, truncation)
             dataset.cache_hit, dataset.cache_path = True, path
             if verbose:
                 print(f"read {len(dataset)} packed examples from {path}")
             return dataset
-        except (OSError, ValueError, KeyError, EOFError) as e:  # a damaged entry: rebuild it
-            if verbose:
-                print(f"rebuilding the packed cache entry {path}: {e}")
-    premises, hypotheses, labels = read_snli_file(source_file)
+        # Anything a damaged file can raise (zipfile.BadZipFile, zlib.error, a short read, a shape
+        # that does not fit) means the same thing: the entry is not what was written. Rebuild it.
+        except Exception as e:
+            print(f"rebuilding the packed cache entry {path}: it cannot be used ({type(e).__name__}: {e})")
+    premises, hypotheses, labels = read_snli_file(source_file, verbose=verbose)
     dataset = SNLIBERTDataset((premises, hypotheses, labels), max_len, vocab, truncation)
     del premises, hypotheses
-    compact = _compact(dataset.all_token_ids, dataset.all_segments, dataset.valid_lens)
+    arrays = {"labels": dataset.labels, **_compact(dataset.all_token_ids, dataset.all_segments, dataset.valid_lens)}
     os.makedirs(cache_dir, exist_ok=True)
     with atomic_write(path, "wb") as f:
-        np.savez(f, key=np.array(json.dumps(key)), labels=dataset.labels, **compact)
+        np.savez(f, key=np.array(json.dumps(key)), sha1=np.array(_payload_sha1(arrays)), **arrays)
     dataset.cache_hit, dataset.cache_path = False, path
     if verbose:
         print(f"packed {len(dataset)} examples into {path}")

@@ -9,6 +9,7 @@ import numpy as np
 
 LABELS: dict[str, int] = {"entailment": 0, "contradiction": 1, "neutral": 2}
 LABEL_NAMES: list[str] = ["entailment", "contradiction", "neutral"]  # index -> name
+NO_GOLD_LABEL = "-"  # SNLI's gold_label when the annotators did not agree
 
 SPLIT_FILES: dict[str, str] = {
     "train": "snli_1.0_train.txt",
@@ -33,15 +34,31 @@ def extract_text(s: str) -> str:
 
 def read_snli_file(path: str | os.PathLike, verbose: bool = False) -> Dataset:
     """Read one SNLI `.txt` file: premises and hypotheses from the binary-parse columns 1 and 2,
-    labels as `LABELS` ids. Rows whose gold label is not in `LABELS` (the '-' rows) are dropped."""
+    labels as `LABELS` ids. Rows whose gold label is '-' (annotators did not agree; SNLI's marker
+    for "no gold label") are dropped as the book drops them, and their count is printed; any other
+    label is an error naming the file and line, so that a misspelled label never loses a row silently.
+    `verbose` prints one line with both counts."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"SNLI file not found: {path}. Expected one of {', '.join(SPLIT_FILES.values())} "
             f"(from snli_1.0.zip; see nlibert.core.data_hub.download_extract('SNLI')).")
+    try:
+        premises, hypotheses, labels, dropped = _read_rows(path)
+    except UnicodeDecodeError as e:
+        raise SNLIFormatError(f"{path}, line {_line_of_bad_utf8(path)}: not UTF-8 text ({e.reason}); "
+                              "save the file as UTF-8") from None
+    if verbose:
+        print(f"read {len(labels)} examples from {os.path.basename(path)} "
+              f"(skipped {dropped} rows without a gold label '{NO_GOLD_LABEL}')")
+    return premises, hypotheses, labels
+
+
+def _read_rows(path: str) -> tuple[list[str], list[str], list[int], int]:
     premises: list[str] = []
     hypotheses: list[str] = []
     labels: list[int] = []
+    dropped = 0
     with open(path, encoding="utf-8-sig") as f:
         header = f.readline()
         if not header.startswith("gold_label\t"):
@@ -57,13 +74,26 @@ def read_snli_file(path: str | os.PathLike, verbose: bool = False) -> Dataset:
                                       f"found {len(row)}")
             label = LABELS.get(row[0])
             if label is None:
+                if row[0] != NO_GOLD_LABEL:
+                    raise SNLIFormatError(f"{path}, line {line_no}: unknown gold label {row[0]!r}; use one of "
+                                          f"{', '.join(LABEL_NAMES)} (or '{NO_GOLD_LABEL}' to skip the row)")
+                dropped += 1
                 continue
             premises.append(extract_text(row[1]))
             hypotheses.append(extract_text(row[2]))
             labels.append(label)
-    if verbose:
-        print(f"read {len(labels)} examples")
-    return premises, hypotheses, labels
+    return premises, hypotheses, labels, dropped
+
+
+def _line_of_bad_utf8(path: str) -> int:
+    """The 1-based number of the first line that is not valid UTF-8 (read only on that error)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_no
+    return 0
 
 
 def read_snli(data_dir: str | os.PathLike, is_train: bool, verbose: bool = False) -> Dataset:

@@ -72,9 +72,9 @@ def snli_texts(source: SNLISource, seed: int, train_limit: int | None = None, te
                ) -> tuple[tuple[list, ...], tuple[list, ...]]:
     """(train, test) as (premises, hypotheses, labels), split and subset with `seed`."""
     if source.test_file is None:
-        train, test = split_dataset(read_snli_file(source.train_file), SPLIT_FRACTION, seed)
+        train, test = split_dataset(read_snli_file(source.train_file, verbose=True), SPLIT_FRACTION, seed)
     else:
-        train, test = read_snli_file(source.train_file), read_snli_file(source.test_file)
+        train, test = read_snli_file(source.train_file, verbose=True), read_snli_file(source.test_file, verbose=True)
     return (take(train, subset_indices(len(train[2]), train_limit, seed)),
             take(test, subset_indices(len(test[2]), test_limit, seed)))
 
@@ -85,12 +85,13 @@ def snli_packed(source: SNLISource, seed: int, vocab: Vocab, max_len: int, train
     """`(train_set, test_set, cache_hit)`: exactly the examples, in the same order, that `snli_texts`
     + `SNLIBERTDataset` give, but packed once per file and vocabulary and then reloaded from the
     disk cache (`core.packing.load_packed_snli`; `cache_dir` None: its default)."""
-    full_train = load_packed_snli(source.train_file, vocab, max_len, cache_dir=cache_dir)
+    full_train = load_packed_snli(source.train_file, vocab, max_len, cache_dir=cache_dir, verbose=True)
     if source.test_file is None:
         (first,), (second,) = split_dataset((np.arange(len(full_train)),), SPLIT_FRACTION, seed)
         train_set, test_set, hit = full_train.subset(first), full_train.subset(second), full_train.cache_hit
     else:
-        train_set, test_set = full_train, load_packed_snli(source.test_file, vocab, max_len, cache_dir=cache_dir)
+        test_set = load_packed_snli(source.test_file, vocab, max_len, cache_dir=cache_dir, verbose=True)
+        train_set = full_train
         hit = full_train.cache_hit and test_set.cache_hit
     if train_limit is not None:
         train_set = train_set.subset(subset_indices(len(train_set), train_limit, seed))

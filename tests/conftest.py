@@ -16,10 +16,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
-    """The real SNLI dev file and WikiText-2 valid/test (never committed; CI has ../shared beside the clone)."""
+    """The real SNLI dev file and WikiText-2 valid/test (never committed; CI has ../shared beside the clone).
+
+    Absent, the tests that need it skip with the reason, so a lone clone passes the README's test
+    command; CI sets NLIBERT_REQUIRE_SHARED_DATA=1 (.ci/run), which turns the skip into a failure."""
     path = pathlib.Path(os.environ.get("NLIBERT_SHARED_DATA", REPO.parent / "shared" / "data"))
     if not (path / "snli_1.0" / "snli_1.0_dev.txt").exists():
-        pytest.fail(f"shared data not found at {path}: set NLIBERT_SHARED_DATA")
+        reason = f"the real data is not at {path} (set NLIBERT_SHARED_DATA to the folder that holds snli_1.0/)"
+        if os.environ.get("NLIBERT_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(reason + "; NLIBERT_REQUIRE_SHARED_DATA=1 asks for it")
+        pytest.skip(reason)
     return path
 
 

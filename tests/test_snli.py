@@ -43,8 +43,8 @@ def test_read_snli_book_file_names(tmp_path, capsys):
     assert read_snli(tmp_path, True) == (["a b"], ["a"], [0])
     assert read_snli(tmp_path, False) == (["c"], ["d e f"], [2])
     assert capsys.readouterr().out == ""  # quiet unless asked
-    read_snli(tmp_path, False, verbose=True)
-    assert capsys.readouterr().out == "read 1 examples\n"
+    read_snli(tmp_path, True, verbose=True)
+    assert capsys.readouterr().out == "read 1 examples from snli_1.0_train.txt (skipped 1 rows without a gold label '-')\n"
     with pytest.raises(ValueError, match="validation"):
         read_snli_split(tmp_path, "validation")
 
