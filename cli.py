@@ -9,10 +9,14 @@ import os
 import sys
 
 from .backends import BACKENDS
+from .core.data_hub import DownloadError
 from .core.settings import (FINETUNE_MODES, INIT_SCHEMES, LR_DECAYS, MLM_LOSSES, PRECISIONS, PRETRAIN_MODES,
                             FinetuneSettings, PretrainSettings)
 
 FINETUNE, PRETRAIN = FinetuneSettings(), PretrainSettings()  # the defaults the options show
+# What a user's input or environment can cause (bad values, missing or unreadable files, no
+# network, a backend not installed): one line and exit 2, no traceback (unless --debug).
+USER_ERRORS = (ValueError, KeyError, OSError, ImportError, DownloadError)
 
 
 def _limit(text: str) -> int:
@@ -23,10 +27,12 @@ def _limit(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error (also: NLIBERT_DEBUG=1)")
     parser = argparse.ArgumentParser(prog="nlibert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ft = sub.add_parser("finetune", help="fine-tune BERT for SNLI as the d2l chapter does")
+    ft = sub.add_parser("finetune", help="fine-tune BERT for SNLI as the d2l chapter does", parents=[common])
     ft.add_argument("--backend", choices=BACKENDS, default=FINETUNE.backend)
     ft.add_argument("--pretrained", default=FINETUNE.pretrained,
                     help="minilm-l6 (default: all-MiniLM-L6-v2, a real BERT installed with the package "
@@ -61,27 +67,40 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--cache-dir", default=None,
                     help="fast mode: where packed datasets are cached (default: $NLIBERT_CACHE, else "
                          "~/.cache/nlibert/packed; OUT/packed for the embedded sample)")
+    ft.add_argument("--checkpoint-every", type=int, default=FINETUNE.checkpoint_every,
+                    help="write a resumable checkpoint to OUT/resume every K steps, and after every epoch "
+                         "(0: after every epoch only)")
+    ft.add_argument("--resume", action=argparse.BooleanOptionalAction, default=FINETUNE.resume,
+                    help="continue from OUT/resume (default: when it holds a checkpoint); --no-resume starts over")
+    ft.add_argument("--stop-after", type=_limit, default=FINETUNE.stop_after,
+                    help="end this run after N steps, as if interrupted (the same command resumes)")
 
-    pr = sub.add_parser("predict", help="label a premise/hypothesis pair with a fine-tuned model")
+    pr = sub.add_parser("predict", parents=[common],
+                        help="label a premise/hypothesis pair with a fine-tuned model")
     pr.add_argument("--model", required=True, help="the model folder `finetune` wrote (OUT/model)")
     pr.add_argument("--device", default=None)
     pr.add_argument("premise")
     pr.add_argument("hypothesis")
 
-    cv = sub.add_parser("convert", help="convert a checkpoint folder from one backend's format to another's")
+    cv = sub.add_parser("convert", parents=[common],
+                        help="convert a checkpoint folder from one backend's format to another's")
     cv.add_argument("src", help="folder with vocab.json + pretrained.params (or a fine-tuned model folder), "
                                 "or a Hugging Face BERT folder / minilm-l6 (written in the book's format)")
     cv.add_argument("dst")
     cv.add_argument("--to", choices=BACKENDS, required=True)
+    cv.add_argument("--overwrite", action="store_true", help="replace DST if it already holds files")
 
-    pa = sub.add_parser("parity", help="run one checkpoint through every installed backend and compare the outputs")
+    pa = sub.add_parser("parity", parents=[common],
+                        help="run one checkpoint through every installed backend and compare the outputs")
     pa.add_argument("--checkpoint", required=True, help="a checkpoint folder in either format, a Hugging Face BERT folder, or minilm-l6")
     pa.add_argument("--data", default=None, help="an SNLI-format .txt file for the inputs (default: the embedded sample)")
-    pa.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed max |difference| (default 1e-5)")
+    pa.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed max |difference| as a fraction of the outputs' scale, max(1, max |value|) "
+                         "(default 1e-5)")
     pa.add_argument("--num-pairs", type=_limit, default=256)
     pa.add_argument("--max-len", type=int, default=128)
     pa.add_argument("--seed", type=int, default=0)
-    pt = sub.add_parser("pretrain", help="pretrain BERT (masked LM + next sentence) on WikiText as the d2l book does")
+    pt = sub.add_parser("pretrain", parents=[common],
+                        help="pretrain BERT (masked LM + next sentence) on WikiText as the d2l book does")
     pt.add_argument("--backend", choices=BACKENDS, default=PRETRAIN.backend)
     pt.add_argument("--corpus", default=PRETRAIN.corpus,
                     help="'wikitext-2' (download, as the book) or a folder: its wiki.train.tokens, else every "
@@ -139,32 +158,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "finetune":
             metrics = jobs.run_finetune(settings_from_args(FinetuneSettings, args))
-            print(f"wrote {args.out}/metrics.json and the fine-tuned model to {metrics['model_dir']}")
+            if metrics["completed"]:
+                print(f"wrote {args.out}/metrics.json and the fine-tuned model to {metrics['model_dir']}")
         elif args.command == "predict":
             result = jobs.run_predict(args.model, args.premise, args.hypothesis, args.device)
             print(result["label"])
             print(json.dumps(result["probabilities"], indent=2))
         elif args.command == "convert":
-            jobs.run_convert(args.src, args.dst, args.to)
+            jobs.run_convert(args.src, args.dst, args.to, overwrite=args.overwrite)
             print(f"wrote {args.to} checkpoint to {args.dst}")
         elif args.command == "parity":
             report = jobs.run_parity(args.checkpoint, args.data, args.tolerance, args.num_pairs, args.max_len, args.seed)
             print(f"{report['kind']} checkpoint ({report['format']} format), {report['num_pairs']} pairs, "
                   f"max_len {report['max_len']}")
             for name, diffs in report["max_abs_diff"].items():
-                print(f"max |{report['reference']} - {name}|")
+                print(f"max |{report['reference']} - {name}|          scale (max(1, max |value|))")
                 for key, value in diffs.items():
-                    print(f"  {key:28s} {value:.3e}")
+                    scale = f"{report['scale'][key]:.3g}" if key in report["scale"] else "(not judged)"
+                    print(f"  {key:28s} {value:.3e}  {scale}")
                 if name in report["label_agreement"]:
                     print(f"  predicted labels agree on {report['label_agreement'][name]:.1%}")
-            print(f"{'PASS' if report['passed'] else 'FAIL'} at tolerance {report['tolerance']:g}")
+            print(f"{'PASS' if report['passed'] else 'FAIL'} at tolerance {report['tolerance']:g} x scale")
             return 0 if report["passed"] else 1
         elif args.command == "pretrain":
             metrics = jobs.run_pretrain(settings_from_args(PretrainSettings, args))
             if metrics["completed"]:
                 print(f"wrote the pretrained checkpoint and metrics.json to {args.out}")
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"nlibert {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if args.debug or os.environ.get("NLIBERT_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        print(f"nlibert: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -7,6 +7,8 @@ core/folders.py, the epoch and step loops in core/training.py and core/pretraini
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import shutil
@@ -20,18 +22,20 @@ import numpy as np
 from . import __version__
 from .backends import backend_info, installed_backends, load_backend
 from .core.batching import BatchIterator, batch_indices, bucket_batch_indices
-from .core.folders import HUGGING_FACE, VOCAB_FILE, CONFIG_FILE, read_checkpoint_config, resolve_checkpoint
-from .core.io import write_json
+from .core.folders import CONFIG_FILE, HUGGING_FACE, PARAMS_FILES, VOCAB_FILE, read_checkpoint_config, \
+    resolve_checkpoint
+from .core.io import temp_folder_beside, write_json
 from .core.names import convert_params
 from .core.packing import SNLIBERTDataset, pack_pairs
-from .core.pretraining import (ResumeFolder, StepRecord, format_pretrain_summary, open_resume, scheduled_lr,
-                               summarize, train_steps)
+from .core.pretraining import StepRecord, format_pretrain_summary, scheduled_lr, summarize, train_steps
+from .core.resume import ResumeFolder, open_resume, output_lock
 from .core.progress import Progress
 from .core.sample import write_sample_snli
 from .core.settings import FinetuneSettings, PretrainSettings
 from .core.snli import LABEL_NAMES, read_snli_file
 from .core.sources import SNLISource, packed_cache_dir, snli_packed, snli_source, snli_texts, subset_indices, \
     take, wiki_source
+from .core.training import LoopState, TrainingDiverged, train_epochs
 from .core.vocab import RESERVED_TOKENS, Vocab, tokenize
 from .core.wiki import WikiBatchIterator, WikiTextDataset, read_wiki_files
 
@@ -46,13 +50,17 @@ def _versions(backend: ModuleType) -> dict:
             "platform": platform.platform(), **backend.framework_versions()}
 
 
+def _diverged(error: TrainingDiverged, lr: float, resume_dir: str) -> ValueError:
+    """The user's error for a run whose loss became NaN or infinite."""
+    kept = f"; the last good checkpoint stays in {resume_dir}" if os.path.isdir(resume_dir) else ""
+    return ValueError(f"{error}: the learning rate (--lr {lr:g}) is likely too high; no model was written{kept}")
+
+
 # --- finetune ------------------------------------------------------------------------------------
 
 def build_seeded_checkpoint(backend: ModuleType, folder: str, texts: list[str], seed: int) -> str:
     """A randomly initialised, seeded `bert.small`-shaped checkpoint in the backend's book format, with
-    a word vocabulary of `texts`; kept in `folder` and reused when it is already there."""
-    if os.path.exists(os.path.join(folder, "pretrained.params")):
-        return folder
+    a word vocabulary of `texts`, in `folder`."""
     vocab = Vocab(tokenize([s.lower() for s in texts]), min_freq=1, reserved_tokens=RESERVED_TOKENS)
     backend.set_seed(seed)
     backend.save_pretrained(backend.BERTModel(len(vocab), **SEEDED_SHAPE), vocab, folder)
@@ -60,14 +68,21 @@ def build_seeded_checkpoint(backend: ModuleType, folder: str, texts: list[str], 
 
 
 def _pretrained_spec(backend: ModuleType, settings: FinetuneSettings, source: SNLISource) -> str:
-    """What `--pretrained` names; for 'random', the seeded checkpoint over the run's training text."""
+    """What `--pretrained` names; for 'random', the seeded checkpoint over the run's training text,
+    in a folder keyed by what it is built from (the text's vocabulary, the shape, the seed), so that
+    other data or another seed never reuses it."""
     if settings.pretrained != "random":
         return settings.pretrained
-    folder = os.path.join(settings.out, f"seeded-bert-{settings.backend}")
-    if os.path.exists(os.path.join(folder, "pretrained.params")):
-        return folder
     train, _ = snli_texts(source, settings.seed, settings.train_limit)
-    return build_seeded_checkpoint(backend, folder, train[0] + train[1], settings.seed)
+    texts = train[0] + train[1]
+    if not texts:
+        raise ValueError(f"{source.train_file}: no training pairs to build a vocabulary from")
+    tokens = Vocab(tokenize([s.lower() for s in texts]), min_freq=1, reserved_tokens=RESERVED_TOKENS).idx_to_token
+    key = hashlib.sha1(json.dumps([tokens, SEEDED_SHAPE, settings.seed]).encode()).hexdigest()[:12]
+    folder = os.path.join(settings.out, f"seeded-bert-{settings.backend}-{key}")
+    if os.path.exists(os.path.join(folder, PARAMS_FILES["pretrained"])):
+        return folder
+    return build_seeded_checkpoint(backend, folder, texts, settings.seed)
 
 
 def _book_batches(source: SNLISource, settings: FinetuneSettings, vocab) -> tuple:
@@ -109,7 +124,16 @@ def run_finetune(settings: FinetuneSettings) -> dict:
     `graph` are its opt-ins; `bucketing=False` keeps its kernels but trains on the book path's batches
     (with dropout 0 the two modes then differ by rounding only). `mode='book'` is the chapter's path:
     every batch padded to `max_len`, the book's attention and loop, one host sync per batch.
+
+    The run checkpoints into OUT/resume/ every `checkpoint_every` steps and after every epoch, and
+    the same command resumes there (core/resume.py), ending with the parameters and figures of an
+    uninterrupted run; `stop_after` ends it early, as if interrupted. One run at a time per OUT.
     """
+    with output_lock(settings.out):
+        return _finetune(settings)
+
+
+def _finetune(settings: FinetuneSettings) -> dict:
     backend = load_backend(settings.backend)
     devices = backend.parse_devices(settings.device)
     backend.set_seed(settings.seed)
@@ -122,18 +146,35 @@ def run_finetune(settings: FinetuneSettings) -> dict:
         source, settings, vocab)
     packing_seconds = time.perf_counter() - start
     print(f"read {num_train} training and {num_test} test examples: {source.description}")
+    if not (num_train and num_test):
+        raise ValueError(f"{source.description}: {num_train} training and {num_test} test pairs; need both "
+                         "(a larger --train-limit/--test-limit, or more data)")
 
     if fast:
         backend.set_fused_attention(bert, True)
     net = backend.BERTClassifier(bert, cls_only=fast)
     backend.initialize_classifier_head(net, devices)
-    loss, trainer = backend.make_loss(), backend.make_trainer(net, settings.lr, fused=fast)
-    train_iter = Progress(train_iter, "train")
-    if fast:
-        records = backend.train_fast(net, train_iter, test_iter, loss, trainer, settings.epochs, devices,
-                                     precision=settings.precision, graph=settings.graph)
-    else:
-        records = backend.train_ch13(net, train_iter, test_iter, loss, trainer, settings.epochs, devices)
+    trainer = backend.make_trainer(net, settings.lr, fused=fast)
+    step = backend.FinetuneStep(net, backend.make_loss(), trainer, devices, precision=settings.precision,
+                                graph=settings.graph and fast)
+    resume_dir = os.path.join(settings.out, "resume")
+    signature = settings.signature()
+    state = open_resume(resume_dir, signature, settings.resume)
+    resume = ResumeFolder(resume_dir, signature, backend, net, trainer, devices, train_iter, vocab, settings.seed)
+    loop = LoopState(**resume.restore(state)["loop"]) if state is not None else LoopState()
+    if state is not None:
+        print(f"resuming from {resume_dir} at epoch {loop.epoch}, step {loop.step + 1}")
+    resumed_from = loop.step if state is not None else None
+    try:
+        records = train_epochs(step, Progress(train_iter, "train"), test_iter, settings.epochs,
+                               sync="epoch" if fast else "batch", devices=str(step.devices), state=loop,
+                               seed=settings.seed, checkpoint=lambda s: resume.save(s.step, {"loop": s.to_dict()}),
+                               checkpoint_every=settings.checkpoint_every, stop_after=settings.stop_after)
+    except TrainingDiverged as e:
+        raise _diverged(e, settings.lr, resume_dir) from None
+    if len(records) < settings.epochs:
+        print(f"stopped after step {loop.step} (epoch {loop.epoch}); run the same command again to resume")
+        return {"completed": False, "step": loop.step, "epoch": loop.epoch, "resume_dir": resume_dir}
     model_dir = os.path.join(settings.out, "model")
     backend.save_classifier(net, vocab, bert.config, model_dir)
     metrics = {"backend": settings.backend, "mode": settings.mode, "pretrained": str(pretrained),
@@ -141,6 +182,7 @@ def run_finetune(settings: FinetuneSettings) -> dict:
                "hyperparameters": settings.hyperparameters(), **extra,
                "epochs": [r.to_dict() for r in records], "test_acc": records[-1].test_acc,
                "packing_seconds": packing_seconds, "devices": [str(d) for d in devices], "model_dir": model_dir,
+               "completed": True, "steps": loop.step, "resumed_from_step": resumed_from,
                "versions": _versions(backend)}
     write_json(os.path.join(settings.out, "metrics.json"), metrics)
     return metrics
@@ -150,6 +192,8 @@ def run_finetune(settings: FinetuneSettings) -> dict:
 
 def run_predict(model_dir: str, premise: str, hypothesis: str, device: str | None = None) -> dict:
     """Label one premise/hypothesis pair with a fine-tuned model folder (in any backend's format)."""
+    if not (premise.strip() and hypothesis.strip()):
+        raise ValueError("the premise and the hypothesis must each have some text")
     config = read_checkpoint_config(model_dir)
     if config is None or config.get("kind") != "classifier":
         raise ValueError(f"{model_dir}: not a fine-tuned model folder (no config.json of kind 'classifier')")
@@ -159,32 +203,56 @@ def run_predict(model_dir: str, premise: str, hypothesis: str, device: str | Non
     ids, segments, valid_lens = pack_pairs([premise], [hypothesis], vocab, cfg.max_len)
     width = int(valid_lens.max())  # no padding: one pair
     probs = backend.predict_proba(net, ids[:, :width], segments[:, :width], valid_lens, devices)[0]
+    if not np.all(np.isfinite(probs)):
+        raise ValueError(f"{model_dir}: the model's outputs are not finite (NaN weights?); fine-tune it again")
     return {"label": LABEL_NAMES[int(np.argmax(probs))],
             "probabilities": {name: float(p) for name, p in zip(LABEL_NAMES, probs)}}
 
 
-def run_convert(src: str, dst: str, to: str) -> str:
+def run_convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
     """Write checkpoint `src` (a pretrained `BERTModel` or a fine-tuned classifier, in any backend's
     format) in backend `to`'s format into `dst`. Tensors are copied bit for bit, only names change
     (core/names.py: each format's names to the canonical ones and on). A Hugging Face BERT folder (or
     'minilm-l6') is loaded by the `to` backend and written in its book format (heads the file lacks
-    are saved as that backend initialised them)."""
+    are saved as that backend initialised them).
+
+    The copy is written into a temporary folder beside `dst` and renamed into place, so `dst` is
+    never half written. `dst` may not be `src`, nor a folder that holds anything unless `overwrite`."""
     target = load_backend(to)
     source = resolve_checkpoint(src, to)
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst):
+        if os.path.realpath(dst) == os.path.realpath(source.folder):
+            raise ValueError(f"{dst}: is the source checkpoint itself; convert into another folder")
+        if not os.path.isdir(dst):
+            raise ValueError(f"{dst}: is a file; convert into a folder")
+        if os.listdir(dst) and not overwrite:
+            raise ValueError(f"{dst}: already holds files (a model?); choose another folder, or pass "
+                             "--overwrite to replace it")
+    tmp = temp_folder_beside(dst)
+    try:
+        _convert_into(source, target, to, src, tmp)
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def _convert_into(source, target: ModuleType, to: str, src: str, folder: str) -> None:
     if source.format == HUGGING_FACE:
         bert, vocab = target.load_pretrained_model(src, None, None, None, None, None, None,
                                                    target.parse_devices("cpu"))
-        target.save_pretrained(bert, vocab, dst)
-        return dst
+        target.save_pretrained(bert, vocab, folder)
+        return
     params = load_backend(source.format).read_params(source.params_path)
     params = convert_params(params, source.format, to, source=source.params_path)
-    os.makedirs(dst, exist_ok=True)
-    target.write_params(params, os.path.join(dst, os.path.basename(source.params_path)))
-    shutil.copyfile(os.path.join(source.folder, VOCAB_FILE), os.path.join(dst, VOCAB_FILE))
+    shutil.copyfile(os.path.join(source.folder, VOCAB_FILE), os.path.join(folder, VOCAB_FILE))
     config = read_checkpoint_config(source.folder)
     if config is not None:
-        write_json(os.path.join(dst, CONFIG_FILE), dict(config, format=to))
-    return dst
+        write_json(os.path.join(folder, CONFIG_FILE), dict(config, format=to))
+    target.write_params(params, os.path.join(folder, os.path.basename(source.params_path)))  # last
 
 
 def _parity_inputs(vocab, data_file: str | None, num_pairs: int, max_len: int, seed: int, tmp: str) -> tuple:
@@ -217,7 +285,10 @@ def run_parity(checkpoint: str, data_file: str | None = None, tolerance: float =
                max_len: int = 128, seed: int = 0) -> dict:
     """Run one checkpoint through every installed backend on the same packed batch, in evaluation
     mode, and report the largest absolute difference of every output between the reference backend
-    (the checkpoint's own format; for a Hugging Face folder, the first installed) and each other one.
+    (the checkpoint's own format; for a Hugging Face folder, the first installed) and each other one:
+    `encoded_X` at the valid positions (the padded ones are reported too), the MLM and NSP logits or
+    the classifier's. It passes when each is within `tolerance` times the output's scale,
+    max(1, max |value|): float32 rounding grows with the size of the values compared.
     A book-layout checkpoint reaches the others by `run_convert`; a Hugging Face folder (or
     'minilm-l6') is read by each directly and compared on the encoder output only."""
     names = installed_backends()
@@ -243,18 +314,23 @@ def run_parity(checkpoint: str, data_file: str | None = None, tolerance: float =
                                 source.kind, hugging_face, make_inputs) for name in others}
     ids, _, valid_lens, _ = inputs[0]
     valid = np.arange(ids.shape[1])[None, :] < valid_lens[:, None]
-    report.update(num_pairs=int(len(valid_lens)), max_abs_diff={}, label_agreement={})
+    report.update(num_pairs=int(len(valid_lens)), max_abs_diff={}, scale={}, label_agreement={})
     for name, outputs in found.items():
         diffs = report["max_abs_diff"][name] = {}
         for key, value in outputs.items():
-            diff = np.abs(value - expected[key])
-            diffs[key] = float(diff.max())
+            diff, reference_values = np.abs(value - expected[key]), np.abs(expected[key])
             if key == "encoded_X":
-                diffs["encoded_X (valid positions)"] = float(diff[valid].max())
+                # Padded positions are masked out of attention and never read: reported, not judged.
+                diffs["encoded_X (padding included)"] = float(diff.max())
+                diff, reference_values = diff[valid], reference_values[valid]
+            diffs[key] = float(diff.max())
+            report["scale"][key] = max(1.0, float(reference_values.max()))
         if source.kind == "classifier":
             report["label_agreement"][name] = float(np.mean(outputs["logits"].argmax(1)
                                                             == expected["logits"].argmax(1)))
-    report["passed"] = all(v <= tolerance for diffs in report["max_abs_diff"].values() for v in diffs.values())
+    # The tolerance is relative to the outputs' size: max |difference| <= tolerance * max(1, max |value|).
+    report["passed"] = all(v <= tolerance * report["scale"][key] for diffs in report["max_abs_diff"].values()
+                           for key, v in diffs.items() if key in report["scale"])
     return report
 
 
@@ -270,7 +346,13 @@ def run_pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], boo
     resumes there. `stop_after` ends this run after that many steps, as if interrupted. `on_step(record)`
     is called after each step, once its checkpoint (if any) is written; a true return stops the run.
     `mode='fast'` uses the fused attention of the fine-tuning fast path and fused Adam (torch).
+    A non-finite loss ends the run with an error, nothing written from it. One run at a time per OUT.
     """
+    with output_lock(settings.out):
+        return _pretrain(settings, on_step)
+
+
+def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool | None] | None) -> dict:
     backend = load_backend(settings.backend)
     devices = backend.parse_devices(settings.device)
     files, description = wiki_source(settings.corpus)
@@ -296,19 +378,28 @@ def run_pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], boo
         backend.set_fused_attention(bert, True)
     trainer = backend.make_trainer(bert, settings.lr, fused=fast)
     resume = ResumeFolder(resume_dir, signature, backend, bert, trainer, devices, train_iter, vocab, settings.seed)
-    start_step = resume.restore(state) if state is not None else 0
+    earlier = [StepRecord(**r) for r in resume.restore(state)["history"]] if state is not None else []
+    start_step = int(state["step"]) if state is not None else 0
     if state is not None:
         print(f"resuming from {resume_dir} at step {start_step + 1}")
+
+    def checkpoint(step_no: int, records: list[StepRecord]) -> None:
+        resume.save(step_no, {"history": [r.to_dict() for r in earlier + records]})
+
     step = backend.PretrainStep(bert, backend.make_loss(), len(vocab), trainer, devices, settings.mlm_loss)
-    records = train_steps(step, train_iter, settings.steps, start_step=start_step, seed=settings.seed,
-                          lr_at=scheduled_lr(settings.lr, settings.steps, settings.warmup_steps, settings.lr_decay),
-                          on_step=on_step, checkpoint=resume.save, checkpoint_every=settings.checkpoint_every,
-                          stop_after=settings.stop_after)
+    try:
+        records = train_steps(step, train_iter, settings.steps, start_step=start_step, seed=settings.seed,
+                              lr_at=scheduled_lr(settings.lr, settings.steps, settings.warmup_steps,
+                                                 settings.lr_decay),
+                              on_step=on_step, checkpoint=checkpoint, checkpoint_every=settings.checkpoint_every,
+                              stop_after=settings.stop_after)
+    except TrainingDiverged as e:
+        raise _diverged(e, settings.lr, resume_dir) from None
     last_step = records[-1].step if records else start_step
     if records:
         print(format_pretrain_summary(records, str(devices)))
-        resume.save(last_step, records)  # always resumable from where this run ended
-    history = resume.history + records
+        checkpoint(last_step, records)  # always resumable from where this run ended
+    history = earlier + records
     metrics = {
         "backend": settings.backend, "corpus": description, "num_pairs": len(dataset), "vocab_size": len(vocab),
         "hyperparameters": settings.hyperparameters(signature["corpus"]), "steps": settings.steps,

@@ -180,6 +180,9 @@ class FinetuneStep:
     def evaluate(self, data_iter):
         """Accuracy over `data_iter` with dropout off."""
 
+    def reseed(self, seed):
+        """Seed the framework's RNG (dropout)."""
+
 
 def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices, split_f=None, *, verbose=True,
                on_epoch=None) -> list:

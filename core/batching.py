@@ -121,6 +121,9 @@ class BatchIterator:
             raise ValueError(f"pad_multiple must be positive, got {pad_multiple}")
         self.pad_multiple = pad_multiple
         self._rng = np.random.default_rng(seed)
+        self._pass_start: dict | None = None  # the generator's state when the pass in progress began
+        self._batch = 0  # batches of that pass handed out
+        self._skip = 0  # batches the next pass skips (a resumed run's position)
 
     @classmethod
     def from_dataset(cls, dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
@@ -144,7 +147,13 @@ class BatchIterator:
         return len(self.sampler(self.num_examples, self.batch_size, self.shuffle, np.random.default_rng(0)))
 
     def __iter__(self) -> Iterator[Batch]:
-        for idx in self.sampler(self.num_examples, self.batch_size, self.shuffle, self._rng):
+        self._pass_start = self._rng.bit_generator.state
+        order = self.sampler(self.num_examples, self.batch_size, self.shuffle, self._rng)
+        skip, self._skip = self._skip, 0
+        for i, idx in enumerate(order):
+            if i < skip:
+                continue
+            self._batch = i + 1
             valid_lens = self.valid_lens[idx]
             if self.trim and len(idx):
                 width = int(valid_lens.max())
@@ -155,3 +164,21 @@ class BatchIterator:
             else:
                 token_ids, segments = self.token_ids[idx], self.segments[idx]
             yield (token_ids, segments, valid_lens), self.labels[idx]
+        self._pass_start, self._batch = None, 0
+
+    def state_dict(self) -> dict:
+        """Where the iterator is, as JSON: the generator's state at the start of the pass in progress
+        (or of the next pass) and how many of its batches were handed out. A resumed run gets the
+        same batches, in the same order, as an uninterrupted one."""
+        rng = self._pass_start if self._pass_start is not None else self._rng.bit_generator.state
+        return {"rng": rng, "batch": self._batch, "num_examples": self.num_examples,
+                "batch_size": self.batch_size, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`: the next pass starts at that pass's batch `state['batch']`."""
+        for key in ("num_examples", "batch_size", "shuffle"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"data iterator state is for {key}={state[key]}, this iterator has "
+                                 f"{getattr(self, key)}")
+        self._rng.bit_generator.state = state["rng"]
+        self._pass_start, self._batch, self._skip = None, 0, int(state["batch"])

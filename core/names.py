@@ -244,5 +244,5 @@ def check_shapes(expected: Mapping[str, tuple], found: Mapping[str, tuple], file
     if unexpected:
         problems.append(f"unexpected keys: {unexpected}")
     if problems:
-        raise ValueError(f"{file}: " + " | ".join(problems)
-                         + " (pass sizes that match the checkpoint, or None to read them from it)")
+        raise ValueError(f"{file}: " + " | ".join(problems) + " (the folder's vocab.json, config.json and "
+                         "params file do not belong together, or the sizes given are not the checkpoint's)")

@@ -1,34 +1,20 @@
 """BERT pretraining, once for every backend: the step loop (`train_steps`: per-step seeds, the
 learning-rate schedule, timing, checkpoints and stopping), its per-step figures and the book's two
-printed lines, and the resumable checkpoint folder (OUT/resume/). A backend supplies only a
-`PretrainStep` (backends/contract.py): its inputs on the device, one optimizer step, its RNG seed
-and learning rate.
+printed lines. A backend supplies only a `PretrainStep` (backends/contract.py): its inputs on the
+device, one optimizer step, its RNG seed and learning rate.
 
-The resume folder holds, per checkpoint, two files written by the backend (the model parameters
-and the optimizer state, named after the step: `step-00000040.params`, `step-00000040.trainer`),
-then `state.json`, written last and atomically, which names them and records the step, the data
-iterator's position, the run's settings and the figures so far. A reader trusts only what
-`state.json` names, so a run killed at any moment leaves the previous complete checkpoint;
-files of older steps are deleted once the new `state.json` is in place.
+The resumable checkpoint folder (OUT/resume/) is core/resume.py's, shared with fine-tuning.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import re
-import shutil
+import math
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from .io import read_json, write_json
 from .settings import INIT_SCHEMES, LR_DECAYS, MLM_LOSSES
-from .training import Timer
-from .vocab import Vocab, load_vocab, save_vocab
-
-STATE_FILE = "state.json"
-_STEP_FILE = re.compile(r"^step-(\d+)\.[a-z]+$")
+from .training import Timer, TrainingDiverged, step_seed  # noqa: F401  (step_seed: part of this API)
 
 
 def check_mlm_loss(mlm_loss: str) -> str:
@@ -108,44 +94,6 @@ def format_pretrain_summary(records: Sequence[StepRecord], devices: str) -> str:
             f"{s['sentence_pairs_per_sec']:.1f} sentence pairs/sec on {devices}")
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The seed a backend gives its framework RNG before step `step` when asked to (`train_bert(...,
-    seed=...)`): dropout then depends only on (seed, step), so a run resumed at any step draws the
-    same masks as one that was never stopped. MXNet cannot read its generator's state back, so
-    this is how both backends make resuming exact."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def step_file(step: int, suffix: str) -> str:
-    """'step-00000040.params' and the like: checkpoint files are named after their step."""
-    return f"step-{step:08d}.{suffix}"
-
-
-def read_resume_state(folder: str | os.PathLike) -> dict | None:
-    """The last complete checkpoint's `state.json`, or None when there is none."""
-    path = os.path.join(folder, STATE_FILE)
-    if not os.path.exists(path):
-        return None
-    state = read_json(path)
-    for key in ("step", "files"):
-        if key not in state:
-            raise ValueError(f"{path}: not a resume state (no {key!r})")
-    for name in state["files"].values():
-        if not os.path.exists(os.path.join(folder, name)):
-            raise FileNotFoundError(f"{path}: names {name}, which is missing")
-    return state
-
-
-def commit_resume_state(folder: str | os.PathLike, state: dict) -> None:
-    """Write `state.json` (atomically, after the files it names), then delete files of other steps."""
-    write_json(os.path.join(folder, STATE_FILE), state)
-    keep = set(state["files"].values())
-    for name in os.listdir(folder):
-        if _STEP_FILE.match(name) and name not in keep:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, name))
-
-
 class PretrainStep(Protocol):
     """What the step loop needs from a backend (each backend's `pretrain.PretrainStep`)."""
 
@@ -189,6 +137,9 @@ def train_steps(step: PretrainStep, train_iter: Iterable, num_steps: int, *, sta
             timer.start()
             mlm_value, nsp_value = step(inputs)
             seconds = timer.stop()
+            if not (math.isfinite(mlm_value) and math.isfinite(nsp_value)):
+                raise TrainingDiverged(f"the loss became {mlm_value + nsp_value} at step {step_no + 1}",
+                                       step_no + 1)
             step_no += 1
             record = StepRecord(step_no, mlm_value, nsp_value, int(len(batch[0])), seconds,
                                 float(step.learning_rate))
@@ -212,54 +163,3 @@ def scheduled_lr(lr: float, num_steps: int, warmup_steps: int = 0, lr_decay: str
     if warmup_steps == 0 and lr_decay == "none":
         return None
     return lambda step: learning_rate_at(step, lr, num_steps, warmup_steps, lr_decay)
-
-
-def open_resume(folder: str | os.PathLike, signature: dict, resume: bool | None) -> dict | None:
-    """The checkpoint state to resume from, or None to start fresh. `resume` None resumes when the
-    folder holds a checkpoint, True insists on one, False starts over (the folder is cleared). A
-    checkpoint written with other settings (`signature`) is refused, naming them."""
-    folder = os.fspath(folder)
-    if resume is False:
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-        return None
-    state = read_resume_state(folder)
-    if state is None and resume:
-        raise FileNotFoundError(f"{folder}: no checkpoint to resume from")
-    if state is not None and state.get("signature") != signature:
-        differ = sorted(k for k in signature if state.get("signature", {}).get(k) != signature[k])
-        raise ValueError(f"{folder}: written by a run with other settings ({', '.join(differ)}); "
-                         "re-run with those settings, or pass --no-resume to start over")
-    return state
-
-
-class ResumeFolder:
-    """OUT/resume/ of one run: puts a checkpoint's state back (`restore`) and writes new ones (`save`),
-    through the backend's `save_training_state` / `load_training_state`."""
-
-    def __init__(self, folder: str | os.PathLike, signature: dict, backend, net, trainer, devices: list,
-                 train_iter, vocab: Vocab, seed: int) -> None:
-        self.folder, self.signature = os.fspath(folder), signature
-        self.backend, self.net, self.trainer, self.devices = backend, net, trainer, devices
-        self.train_iter, self.vocab, self.seed = train_iter, vocab, seed
-        self.history: list[StepRecord] = []  # the records of the runs before this one
-
-    def restore(self, state: dict) -> int:
-        """Load the model, optimizer and data position of `state`; returns its step."""
-        if load_vocab(os.path.join(self.folder, "vocab.json")).idx_to_token != self.vocab.idx_to_token:
-            raise ValueError(f"{self.folder}: its vocabulary differs from the corpus's; pass --no-resume")
-        self.backend.load_training_state(self.folder, state["files"], self.net, self.trainer, self.devices)
-        self.train_iter.load_state_dict(state["data"])
-        self.history = [StepRecord(**r) for r in state["history"]]
-        return int(state["step"])
-
-    def save(self, step: int, records: Sequence[StepRecord]) -> None:
-        """A checkpoint at `step`, `records` being this run's steps so far."""
-        os.makedirs(self.folder, exist_ok=True)
-        if not os.path.exists(os.path.join(self.folder, "vocab.json")):
-            save_vocab(self.vocab, os.path.join(self.folder, "vocab.json"))
-        written = self.backend.save_training_state(self.folder, self.net, self.trainer, step)
-        commit_resume_state(self.folder, {
-            "step": step, "files": written, "data": self.train_iter.state_dict(), "signature": self.signature,
-            "rng": {"seed": self.seed, "rule": "framework RNG re-seeded per step from (seed, step)"},
-            "history": [r.to_dict() for r in [*self.history, *records]]})

@@ -66,22 +66,36 @@ class FinetuneSettings:
     device: str | None = None
     out: str = "nlibert-out"
     cache_dir: str | None = None
+    checkpoint_every: int = 50  # steps; a checkpoint also ends every epoch (0: only those)
+    resume: bool | None = None  # None: when OUT/resume holds a checkpoint; True: insist; False: start over
+    stop_after: int | None = None  # end this run after N steps, as if interrupted
 
     # Fields metrics.json records elsewhere (what was trained, the fast path's block) or that say
     # where a run happens rather than what it computes; the rest are its hyperparameters.
     NOT_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = (
         "backend", "pretrained", "data", "train_limit", "test_limit", "mode", "precision", "graph",
-        "bucketing", "device", "out", "cache_dir")
-    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "epochs", "train_limit", "test_limit")
+        "bucketing", "device", "out", "cache_dir", "checkpoint_every", "resume", "stop_after")
+    # Fields a resumed run may change: where it runs and how it checkpoints, and `epochs` (more
+    # epochs continue a finished run: no schedule depends on their number).
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("epochs", "device", "out", "cache_dir", "checkpoint_every", "resume",
+                                           "stop_after")
+    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "epochs", "train_limit", "test_limit", "stop_after")
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"mode": FINETUNE_MODES, "precision": PRECISIONS}
 
     def __post_init__(self) -> None:
         _check(self)
         if self.max_len < 3:  # room for <cls> and two <sep>
             raise ValueError(f"--max-len must be at least 3, got {self.max_len}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0 (0: at the end of each epoch only), "
+                             f"got {self.checkpoint_every}")
 
     def hyperparameters(self) -> dict:
         return _without(self, self.NOT_HYPERPARAMETERS)
+
+    def signature(self) -> dict:
+        """What a resumed run must share with the run that wrote the checkpoint."""
+        return _without(self, self.RUN_ONLY)
 
     def replace(self, **changes: Any) -> "FinetuneSettings":
         return dataclasses.replace(self, **changes)

@@ -1,11 +1,18 @@
-"""The fine-tuning epoch loop, once for every backend: timing, sums, the book's printed lines and the
-per-epoch records. A backend supplies only a `FinetuneStep` (backends/contract.py): one training
-step that leaves its sums on the device, the host read of such sums, and an evaluation pass.
+"""The fine-tuning epoch loop, once for every backend: timing, sums, the book's printed lines, the
+per-epoch records, checkpoints and resuming. A backend supplies only a `FinetuneStep`
+(backends/contract.py): one training step that leaves its sums on the device, the host read of
+such sums, an evaluation pass and its RNG seed.
 
 The book's `train_ch13` reads the loss and accuracy back after every batch and times the training
 batches only (`sync='batch'`). The fast path keeps the sums on the device and reads them once per
 epoch, timing the whole pass, batching included (`sync='epoch'`). Either way an epoch's figures are
 the book's: mean loss and accuracy over its examples, test accuracy, examples/sec.
+
+A run that checkpoints keeps its position in a `LoopState` (epoch, batch, the epoch's sums so far,
+finished epochs); a resumed run starts from one. Checkpoints read the sums (one host sync) and
+happen at the same steps in every run of the same settings, so a resumed run ends with the figures
+and parameters of an uninterrupted one. A non-finite loss ends the run (`TrainingDiverged`) before
+anything is written from it.
 """
 from __future__ import annotations
 
@@ -89,6 +96,22 @@ def format_summary(records: Sequence[EpochRecord], devices: str) -> str:
             f"{total_examples_per_sec:.1f} examples/sec on {devices}")
 
 
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite; `step` is the optimizer step it was seen after."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed a backend gives its framework RNG before step `step` when asked to: dropout then
+    depends only on (seed, step), so a run resumed at any step draws the same masks as one that was
+    never stopped. MXNet cannot read its generator's state back, so this is how both backends make
+    resuming exact."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 def require_devices(devices: Sequence[Any]) -> list:
     """`devices` as a list; an empty one is an error (the book's `try_all_gpus()` on d2l master
     returns [] on a machine without GPUs; ours falls back to the CPU)."""
@@ -111,42 +134,105 @@ class FinetuneStep(Protocol):
     def evaluate(self, data_iter: Iterable) -> float:
         """Accuracy over `data_iter`, dropout off."""
 
+    def reseed(self, seed: int) -> None:
+        """Seed the framework's RNG (dropout draws)."""
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Where the epoch loop is: what a checkpoint records and a resumed run starts from."""
+
+    step: int = 0  # optimizer steps done, over all epochs
+    epoch: int = 1  # the epoch in progress
+    batch: int = 0  # its batches done
+    sums: list = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # its Accumulator(4)
+    seconds: float = 0.0  # its timed seconds so far
+    records: list = dataclasses.field(default_factory=list)  # finished epochs, as dicts
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
 
 def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable | None, num_epochs: int, *,
                  sync: str = "batch", devices: str = "", verbose: bool = True,
-                 on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
-    """Train for `num_epochs`, testing after each; print the book's two lines (`verbose`); return the
-    per-epoch records. `sync` is the host-sync policy (module docstring); `on_epoch`, if given, is
-    called with each epoch's record as soon as it is known."""
+                 on_epoch: Callable[[EpochRecord], None] | None = None, state: LoopState | None = None,
+                 seed: int | None = None, checkpoint: Callable[[LoopState], None] | None = None,
+                 checkpoint_every: int = 0, stop_after: int | None = None) -> list[EpochRecord]:
+    """Train until epoch `num_epochs` is done, testing after each; print the book's two lines
+    (`verbose`); return the records of every finished epoch (those of `state` included).
+
+    `sync` is the host-sync policy (module docstring); `on_epoch(record)` is called as each epoch
+    ends. To checkpoint and resume: `state` is where to start (None: the beginning; it is updated
+    in place), `seed` re-seeds the framework before every step from (seed, step), `checkpoint(state)`
+    runs every `checkpoint_every` steps and after every epoch, and `stop_after` ends this call after
+    that many steps, as if interrupted (with a checkpoint). The caller's `train_iter` must already be
+    at `state`'s position (its `load_state_dict`).
+    """
     if sync not in SYNC_POLICIES:
         raise ValueError(f"unknown sync policy {sync!r}: use one of {SYNC_POLICIES}")
-    records: list[EpochRecord] = []
-    for epoch in range(1, num_epochs + 1):
+    state = state if state is not None else LoopState()
+    records = [EpochRecord(**r) for r in state.records]
+    steps_here = 0
+    while state.epoch <= num_epochs:
         # Sum of training loss, no. of correct predictions, no. of examples, no. of predictions
         metric, timer = Accumulator(4), Timer()
-        pending = None  # the epoch's sums still on the device (sync='epoch')
+        metric.data = [float(v) for v in state.sums]
+        seconds = state.seconds  # timed before a checkpoint this epoch resumed from
+        pending = None  # the sums still on the device (sync='epoch')
+
+        def read_sums() -> None:
+            """Add the device's sums to the host's; a NaN or infinite loss is the end of the run."""
+            nonlocal pending
+            if pending is not None:
+                metric.add(*step.read(pending), 0, 0)
+                pending = None
+            if not math.isfinite(metric[0]):
+                raise TrainingDiverged(f"the training loss became {metric[0]} in epoch {state.epoch} "
+                                       f"(by step {state.step})", state.step)
+
+        def save() -> None:
+            nonlocal seconds
+            read_sums()
+            if sync == "epoch":
+                seconds += timer.stop()
+            state.sums, state.seconds = list(metric.data), seconds
+            checkpoint(state)
+            timer.start()  # the write is not training time
+
+        timer.start()
         for features, labels in train_iter:
+            if seed is not None:
+                step.reseed(step_seed(seed, state.step + 1))
             if sync == "batch":
                 timer.start()
-                loss_sum, correct = step.read(step(features, labels))
-                timer.stop()
-                metric.add(loss_sum, correct, 0, 0)
+                sums = step.read(step(features, labels))
+                seconds += timer.stop()
+                metric.add(*sums, 0, 0)
+                read_sums()
             else:
                 sums = step(features, labels)
                 pending = sums if pending is None else (pending[0] + sums[0], pending[1] + sums[1])
             metric.add(0, 0, len(labels), int(np.prod(np.shape(labels))))
+            state.step, state.batch, steps_here = state.step + 1, state.batch + 1, steps_here + 1
+            stopping = stop_after is not None and steps_here >= stop_after
+            if checkpoint is not None and (stopping or (checkpoint_every and state.step % checkpoint_every == 0)):
+                save()
+            if stopping:
+                return records
         if metric[2] == 0:
             raise ValueError("train_iter yielded no batches")
+        read_sums()  # the fast path's one host sync of the epoch
         if sync == "epoch":
-            metric.add(*step.read(pending), 0, 0)  # the epoch's one host sync
-            seconds = timer.stop()
-        else:
-            seconds = timer.sum()
+            seconds += timer.stop()
         test_acc = step.evaluate(test_iter) if test_iter is not None else math.nan
-        record = EpochRecord.from_sums(epoch, metric[0], metric[1], int(metric[2]), test_acc, seconds)
+        record = EpochRecord.from_sums(state.epoch, metric[0], metric[1], int(metric[2]), test_acc, seconds)
         if sync == "batch":
             record.train_acc = metric[1] / metric[3]  # the book divides by predictions, not examples
         records.append(record)
+        state.records.append(record.to_dict())
+        state.epoch, state.batch, state.sums, state.seconds = state.epoch + 1, 0, [0.0, 0.0, 0.0, 0.0], 0.0
+        if checkpoint is not None:
+            checkpoint(state)
         if on_epoch is not None:
             on_epoch(record)
     if verbose and records:

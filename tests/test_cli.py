@@ -49,9 +49,13 @@ def test_finetune_splits_a_dev_only_folder_and_reuses_the_seeded_checkpoint(tmp_
     metrics = json.loads((out / "metrics.json").read_text())
     total = metrics["num_train"] + metrics["num_test"]
     assert metrics["num_train"] == round(0.9 * total)
-    params = out / "seeded-bert-torch" / "pretrained.params"
+    (params,) = out.glob("seeded-bert-torch-*/pretrained.params")
     stamp = params.stat().st_mtime_ns
     assert cli.main(args) == 0  # a complete checkpoint folder is reused, not rebuilt
+    assert params.stat().st_mtime_ns == stamp
+    # it is keyed by what it was built from: another seed (or other data) gets its own
+    assert cli.main(args + ["--seed", "1", "--no-resume"]) == 0
+    assert len(list(out.glob("seeded-bert-torch-*/pretrained.params"))) == 2
     assert params.stat().st_mtime_ns == stamp
 
 

@@ -23,6 +23,8 @@ def parse_devices(spec: str | None) -> list[mx.Context]:
     devices = []
     for part in (p.strip() for p in spec.split(",")):
         kind, _, index = part.partition(":")
+        if not (index or "0").isdigit():
+            raise ValueError(f"--device {spec}: {part} is not a device; use cpu, cuda or a list like cuda:0,cuda:1")
         i = int(index or 0)
         if kind == "cpu":
             devices.append(mx.cpu(i))

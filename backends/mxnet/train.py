@@ -102,7 +102,9 @@ def _step(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss, t
     # `BERTClassifier` does not register those heads; harmless either way.
     trainer.step(len(y), ignore_stale_grad=True)
     home = devices[0]
-    loss_sum = sum(l.sum().as_in_ctx(home) for l in ls)
+    # The loss sum in float64: steps' sums then add up to the same total however a run is split
+    # into segments by checkpoints (float32 addition would depend on where the host read it).
+    loss_sum = sum(l.astype("float64").sum().as_in_ctx(home) for l in ls)
     correct = sum(_correct(p, y_shard).astype("float32").as_in_ctx(home) for p, y_shard in zip(pred_shards, y_shards))
     return loss_sum, correct
 
@@ -110,7 +112,7 @@ def _step(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss, t
 def _read(sums: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
     """Both numbers in one host read; then wait for every queued operation (the read waited for the
     forward passes only: backward and the updates would run on, outside a caller's timer)."""
-    loss_sum, correct = (float(v) for v in np.stack([sums[0], sums[1]]).asnumpy())
+    loss_sum, correct = (float(v) for v in np.stack([sums[0], sums[1].astype("float64")]).asnumpy())
     npx.waitall()
     return loss_sum, correct
 
@@ -155,6 +157,9 @@ class FinetuneStep:
 
     def evaluate(self, data_iter: Iterable) -> float:
         return evaluate_accuracy(self.net, data_iter, self.devices, self.split_f)
+
+    def reseed(self, seed: int) -> None:
+        mx.random.seed(seed)
 
 
 def train_ch13(net: gluon.Block, train_iter: Iterable, test_iter: Iterable | None, loss: gluon.loss.Loss,

@@ -36,11 +36,14 @@ def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such parameter file")
+    with open(path, "rb") as f:
+        if not f.read(2) == b"PK":  # torch.save writes a zip; torch's own error would suggest weights_only=False
+            raise ValueError(f"{path}: not a PyTorch state_dict file (an MXNet checkpoint? convert it with "
+                             "`nlibert convert SRC DST --to torch`)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, zip errors, an MXNet .params file, ...
-        raise ValueError(f"{path}: not a PyTorch state_dict file ({type(e).__name__}: {e}); "
-                         "an MXNet checkpoint must be converted first") from e
+    except Exception as e:  # a truncated or damaged zip, pickle errors, ...
+        raise ValueError(f"{path}: not a readable PyTorch state_dict file ({type(e).__name__}: {e})") from e
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                for k, v in obj.items()):
         raise ValueError(f"{path}: expected a state_dict (names -> tensors), found {type(obj).__name__}")

@@ -5,8 +5,9 @@ sublayers of a post-LN Transformer block (position-wise FFN, add & norm), the bl
 encoder (token + segment + learned position embeddings, then the blocks), the two pretraining
 heads (masked LM, next-sentence prediction), BERT itself, and the fine-tuning classifier.
 
-It computes what d2l's `BERTModel` computes (post-LN blocks, a learned positional
-embedding, no embedding LayerNorm) and its `state_dict` keys are the book's, so the book's `bert.small.torch` / `bert.base.torch` files load unchanged.
+It computes what d2l's `BERTModel` computes (post-LN blocks, a learned positional embedding, no
+embedding LayerNorm) and its `state_dict` keys are the book's, so the book's `bert.small.torch` /
+`bert.base.torch` files load unchanged.
 By default the differences from HF BERT are the book's, kept on purpose: ReLU not GELU, LayerNorm
 eps 1e-5, no embedding LayerNorm or dropout. Hugging Face checkpoints switch on BERT's options
 (`hidden_act='gelu'`, `layer_norm_eps`, `embedding_norm`, `attention_dropout`: see `BERTConfig`).

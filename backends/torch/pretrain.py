@@ -20,7 +20,8 @@ from torch import nn
 
 from nlibert.core.io import atomic_write
 from nlibert.core.pretraining import (StepRecord, check_init, check_mlm_loss, format_pretrain_summary,
-                                      scheduled_lr, step_file, train_steps)
+                                      scheduled_lr, train_steps)
+from nlibert.core.resume import step_file
 from nlibert.core.training import require_devices
 
 from .checkpoint import _load_state_dict, write_params

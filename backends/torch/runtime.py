@@ -18,7 +18,10 @@ def parse_devices(spec: str | None) -> list[torch.device]:
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
         return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
-    devices = [torch.device(part.strip()) for part in spec.split(",")]
+    try:  # 'gpu' as MXNet spells it
+        devices = [torch.device(part.strip().replace("gpu", "cuda")) for part in spec.split(",")]
+    except RuntimeError as e:
+        raise ValueError(f"--device {spec}: not a device ({e}); use cpu, cuda or a list like cuda:0,cuda:1") from None
     for d in devices:
         if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
             raise ValueError(f"--device {spec}: {d} is not available")

@@ -87,12 +87,14 @@ def _step(model: nn.Module, X, y, loss: nn.Module, trainer: torch.optim.Optimize
     l = loss(pred.float(), y)  # (B,)
     l.sum().backward()
     trainer.step()
-    return l.detach().sum(), _correct(pred.detach(), y)
+    # The loss sum in float64: steps' sums then add up to the same total however a run is split
+    # into segments by checkpoints (float32 addition would depend on where the host read it).
+    return l.detach().sum(dtype=torch.float64), _correct(pred.detach(), y)
 
 
 def _read(sums: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
     """One host sync for both numbers; it waits for every step queued before (same stream)."""
-    loss_sum, correct = torch.stack([sums[0].float(), sums[1].float()]).tolist()
+    loss_sum, correct = torch.stack([sums[0].double(), sums[1].double()]).tolist()
     return loss_sum, correct
 
 
@@ -131,6 +133,9 @@ class FinetuneStep:
 
     def evaluate(self, data_iter: Iterable) -> float:
         return evaluate_accuracy(self.model, data_iter, self.devices)
+
+    def reseed(self, seed: int) -> None:
+        torch.manual_seed(seed)
 
 
 def train_ch13(net: nn.Module, train_iter: Iterable, test_iter: Iterable | None, loss: nn.Module,
