@@ -26,11 +26,20 @@ def _limit(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the one form every nlibert error takes: `nlibert: error: ...`,
+    exit 2, and where to read about the options (argparse's own form starts with the whole usage)."""
+
+    def error(self, message: str):
+        print(f"nlibert: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error (also: NLIBERT_DEBUG=1)")
-    parser = argparse.ArgumentParser(prog="nlibert", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="nlibert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ft = sub.add_parser("finetune", help="fine-tune BERT for SNLI as the d2l chapter does", parents=[common])
     ft.add_argument("--backend", choices=BACKENDS, default=FINETUNE.backend)

@@ -67,16 +67,21 @@ def build_seeded_checkpoint(backend: ModuleType, folder: str, texts: list[str], 
     return folder
 
 
+def _check_pairs(source: SNLISource, num_train: int, num_test: int) -> None:
+    if not (num_train and num_test):
+        raise ValueError(f"{source.description}: {num_train} training and {num_test} test pairs; need both "
+                         "(a larger --train-limit/--test-limit, or more data)")
+
+
 def _pretrained_spec(backend: ModuleType, settings: FinetuneSettings, source: SNLISource) -> str:
     """What `--pretrained` names; for 'random', the seeded checkpoint over the run's training text,
     in a folder keyed by what it is built from (the text's vocabulary, the shape, the seed), so that
     other data or another seed never reuses it."""
     if settings.pretrained != "random":
         return settings.pretrained
-    train, _ = snli_texts(source, settings.seed, settings.train_limit)
+    train, test = snli_texts(source, settings.seed, settings.train_limit, settings.test_limit)
+    _check_pairs(source, len(train[2]), len(test[2]))  # before anything is written
     texts = train[0] + train[1]
-    if not texts:
-        raise ValueError(f"{source.train_file}: no training pairs to build a vocabulary from")
     tokens = Vocab(tokenize([s.lower() for s in texts]), min_freq=1, reserved_tokens=RESERVED_TOKENS).idx_to_token
     key = hashlib.sha1(json.dumps([tokens, SEEDED_SHAPE, settings.seed]).encode()).hexdigest()[:12]
     folder = os.path.join(settings.out, f"seeded-bert-{settings.backend}-{key}")
@@ -146,9 +151,7 @@ def _finetune(settings: FinetuneSettings) -> dict:
         source, settings, vocab)
     packing_seconds = time.perf_counter() - start
     print(f"read {num_train} training and {num_test} test examples: {source.description}")
-    if not (num_train and num_test):
-        raise ValueError(f"{source.description}: {num_train} training and {num_test} test pairs; need both "
-                         "(a larger --train-limit/--test-limit, or more data)")
+    _check_pairs(source, num_train, num_test)
 
     if fast:
         backend.set_fused_attention(bert, True)

@@ -93,7 +93,8 @@ class ResumeFolder:
         try:
             self.backend.load_training_state(self.folder, state["files"], self.net, self.trainer, self.devices)
         except (OSError, ValueError, KeyError, RuntimeError, EOFError) as e:  # a truncated or foreign file
-            raise ValueError(f"{self.folder}: the checkpoint of step {state['step']} cannot be read ({e}); "
+            cause = str(e).split(". ")[0]  # frameworks append paragraphs of advice for their own API
+            raise ValueError(f"{self.folder}: the checkpoint of step {state['step']} cannot be read ({cause}); "
                              "pass --no-resume to start over") from e
         self.train_iter.load_state_dict(state["data"])
         return state.get("progress", {})

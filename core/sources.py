@@ -104,6 +104,8 @@ def packed_cache_dir(cache_dir: str | None, data: str | None, out_dir: str) -> s
     """Where the fast path caches packed data: `cache_dir` if given; for the embedded sample
     `out_dir/packed` (it lives there too); else `$NLIBERT_CACHE` or ~/.cache/nlibert/packed."""
     if cache_dir is not None:
+        if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+            raise ValueError(f"--cache-dir {cache_dir}: is a file, not a folder; choose another --cache-dir")
         return cache_dir
     return os.path.join(out_dir, "packed") if data is None else default_cache_dir()
 
