@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fast mode: bfloat16 autocast for the forward pass (torch only; pays on GPUs)")
     ft.add_argument("--graph", action="store_true",
                     help="fast mode: torch.compile the net / hybridize it (MXNet), widths rounded to multiples of 8")
+    ft.add_argument("--micro-batch", type=_limit, default=FINETUNE.micro_batch, metavar="N",
+                    help="compute each batch in chunks of at most N examples and sum their gradients: the "
+                         "same update (up to rounding; dropout draws differ) with about N/batch-size of the "
+                         "activation memory (default: the whole batch at once, as the book)")
     ft.add_argument("--bucketing", action=argparse.BooleanOptionalAction, default=FINETUNE.bucketing,
                     help="fast mode: length-bucketed training batches (default); --no-bucketing trains on the book "
                          "path's batches, trimmed (for accuracy checks: with --dropout 0 the modes differ by rounding)")

@@ -159,7 +159,7 @@ def _finetune(settings: FinetuneSettings) -> dict:
     backend.initialize_classifier_head(net, devices)
     trainer = backend.make_trainer(net, settings.lr, fused=fast)
     step = backend.FinetuneStep(net, backend.make_loss(), trainer, devices, precision=settings.precision,
-                                graph=settings.graph and fast)
+                                graph=settings.graph and fast, micro_batch=settings.micro_batch)
     resume_dir = os.path.join(settings.out, "resume")
     signature = settings.signature()
     state = open_resume(resume_dir, signature, settings.resume)

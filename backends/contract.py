@@ -167,9 +167,12 @@ class FinetuneStep:
     GPUs, compiled with `graph`), one optimizer step per call. The loss is the book's per-example
     loss (`make_loss`), the gradient its sum (torch) or mean (MXNet's `trainer.step(batch_size)`),
     as each book does. `split_f` is the MXNet book's batch splitter (`split_batch_multi_inputs`);
-    `precision` 'bfloat16' autocasts the forward pass where the framework can."""
+    `precision` 'bfloat16' autocasts the forward pass where the framework can. `micro_batch` N
+    computes each (per-device) batch in chunks of at most N rows (`core.batching.chunk_bounds`) and
+    sums their gradients: the same update, with one chunk's activations in memory at a time."""
 
-    def __init__(self, net, loss, trainer, devices, split_f=None, *, precision="float32", graph=False): ...
+    def __init__(self, net, loss, trainer, devices, split_f=None, *, precision="float32", graph=False,
+                 micro_batch=None): ...
 
     def __call__(self, features, labels):
         """(loss sum, number correct) of the step, left on the device: no host synchronisation."""

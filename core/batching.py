@@ -15,7 +15,7 @@ model sees only a few distinct shapes.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -87,6 +87,23 @@ def bucket_batch_indices(valid_lens: Sequence[int] | np.ndarray, multiple: int =
     sampler.num_batches = num_batches  # type: ignore[attr-defined]
     sampler.valid_lens = lens  # type: ignore[attr-defined]
     return sampler
+
+
+def chunk_bounds(num_examples: int, size: int | None) -> list[tuple[int, int]]:
+    """[(start, stop), ...] cutting `num_examples` rows into chunks of at most `size` (None: one
+    chunk). A training step computes a batch chunk by chunk with `--micro-batch`: the gradients of
+    the chunks add up to the batch's, while only one chunk's activations are alive at a time."""
+    if size is None or size >= num_examples:
+        return [(0, num_examples)]
+    return [(start, min(start + size, num_examples)) for start in range(0, num_examples, size)]
+
+
+def rows(inputs: Any, start: int, stop: int) -> Any:
+    """Rows start:stop of a batch's inputs: one array, or a list/tuple of them (tokens, segments,
+    valid lengths), sliced alike. Works on any framework's arrays."""
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(x[start:stop] for x in inputs)
+    return inputs[start:stop]
 
 
 class BatchIterator:

@@ -63,6 +63,7 @@ class FinetuneSettings:
     precision: str = "float32"  # fast mode: bfloat16 autocast of the forward pass (torch)
     graph: bool = False  # fast mode: torch.compile / hybridize
     bucketing: bool = True  # fast mode: length-bucketed batches
+    micro_batch: int | None = None  # compute each batch in chunks of N rows, gradients summed (memory)
     device: str | None = None
     out: str = "nlibert-out"
     cache_dir: str | None = None
@@ -79,7 +80,8 @@ class FinetuneSettings:
     # epochs continue a finished run: no schedule depends on their number).
     RUN_ONLY: ClassVar[tuple[str, ...]] = ("epochs", "device", "out", "cache_dir", "checkpoint_every", "resume",
                                            "stop_after")
-    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "epochs", "train_limit", "test_limit", "stop_after")
+    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "epochs", "train_limit", "test_limit", "stop_after",
+                                           "micro_batch")
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"mode": FINETUNE_MODES, "precision": PRECISIONS}
 
     def __post_init__(self) -> None:

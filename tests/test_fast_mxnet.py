@@ -169,6 +169,27 @@ def test_a_fast_step_is_the_book_step():
         onp.testing.assert_allclose(fast_params[k], book_params[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+def test_micro_batches_make_the_whole_batch_step():
+    """--micro-batch: 16 rows as chunks of 5, 5, 5, 1, their gradients summed, give the loss, count
+    and parameters of the whole batch at once (SGD, so a parameter moves by lr * gradient)."""
+    (X, y) = packed_batch(n=16)
+    results = []
+    for micro_batch in (None, 5):
+        net = tiny_classifier(fused=True)
+        calls = []
+        net.register_forward_hook(lambda block, inputs, output: calls.append(len(output)))
+        trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
+        step = FinetuneStep(net, gluon.loss.SoftmaxCrossEntropyLoss(), trainer, CPU, micro_batch=micro_batch)
+        sums = [step.read(step(X, y)) for _ in range(3)]
+        results.append((sums, calls, params_of(net)))
+    (whole_sums, whole_calls, whole_params), (chunk_sums, chunk_calls, chunk_params) = results
+    assert whole_calls == [16] * 3 and chunk_calls == [5, 5, 5, 1] * 3
+    for (a_loss, a_correct), (b_loss, b_correct) in zip(whole_sums, chunk_sums):
+        assert b_loss == pytest.approx(a_loss, rel=1e-5) and b_correct == a_correct
+    for k in whole_params:
+        onp.testing.assert_allclose(chunk_params[k], whole_params[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 def separable(num_batches, batch_size=16, seed=0):
     rng = onp.random.default_rng(seed)
     n = num_batches * batch_size

@@ -19,6 +19,7 @@ import mxnet as mx
 import numpy as onp
 from mxnet import autograd, gluon, np, npx
 
+from nlibert.core.batching import chunk_bounds, rows
 from nlibert.core.training import EpochRecord, require_devices, train_epochs
 
 npx.set_np()
@@ -83,20 +84,35 @@ def evaluate_accuracy(net: gluon.Block, data_iter: Iterable, devices: Sequence[m
 
 
 def _step(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss, trainer: gluon.Trainer,
-          devices: list[mx.Context], split_f: Callable) -> tuple[np.ndarray, np.ndarray]:
+          devices: list[mx.Context], split_f: Callable, micro_batch: int | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
     """One optimizer step on a batch split across `devices`; the loss sum and the number correct as
-    0-d arrays on devices[0] (no host synchronisation)."""
+    0-d arrays on devices[0] (no host synchronisation). With `micro_batch`, each device's shard is
+    computed chunk by chunk; the net's gradients must then add up (`_accumulate_gradients`)."""
     X, y = _to_batch(features, labels, _staging_context(devices))
     if len(y) < len(devices):
         # A device without a shard would keep last step's gradient, which the trainer still sums.
         raise ValueError(f"a training batch of {len(y)} examples cannot be split across "
                          f"{len(devices)} devices; use a batch size that leaves no smaller last batch")
     X_shards, y_shards = split_f(X, y, devices)
-    with autograd.record():
-        pred_shards = [net(X_shard) for X_shard in X_shards]  # each (B/k, 3)
-        ls = [loss(p, y_shard) for p, y_shard in zip(pred_shards, y_shards)]  # each (B/k,)
-    for l in ls:
-        l.backward()
+    if micro_batch is not None:
+        net.collect_params().zero_grad()  # grad_req 'add': each chunk's backward adds to these
+        pieces = [(rows(X_shard, start, stop), y_shard[start:stop])
+                  for X_shard, y_shard in zip(X_shards, y_shards)
+                  for start, stop in chunk_bounds(len(y_shard), micro_batch)]
+        X_shards, y_shards = [X for X, _ in pieces], [y for _, y in pieces]
+        pred_shards, ls = [], []
+        for X_shard, y_shard in zip(X_shards, y_shards):  # one chunk's graph alive at a time
+            with autograd.record():
+                pred_shards.append(net(X_shard))
+                ls.append(loss(pred_shards[-1], y_shard))
+            ls[-1].backward()
+    else:
+        with autograd.record():
+            pred_shards = [net(X_shard) for X_shard in X_shards]  # each (B/k, 3)
+            ls = [loss(p, y_shard) for p, y_shard in zip(pred_shards, y_shards)]  # each (B/k,)
+        for l in ls:
+            l.backward()
     # Gradients are summed over the devices and divided by the batch size: a mean over the batch.
     # ignore_stale_grad: as the book, whose reason (unused MLM/NSP heads) does not arise here, since
     # `BERTClassifier` does not register those heads; harmless either way.
@@ -107,6 +123,13 @@ def _step(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss, t
     loss_sum = sum(l.astype("float64").sum().as_in_ctx(home) for l in ls)
     correct = sum(_correct(p, y_shard).astype("float32").as_in_ctx(home) for p, y_shard in zip(pred_shards, y_shards))
     return loss_sum, correct
+
+
+def _accumulate_gradients(net: gluon.Block) -> None:
+    """Gluon overwrites a gradient on every backward (grad_req 'write'); chunks of one batch must add."""
+    for param in net.collect_params().values():
+        if param.grad_req != "null":
+            param.grad_req = "add"
 
 
 def _read(sums: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
@@ -140,17 +163,21 @@ class FinetuneStep:
 
     def __init__(self, net: gluon.Block, loss: gluon.loss.Loss, trainer: gluon.Trainer,
                  devices: Sequence[mx.Context], split_f: Callable | None = None, *, precision: str = "float32",
-                 graph: bool = False) -> None:
+                 graph: bool = False, micro_batch: int | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not supported by the MXNet backend: use one of {PRECISIONS}")
         self.devices = require_devices(devices)
         self.net, self.loss, self.trainer = net, loss, trainer
         self.split_f = split_f or split_batch_multi_inputs
+        self.micro_batch = micro_batch
+        if micro_batch is not None:
+            _accumulate_gradients(net)
         if graph:
             _hybridize(net)
 
     def __call__(self, features, labels) -> tuple[np.ndarray, np.ndarray]:
-        return _step(self.net, features, labels, self.loss, self.trainer, self.devices, self.split_f)
+        return _step(self.net, features, labels, self.loss, self.trainer, self.devices, self.split_f,
+                     self.micro_batch)
 
     def read(self, sums: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
         return _read(sums)

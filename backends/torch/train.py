@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nlibert.core.batching import chunk_bounds, rows
 from nlibert.core.training import EpochRecord, require_devices, train_epochs
 
 PRECISIONS = ("float32", "bfloat16")
@@ -76,20 +77,25 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _step(model: nn.Module, X, y, loss: nn.Module, trainer: torch.optim.Optimizer, device: torch.device,
-          precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+          precision: str = "float32", micro_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step: per-example losses (`loss` has reduction='none', as the book) summed,
-    `backward`, `trainer.step()`; the loss sum and the number correct as 0-d tensors on the device."""
+    `backward`, `trainer.step()`; the loss sum and the number correct as 0-d tensors on the device.
+    With `micro_batch`, chunk by chunk: `backward` adds each chunk's gradient to the last."""
     X, y = _to_device(X, device), _to_device(y, device).to(torch.long)
     model.train()
     trainer.zero_grad(set_to_none=True)
-    with _autocast(device, precision):
-        pred = model(X)  # (B, num_classes)
-    l = loss(pred.float(), y)  # (B,)
-    l.sum().backward()
+    loss_sum, correct = 0, 0
+    for start, stop in chunk_bounds(len(y), micro_batch):
+        with _autocast(device, precision):
+            pred = model(rows(X, start, stop))  # (chunk, num_classes)
+        l = loss(pred.float(), y[start:stop])  # (chunk,)
+        l.sum().backward()
+        # The loss sum in float64: steps' sums then add up to the same total however a run is split
+        # into segments by checkpoints (float32 addition would depend on where the host read it).
+        loss_sum = loss_sum + l.detach().sum(dtype=torch.float64)
+        correct = correct + _correct(pred.detach(), y[start:stop])
     trainer.step()
-    # The loss sum in float64: steps' sums then add up to the same total however a run is split
-    # into segments by checkpoints (float32 addition would depend on where the host read it).
-    return l.detach().sum(dtype=torch.float64), _correct(pred.detach(), y)
+    return loss_sum, correct
 
 
 def _read(sums: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
@@ -112,10 +118,10 @@ class FinetuneStep:
 
     def __init__(self, net: nn.Module, loss: nn.Module, trainer: torch.optim.Optimizer,
                  devices: Sequence[torch.device], split_f: Callable | None = None, *, precision: str = "float32",
-                 graph: bool = False) -> None:
+                 graph: bool = False, micro_batch: int | None = None) -> None:
         self.devices = require_devices(devices)
         _autocast(self.devices[0], precision)  # validates the name
-        self.loss, self.trainer, self.precision = loss, trainer, precision
+        self.loss, self.trainer, self.precision, self.micro_batch = loss, trainer, precision, micro_batch
         net.to(self.devices[0])
         self.model = net
         if len(self.devices) > 1 and all(d.type == "cuda" for d in self.devices):
@@ -126,7 +132,8 @@ class FinetuneStep:
             self.model = torch.compile(net, dynamic=True)
 
     def __call__(self, features, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        return _step(self.model, features, labels, self.loss, self.trainer, self.devices[0], self.precision)
+        return _step(self.model, features, labels, self.loss, self.trainer, self.devices[0], self.precision,
+                     self.micro_batch)
 
     def read(self, sums: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
         return _read(sums)
