@@ -10,7 +10,7 @@ import sys
 
 from .backends import BACKENDS
 from .core.data_hub import DownloadError
-from .core.settings import (FINETUNE_MODES, INIT_SCHEMES, LR_DECAYS, MLM_LOSSES, PRECISIONS, PRETRAIN_MODES,
+from .core.settings import (PARITY_TOLERANCE, FINETUNE_MODES, INIT_SCHEMES, LR_DECAYS, MLM_LOSSES, PRECISIONS, PRETRAIN_MODES,
                             FinetuneSettings, PretrainSettings)
 
 FINETUNE, PRETRAIN = FinetuneSettings(), PretrainSettings()  # the defaults the options show
@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run one checkpoint through every installed backend and compare the outputs")
     pa.add_argument("--checkpoint", required=True, help="a checkpoint folder in either format, a Hugging Face BERT folder, or minilm-l6")
     pa.add_argument("--data", default=None, help="an SNLI-format .txt file for the inputs (default: the embedded sample)")
-    pa.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed max |difference| as a fraction of the outputs' scale, max(1, max |value|) "
-                         "(default 1e-5)")
+    pa.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE,
+                    help="largest allowed max |difference| as a fraction of the outputs' scale, max(1, max |value|) "
+                         f"(default {PARITY_TOLERANCE:g})")
     pa.add_argument("--num-pairs", type=_limit, default=256)
     pa.add_argument("--max-len", type=int, default=128)
     pa.add_argument("--seed", type=int, default=0)

@@ -31,7 +31,7 @@ from .core.pretraining import StepRecord, format_pretrain_summary, scheduled_lr,
 from .core.resume import ResumeFolder, open_resume, output_lock
 from .core.progress import Progress
 from .core.sample import write_sample_snli
-from .core.settings import FinetuneSettings, PretrainSettings
+from .core.settings import PARITY_TOLERANCE, FinetuneSettings, PretrainSettings
 from .core.snli import LABEL_NAMES, read_snli_file
 from .core.sources import SNLISource, packed_cache_dir, snli_packed, snli_source, snli_texts, subset_indices, \
     take, wiki_source
@@ -284,8 +284,8 @@ def _outputs(backend: ModuleType, folder: str, kind: str, hugging_face: bool, ma
     return {"encoded_X": outputs["encoded_X"]} if hugging_face else outputs
 
 
-def run_parity(checkpoint: str, data_file: str | None = None, tolerance: float = 1e-5, num_pairs: int = 256,
-               max_len: int = 128, seed: int = 0) -> dict:
+def run_parity(checkpoint: str, data_file: str | None = None, tolerance: float = PARITY_TOLERANCE,
+               num_pairs: int = 256, max_len: int = 128, seed: int = 0) -> dict:
     """Run one checkpoint through every installed backend on the same packed batch, in evaluation
     mode, and report the largest absolute difference of every output between the reference backend
     (the checkpoint's own format; for a Hugging Face folder, the first installed) and each other one:
