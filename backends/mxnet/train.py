@@ -95,24 +95,24 @@ def _step(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss, t
         raise ValueError(f"a training batch of {len(y)} examples cannot be split across "
                          f"{len(devices)} devices; use a batch size that leaves no smaller last batch")
     X_shards, y_shards = split_f(X, y, devices)
-    if micro_batch is not None:
-        net.collect_params().zero_grad()  # grad_req 'add': each chunk's backward adds to these
-        pieces = [(rows(X_shard, start, stop), y_shard[start:stop])
+    # The work in rounds: one round of every device's whole shard (their forwards all queued before
+    # any backward, so devices run side by side), or, with `micro_batch`, one round per chunk of a
+    # shard, so that only one chunk's graph is alive; its gradients then add up (grad_req 'add').
+    if micro_batch is None:
+        rounds = [list(zip(X_shards, y_shards))]
+    else:
+        net.collect_params().zero_grad()
+        rounds = [[(rows(X_shard, start, stop), y_shard[start:stop])]
                   for X_shard, y_shard in zip(X_shards, y_shards)
                   for start, stop in chunk_bounds(len(y_shard), micro_batch)]
-        X_shards, y_shards = [X for X, _ in pieces], [y for _, y in pieces]
-        pred_shards, ls = [], []
-        for X_shard, y_shard in zip(X_shards, y_shards):  # one chunk's graph alive at a time
-            with autograd.record():
-                pred_shards.append(net(X_shard))
-                ls.append(loss(pred_shards[-1], y_shard))
-            ls[-1].backward()
-    else:
+    done = []  # (predictions (rows, 3), labels, per-example losses (rows,)) of every piece
+    for pieces in rounds:
         with autograd.record():
-            pred_shards = [net(X_shard) for X_shard in X_shards]  # each (B/k, 3)
-            ls = [loss(p, y_shard) for p, y_shard in zip(pred_shards, y_shards)]  # each (B/k,)
-        for l in ls:
+            preds = [net(X_piece) for X_piece, _ in pieces]
+            outs = [(p, y_piece, loss(p, y_piece)) for p, (_, y_piece) in zip(preds, pieces)]
+        for _, _, l in outs:
             l.backward()
+        done += outs
     # Gradients are summed over the devices and divided by the batch size: a mean over the batch.
     # ignore_stale_grad: as the book, whose reason (unused MLM/NSP heads) does not arise here, since
     # `BERTClassifier` does not register those heads; harmless either way.
@@ -120,8 +120,8 @@ def _step(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss, t
     home = devices[0]
     # The loss sum in float64: steps' sums then add up to the same total however a run is split
     # into segments by checkpoints (float32 addition would depend on where the host read it).
-    loss_sum = sum(l.astype("float64").sum().as_in_ctx(home) for l in ls)
-    correct = sum(_correct(p, y_shard).astype("float32").as_in_ctx(home) for p, y_shard in zip(pred_shards, y_shards))
+    loss_sum = sum(l.astype("float64").sum().as_in_ctx(home) for _, _, l in done)
+    correct = sum(_correct(p, y_piece).astype("float32").as_in_ctx(home) for p, y_piece, _ in done)
     return loss_sum, correct
 
 
