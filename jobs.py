@@ -58,10 +58,14 @@ def _diverged(error: TrainingDiverged, lr: float, resume_dir: str) -> ValueError
 
 # --- finetune ------------------------------------------------------------------------------------
 
-def build_seeded_checkpoint(backend: ModuleType, folder: str, texts: list[str], seed: int) -> str:
+def seeded_vocab(texts: list[str]) -> Vocab:
+    """The word vocabulary of a seeded checkpoint: every lower-cased token of `texts`."""
+    return Vocab(tokenize([s.lower() for s in texts]), min_freq=1, reserved_tokens=RESERVED_TOKENS)
+
+
+def build_seeded_checkpoint(backend: ModuleType, folder: str, vocab: Vocab, seed: int) -> str:
     """A randomly initialised, seeded `bert.small`-shaped checkpoint in the backend's book format, with
-    a word vocabulary of `texts`, in `folder`."""
-    vocab = Vocab(tokenize([s.lower() for s in texts]), min_freq=1, reserved_tokens=RESERVED_TOKENS)
+    `vocab` (`seeded_vocab(texts)`), in `folder`."""
     backend.set_seed(seed)
     backend.save_pretrained(backend.BERTModel(len(vocab), **SEEDED_SHAPE), vocab, folder)
     return folder
@@ -81,13 +85,12 @@ def _pretrained_spec(backend: ModuleType, settings: FinetuneSettings, source: SN
         return settings.pretrained
     train, test = snli_texts(source, settings.seed, settings.train_limit, settings.test_limit)
     _check_pairs(source, len(train[2]), len(test[2]))  # before anything is written
-    texts = train[0] + train[1]
-    tokens = Vocab(tokenize([s.lower() for s in texts]), min_freq=1, reserved_tokens=RESERVED_TOKENS).idx_to_token
-    key = hashlib.sha1(json.dumps([tokens, SEEDED_SHAPE, settings.seed]).encode()).hexdigest()[:12]
+    vocab = seeded_vocab(train[0] + train[1])
+    key = hashlib.sha1(json.dumps([vocab.idx_to_token, SEEDED_SHAPE, settings.seed]).encode()).hexdigest()[:12]
     folder = os.path.join(settings.out, f"seeded-bert-{settings.backend}-{key}")
     if os.path.exists(os.path.join(folder, PARAMS_FILES["pretrained"])):
         return folder
-    return build_seeded_checkpoint(backend, folder, texts, settings.seed)
+    return build_seeded_checkpoint(backend, folder, vocab, settings.seed)
 
 
 def _book_batches(source: SNLISource, settings: FinetuneSettings, vocab) -> tuple:

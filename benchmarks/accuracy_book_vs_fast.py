@@ -129,8 +129,8 @@ def main(argv=None):
             if pretrained is None:  # one seeded checkpoint for both modes
                 backend = load_backend(backend_name)
                 train, _ = snli_texts(snli_source(args.data, out, seed), seed, args.train_limit)
-                pretrained = jobs.build_seeded_checkpoint(
-                    backend, os.path.join(out, f"seeded-{backend_name}-{seed}"), train[0] + train[1], seed)
+                pretrained = jobs.build_seeded_checkpoint(backend, os.path.join(out, f"seeded-{backend_name}-{seed}"),
+                                                          jobs.seeded_vocab(train[0] + train[1]), seed)
             results = {}
             for mode in ("book", "fast"):
                 print(f"--- {backend_name}, {mode} mode, seed {seed}")

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import numpy as np
 
 from .settings import INIT_SCHEMES, LR_DECAYS, MLM_LOSSES
-from .training import Timer, TrainingDiverged, step_seed  # noqa: F401  (step_seed: part of this API)
+from .training import Timer, TrainingDiverged, step_seed
 
 
 def check_mlm_loss(mlm_loss: str) -> str:

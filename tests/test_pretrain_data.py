@@ -4,7 +4,8 @@ import re
 import numpy as np
 import pytest
 
-from nlibert.core.pretraining import StepRecord, format_pretrain_summary, learning_rate_at, step_seed
+from nlibert.core.pretraining import StepRecord, format_pretrain_summary, learning_rate_at
+from nlibert.core.training import step_seed
 from nlibert.core.resume import commit_resume_state, read_resume_state
 from nlibert.core.wiki import (RESERVED_TOKENS, WikiBatchIterator, WikiTextDataset, load_data_wiki,
                                read_wiki, read_wiki_files, wiki_files)
