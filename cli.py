@@ -10,8 +10,8 @@ import sys
 
 from .backends import BACKENDS
 from .core.data_hub import DownloadError
-from .core.settings import (PARITY_TOLERANCE, FINETUNE_MODES, INIT_SCHEMES, LR_DECAYS, MLM_LOSSES, PRECISIONS, PRETRAIN_MODES,
-                            FinetuneSettings, PretrainSettings)
+from .core.settings import (FINETUNE_MODES, INIT_SCHEMES, LR_DECAYS, MLM_LOSSES, PARITY_TOLERANCE, PRECISIONS,
+                            PRETRAIN_MODES, FinetuneSettings, PretrainSettings)
 
 FINETUNE, PRETRAIN = FinetuneSettings(), PretrainSettings()  # the defaults the options show
 # What a user's input or environment can cause (bad values, missing or unreadable files, no

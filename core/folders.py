@@ -18,7 +18,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .config import BERTConfig
-from .hf import HF_WEIGHT_FILES, PACKAGED_CHECKPOINTS, hf_weights_path, is_hf_folder, load_hf_checkpoint, resolve_packaged_checkpoint
+from .hf import (HF_WEIGHT_FILES, PACKAGED_CHECKPOINTS, hf_weights_path, is_hf_folder, load_hf_checkpoint,
+                 resolve_packaged_checkpoint)
 from .io import read_json
 from .names import check_shapes, format_key, infer_config, to_canonical
 

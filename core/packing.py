@@ -404,7 +404,8 @@ def load_packed_snli(source_file: str | os.PathLike, vocab: Vocab, max_len: int,
 
     The entry is written atomically (a reader never sees half a file) and holds only each row's
     valid positions and a sha1 of them; it is checked against the key and the sha1 on load, and any
-    entry that cannot be read, or reads as something else, is rebuilt with one line saying so. `dataset.cache_hit` says which way it went and `dataset.cache_path` where it lives.
+    entry that cannot be read, or reads as something else, is rebuilt with one line saying so.
+    `dataset.cache_hit` says which way it went and `dataset.cache_path` where it lives.
     `cache_dir` None means `default_cache_dir()`."""
     from .io import atomic_write
     from .snli import read_snli_file

@@ -29,6 +29,7 @@ INIT_SCHEMES = ("book", "xavier")
 # per activation; a missing mask changes outputs outright).
 PARITY_TOLERANCE = 1e-4
 
+
 def _check(settings: Any) -> None:
     """Refuse values no run can use, naming the option (`--batch-size`, ...)."""
     def option(name: str) -> str:

@@ -35,9 +35,9 @@ def extract_text(s: str) -> str:
 def read_snli_file(path: str | os.PathLike, verbose: bool = False) -> Dataset:
     """Read one SNLI `.txt` file: premises and hypotheses from the binary-parse columns 1 and 2,
     labels as `LABELS` ids. Rows whose gold label is '-' (annotators did not agree; SNLI's marker
-    for "no gold label") are dropped as the book drops them, and their count is printed; any other
-    label is an error naming the file and line, so that a misspelled label never loses a row silently.
-    `verbose` prints one line with both counts."""
+    for "no gold label") are dropped as the book drops them and counted; any other label is an error
+    naming the file and line, so that a misspelled label never loses a row silently. `verbose`
+    prints one line with the examples read and the rows skipped."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(

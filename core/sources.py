@@ -74,7 +74,7 @@ def snli_texts(source: SNLISource, seed: int, train_limit: int | None = None, te
     if source.test_file is None:
         train, test = split_dataset(read_snli_file(source.train_file, verbose=True), SPLIT_FRACTION, seed)
     else:
-        train, test = read_snli_file(source.train_file, verbose=True), read_snli_file(source.test_file, verbose=True)
+        train, test = (read_snli_file(f, verbose=True) for f in (source.train_file, source.test_file))
     return (take(train, subset_indices(len(train[2]), train_limit, seed)),
             take(test, subset_indices(len(test[2]), test_limit, seed)))
 
