@@ -25,6 +25,7 @@ class BackendInfo:
 REGISTRY = (
     BackendInfo("torch", "nlibert.backends.torch", "torch", "torch==2.13.0", fused_adam=True),
     BackendInfo("mxnet", "nlibert.backends.mxnet", "mxnet", "mxnet==1.9.1"),
+    BackendInfo("jax", "nlibert.backends.jax", "jax", "jax==0.4.23 jaxlib==0.4.23 flax==0.8.4 optax==0.2.1"),
 )
 BACKENDS = tuple(info.name for info in REGISTRY)
 _BY_NAME = {info.name: info for info in REGISTRY}

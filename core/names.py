@@ -92,6 +92,7 @@ HF_NAMES = RenameTable((
 FORMAT_NAMES: dict[str, RenameTable] = {
     "torch": RenameTable(()),  # the canonical names themselves
     "mxnet": MXNET_NAMES,
+    "jax": RenameTable(()),  # the canonical names: backends/jax lays its parameters out as torch does
 }
 
 

@@ -53,8 +53,8 @@ def test_unknown_keys_are_errors_naming_them():
         format_key("encoder.extra.weight", "mxnet")
     with pytest.raises(KeyError, match="hidden.0.weight"):
         canonical_key("hidden.0.weight", "mxnet")  # a torch name is not an MXNet one
-    with pytest.raises(ValueError, match="unknown checkpoint format 'jax'"):
-        format_key("output.bias", "jax")
+    with pytest.raises(ValueError, match="unknown checkpoint format 'tensorflow'"):
+        format_key("output.bias", "tensorflow")
     params = {k: np.zeros(s, np.float32) for k, s in expected_shapes(BERTConfig(10, 8, 16, 2, 1, max_len=4)).items()}
     params["bogus"] = np.zeros(1)
     with pytest.raises(KeyError, match="bogus"):

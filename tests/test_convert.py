@@ -243,21 +243,26 @@ def test_run_parity_report(sample_checkpoints):
     report = jobs.run_parity(str(pretrained), num_pairs=16, max_len=40, seed=3)
     assert report["kind"] == "pretrained" and report["format"] == "torch" and report["num_pairs"] == 16
     # the checkpoint's own backend is the reference, every other installed backend is compared to it
-    assert report["reference"] == "torch" and report["compared"] == ["mxnet"] == list(report["max_abs_diff"])
-    diffs = report["max_abs_diff"]["mxnet"]
-    assert {"encoded_X", "mlm_Y_hat", "nsp_Y_hat"} <= set(diffs)
-    # Pads are reported but not judged (attention never reads them); the all-position figure bounds
-    # the judged valid-position one.
-    assert diffs["encoded_X"] <= diffs["encoded_X (padding included)"]
+    assert report["reference"] == "torch" and report["compared"] == ["mxnet", "jax"] == list(report["max_abs_diff"])
+    for other in ("mxnet", "jax"):
+        diffs = report["max_abs_diff"][other]
+        assert {"encoded_X", "mlm_Y_hat", "nsp_Y_hat"} <= set(diffs)
+        # Pads are reported but not judged (attention never reads them); the all-position figure bounds
+        # the judged valid-position one.
+        assert diffs["encoded_X"] <= diffs["encoded_X (padding included)"]
     assert "encoded_X (padding included)" not in report["scale"] and report["scale"]["encoded_X"] >= 1
     assert report["passed"] is True and report["tolerance"] == 1e-4
 
     report = jobs.run_parity(str(classifier), num_pairs=16, max_len=40, seed=3)
     assert report["kind"] == "classifier" and set(report["max_abs_diff"]["mxnet"]) == {"logits"}
-    assert report["label_agreement"] == {"mxnet": 1.0} and report["passed"] is True
-    assert 0 < report["max_abs_diff"]["mxnet"]["logits"] <= 1e-5
+    assert report["label_agreement"] == {"mxnet": 1.0, "jax": 1.0} and report["passed"] is True
+    assert 0 < report["max_abs_diff"]["mxnet"]["logits"] <= 1e-5 and 0 < report["max_abs_diff"]["jax"]["logits"] <= 1e-5
 
     mxnet_copy = jobs.run_convert(str(classifier), str(classifier) + "-mxnet", "mxnet")
     report = jobs.run_parity(mxnet_copy, num_pairs=16, max_len=40, seed=3)
-    assert report["format"] == report["reference"] == "mxnet" and report["compared"] == ["torch"]
+    assert report["format"] == report["reference"] == "mxnet" and report["compared"] == ["torch", "jax"]
+    assert report["passed"] is True
+    jax_copy = jobs.run_convert(str(classifier), str(classifier) + "-jax", "jax")
+    report = jobs.run_parity(jax_copy, num_pairs=16, max_len=40, seed=3)
+    assert report["format"] == report["reference"] == "jax" and report["compared"] == ["torch", "mxnet"]
     assert report["passed"] is True

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from nlibert import cli, jobs
+from nlibert.backends import BACKENDS
 from nlibert.core.packing import SNLIBERTDataset
 from nlibert.core.sample import write_sample_snli
 from nlibert.core.settings import FinetuneSettings
@@ -99,7 +100,7 @@ def test_unknown_mode_and_precision_are_refused(tmp_path, capsys):
     assert "bfloat16" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("backend", ["torch", "mxnet"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_without_bucketing_and_dropout_the_fast_path_retraces_the_book_path(tmp_path, backend):
     """--no-bucketing: the book path's batches, the fast path's kernels. With dropout 0 the two modes
     then differ by rounding only: the same loss and accuracy every epoch, the same predictions."""

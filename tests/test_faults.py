@@ -6,6 +6,7 @@ import os
 import pytest
 
 from nlibert import cli, jobs
+from nlibert.backends import BACKENDS
 from nlibert.core import data_hub
 from nlibert.core.resume import output_lock
 from nlibert.core.sample import write_sample_snli
@@ -30,7 +31,7 @@ def error_of(capsys, argv) -> str:
     return err
 
 
-@pytest.mark.parametrize("backend", ["torch", "mxnet"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_diverging_run_is_an_error_and_writes_no_model(backend, tmp_path, capsys):
     out = tmp_path / "out"
     err = error_of(capsys, ["finetune", "--backend", backend, "--out", str(out), "--lr", "1e9", *SMALL])
@@ -38,7 +39,7 @@ def test_a_diverging_run_is_an_error_and_writes_no_model(backend, tmp_path, caps
     assert not (out / "model").exists() and not (out / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("backend", ["torch", "mxnet"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "-1"), ("--lr", "inf"), ("--epochs", "0"),
                                            ("--batch-size", "0"), ("--max-len", "2")])
 def test_both_backends_refuse_the_same_bad_settings(backend, option, value, tmp_path, capsys):

