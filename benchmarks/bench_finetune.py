@@ -1,6 +1,6 @@
 """Fine-tuning throughput: the book-faithful path against the fast path, side by side, in one run.
 
-    python benchmarks/bench_finetune.py                       # both backends, CPU, ~6 minutes here
+    python benchmarks/bench_finetune.py                       # every backend, CPU, ~10 minutes here
     python benchmarks/bench_finetune.py --rounds 2            # alternate the paths twice: fairer on a shared CPU
     python benchmarks/bench_finetune.py --backend torch --device cuda --steps 200 --book-steps 50
     python benchmarks/bench_finetune.py --ablation            # every lever on its own
@@ -85,14 +85,16 @@ def _iterator(arrays, labels, batch_size, padding, seed, warmup, steps):
                          pad_multiple=multiple)
 
 
-def _timed_steps(step, finish, sync, batches, warmup, steps, cfg, cls_only, cuda_peak=None):
+def _timed_steps(step, finish, sync, batches, warmup, steps, cfg, cls_only, cuda_peak=None, before=None):
     """Run `warmup` untimed then `steps` timed steps; return throughput, FLOPs and memory figures.
     Memory is watched from before the first warm-up step: the steps' working set (activations,
-    gradients, optimizer state) is allocated there, and reused rather than grown in the timed steps."""
+    gradients, optimizer state) is allocated there, and reused rather than grown in the timed steps.
+    `before()`, run first (watched too), does untimed work such as compiling and returns a figure."""
     sync()
     rss = PeakRSS().start()
     if cuda_peak is not None:
         cuda_peak("reset")
+    before_figure = before() if before is not None else None
     for _ in range(warmup):
         step(*next(batches))
     finish()
@@ -114,7 +116,7 @@ def _timed_steps(step, finish, sync, batches, warmup, steps, cfg, cls_only, cuda
     return {"examples": n, "seconds": seconds, "examples_per_sec": n / seconds,
             "mean_width": float(np.mean(widths)), "mean_valid_len": float(np.mean(np.concatenate(lengths))),
             "useful_flops": useful, "executed_flops": executed, "peak_mem_bytes": mem,
-            "cuda_peak_bytes": cuda_peak("read") if cuda_peak is not None else None}
+            "cuda_peak_bytes": cuda_peak("read") if cuda_peak is not None else None, "before": before_figure}
 
 
 def _step_and_finish(finetune_step, loop):
@@ -219,6 +221,62 @@ def child_mxnet(spec):
     return result
 
 
+def _split_host_for_jax(spec):
+    """'cpu:0,cpu:1' for JAX: XLA must be told, before it starts, to show the host as that many devices."""
+    if spec.get("backend") == "jax" and spec["device"].startswith("cpu:"):
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={len(spec['device'].split(','))}"
+
+
+def child_jax(spec):
+    import jax
+
+    from nlibert.backends import jax as backend
+    from nlibert.backends.jax.train import _padded_size  # the shapes the step compiles for
+    padding, fused, loop, precision, graph, cls_only = VARIANTS[spec["variant"]]
+    if precision != "float32":
+        return {"skipped": "the JAX backend trains in float32 only"}
+    devices = backend.parse_devices(spec["device"])
+    arrays, labels, vocab = tiled_dev(spec["max_len"], spec["tile"])
+    backend.set_seed(spec["seed"])
+    bert = backend.BERTModel(len(vocab), BERT_SMALL["num_hiddens"], BERT_SMALL["ffn_num_hiddens"],
+                             BERT_SMALL["num_heads"], BERT_SMALL["num_layers"], BERT_SMALL["dropout"],
+                             BERT_SMALL["max_len"], fused_attention=fused)
+    net = backend.BERTClassifier(bert, cls_only=cls_only)
+    backend.initialize_classifier_head(net, devices)
+    loss, trainer = backend.make_loss(), backend.make_trainer(net, 1e-4)
+    finetune_step = backend.FinetuneStep(net, loss, trainer, devices)
+    batch_list = list(_iterator(arrays, labels, spec["batch_size"], padding, spec["seed"], spec["warmup"],
+                                spec["steps"]))
+    step, finish = _step_and_finish(finetune_step, loop)
+
+    def compile_every_shape():
+        """XLA compiles the step once per padded shape: one untimed step on a batch of each shape the
+        timed steps will see, so that the figure is the steady state; returns the seconds it took."""
+        start, seen = time.perf_counter(), set()
+        for features, y in batch_list:
+            shape = (_padded_size(len(y)), min(_padded_size(features[0].shape[1]), BERT_SMALL["max_len"]))
+            if shape not in seen:
+                seen.add(shape)
+                finetune_step.read(finetune_step(features, y))
+        return {"compile_seconds": time.perf_counter() - start, "shapes": len(seen)}
+
+    def sync():
+        jax.block_until_ready(net.params)
+
+    def device_peak(what):
+        if what == "read":
+            return int(sum(d.memory_stats().get("peak_bytes_in_use", 0) for d in devices))
+        return None
+
+    gpu = devices[0].platform == "gpu"
+    result = _timed_steps(step, finish, sync, iter(batch_list), spec["warmup"], spec["steps"], BERT_SMALL,
+                          cls_only, device_peak if gpu else None, before=compile_every_shape)
+    result["devices"] = str(devices)
+    result["num_devices"] = len(devices) if gpu else 1  # CPU devices share the same cores
+    result["threads"] = os.cpu_count()
+    return result
+
+
 def child_peak(spec):
     """GFLOP/s of a large dense layer in the framework and precision the model uses, on the first device."""
     gpu = spec["device"] not in (None, "cpu")
@@ -242,6 +300,21 @@ def child_peak(spec):
             if device.type == "cuda":
                 torch.cuda.synchronize()
         what = f"torch F.linear {n}x{n}x{n} {spec['precision']}"
+    elif spec["backend"] == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        from nlibert.backends.jax import parse_devices
+        device = parse_devices(spec["device"])[0]
+        a, b = (jax.device_put(jax.random.normal(jax.random.PRNGKey(i), (n, n)), device) for i in (0, 1))
+        matmul = jax.jit(lambda x, y: x @ y.T)
+
+        def run():
+            run.out = matmul(a, b)
+
+        def sync():
+            jax.block_until_ready(run.out)
+        what = f"jax x @ y.T {n}x{n}x{n} float32"
     else:
         os.environ.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
         import mxnet as mx
@@ -270,12 +343,11 @@ def child_peak(spec):
 
 
 def child_main(spec):
+    _split_host_for_jax(spec)
     if spec["kind"] == "peak":
         result = child_peak(spec)
-    elif spec["backend"] == "torch":
-        result = child_torch(spec)
     else:
-        result = child_mxnet(spec)
+        result = {"torch": child_torch, "mxnet": child_mxnet, "jax": child_jax}[spec["backend"]](spec)
     result["loadavg_after"] = loadavg()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -322,7 +394,7 @@ def print_overview(backends: dict, args) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=(*BACKENDS, "both"), default="both")
+    parser.add_argument("--backend", choices=(*BACKENDS, "all"), default="all")
     parser.add_argument("--device", default="cpu", help="cpu, cuda (every GPU) or a list like cuda:0,cuda:1")
     parser.add_argument("--steps", type=int, default=24, help="timed steps of the fast paths")
     parser.add_argument("--book-steps", type=int, default=3, help="timed steps of the book path (about 15x slower)")
@@ -350,7 +422,7 @@ def main(argv=None):
     from nlibert.core.snli import read_snli_file
     num_dev = len(read_snli_file(dev_file())[2])
     tile = max(1, round(args.pairs / num_dev))
-    backends = list(BACKENDS) if args.backend == "both" else [args.backend]
+    backends = list(BACKENDS) if args.backend == "all" else [args.backend]
     variants = args.variants or (ABLATION_VARIANTS if args.ablation else DEFAULT_VARIANTS)
     base = dict(device=args.device, batch_size=args.batch_size, max_len=args.max_len, tile=tile,
                 threads=args.threads, seed=args.seed, warmup=args.warmup, omp_wait_policy=args.omp_wait_policy,

@@ -5,6 +5,9 @@ import pathlib
 # As the `nlibert` command does (cli.py): xdist workers share the cores, and spinning OpenMP threads
 # would steal them from each other. Set here, before any test module loads torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# XLA shows the host as two CPU devices, so the JAX backend's data parallelism (`cpu:0,cpu:1`, the
+# path `cuda:0,cuda:1` takes) is testable here; set before any test module starts JAX.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 import numpy as np
 import pytest

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from nlibert.backends import BACKENDS
+
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 from _common import PeakRSS, seed_interval, training_flops  # noqa: E402
@@ -48,10 +50,10 @@ def test_peak_rss_sees_memory_touched_inside_the_window():
     assert probe.stop() >= 48 * 2**20
 
 
-@pytest.mark.parametrize("backends, device", [("both", "cpu"), ("mxnet", "cpu:0,cpu:1")])
+@pytest.mark.parametrize("backends, device", [("all", "cpu"), ("mxnet", "cpu:0,cpu:1"), ("jax", "cpu:0,cpu:1")])
 def test_bench_finetune_runs_both_paths_on_a_tiny_configuration(tmp_path, shared_data, backends, device):
-    """Both backends on the CPU; and MXNet splitting each batch across two CPU contexts, the code path
-    that `--device cuda:0,cuda:1` takes with GPUs."""
+    """Every backend on the CPU; and MXNet and JAX splitting each batch across two CPU devices, the
+    code path that `--device cuda:0,cuda:1` takes with GPUs."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_finetune.py"), "--backend", backends, "--device", device,
@@ -60,7 +62,7 @@ def test_bench_finetune_runs_both_paths_on_a_tiny_configuration(tmp_path, shared
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "NLIBERT_SHARED_DATA": str(shared_data)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for backend in (("torch", "mxnet") if backends == "both" else (backends,)):
+    for backend in (BACKENDS if backends == "all" else (backends,)):
         assert f"{backend}: fast / book = " in proc.stdout
         variants = json.loads(out.read_text())["backends"][backend]["variants"]
         book, fast = variants["book"], variants["fast"]
@@ -69,8 +71,9 @@ def test_bench_finetune_runs_both_paths_on_a_tiny_configuration(tmp_path, shared
         assert 0 < fast["mfu"] and 0 < book["mfu"] and fast["mfu_issue_peak"] > 0
         assert book["mean_width"] == 128 and fast["mean_width"] < 128  # padded vs trimmed
         assert all(v["peak_mem_bytes"] >= 0 for v in (book, fast))
-        assert fast["runs"][0]["devices"] == ("[cpu(0), cpu(1)]" if device != "cpu" else
-                                              "[device(type='cpu')]" if backend == "torch" else "[cpu(0)]")
+        one, two = {"torch": ("[device(type='cpu')]", None), "mxnet": ("[cpu(0)]", "[cpu(0), cpu(1)]"),
+                    "jax": ("[CpuDevice(id=0)]", "[CpuDevice(id=0), CpuDevice(id=1)]")}[backend]
+        assert fast["runs"][0]["devices"] == (one if device == "cpu" else two)
     assert f"== summary: batch 4, max_len 128, device {device} ==" in proc.stdout
 
 

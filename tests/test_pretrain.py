@@ -80,6 +80,12 @@ def _batch_loss(name, backend, net, batch, vocab_size, mlm_loss):
         with torch.no_grad():
             mlm_l, nsp_l, _ = _get_batch_loss_bert(net, backend.make_loss(), vocab_size, *X, mlm_loss=mlm_loss)
         return float(mlm_l), float(nsp_l)
+    if name == "jax":
+        import jax
+        from nlibert.backends.jax.pretrain import _batch_loss as jax_batch_loss
+        _, (mlm_l, nsp_l) = jax_batch_loss(net.module, net.params, backend.make_loss(), vocab_size, *batch,
+                                           np.ones(len(batch[0]), np.float32), jax.random.PRNGKey(0), mlm_loss)
+        return float(mlm_l), float(nsp_l)
     from mxnet import np as mnp
     from nlibert.backends.mxnet.pretrain import _get_batch_loss_bert
     shards = [[mnp.array(a, dtype=a.dtype)] for a in batch]
@@ -253,6 +259,9 @@ def _params(name, net):
     """Every parameter of a model as numpy arrays, by structured name."""
     if name == "torch":
         return {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
+    if name == "jax":
+        from nlibert.backends.jax.checkpoint import _flatten
+        return {k: np.asarray(v) for k, v in _flatten(net.params).items()}
     return {k: p.data().asnumpy() for k, p in net._collect_params_with_prefix().items()}
 
 
@@ -375,33 +384,32 @@ def test_cli_pretrain_passes_the_schedule_mode_and_masking(monkeypatch, capsys):
 
 
 def test_xavier_init_gives_torch_the_distribution_of_mxnets_book_init(tmp_path):
-    """`--init xavier` in torch draws every tensor from the interval MXNet's `init.Xavier()` uses
-    (the same fans for Dense weights, embeddings and the 3-d positional embedding), biases 0,
+    """`--init xavier` in torch and JAX draws every tensor from the interval MXNet's `init.Xavier()`
+    uses (the same fans for Dense weights, embeddings and the 3-d positional embedding), biases 0,
     LayerNorm 1/0; `book` stays torch's own defaults (N(0, 1) positional embedding)."""
-    from nlibert.backends.mxnet.checkpoint import read_params as read_mxnet
-    from nlibert.backends.torch.checkpoint import read_params as read_torch
     from nlibert.core.names import format_key
     from nlibert.core.vocab import Vocab
     vocab = Vocab([f"w{i}" for i in range(300)] * 5, min_freq=1, reserved_tokens=["<pad>", "<mask>", "<cls>", "<sep>"])
     tensors = {}
-    for name, init in (("torch", "xavier"), ("torch", "book"), ("mxnet", "xavier")):
+    for name, init in (("torch", "xavier"), ("torch", "book"), ("mxnet", "xavier"), ("jax", "xavier")):
         backend = load_backend(name)
         backend.set_seed(0)
         net = backend.BERTModel(len(vocab), dropout=0.0, max_len=64, **TINY)
         backend.initialize_bert(net, backend.parse_devices("cpu"), init)
         backend.save_pretrained(net, vocab, tmp_path / f"{name}-{init}")
-        read = read_torch if name == "torch" else read_mxnet
-        tensors[name, init] = read(tmp_path / f"{name}-{init}" / "pretrained.params")
-    xavier, mxnet = tensors["torch", "xavier"], tensors["mxnet", "xavier"]
-    assert len(xavier) == len(mxnet)
-    for key, value in xavier.items():
-        other = mxnet[format_key(key, "mxnet")]
-        assert value.shape == other.shape, key
-        if value.ndim >= 2:  # uniform on the same +-bound: the largest |draw| of each is within a few %
-            assert np.abs(value).max() == pytest.approx(np.abs(other).max(), rel=0.1), key
-            assert not np.array_equal(value, other), key
-        else:  # biases 0, LayerNorm scales 1
-            np.testing.assert_array_equal(value, other, err_msg=key)
+        tensors[name, init] = backend.read_params(tmp_path / f"{name}-{init}" / "pretrained.params")
+    mxnet = tensors["mxnet", "xavier"]
+    for xavier in (tensors["torch", "xavier"], tensors["jax", "xavier"]):
+        assert len(xavier) == len(mxnet)
+        for key, value in xavier.items():
+            other = mxnet[format_key(key, "mxnet")]
+            assert value.shape == other.shape, key
+            if value.ndim >= 2:  # uniform on the same +-bound: the largest |draw| of each is within a few %
+                assert np.abs(value).max() == pytest.approx(np.abs(other).max(), rel=0.1), key
+                assert not np.array_equal(value, other), key
+            else:  # biases 0, LayerNorm scales 1
+                np.testing.assert_array_equal(value, other, err_msg=key)
+    xavier = tensors["torch", "xavier"]
     pos = "encoder.pos_embedding"
     assert np.abs(xavier[pos]).max() < 0.2 < np.abs(tensors["torch", "book"][pos]).max()
     with pytest.raises(ValueError, match="unknown init 'normal'"):

@@ -53,15 +53,28 @@ def masked_softmax(X: jax.Array, valid_lens: jax.Array | None) -> jax.Array:
     return jax.nn.softmax(jnp.where(keep, X, -1e6), axis=-1)
 
 
+def _host_init(draw):
+    """An initializer that draws on the host with numpy, seeded by the layer's JAX key: drawn with
+    `jax.random`, every parameter would be an XLA program compiled on its own (about 0.2 s each on
+    a CPU, seconds per model). Flax also calls an initializer under `eval_shape` to check a
+    parameter's shape; there only the shape counts."""
+    def init(key: jax.Array, shape: Sequence[int]):
+        if isinstance(key, jax.core.Tracer):
+            return jnp.zeros(shape, jnp.float32)
+        return draw(np.random.default_rng(np.asarray(key)), tuple(shape)).astype(np.float32)
+    return init
+
+
 def _torch_uniform(fan_in: int):
     """torch's default for Linear weights and biases, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): the same
     distributions as the torch backend's freshly built layers."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
-    return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    return _host_init(lambda rng, shape: rng.uniform(-bound, bound, shape))
 
 
-def _normal(key: jax.Array, shape: Sequence[int]) -> jax.Array:
-    return jax.random.normal(key, shape, jnp.float32)  # N(0, 1): torch's Embedding and the book's pos_embedding
+_normal = _host_init(lambda rng, shape: rng.standard_normal(shape))  # N(0, 1): torch's Embedding, the book's pos_embedding
+_ones = _host_init(lambda rng, shape: np.ones(shape))
+_zeros = _host_init(lambda rng, shape: np.zeros(shape))
 
 
 class _Linear(nn.Module):
@@ -88,8 +101,8 @@ class _LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         mean = x.mean(axis=-1, keepdims=True)
         var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
-        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        weight = self.param("weight", _ones, (x.shape[-1],))
+        bias = self.param("bias", _zeros, (x.shape[-1],))
         return (x - mean) / jnp.sqrt(var + self.eps) * weight + bias
 
 
@@ -389,7 +402,8 @@ class _Bound:
 
     def _init(self, module: nn.Module, *example_inputs) -> None:
         self.module = module
-        self.params = module.init(_next_key(), *example_inputs)["params"]
+        shapes = [jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in example_inputs]
+        self.params = module.lazy_init(_next_key(), *shapes)["params"]  # no forward pass: shapes suffice
         self._compiled = None
 
     def _rebuild(self, **changes) -> None:
@@ -515,7 +529,7 @@ class BERTClassifier(_Bound):
         self.module = _Classifier(_config_items(bert.config), bert_module.detach_pos_embedding,
                                   bert_module.fused_attention, cls_only)
         H = bert.config.num_hiddens
-        output = _Linear(3).init(_next_key(), jnp.zeros((1, H), jnp.float32))["params"]  # torch's default init
+        output = _Linear(3).lazy_init(_next_key(), jax.ShapeDtypeStruct((1, H), jnp.float32))["params"]  # torch's init
         self.params = {"encoder": bert.params["encoder"], "hidden": bert.params["hidden"], "output": output}
         self._compiled = None
 

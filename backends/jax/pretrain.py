@@ -11,6 +11,7 @@ multiple of the device count with weight-0 rows, which change no loss and no gra
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Iterable, Sequence
 
@@ -58,6 +59,7 @@ def initialize_bert(net: _Bound, devices: Sequence[jax.Device], init: str = "boo
 def _batch_loss(module, params, loss: Callable, vocab_size: int, tokens_X, segments_X, valid_lens_x,
                 pred_positions_X, mlm_weights_X, mlm_Y, nsp_y, row_weights, key, mlm_loss: str):
     """`(mlm_l + nsp_l, (mlm_l, nsp_l))` of one batch, padded rows (`row_weights` 0) left out."""
+    check_mlm_loss(mlm_loss)
     _, mlm_Y_hat, nsp_Y_hat = module.apply({"params": params}, tokens_X, segments_X, valid_lens_x.reshape(-1),
                                            pred_positions_X, training=True, rngs={"dropout": key})
     mlm_l = loss(mlm_Y_hat.reshape(-1, vocab_size), mlm_Y.reshape(-1))  # (B*P,)
@@ -72,6 +74,20 @@ def _batch_loss(module, params, loss: Callable, vocab_size: int, tokens_X, segme
     return mlm_l + nsp_l, (mlm_l, nsp_l)
 
 
+@functools.lru_cache(maxsize=None)
+def _pretrain_function(module, loss: Callable, vocab_size: int, tx: optax.GradientTransformation, mlm_loss: str,
+                       donate: bool) -> Callable:
+    """Compiled: one optimizer step of `mlm + nsp` on a loaded batch; the new parameters and state
+    and the two losses. Kept per model configuration, so later runs in the process reuse it."""
+    def step(params, opt_state, key, *batch):
+        grads, (mlm_l, nsp_l) = jax.grad(
+            lambda p: _batch_loss(module, p, loss, vocab_size, *batch, key, mlm_loss), has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, jnp.stack([mlm_l, nsp_l])
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
 class PretrainStep:
     """core/pretraining.py's step: the net's parameters and the trainer's state replicated on
     `devices`, each batch sharded across them; each call is one compiled step of the book's
@@ -83,15 +99,8 @@ class PretrainStep:
         self.devices = require_devices(devices)
         self.net, self.trainer, self.mlm_loss = net, trainer, check_mlm_loss(mlm_loss)
         net.params, trainer.state = _replicate(net.params, self.devices), _replicate(trainer.state, self.devices)
-        module, tx = net.module, trainer.tx
-
-        def step(params, opt_state, key, *batch):
-            grads, (mlm_l, nsp_l) = jax.grad(
-                lambda p: _batch_loss(module, p, loss, vocab_size, *batch, key, mlm_loss), has_aux=True)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, jnp.stack([mlm_l, nsp_l])
-
-        self.step = jax.jit(step, donate_argnums=(0, 1) if self.devices[0].platform != "cpu" else ())
+        self.step = _pretrain_function(net.module, loss, vocab_size, trainer.tx, self.mlm_loss,
+                                       self.devices[0].platform != "cpu")
         self.key = jax.random.PRNGKey(0)
 
     @property

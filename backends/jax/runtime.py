@@ -62,13 +62,20 @@ def make_loss() -> Callable[[jax.Array, jax.Array], jax.Array]:
     return _cross_entropy
 
 
+# One Adam for every trainer: the rate is an injected hyperparameter, set in each trainer's state,
+# so the transform itself does not depend on it, and a compiled step (cached per transform) serves
+# every trainer and every run in the process.
+_ADAM = optax.inject_hyperparams(optax.adam)(learning_rate=0.0)
+
+
 class _Trainer:
-    """The book's `optax.adam(lr)` and its state. The rate is an injected hyperparameter (it lives in
-    the state, so a schedule can set it between jitted steps without a recompile)."""
+    """The book's `optax.adam(lr)` and its state. The rate lives in the state (`inject_hyperparams`),
+    so a schedule can set it between compiled steps without a recompile."""
 
     def __init__(self, net: _Bound, lr: float) -> None:
-        self.tx = optax.inject_hyperparams(optax.adam)(learning_rate=lr)
+        self.tx = _ADAM
         self.state = self.tx.init(net.params)
+        self.learning_rate = lr
 
     @property
     def learning_rate(self) -> float:

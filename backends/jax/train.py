@@ -168,6 +168,9 @@ class _Sums:
     def __add__(self, other: "_Sums") -> "_Sums":
         return _Sums(self.parts + other.parts)
 
+    def __radd__(self, other: "_Sums | int") -> "_Sums":
+        return self if isinstance(other, int) and other == 0 else _Sums(other.parts + self.parts)  # sum()'s 0
+
     def total(self) -> float:
         return float(np.sum(np.asarray(jnp.stack(self.parts), np.float64)))
 

@@ -1,0 +1,446 @@
+"""Three-way parity: the same weights give the same numbers in JAX, PyTorch and MXNet.
+
+JAX is the third framework beside tests/test_parity.py's torch and MXNet, and this file follows
+it: every checkpoint is built in one framework, written in its own format, converted with
+`jobs.run_convert` and loaded into the others, so the models, the key map (the JAX format uses the
+canonical names, core/names.py), the converter and the loaders are covered together. The shapes,
+inputs and forward tolerance are test_parity's own (imported, so the two files cannot drift).
+
+Float32 on the CPU is never bit-equal across libraries (GEMM kernels, summation orders, softmax
+and LayerNorm), so every comparison states its tolerance and the figure measured here (jax 0.4.23,
+flax 0.8.4, optax 0.2.1, torch 2.13, mxnet 1.9.1, numpy 1.23.5, 2-core CPU).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as onp
+import pytest
+
+import nlibert  # noqa: F401  first: importing mxnet before it would drop torch to one thread
+
+torch = pytest.importorskip("torch")
+mx = pytest.importorskip("mxnet")
+jax = pytest.importorskip("jax")
+import optax  # noqa: E402
+
+import nlibert.backends.jax as jb  # noqa: E402
+import nlibert.backends.mxnet as mb  # noqa: E402
+import nlibert.backends.torch as tb  # noqa: E402
+from nlibert import jobs  # noqa: E402
+from nlibert.backends.torch.train import train_batch_ch13 as torch_train_batch  # noqa: E402
+from nlibert.core.batching import BatchIterator  # noqa: E402
+from nlibert.core.names import expected_shapes  # noqa: E402
+# tests/ is on sys.path (rootdir conftest, prepend import mode): test_parity's shapes, inputs and
+# forward tolerance are shared, not copied.
+from test_parity import (FORWARD_ATOL, GRAD_BATCH_LENS, SHAPES, _assert_outputs_close,  # noqa: E402
+                         _batches, _inputs, _sample_classifier_data, _vocab)
+
+CPU_T, CPU_M, CPU_J = torch.device("cpu"), mx.cpu(), jb.parse_devices("cpu")[0]
+
+
+def _flatten(tree, prefix=""):
+    """A JAX parameter (or gradient) tree as {canonical name: float64 numpy array}."""
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[prefix + k] = onp.asarray(v, onp.float64)
+    return flat
+
+
+def _load_jax(folder):
+    return jb.load_pretrained_model(str(folder), None, None, None, None, None, None, [CPU_J])[0]
+
+
+def _load_mxnet(folder):
+    return mb.load_pretrained_model(str(folder), None, None, None, None, None, None, [CPU_M])[0]
+
+
+def _load_torch(folder):
+    return tb.load_pretrained_model(str(folder), None, None, None, None, None, None, [CPU_T])[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward passes
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def three_way(request, tmp_path_factory):
+    """(shape name, torch BERTModel, the same weights in JAX and in MXNet): torch save_pretrained ->
+    run_convert(to='jax'), run_convert(to='mxnet') -> each load_pretrained_model, sizes read off."""
+    name = request.param
+    V, H, F, heads, layers, max_len = SHAPES[name]
+    folder = tmp_path_factory.mktemp(f"jax-parity-{name}")
+    torch.manual_seed(sum(map(ord, name)))
+    bert_t = tb.BERTModel(V, H, F, heads, layers, 0.1, max_len)  # dropout 0.1: every forward must switch it off
+    tb.save_pretrained(bert_t, _vocab(V), folder / "torch")
+    jobs.run_convert(str(folder / "torch"), str(folder / "jax"), to="jax")
+    jobs.run_convert(str(folder / "torch"), str(folder / "mxnet"), to="mxnet")
+    bert_j, bert_m = _load_jax(folder / "jax"), _load_mxnet(folder / "mxnet")
+    assert bert_j.config == bert_t.config == bert_m.config  # sizes and head count read back
+    return name, bert_t, bert_m, bert_j
+
+
+@pytest.mark.parametrize("batch", ["batch1", "batch5"])
+def test_forward_parity_torch_checkpoint_in_jax_and_mxnet(three_way, batch):
+    """All three frameworks' (encoded_X, mlm_Y_hat, nsp_Y_hat) agree within FORWARD_ATOL (1e-5) at every
+    position, pads included, with valid lengths 1 .. max_len (test_parity's reasoning for 1e-5 holds:
+    O(1) outputs, ~80 float32 ulps of 1.0). Measured max |torch - jax| (encoded_X, mlm_Y_hat,
+    nsp_Y_hat) over both batches: bert.small (T 512) 1.4e-6, 1.8e-6, 1.2e-7; tiny 4.8e-7, 4.8e-7, 6e-8;
+    odd 9.5e-7, 7.2e-7, 1.2e-7. |mxnet - jax|: bert.small 1.7e-6, 1.7e-6, 2.1e-7; tiny 4.8e-7, 5.7e-7,
+    6e-8; odd 9.5e-7, 1.1e-6, 1.6e-7. So >= 5x margin, as torch vs MXNet in test_parity."""
+    name, bert_t, bert_m, bert_j = three_way
+    V, H, _, _, _, max_len = SHAPES[name]
+    x = _inputs(V, max_len, _batches(max_len)[batch], seed=len(batch))
+    out_t, out_m, out_j = tb.bert_outputs(bert_t, *x, CPU_T), mb.bert_outputs(bert_m, *x, CPU_M), \
+        jb.bert_outputs(bert_j, *x, CPU_J)
+    assert out_j[0].shape == (len(x[2]), max_len, H)
+    assert out_j[1].shape == (len(x[2]), 4, V) and out_j[2].shape == (len(x[2]), 2)
+    _assert_outputs_close(out_t, out_j)
+    _assert_outputs_close(out_m, out_j)
+
+
+def test_forward_parity_jax_checkpoint_in_torch_and_mxnet(tmp_path):
+    """The reverse direction: a JAX-built model (its own init, torch's distributions) saved in the JAX
+    format, run_convert to torch and to mxnet; all three agree within FORWARD_ATOL (odd shape).
+    Measured max |jax - torch| (encoded_X, mlm_Y_hat, nsp_Y_hat), worst of two init draws: 1.2e-6,
+    8.3e-7, 1.2e-7; |jax - mxnet|: 1.4e-6, 1.2e-6, 1.5e-7; so ~7x margin."""
+    V, H, F, heads, layers, max_len = SHAPES["odd"]
+    jb.set_seed(3)
+    bert_j = jb.BERTModel(V, H, F, heads, layers, 0.1, max_len)
+    jb.save_pretrained(bert_j, _vocab(V), tmp_path / "jax")
+    jobs.run_convert(str(tmp_path / "jax"), str(tmp_path / "torch"), to="torch")
+    jobs.run_convert(str(tmp_path / "jax"), str(tmp_path / "mxnet"), to="mxnet")
+    bert_t, bert_m = _load_torch(tmp_path / "torch"), _load_mxnet(tmp_path / "mxnet")
+    assert bert_t.config == bert_j.config == bert_m.config
+    for batch in ("batch1", "batch5"):
+        x = _inputs(V, max_len, _batches(max_len)[batch], seed=7)
+        out_j = jb.bert_outputs(bert_j, *x, CPU_J)
+        _assert_outputs_close(tb.bert_outputs(bert_t, *x, CPU_T), out_j)
+        _assert_outputs_close(mb.bert_outputs(bert_m, *x, CPU_M), out_j)
+
+
+@pytest.mark.parametrize("kind", ["pretrained", "classifier"])
+def test_convert_round_trip_jax_torch_jax_is_bit_exact(tmp_path, kind):
+    """run_convert jax -> torch -> jax gives back the same names, in the same (state_dict) order, and
+    the same arrays bit for bit (np.array_equal, same dtype); the torch file in between holds them
+    too, and the vocabulary and config come back unchanged."""
+    V, H, F, heads, layers, max_len = SHAPES["tiny"]
+    jb.set_seed(4)
+    bert = jb.BERTModel(V, H, F, heads, layers, 0.1, max_len)
+    if kind == "pretrained":
+        jb.save_pretrained(bert, _vocab(V), tmp_path / "jax")
+    else:
+        jb.save_classifier(jb.BERTClassifier(bert), _vocab(V), None, tmp_path / "jax")
+    jobs.run_convert(str(tmp_path / "jax"), str(tmp_path / "torch"), to="torch")
+    jobs.run_convert(str(tmp_path / "torch"), str(tmp_path / "back"), to="jax")
+    file = f"{kind}.params"
+    original, middle, back = (jb.read_params(tmp_path / "jax" / file), tb.read_params(tmp_path / "torch" / file),
+                              jb.read_params(tmp_path / "back" / file))
+    assert list(original) == list(expected_shapes(bert.config, kind))
+    assert list(middle) == list(original) and list(back) == list(original)
+    for name, a in original.items():
+        assert a.dtype == back[name].dtype == onp.float32, name
+        assert onp.array_equal(a, back[name]) and onp.array_equal(a, onp.asarray(middle[name])), name
+    assert (tmp_path / "back" / "vocab.json").read_bytes() == (tmp_path / "jax" / "vocab.json").read_bytes()
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("jax", "torch", "back")]
+    assert configs[0] == configs[2] and configs[1]["format"] == "torch"
+
+
+@pytest.mark.parametrize("shape", ["tiny", "odd"])
+def test_classifier_logits_parity(tmp_path, shape):
+    """save_classifier (torch) -> run_convert -> load_classifier (jax, mxnet): the same logits within
+    FORWARD_ATOL. Measured max |torch - jax|: tiny 1.2e-7, odd 1.3e-7; |mxnet - jax|: 1.2e-7 both
+    (logits of a Linear on tanh outputs, |logit| < 1), so ~75x margin."""
+    V, H, F, heads, layers, max_len = SHAPES[shape]
+    torch.manual_seed(11)
+    net_t = tb.BERTClassifier(tb.BERTModel(V, H, F, heads, layers, 0.1, max_len))
+    tb.save_classifier(net_t, _vocab(V), None, tmp_path / "torch")
+    jobs.run_convert(str(tmp_path / "torch"), str(tmp_path / "jax"), to="jax")
+    jobs.run_convert(str(tmp_path / "torch"), str(tmp_path / "mxnet"), to="mxnet")
+    net_j, _, cfg_j = jb.load_classifier(str(tmp_path / "jax"), [CPU_J])
+    net_m, _, cfg_m = mb.load_classifier(str(tmp_path / "mxnet"), [CPU_M])
+    assert cfg_j == cfg_m == net_t.config
+    ids, segments, valid_lens, _ = _inputs(V, max_len, _batches(max_len)["batch5"], seed=5)
+    logits_t = tb.classifier_logits(net_t, ids, segments, valid_lens, CPU_T)
+    logits_m = mb.classifier_logits(net_m, ids, segments, valid_lens, CPU_M)
+    logits_j = jb.classifier_logits(net_j, ids, segments, valid_lens, CPU_J)
+    assert logits_j.shape == (5, 3)
+    onp.testing.assert_allclose(logits_j, logits_t, rtol=0, atol=FORWARD_ATOL)
+    onp.testing.assert_allclose(logits_j, logits_m, rtol=0, atol=FORWARD_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients, one optimizer step, a short fine-tune (dropout 0: every framework computes the same
+# deterministic function in training mode)
+
+
+def _classifier_pair(folder, shape, seed):
+    """A torch BERTClassifier with dropout 0 and the same weights (output layer included) in JAX."""
+    V, H, F, heads, layers, max_len = shape
+    torch.manual_seed(seed)
+    net_t = tb.BERTClassifier(tb.BERTModel(V, H, F, heads, layers, 0.0, max_len))
+    tb.save_classifier(net_t, _vocab(V), None, folder / "torch")
+    jobs.run_convert(str(folder / "torch"), str(folder / "jax"), to="jax")
+    net_j, _, _ = jb.load_classifier(str(folder / "jax"), [CPU_J])
+    return net_t, net_j
+
+
+def _summed_loss_gradient(net_j, tokens, segments, valid_lens, labels):
+    """JAX's gradient of the summed per-example loss (the torch book's l.sum()) over the parameters,
+    in training mode (dropout is 0 here: the key only satisfies the signature), compiled."""
+    def summed_loss(params):
+        logits = net_j.apply(params, tokens, segments, valid_lens.astype(onp.float32), training=True,
+                             rngs={"dropout": jax.random.PRNGKey(0)})
+        return jb.make_loss()(logits, labels).sum()
+    return _flatten(jax.jit(jax.grad(summed_loss))(net_j.params))
+
+
+def _check_gradients(grads_t, grads_j):
+    """test_gradient_parity_classifier's rule, per parameter: max |g_torch - g_jax| <= 1e-4 * max(max
+    |g_torch|, 1e-3 * G), G the largest gradient entry of the whole net (returned)."""
+    assert sorted(grads_j) == sorted(grads_t)
+    G = max(onp.abs(g).max() for g in grads_t.values())
+    for name, gt in grads_t.items():
+        gj = grads_j[name]
+        assert gt.shape == gj.shape, name
+        scale = max(onp.abs(gt).max(), 1e-3 * G)
+        diff = onp.abs(gt - gj).max()
+        assert diff <= 1e-4 * scale, f"{name}: max |diff| {diff:.3e}, gradient scale {scale:.3e}"
+    return G
+
+
+def test_gradient_parity_classifier(tmp_path):
+    """Gradients of every classifier parameter after one backward pass of the summed loss (bert.small
+    sizes, B 8, T 64, lengths 1 .. 64): JAX's jax.grad vs torch's backward.
+
+    Tolerance, per parameter, test_parity's: max |g_torch - g_jax| <= 1e-4 * max(max |g_torch|, 1e-3 * G),
+    G the largest gradient entry of the net (1.9 here). Measured: <= 1.1e-6 of each parameter's own
+    scale (torch vs JAX agree ~10x closer than torch vs MXNet's 1.1e-5), 1.8e-6 of the floor on
+    W_k.bias; so >= 50x margin. The floor 1e-3 * G is for the attention `W_k.bias`, whose true
+    gradient is exactly 0 (q . b_k is the same for every key, and the softmax ignores a constant
+    shift): both give float noise (measured <= 1.9e-9 * G), checked to be ~0 instead.
+    `pos_embedding` rows beyond the batch width (64 of max_len 512) get exactly 0 in both.
+    """
+    net_t, net_j = _classifier_pair(tmp_path, SHAPES["bert.small"], seed=0)
+    ids, segments, valid_lens, _ = _inputs(SHAPES["bert.small"][0], 64, GRAD_BATCH_LENS, seed=0)
+    labels = onp.random.default_rng(0).integers(0, 3, size=len(valid_lens))
+    net_t.train()
+    tb.make_loss()(net_t(tuple(torch.as_tensor(a) for a in (ids, segments, valid_lens))),
+                   torch.as_tensor(labels)).sum().backward()
+    grads_t = {k: p.grad.numpy().astype(onp.float64) for k, p in net_t.named_parameters()}
+    grads_j = _summed_loss_gradient(net_j, ids, segments, valid_lens, labels)
+    assert len(grads_j) == len(grads_t) == 39  # 7 + 16 per layer tensors for 2 layers
+    G = _check_gradients(grads_t, grads_j)
+    assert G > 0.1
+    for name, gt in grads_t.items():
+        if name.endswith("W_k.bias"):
+            assert onp.abs(gt).max() <= 1e-6 * G and onp.abs(grads_j[name]).max() <= 1e-6 * G, name
+        elif name != "encoder.pos_embedding":
+            assert onp.abs(grads_j[name]).max() >= 1e-4 * G, f"{name}: no gradient reached it"
+    gt, gj = grads_t["encoder.pos_embedding"], grads_j["encoder.pos_embedding"]
+    assert not gt[:, 64:].any() and not gj[:, 64:].any() and gj[:, :64].any()
+
+
+def test_gradient_parity_pretraining_heads(tmp_path):
+    """All 13 + 16 L tensors of a BERTModel under the MLM + NSP losses (summed), which covers the
+    MaskLM gather and both heads, on the tiny shape (compiling the odd one's 3 layers takes ~7 s,
+    tiny's ~2.5 s). Same tolerance rule as above; measured <= 3.9e-7 of each parameter's scale, 6.2e-6
+    of the floor on W_k.bias (its gradient <= 4.5e-9 G, G 6.7 here): >= 16x margin."""
+    V, H, F, heads, layers, max_len = SHAPES["tiny"]
+    torch.manual_seed(5)
+    bert_t = tb.BERTModel(V, H, F, heads, layers, 0.0, max_len)
+    tb.save_pretrained(bert_t, _vocab(V), tmp_path / "torch")
+    jobs.run_convert(str(tmp_path / "torch"), str(tmp_path / "jax"), to="jax")
+    bert_j = _load_jax(tmp_path / "jax")
+    ids, segments, valid_lens, positions = _inputs(V, max_len, [max_len, 1, 20, 7, max_len, 2], seed=2)
+    rng = onp.random.default_rng(2)
+    mlm_labels, nsp_labels = rng.integers(0, V, size=positions.shape), rng.integers(0, 2, size=len(ids))
+
+    bert_t.train()
+    _, mlm_t, nsp_t = bert_t(*(torch.as_tensor(a) for a in (ids, segments, valid_lens, positions)))
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    (ce(mlm_t.reshape(-1, V), torch.as_tensor(mlm_labels).reshape(-1)).sum()
+     + ce(nsp_t, torch.as_tensor(nsp_labels)).sum()).backward()
+    grads_t = {k: p.grad.numpy().astype(onp.float64) for k, p in bert_t.named_parameters()}
+
+    def total(params):
+        _, mlm, nsp = bert_j.apply(params, ids, segments, valid_lens.astype(onp.float32), positions,
+                                   training=True, rngs={"dropout": jax.random.PRNGKey(0)})
+        return (optax.softmax_cross_entropy_with_integer_labels(mlm.reshape(-1, V), mlm_labels.reshape(-1)).sum()
+                + optax.softmax_cross_entropy_with_integer_labels(nsp, nsp_labels).sum())
+    grads_j = _flatten(jax.jit(jax.grad(total))(bert_j.params))
+    assert len(grads_j) == len(grads_t) == 13 + 16 * layers
+    G = _check_gradients(grads_t, grads_j)
+    for name, gt in grads_t.items():
+        if name.endswith("W_k.bias"):
+            assert onp.abs(gt).max() <= 1e-6 * G and onp.abs(grads_j[name]).max() <= 1e-6 * G, name
+        else:
+            assert onp.abs(grads_j[name]).max() >= 1e-4 * G, f"{name}: no gradient reached it"
+
+
+def _first_step_bound(p, g_t, g_j, lr, eps):
+    """(bound on |dp_torch - dp_jax| per element, ulp(p)) for a first Adam step from `p` with mean
+    gradients g_t, g_j and eps on the mean scale: test_one_adam_step_parity derives it."""
+    ulp = onp.spacing(onp.abs(p).astype(onp.float32) + onp.float32(2 * lr)).astype(onp.float64)
+    return (lr * onp.minimum(2, 2 * onp.abs(g_t - g_j) / (onp.maximum(onp.abs(g_t), onp.abs(g_j)) + eps))
+            + 2 * ulp + 1e-6 * lr), ulp
+
+
+def _adam_gradients(trainer_j):
+    """The mean gradient the JAX trainer's first step used, from optax's first moment (mu = 0.1f * g)."""
+    adam_state = trainer_j.state.inner_state[0]
+    assert int(adam_state.count) == 1
+    return {k: v / onp.float64(onp.float32(0.1)) for k, v in _flatten(adam_state.mu).items()}
+
+
+def test_one_adam_step_parity(tmp_path):
+    """Parameters after one training step: jb.train_batch_ch13 with the book's make_trainer (optax.adam)
+    vs torch Adam through torch's own train_batch_ch13 (bert.small sizes, B 8, T 64).
+
+    How the two differ:
+    1. Gradient scale. torch sums the per-example losses (`l.sum().backward()`): its gradient is a sum
+       over the batch. The JAX step differentiates the mean (the JAX book's `.mean()`), as MXNet's
+       `Trainer.step(batch_size)` does.
+    2. eps. optax.adam is torch's formula, p -= lr * m_hat / (sqrt(v_hat) + eps), eps 1e-8 added to
+       the bias-corrected sqrt (not to the raw sqrt(v) as MXNet's kernel does), but on the *mean*
+       gradient. On the first step m_hat = g and v_hat = g^2, so both reduce to p -= lr * g / (|g| + eps)
+       with their own g. torch with eps = B * 1e-8 on its summed gradient is then exactly the JAX step:
+       g_sum / (|g_sum| + B eps) = g / (|g| + eps), and multiplying by B = 8 is exact in float.
+    3. No residue beyond rounding (unlike MXNet's float32 (1 - beta2)): with g = 1 optax steps by
+       lr (1 - 2.5e-8) (1e-4 as a float32) and torch by lr (1 - 9.8e-8) (measured); a 1e-6 * lr term
+       allows for it.
+
+    Tolerance per element, test_parity's bound with eps' = 1e-8 (JAX's, on the mean scale):
+    |dp_torch - dp_jax| <= lr * min(2, 2 |g_t - g_j| / (max(|g_t|, |g_j|) + eps')) + 2 ulp(p) + 1e-6 lr.
+    The first term is the exact bound on |f(g_t) - f(g_j)| for f(g) = g / (|g| + eps'): it carries the
+    gradient disagreement (~1e-6 relative, see the gradient test) through the step and matters only
+    where |g| is near eps' or the two gradients differ in sign; 2 ulp(p) is the float32 rounding of
+    the two updated parameters. g_j must be the gradient the JAX step used, so it is read back from
+    optax's first moment (mu = 0.1f * g, one rounding): a separately compiled jax.grad differs from it
+    by up to 2.2e-7 G, far more than W_k.bias's whole gradient. Measured: the largest |dp_torch - dp_jax|
+    / bound is 0.50 (on W_k.bias; without the 1e-6 lr term every entry is still inside), the largest
+    |dp_torch - dp_jax| 1.2e-5 (0.12 lr), on W_o.weight entries whose gradient is small.
+
+    Near-zero gradients: W_k.bias's true gradient is 0 and each framework's is float noise (<= 1.8e-9 G
+    on the mean scale), so Adam moves it by lr * noise / eps' (measured 0.036 lr in JAX, 0.032 lr in
+    torch; asserted <= 0.1 lr). The book's torch setting (eps 1e-8 on the summed gradient, eps' =
+    1.25e-9 on the mean scale) moves those entries by up to 0.21 lr and breaks the bound on 3.7e5
+    entries with small gradients (every dense weight has some): checked, so the eps scaling is needed.
+    """
+    lr, eps = 1e-4, 1e-8
+    net_t, net_j = _classifier_pair(tmp_path, SHAPES["bert.small"], seed=1)
+    ids, segments, valid_lens, _ = _inputs(SHAPES["bert.small"][0], 64, GRAD_BATCH_LENS, seed=1)
+    X, y = (ids, segments, valid_lens), onp.random.default_rng(1).integers(0, 3, size=len(valid_lens))
+    B = len(y)
+    before = {k: p.detach().numpy().astype(onp.float64) for k, p in net_t.named_parameters()}
+    flat_j = _flatten(net_j.params)
+    assert sorted(flat_j) == sorted(before)
+    for k in before:
+        assert onp.array_equal(before[k], flat_j[k]), k
+    naive = copy.deepcopy(net_t)
+
+    trainer_j = jb.make_trainer(net_j, lr)
+    jb.train_batch_ch13(net_j, X, y, jb.make_loss(), trainer_j, [CPU_J])
+    torch_train_batch(net_t, X, y, tb.make_loss(), torch.optim.Adam(net_t.parameters(), lr=lr, eps=B * eps),
+                      [CPU_T])
+    torch_train_batch(naive, X, y, tb.make_loss(), tb.make_trainer(naive, lr), [CPU_T])  # the book's eps
+    after_j = _flatten(net_j.params)
+    grads_j = _adam_gradients(trainer_j)
+    grads_t = {k: p.grad.numpy().astype(onp.float64) / B for k, p in net_t.named_parameters()}
+    _check_gradients(grads_t, grads_j)  # the premise of the bound: the gradient test's agreement
+
+    naive_breaks = 0
+    for (k, p), p_naive in zip(net_t.named_parameters(), naive.parameters()):
+        d_t = p.detach().numpy().astype(onp.float64) - before[k]
+        d_j = after_j[k] - before[k]
+        d_naive = p_naive.detach().numpy().astype(onp.float64) - before[k]
+        g_t, g_j = grads_t[k], grads_j[k]
+        tol, ulp = _first_step_bound(before[k], g_t, g_j, lr, eps)
+        excess = onp.abs(d_t - d_j) - tol
+        assert excess.max() <= 0, (f"{k}: |dp_torch - dp_jax| exceeds its bound by {excess.max():.3e} "
+                                   f"at {onp.unravel_index(excess.argmax(), excess.shape)}")
+        # A first Adam step moves no entry by more than lr, and entries without gradient not at all.
+        assert onp.abs(d_j).max() <= lr * (1 + 1e-6) + 2 * ulp.max(), k
+        assert not d_t[g_t == 0].any() and not d_j[g_j == 0].any(), k
+        naive_breaks += int((onp.abs(d_naive - d_j) > tol).sum())
+        if k.endswith("W_k.bias"):
+            assert onp.abs(d_t).max() <= 0.1 * lr and onp.abs(d_j).max() <= 0.1 * lr, k
+        elif k != "encoder.pos_embedding" and k != "encoder.token_embedding.weight":
+            # Every entry of a dense weight has a gradient >> eps': it moves by about lr.
+            assert onp.median(onp.abs(d_j)) > 0.9 * lr, k
+    assert naive_breaks > 0, "torch's default eps on the summed gradient should not match the JAX step"
+
+
+def test_one_step_on_a_padded_batch_parity(tmp_path):
+    """The JAX step pads a batch to a compiled shape (here 5 rows of width 20 to 8 x 24, `_padded_size`)
+    with weight-0 rows and masked columns: the loss sum, the gradient (divided by the 5 real rows) and
+    the updated parameters are torch's on the unpadded batch (tiny shape, torch eps = B * 1e-8 as in
+    the one-step test). Measured: loss sums 6e-8 apart (atol 1e-5); gradients <= 6.5e-6 of each
+    parameter's scale (the gradient tests' rule); every step inside test_one_adam_step_parity's bound."""
+    lr, eps = 1e-4, 1e-8
+    net_t, net_j = _classifier_pair(tmp_path, SHAPES["tiny"], seed=3)
+    ids, segments, valid_lens, _ = _inputs(SHAPES["tiny"][0], 20, [20, 1, 7, 13, 19], seed=3)
+    X, y = (ids, segments, valid_lens), onp.array([0, 1, 2, 1, 0])
+    B = len(y)
+    before = _flatten(net_j.params)
+    trainer_j = jb.make_trainer(net_j, lr)
+    loss_j, correct_j = jb.train_batch_ch13(net_j, X, y, jb.make_loss(), trainer_j, [CPU_J])
+    loss_t, correct_t = torch_train_batch(net_t, X, y, tb.make_loss(),
+                                          torch.optim.Adam(net_t.parameters(), lr=lr, eps=B * eps), [CPU_T])
+    assert correct_j == correct_t and abs(loss_j - loss_t) <= 1e-5
+    grads_j = _adam_gradients(trainer_j)
+    grads_t = {k: p.grad.numpy().astype(onp.float64) / B for k, p in net_t.named_parameters()}
+    _check_gradients(grads_t, grads_j)
+    after_j = _flatten(net_j.params)
+    for k, p in net_t.named_parameters():
+        tol, _ = _first_step_bound(before[k], grads_t[k], grads_j[k], lr, eps)
+        excess = onp.abs((p.detach().numpy().astype(onp.float64) - before[k]) - (after_j[k] - before[k])) - tol
+        assert excess.max() <= 0, f"{k}: |dp_torch - dp_jax| exceeds its bound by {excess.max():.3e}"
+
+
+def test_short_finetune_per_step_losses_agree(tmp_path):
+    """8 steps of each backend's own train_batch_ch13 with the book's loss and optimizer (make_loss /
+    make_trainer, lr 1e-4, the chapter's value), dropout 0, the same classifier weights (output layer
+    included, converted from torch) and the same batches (BatchIterator, same seed).
+
+    Nothing is adjusted: torch keeps its summed loss and eps 1e-8 (eps' = 3.1e-10 on the mean scale at
+    B 32), JAX its mean gradient and eps 1e-8, so the runs differ by the eps on small-gradient entries
+    plus float32 noise, and the gap can grow with the steps.
+    Tolerance: |mean loss_torch - mean loss_jax| <= 5e-6 at every step, 10x tighter than test_parity's
+    torch vs MXNet 5e-5 (whose Adam eps semantics differ more). Measured here (H 64, 2 heads, 2 layers,
+    batch 32, T 64), steps 0-7: 7.3e-8, 4.5e-8, 2.8e-7, 7.6e-8, 1.4e-7, 8.2e-8, 1.7e-7, 1.1e-7 (at most
+    2.6e-7 relative), so ~18x margin: float32 noise, no visible drift from the eps difference. The test
+    is sensitive: the untrained model's losses on the same batches differ from the trained ones by up
+    to 2.3e-2 (checked below to exceed 10x the tolerance), so a step missing or going the wrong way in
+    either backend fails it.
+    """
+    tol, steps, batch_size, lr = 5e-6, 8, 32, 1e-4
+    dataset, vocab = _sample_classifier_data(tmp_path / "data", max_len=64)
+    net_t, net_j = _classifier_pair(tmp_path, (len(vocab), 64, 128, 2, 2, 64), seed=2)
+    untrained = copy.deepcopy(net_t).eval()
+    iter_t = BatchIterator.from_dataset(dataset, batch_size, shuffle=True, seed=0)
+    iter_j = BatchIterator.from_dataset(dataset, batch_size, shuffle=True, seed=0)
+    loss_t, loss_j = tb.make_loss(), jb.make_loss()
+    trainer_t, trainer_j = tb.make_trainer(net_t, lr), jb.make_trainer(net_j, lr)
+    assert trainer_t.defaults["eps"] == 1e-8 and math.isclose(trainer_j.learning_rate, lr, rel_tol=1e-7)
+    diffs, moved = [], []
+    for step, ((X_t, y_t), (X_j, y_j)) in enumerate(zip(iter_t, iter_j)):
+        if step == steps:
+            break
+        assert all(onp.array_equal(a, b) for a, b in zip(X_t + (y_t,), X_j + (y_j,)))
+        l_t = torch_train_batch(net_t, X_t, y_t, loss_t, trainer_t, [CPU_T])[0] / len(y_t)
+        l_j = jb.train_batch_ch13(net_j, X_j, y_j, loss_j, trainer_j, [CPU_J])[0] / len(y_j)
+        diffs.append(abs(l_t - l_j))
+        with torch.no_grad():
+            l_0 = torch.nn.functional.cross_entropy(untrained(tuple(torch.as_tensor(a) for a in X_t)),
+                                                    torch.as_tensor(y_t)).item()
+        moved.append(abs(l_0 - l_t))
+    assert len(diffs) == steps
+    assert max(diffs) <= tol, f"per-step |loss_torch - loss_jax|: {['%.2e' % d for d in diffs]}"
+    assert moved[0] < 1e-5  # step 0's loss is computed before any update
+    assert max(moved) > 10 * tol, f"training moved the loss by only {max(moved):.2e}"
+    assert int(trainer_j.state.inner_state[0].count) == steps
