@@ -67,6 +67,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def first_non_utf8_line(path: str | os.PathLike) -> int:
+    """The 1-based number of the first line that is not valid UTF-8, 0 if none (read only after a
+    decoding error, to name the line in its message)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_no
+    return 0
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2)

@@ -1,4 +1,5 @@
-"""Pack premise/hypothesis pairs into BERT inputs: `<cls> p <sep> h <sep>`, truncated and padded.
+"""Pack premise/hypothesis pairs into BERT inputs: `<cls> p <sep> h <sep>`, truncated and padded
+(and single texts as `<cls> a <sep>`, `pack_singles`).
 
 `pack_pairs` gives exactly what the book's per-example `SNLIBERTDataset._mp_worker` loop gives, but
 computed on whole arrays: the sentences of a side are lower-cased and split in one pass over the
@@ -41,10 +42,12 @@ def get_tokens_and_segments(tokens_a: list[str], tokens_b: list[str] | None = No
     return tokens, segments
 
 
-def _check_max_len(max_len: int) -> int:
-    budget = int(max_len) - 3  # <cls>, <sep>, <sep>
+def _check_max_len(max_len: int, num_special: int = 3) -> int:
+    """The tokens left for text: `max_len` less `<cls>` and the `<sep>`s (2 for a pair, 1 alone)."""
+    budget = int(max_len) - num_special
     if budget < 0:
-        raise ValueError(f"max_len must be at least 3 (room for <cls> and two <sep>), got {max_len}")
+        seps = "two <sep>" if num_special == 3 else "a <sep>"
+        raise ValueError(f"max_len must be at least {num_special} (room for <cls> and {seps}), got {max_len}")
     return budget
 
 
@@ -184,20 +187,26 @@ def _side_ids(sentences: Sequence[str], vocab: Vocab) -> tuple[np.ndarray, np.nd
     return _encode_side(sentences, vocab)
 
 
-def _layout(len_p: np.ndarray, ids_p: np.ndarray, len_h: np.ndarray, ids_h: np.ndarray, vocab: Vocab,
-            max_len: int, truncation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _layout(len_p: np.ndarray, ids_p: np.ndarray, len_h: np.ndarray | None, ids_h: np.ndarray | None,
+            vocab: Vocab, max_len: int, truncation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Place truncated premise and hypothesis ids as `<cls> p <sep> h <sep> <pad>...` rows (the
-    vocabulary's own special tokens).
+    vocabulary's own special tokens); with `len_h` None, single texts as `<cls> p <sep> <pad>...`,
+    all segment 0, each cut to its first `max_len - 2` tokens.
 
     Works on flat arrays only: the destination of token j of row r in the flattened (N, max_len)
     matrix is r * max_len + first column of its side + (j - first token of row r), so each side is
     one `np.repeat` and one scatter, whatever the number of rows."""
     n = len(len_p)
-    if len(len_h) != n:
+    single = len_h is None
+    if not single and len(len_h) != n:
         raise ValueError(f"{n} premises but {len(len_h)} hypotheses")
     pad, cls, sep = (_special_id(vocab, name) for name in ("pad", "cls", "sep"))
-    keep_p, keep_h = truncated_lengths(len_p, len_h, max_len, truncation)
-    valid_lens = keep_p + keep_h + 3
+    if single:
+        keep_p = np.minimum(len_p, _check_max_len(max_len, num_special=2))
+        valid_lens = keep_p + 2
+    else:
+        keep_p, keep_h = truncated_lengths(len_p, len_h, max_len, truncation)
+        valid_lens = keep_p + keep_h + 3
 
     token_ids = np.full((n, max_len), pad, dtype=np.int32)
     segments = np.zeros((n, max_len), dtype=np.int32)
@@ -207,10 +216,12 @@ def _layout(len_p: np.ndarray, ids_p: np.ndarray, len_h: np.ndarray, ids_h: np.n
     last_sep = row_base + valid_lens - 1
     flat_ids[row_base] = cls
     flat_ids[row_base + keep_p + 1] = sep
-    flat_ids[last_sep] = sep
-    flat_segments[last_sep] = 1
-    for ids, lengths, keep, first_col, segment in ((ids_p, len_p, keep_p, 1, 0),
-                                                   (ids_h, len_h, keep_h, keep_p + 2, 1)):
+    flat_ids[last_sep] = sep  # the same <sep> for single texts
+    sides = [(ids_p, len_p, keep_p, 1, 0)]
+    if not single:
+        flat_segments[last_sep] = 1
+        sides.append((ids_h, len_h, keep_h, keep_p + 2, 1))
+    for ids, lengths, keep, first_col, segment in sides:
         starts = np.cumsum(lengths) - lengths  # each row's first token in the flat list
         dtype = index_dtype if len(ids) < 2**31 else np.int64
         dest = np.repeat((row_base + first_col - starts).astype(dtype), lengths)
@@ -261,31 +272,49 @@ def pack_pairs(premises: Sequence[str], hypotheses: Sequence[str], vocab: Vocab,
     return _pack_strings(premises, hypotheses, vocab, max_len, truncation)
 
 
+def pack_singles(texts: Sequence[str], vocab: Vocab, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenize single texts as `pack_pairs` does and pack each as `<cls> a <sep>` padded to `max_len`,
+    keeping its first `max_len - 2` tokens. Returns int32 token_ids (N, max_len), segments (N, max_len)
+    (all 0) and valid_lens (N,)."""
+    _check_max_len(max_len, num_special=2)
+    with _gc_paused():
+        lengths, ids = _side_ids(texts, vocab)
+    return _layout(lengths, ids, None, None, vocab, max_len, "book")
+
+
 class SNLIBERTDataset:
     """The chapter's `SNLIBERTDataset`: packed BERT inputs plus labels, held as numpy arrays.
 
-    `dataset` is (premises, hypotheses, labels). Without `vocab` one is built from all tokens
+    `dataset` is (premises, hypotheses, labels), or (texts, labels) for single texts, packed by
+    `pack_singles` (`truncation` applies to pairs only). Without `vocab` one is built from all tokens
     (min_freq 5, reserved `<pad> <mask> <cls> <sep>`), as the book's SNLI reader does.
     Items are `((token_ids, segments, valid_len), label)`."""
 
     def __init__(self, dataset: Sequence[Sequence], max_len: int, vocab: Vocab | None = None,
                  truncation: str = "book", verbose: bool = False) -> None:
-        premises, hypotheses, labels = dataset[0], dataset[1], dataset[2]
-        if vocab is None:
-            with _gc_paused():
-                p_tokens, h_tokens = _tokenize_lower(premises), _tokenize_lower(hypotheses)
-                vocab = Vocab(p_tokens + h_tokens, min_freq=5, reserved_tokens=RESERVED_TOKENS)
-            packed = _pack_tokenized(p_tokens, h_tokens, vocab, max_len, truncation)
-            del p_tokens, h_tokens
+        if len(dataset) == 2:  # single texts
+            texts, labels = dataset
+            if vocab is None:
+                with _gc_paused():
+                    vocab = Vocab(_tokenize_lower(texts), min_freq=5, reserved_tokens=RESERVED_TOKENS)
+            packed = pack_singles(texts, vocab, max_len)
         else:
-            packed = _pack_strings(premises, hypotheses, vocab, max_len, truncation)
+            premises, hypotheses, labels = dataset[0], dataset[1], dataset[2]
+            if vocab is None:
+                with _gc_paused():
+                    p_tokens, h_tokens = _tokenize_lower(premises), _tokenize_lower(hypotheses)
+                    vocab = Vocab(p_tokens + h_tokens, min_freq=5, reserved_tokens=RESERVED_TOKENS)
+                packed = _pack_tokenized(p_tokens, h_tokens, vocab, max_len, truncation)
+                del p_tokens, h_tokens
+            else:
+                packed = _pack_strings(premises, hypotheses, vocab, max_len, truncation)
         self.vocab = vocab
         self.max_len = max_len
         self.truncation = truncation
         self.all_token_ids, self.all_segments, self.valid_lens = packed
         self.labels = np.asarray(labels, dtype=np.int64)
         if len(self.labels) != len(self.valid_lens):
-            raise ValueError(f"{len(self.valid_lens)} pairs but {len(self.labels)} labels")
+            raise ValueError(f"{len(self.valid_lens)} examples but {len(self.labels)} labels")
         if verbose:
             print(f"read {len(self)} examples")
 

@@ -7,9 +7,12 @@ from typing import Sequence
 
 import numpy as np
 
+from .io import first_non_utf8_line
+
 LABELS: dict[str, int] = {"entailment": 0, "contradiction": 1, "neutral": 2}
 LABEL_NAMES: list[str] = ["entailment", "contradiction", "neutral"]  # index -> name
 NO_GOLD_LABEL = "-"  # SNLI's gold_label when the annotators did not agree
+SPLIT_FRACTION = 0.9  # a dev file alone: 90% to train, 10% to test (`split_dataset`)
 
 SPLIT_FILES: dict[str, str] = {
     "train": "snli_1.0_train.txt",
@@ -46,7 +49,7 @@ def read_snli_file(path: str | os.PathLike, verbose: bool = False) -> Dataset:
     try:
         premises, hypotheses, labels, dropped = _read_rows(path)
     except UnicodeDecodeError as e:
-        raise SNLIFormatError(f"{path}, line {_line_of_bad_utf8(path)}: not UTF-8 text ({e.reason}); "
+        raise SNLIFormatError(f"{path}, line {first_non_utf8_line(path)}: not UTF-8 text ({e.reason}); "
                               "save the file as UTF-8") from None
     if verbose:
         print(f"read {len(labels)} examples from {os.path.basename(path)} "
@@ -83,17 +86,6 @@ def _read_rows(path: str) -> tuple[list[str], list[str], list[int], int]:
             hypotheses.append(extract_text(row[2]))
             labels.append(label)
     return premises, hypotheses, labels, dropped
-
-
-def _line_of_bad_utf8(path: str) -> int:
-    """The 1-based number of the first line that is not valid UTF-8 (read only on that error)."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return line_no
-    return 0
 
 
 def read_snli(data_dir: str | os.PathLike, is_train: bool, verbose: bool = False) -> Dataset:

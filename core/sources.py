@@ -17,10 +17,8 @@ import numpy as np
 from .data_hub import download_extract
 from .packing import SNLIBERTDataset, default_cache_dir, load_packed_snli
 from .sample import write_sample_snli
-from .snli import read_snli_file, split_dataset
+from .snli import SPLIT_FRACTION, read_snli_file, split_dataset
 from .vocab import Vocab
-
-SPLIT_FRACTION = 0.9  # a folder with only SNLI's dev file: 90% to train, 10% to test
 
 
 def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
