@@ -1,6 +1,6 @@
 """Download and unpack the chapter's data sets and checkpoints (d2l's `DATA_HUB`), safely and offline-friendly.
 
-Differences from the book's `download`, all on purpose: the SHA-1 is checked *after* downloading too
+Differences from the book's `download`, all on purpose: the checksum is checked *after* downloading too
 (a bad file is never put in place), files are written atomically, a cached file with the wrong hash
 is fetched again instead of used, archives are extracted into a temporary folder and renamed into
 place (a half-extracted folder is never used), members that would land outside the cache folder are
@@ -25,7 +25,9 @@ from .io import atomic_write
 
 DATA_URL = "http://d2l-data.s3-accelerate.amazonaws.com/"
 
-# name -> (url, sha1 of the file at that url); values from the book (d2l's `DATA_HUB` entries).
+# name -> (url, checksum of the file at that url): a SHA-1 in hex, or 'md5:<hex>' where the pinned
+# value published for a file is an MD5. The book's entries are d2l's `DATA_HUB` ones.
+AG_NEWS_URL = "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/"
 DATA_HUB: dict[str, tuple[str, str]] = {
     "SNLI": ("https://nlp.stanford.edu/projects/snli/snli_1.0.zip",
              "9fcde07509c7e87ec61c640c1b2753d9041758e4"),
@@ -35,6 +37,13 @@ DATA_HUB: dict[str, tuple[str, str]] = {
     "bert.base": (DATA_URL + "bert.base.zip", "7b3820b35da691042e5d34c0971ac3edbd80d3f4"),
     "bert.small.torch": (DATA_URL + "bert.small.torch.zip", "c72329e68a732bef0452e4b96a1c341c8910f81f"),
     "bert.base.torch": (DATA_URL + "bert.base.torch.zip", "225d66f04cae318b841a13d32af3acc165f253ac"),
+    # AG News's original CSVs, as torchtext's AG_NEWS downloads them, with the MD5s it pins
+    # (pytorch/text, torchtext/datasets/ag_news.py).
+    "ag_news.train": (AG_NEWS_URL + "train.csv", "md5:b1a00f826fdfbd249f79597b59e1dc12"),
+    "ag_news.test": (AG_NEWS_URL + "test.csv", "md5:d52ea96a97a2d943681189a97654912d"),
+    # The class names beside them (torchtext does not fetch it): the SHA-1 of that repository's
+    # classes.txt (commit 555590d), the same bytes as the original archive's.
+    "ag_news.classes": (AG_NEWS_URL + "classes.txt", "e33d4d4ce9786a12ff0e2cf95dd3602ec117aab3"),
 }
 
 _CHUNK = 1 << 20  # 1 MiB, as the book hashes
@@ -45,7 +54,7 @@ class DownloadError(RuntimeError):
 
 
 class ChecksumError(DownloadError):
-    """The fetched file's SHA-1 differs from the one pinned in the hub."""
+    """The fetched file's checksum differs from the one pinned in the hub."""
 
 
 class UnsafeArchiveError(ValueError):
@@ -57,13 +66,35 @@ def data_root() -> str:
     return os.environ.get("NLIBERT_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "nlibert")
 
 
-def sha1_of(path: str | os.PathLike) -> str:
-    """Hex SHA-1 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha1()
+_HASH_NAMES = {"sha1": "SHA-1", "md5": "MD5"}
+
+
+def _new_hash(algorithm: str):
+    # usedforsecurity=False: MD5 here only checks a download against its published value.
+    return hashlib.new(algorithm, usedforsecurity=False)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha1") -> str:
+    """Hex digest ('sha1' or 'md5') of a file, read in 1 MiB chunks."""
+    digest = _new_hash(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha1_of(path: str | os.PathLike) -> str:
+    """Hex SHA-1 of a file, read in 1 MiB chunks."""
+    return file_digest(path, "sha1")
+
+
+def parse_checksum(checksum: str) -> tuple[str, str]:
+    """(algorithm, hex digest) of a hub checksum: 'md5:<hex>', or a plain SHA-1."""
+    algorithm, _, digest = checksum.rpartition(":")
+    algorithm = algorithm or "sha1"
+    if algorithm not in _HASH_NAMES:
+        raise ValueError(f"unknown checksum kind {algorithm!r} in {checksum!r}: use a SHA-1 or 'md5:<hex>'")
+    return algorithm, digest.lower()
 
 
 def _lookup(name: str, hub: Mapping[str, tuple[str, str]] | None) -> tuple[str, str]:
@@ -81,17 +112,18 @@ def _offline_hint(file_name: str, cache_dir: str) -> str:
 def download(name: str, cache_dir: str | os.PathLike | None = None, timeout: float = 30.0,
              hub: Mapping[str, tuple[str, str]] | None = None) -> str:
     """Return the local path of hub entry `name`, fetching it into `cache_dir` unless a copy with
-    the right SHA-1 is already there. `hub` replaces `DATA_HUB` (tests point it at a local server)."""
-    url, expected_sha1 = _lookup(name, hub)
+    the right checksum is already there. `hub` replaces `DATA_HUB` (tests point it at a local server)."""
+    url, checksum = _lookup(name, hub)
+    algorithm, expected = parse_checksum(checksum)
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else data_root()
     os.makedirs(cache_dir, exist_ok=True)
     file_name = url.split("/")[-1]
     path = os.path.join(cache_dir, file_name)
-    if os.path.isfile(path) and sha1_of(path) == expected_sha1:
+    if os.path.isfile(path) and file_digest(path, algorithm) == expected:
         return path
     # A cached file with another hash falls through and is replaced: it is stale or corrupt.
     with atomic_write(path, "wb") as f:
-        digest = hashlib.sha1()
+        digest = _new_hash(algorithm)
         try:
             request = urllib.request.Request(url, headers={"User-Agent": "nlibert"})
             with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -105,11 +137,11 @@ def download(name: str, cache_dir: str | os.PathLike | None = None, timeout: flo
             reason = e.reason if isinstance(e, urllib.error.URLError) else e
             raise DownloadError(f"could not download {url}: {reason}. "
                                 + _offline_hint(file_name, cache_dir)) from e
-        found_sha1 = digest.hexdigest()
-        if found_sha1 != expected_sha1:
+        found = digest.hexdigest()
+        if found != expected:
             # Raising inside atomic_write deletes the temp file: nothing lands at `path`.
-            raise ChecksumError(f"{url} -> {path}: SHA-1 mismatch, expected {expected_sha1}, "
-                                f"got {found_sha1}; the downloaded file was discarded.")
+            raise ChecksumError(f"{url} -> {path}: {_HASH_NAMES[algorithm]} mismatch, expected {expected}, "
+                                f"got {found}; the downloaded file was discarded.")
     return path
 
 

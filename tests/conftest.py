@@ -17,19 +17,32 @@ import nlibert  # noqa: F401  before any test module imports mxnet: it keeps eve
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _shared_data_holding(needed: str) -> pathlib.Path:
+    """The shared data folder if it holds `needed`; else skip with the reason, or fail in CI."""
+    path = pathlib.Path(os.environ.get("NLIBERT_SHARED_DATA", REPO.parent / "shared" / "data"))
+    if not (path / needed).exists():
+        folder = needed.split("/")[0]
+        reason = f"the real data is not at {path} (set NLIBERT_SHARED_DATA to the folder that holds {folder}/)"
+        if os.environ.get("NLIBERT_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(reason + "; NLIBERT_REQUIRE_SHARED_DATA=1 asks for it")
+        pytest.skip(reason)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
     """The real SNLI dev file and WikiText-2 valid/test (never committed; CI has ../shared beside the clone).
 
     Absent, the tests that need it skip with the reason, so a lone clone passes the README's test
     command; CI sets NLIBERT_REQUIRE_SHARED_DATA=1 (.ci/run), which turns the skip into a failure."""
-    path = pathlib.Path(os.environ.get("NLIBERT_SHARED_DATA", REPO.parent / "shared" / "data"))
-    if not (path / "snli_1.0" / "snli_1.0_dev.txt").exists():
-        reason = f"the real data is not at {path} (set NLIBERT_SHARED_DATA to the folder that holds snli_1.0/)"
-        if os.environ.get("NLIBERT_REQUIRE_SHARED_DATA") == "1":
-            pytest.fail(reason + "; NLIBERT_REQUIRE_SHARED_DATA=1 asks for it")
-        pytest.skip(reason)
-    return path
+    return _shared_data_holding("snli_1.0/snli_1.0_dev.txt")
+
+
+@pytest.fixture(scope="session")
+def ag_news_folder() -> pathlib.Path:
+    """The shared folder with half of AG News's test split, `dev.csv`, and `classes.txt`; skipped
+    or failed when absent, as `shared_data`."""
+    return _shared_data_holding("ag_news/dev.csv") / "ag_news"
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import pytest
 
 from nlibert.core import data_hub
 from nlibert.core.data_hub import (ChecksumError, DownloadError, UnsafeArchiveError, download,
-                                   download_extract, sha1_of)
+                                   download_extract, file_digest, parse_checksum, sha1_of)
+from nlibert.core.tasks import download_ag_news
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -54,8 +55,8 @@ def sha1(data: bytes) -> str:
 
 
 def test_hub_has_the_books_entries():
-    assert set(data_hub.DATA_HUB) == {"SNLI", "wikitext-2", "bert.small", "bert.base",
-                                      "bert.small.torch", "bert.base.torch"}
+    assert {"SNLI", "wikitext-2", "bert.small", "bert.base", "bert.small.torch",
+            "bert.base.torch"} <= set(data_hub.DATA_HUB)
     assert data_hub.DATA_HUB["bert.small.torch"][0] == data_hub.DATA_URL + "bert.small.torch.zip"
     assert data_hub.DATA_HUB["SNLI"][1] == "9fcde07509c7e87ec61c640c1b2753d9041758e4"
 
@@ -236,3 +237,48 @@ def test_download_extract_failure_names_the_folder_to_place(tmp_path):
     with pytest.raises(DownloadError) as info:
         download_extract("SNLI", cache_dir=tmp_path, timeout=5, hub=hub)
     assert str(tmp_path / "snli_1.0") in str(info.value) and "snli_1.0.zip" in str(info.value)
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def test_ag_news_entries_are_torchtexts_files_and_md5s():
+    base = "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/"
+    assert data_hub.DATA_HUB["ag_news.train"] == (base + "train.csv", "md5:b1a00f826fdfbd249f79597b59e1dc12")
+    assert data_hub.DATA_HUB["ag_news.test"] == (base + "test.csv", "md5:d52ea96a97a2d943681189a97654912d")
+    assert data_hub.DATA_HUB["ag_news.classes"][0] == base + "classes.txt"
+
+
+def test_parse_checksum():
+    assert parse_checksum("9fcde07509c7e87ec61c640c1b2753d9041758e4") == (
+        "sha1", "9fcde07509c7e87ec61c640c1b2753d9041758e4")
+    assert parse_checksum("md5:D52EA96A97A2D943681189A97654912D") == ("md5", "d52ea96a97a2d943681189a97654912d")
+    with pytest.raises(ValueError, match="unknown checksum kind 'sha256'"):
+        parse_checksum("sha256:00")
+
+
+def test_md5_entry_is_checked_after_download_and_on_the_cached_copy(server, tmp_path):
+    body = os.urandom((1 << 20) + 3)
+    server.files["/train.csv"] = body
+    hub = {"t": (server.url + "/train.csv", "md5:" + md5(body))}
+    path = download("t", tmp_path, timeout=5, hub=hub)
+    assert (tmp_path / "train.csv").read_bytes() == body and file_digest(path, "md5") == md5(body)
+    assert download("t", tmp_path, timeout=5, hub=hub) == path and server.requests == ["/train.csv"]
+    hub = {"t": (server.url + "/train.csv", "md5:" + "0" * 32)}
+    with pytest.raises(ChecksumError) as info:  # the cached copy fails too, and so does the server's
+        download("t", tmp_path, timeout=5, hub=hub)
+    assert f"MD5 mismatch, expected {'0' * 32}, got {md5(body)}" in str(info.value)
+    assert (tmp_path / "train.csv").read_bytes() == body  # the old copy stays
+
+
+def test_download_ag_news_fills_its_folder(server, tmp_path):
+    files = {"train.csv": b'"1","a","b"\n', "test.csv": b'"2","c","d"\n', "classes.txt": b"World\nSports\n"}
+    hub = {}
+    for name, entry in zip(("ag_news.train", "ag_news.test", "ag_news.classes"), files):
+        server.files["/ag/" + entry] = files[entry]
+        hub[name] = (server.url + "/ag/" + entry, "md5:" + md5(files[entry]) if entry.endswith(".csv")
+                     else sha1(files[entry]))
+    folder = download_ag_news(tmp_path, timeout=5, hub=hub)
+    assert folder == str(tmp_path / "ag_news_csv")
+    assert {name: (tmp_path / "ag_news_csv" / name).read_bytes() for name in files} == files
