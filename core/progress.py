@@ -1,13 +1,16 @@
-"""A progress bar on a terminal, silence otherwise (logs and CI stay clean)."""
+"""A progress bar (tqdm) on a terminal, silence otherwise (logs and CI stay clean)."""
 from __future__ import annotations
 
 import sys
-import time
 from typing import Iterable, Iterator, TextIO
+
+from tqdm import tqdm
 
 
 class Progress:
-    """Wrap an iterable; redraw one status line on `stream` if it is a terminal."""
+    """Wrap an iterable; each pass over it draws a tqdm bar on `stream` (default stderr) if that is
+    a terminal, or if `enabled`. A new bar per pass, because the epoch loop iterates once per epoch
+    and a tqdm bar closes at the end of its one pass; the bar is cleared when its pass ends."""
 
     def __init__(self, iterable: Iterable, desc: str = "", stream: TextIO | None = None,
                  enabled: bool | None = None) -> None:
@@ -20,21 +23,5 @@ class Progress:
         return len(self.iterable)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator:
-        try:
-            total = len(self.iterable)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-        start = time.perf_counter()
-        for i, item in enumerate(self.iterable, 1):
-            yield item
-            if self.enabled:
-                width = 30
-                done = int(width * i / total) if total else 0
-                bar = "#" * done + "-" * (width - done)
-                rate = i / max(time.perf_counter() - start, 1e-9)
-                of = f"/{total}" if total else ""
-                self.stream.write(f"\r{self.desc} [{bar}] {i}{of} batches, {rate:.2f} it/s")
-                self.stream.flush()
-        if self.enabled:
-            self.stream.write("\r" + " " * 79 + "\r")
-            self.stream.flush()
+        yield from tqdm(self.iterable, desc=self.desc, file=self.stream, disable=not self.enabled,
+                        leave=False, unit="batch", dynamic_ncols=True)
