@@ -167,8 +167,9 @@ def _read_delimited(path: str, fmt: str, no_header: bool) -> tuple[list[str] | N
                         lines.append(start)
                 start = reader.line_num + 1
         except csv.Error as e:
-            raise DataFileError(f"{path}, line {start}: not valid CSV ({e}); quote fields that hold commas, "
-                                'quotes or line breaks, with any " inside doubled') from None
+            hint = ('; quote fields that hold commas, quotes or line breaks, with any " inside doubled'
+                    if fmt == "csv" else "")
+            raise DataFileError(f"{path}, line {start}: not valid {fmt.upper()} ({e}){hint}") from None
     return header, rows, lines
 
 
@@ -193,7 +194,7 @@ def _read_json_lines(path: str) -> tuple[None, list, list[int]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataFileError(f"{path}, line {line_no}: not valid JSON ({e.msg}, column {e.colno}); "
-                                    "each line must be one JSON object") from None
+                                    "each line must be one JSON object (JSON Lines)") from None
             if not isinstance(row, dict):
                 raise DataFileError(f"{path}, line {line_no}: expected a JSON object "
                                     f"({{\"text\": ..., \"label\": ...}}), found {type(row).__name__}")
@@ -210,8 +211,8 @@ class FileTexts:
     path: str
     texts: tuple[list[str], ...]
     labels: list[str] | None
+    label_column: Column | None
     lines: list[int]
-    label_column: Column | None = None
 
 
 def read_texts(path: str | os.PathLike, columns: Columns) -> FileTexts:
@@ -219,7 +220,7 @@ def read_texts(path: str | os.PathLike, columns: Columns) -> FileTexts:
     table = read_table(path, columns.no_header)
     texts = tuple(table.values(column, "text") for column in columns.texts)
     labels = table.values(columns.label, "label") if columns.label is not None else None
-    return FileTexts(table.path, texts, labels, table.lines, columns.label)
+    return FileTexts(table.path, texts, labels, columns.label, table.lines)
 
 
 def encode_labels(data: FileTexts, label_names: tuple[str, ...]) -> list[int]:

@@ -139,10 +139,10 @@ def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
 
 
 def test_encode_labels_names_an_unseen_label():
-    data = FileTexts("test.csv", (["a", "b", "c"],), ["neg", "pos", "meh"], [2, 3, 4], "label")
+    data = FileTexts("test.csv", (["a", "b", "c"],), ["neg", "pos", "meh"], "label", [2, 3, 4])
     with pytest.raises(DataFileError) as info:
         encode_labels(data, ("neg", "pos"))
     assert str(info.value) == ("test.csv, line 4, column 'label': label 'meh' is not among the training "
                                "labels (neg, pos); fix the label or remove the row")
-    assert encode_labels(FileTexts("t.csv", (["a", "b"],), ["pos", "neg"], [2, 3], "label"),
+    assert encode_labels(FileTexts("t.csv", (["a", "b"],), ["pos", "neg"], "label", [2, 3]),
                          ("neg", "pos")) == [1, 0]
