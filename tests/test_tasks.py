@@ -1,5 +1,6 @@
 """Tasks: AG News in its original layout, the user's own files, the seeded 90/10 split."""
 import collections
+import json
 
 import pytest
 
@@ -111,8 +112,8 @@ def test_file_task_labels_are_the_training_files_sorted(tmp_path):
 
 
 def test_file_task_pairs_from_json_lines_split_with_the_seed(tmp_path):
-    lines = [f'{{"a": "premise {i}", "b": "hypothesis {i}", "y": "{"yes" if i % 2 else "no"}"}}' for i in range(20)]
-    path = write(tmp_path / "all.jsonl", "\n".join(lines))
+    rows = [{"a": f"premise {i}", "b": f"hypothesis {i}", "y": "yes" if i % 2 else "no"} for i in range(20)]
+    path = write(tmp_path / "all.jsonl", "\n".join(json.dumps(row) for row in rows))
     task = file_task(path, None, Columns.parse("a,b", "y"), seed=1)
     assert task.paired and task.label_names == ("no", "yes")
     assert [len(part[0]) for part in (task.train, task.test)] == [18, 2]
