@@ -138,19 +138,26 @@ def _step_and_finish(finetune_step, loop):
     return step, finish
 
 
+def _data_and_bert(backend, spec, fused):
+    """What every backend's child trains: SNLI's length distribution tiled, and a seeded
+    bert.small-shaped model on the spec's devices."""
+    devices = backend.parse_devices(spec["device"])
+    arrays, labels, vocab = tiled_dev(spec["max_len"], spec["tile"])
+    backend.set_seed(spec["seed"])
+    bert = backend.BERTModel(len(vocab), BERT_SMALL["num_hiddens"], BERT_SMALL["ffn_num_hiddens"],
+                             BERT_SMALL["num_heads"], BERT_SMALL["num_layers"], BERT_SMALL["dropout"],
+                             BERT_SMALL["max_len"], fused_attention=fused)
+    return devices, arrays, labels, vocab, bert
+
+
 def child_torch(spec):
     import torch
     torch.set_num_threads(spec["threads"])
 
     from nlibert.backends import torch as backend
     padding, fused, loop, precision, graph, cls_only = VARIANTS[spec["variant"]]
-    devices = backend.parse_devices(spec["device"])
+    devices, arrays, labels, vocab, bert = _data_and_bert(backend, spec, fused)
     cuda = devices[0].type == "cuda"
-    arrays, labels, vocab = tiled_dev(spec["max_len"], spec["tile"])
-    backend.set_seed(spec["seed"])
-    bert = backend.BERTModel(len(vocab), BERT_SMALL["num_hiddens"], BERT_SMALL["ffn_num_hiddens"],
-                             BERT_SMALL["num_heads"], BERT_SMALL["num_layers"], BERT_SMALL["dropout"],
-                             BERT_SMALL["max_len"], fused_attention=fused)
     net = backend.BERTClassifier(bert, cls_only=cls_only)
     backend.initialize_classifier_head(net, devices)
     loss, trainer = backend.make_loss(), backend.make_trainer(net, 1e-4, fused=loop == "fast")
@@ -191,12 +198,7 @@ def child_mxnet(spec):
     padding, fused, loop, precision, graph, cls_only = VARIANTS[spec["variant"]]
     if precision != "float32":
         return {"skipped": "MXNet 1.9 trains these operators in float32 only"}
-    devices = backend.parse_devices(spec["device"])
-    arrays, labels, vocab = tiled_dev(spec["max_len"], spec["tile"])
-    backend.set_seed(spec["seed"])
-    bert = backend.BERTModel(len(vocab), BERT_SMALL["num_hiddens"], BERT_SMALL["ffn_num_hiddens"],
-                             BERT_SMALL["num_heads"], BERT_SMALL["num_layers"], BERT_SMALL["dropout"],
-                             BERT_SMALL["max_len"], fused_attention=fused)
+    devices, arrays, labels, vocab, bert = _data_and_bert(backend, spec, fused)
     bert.initialize(init.Xavier(), ctx=devices)
     net = backend.BERTClassifier(bert, cls_only=cls_only)
     backend.initialize_classifier_head(net, devices)
@@ -235,12 +237,7 @@ def child_jax(spec):
     padding, fused, loop, precision, graph, cls_only = VARIANTS[spec["variant"]]
     if precision != "float32":
         return {"skipped": "the JAX backend trains in float32 only"}
-    devices = backend.parse_devices(spec["device"])
-    arrays, labels, vocab = tiled_dev(spec["max_len"], spec["tile"])
-    backend.set_seed(spec["seed"])
-    bert = backend.BERTModel(len(vocab), BERT_SMALL["num_hiddens"], BERT_SMALL["ffn_num_hiddens"],
-                             BERT_SMALL["num_heads"], BERT_SMALL["num_layers"], BERT_SMALL["dropout"],
-                             BERT_SMALL["max_len"], fused_attention=fused)
+    devices, arrays, labels, vocab, bert = _data_and_bert(backend, spec, fused)
     net = backend.BERTClassifier(bert, cls_only=cls_only)
     backend.initialize_classifier_head(net, devices)
     loss, trainer = backend.make_loss(), backend.make_trainer(net, 1e-4)

@@ -43,15 +43,15 @@ def initialize_bert(net: _Bound, devices: Sequence[jax.Device], init: str = "boo
     receptive field), every bias 0, LayerNorm scales left at 1."""
     check_init(init)
     if init == "xavier":
-        flat = _flatten(net.params)
+        flat, rng = _flatten(net.params), np.random.default_rng(np.asarray(_next_key()))  # drawn on the host
         for name, value in flat.items():
             shape = np.shape(value)
             if len(shape) >= 2:
                 receptive = int(np.prod(shape[2:]))
                 bound = float(np.sqrt(6.0 / (shape[1] * receptive + shape[0] * receptive)))
-                flat[name] = jax.random.uniform(_next_key(), shape, jnp.float32, -bound, bound)
+                flat[name] = rng.uniform(-bound, bound, shape).astype(np.float32)
             elif name.endswith("bias"):
-                flat[name] = jnp.zeros(shape, jnp.float32)
+                flat[name] = np.zeros(shape, np.float32)
         net.params = _nest(flat)
     net.params = jax.device_put(net.params, require_devices(devices)[0])
 
@@ -101,7 +101,7 @@ class PretrainStep:
         net.params, trainer.state = _replicate(net.params, self.devices), _replicate(trainer.state, self.devices)
         self.step = _pretrain_function(net.module, loss, vocab_size, trainer.tx, self.mlm_loss,
                                        self.devices[0].platform != "cpu")
-        self.key = jax.random.PRNGKey(0)
+        self.key = _next_key()  # dropout keys: from the backend's generator (`set_seed`)
 
     @property
     def learning_rate(self) -> float:

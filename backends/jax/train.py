@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nlibert.core.training import EpochRecord, require_devices, train_epochs
 
-from .model import _Bound
+from .model import _Bound, _next_key
 
 PRECISIONS = ("float32",)  # bfloat16 autocast is the torch backend's; here every step is float32
 
@@ -204,7 +204,7 @@ class FinetuneStep:
         trainer.state = _replicate(trainer.state, self.devices)
         donate = self.devices[0].platform != "cpu"
         self.train = _train_function(net.module, loss, trainer.tx, donate)
-        self.key = jax.random.PRNGKey(0)
+        self.key = _next_key()  # dropout keys: from the backend's generator (`set_seed`), new for every step object
 
     def __call__(self, features, labels) -> tuple[_Sums, _Sums]:
         batch = _prepare(features, labels, self.devices, self.net.config.max_len, self.micro_batch)
