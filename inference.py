@@ -88,7 +88,7 @@ def run_predict(model_dir: str, text: str, text_b: str | None = None, device: st
     hypothesis for SNLI): {'label': name, 'probabilities': {name: probability}}."""
     texts = [t for t in (text, text_b) if t is not None]
     if not all(t.strip() for t in texts):
-        raise ValueError("each text must have some words; got an empty or blank one")
+        raise ValueError("each TEXT must have some text; got an empty or blank one")
     model = load_model(model_dir, device)
     model.check_texts(len(texts), "TEXT TEXT_B" if len(texts) > 1 else "TEXT alone")
     probs = model.probabilities([[t] for t in texts], batch_size=1)[0]

@@ -201,7 +201,7 @@ def _finetune(settings: FinetuneSettings) -> dict:
     return metrics
 
 
-# --- convert, parity (predict and evaluate: inference.py) --------------------------------------------------------------------
+# --- convert, parity (predict and evaluate: inference.py) ----------------------------------------
 
 def run_convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
     """Write checkpoint `src` (a pretrained `BERTModel` or a fine-tuned classifier, in any backend's
