@@ -9,6 +9,7 @@ from topic_data import topic_rows, write_csv
 
 from nlibert import cli, inference
 from nlibert.core.evaluation import evaluate
+from nlibert.core.sample import write_sample_snli
 from nlibert.core.settings import EvaluateSettings
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -127,6 +128,10 @@ def test_an_snli_model_predicts_pairs_from_a_file_and_evaluates_on_its_task(snli
     assert "embedded NLI sample" in capsys.readouterr().out
     assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["label_names"] == [
         "entailment", "contradiction", "neutral"]
+    folder = write_sample_snli(tmp_path / "snli", num_train=10, num_test=30, seed=4)
+    assert cli.main(["evaluate", "--model", model, "--data", str(folder), "--out", str(tmp_path / "ev")]) == 0
+    assert f"SNLI-format folder {folder}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["num_examples"] == 30
 
 
 @pytest.mark.parametrize("which, args, named", [

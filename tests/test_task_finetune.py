@@ -11,6 +11,7 @@ from nlibert import cli
 from nlibert.backends import BACKENDS
 from nlibert.core.packing import SNLIBERTDataset
 from nlibert.core.settings import FinetuneSettings
+from nlibert.core import sources
 from nlibert.core.sources import TaskSource, finetune_source
 from nlibert.core.vocab import RESERVED_TOKENS, Vocab
 
@@ -86,6 +87,13 @@ def test_ag_news_dev_file_alone_is_split_90_10_with_the_seed(tmp_path, capsys):
                         "--seed", "3")
     assert "(dev.csv split 90/10, seed 3)" in capsys.readouterr().out
     assert (metrics["num_train"], metrics["num_test"]) == (90, 10)
+
+
+def test_data_ag_news_downloads_from_the_data_hub(tmp_path, monkeypatch):
+    data = _ag_news_folder(tmp_path / "downloaded", {"train": 8, "test": 4})
+    monkeypatch.setattr(sources, "download_ag_news", lambda: data)  # the downloader: tests/test_data_hub.py
+    source = finetune_source(FinetuneSettings(task="ag_news", data="AG_NEWS"))
+    assert source.description == f"AG News folder {data}" and len(source.task.train[0]) == 8
 
 
 @pytest.mark.parametrize("paired", [False, True], ids=["single", "pair"])
