@@ -1,5 +1,6 @@
-"""`nlibert` command line: finetune, pretrain (masked LM + next sentence on WikiText), predict,
-convert (a checkpoint from one backend's format to another's), parity (one checkpoint, every backend)."""
+"""`nlibert` command line: finetune (SNLI, AG News or your own files), predict (a text, a pair or a
+file), evaluate (a labelled test set), pretrain (masked LM + next sentence on WikiText), convert (a
+checkpoint from one backend's format to another's), parity (one checkpoint, every backend)."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,9 @@ import sys
 
 from .backends import BACKENDS
 from .core.data_hub import DownloadError
-from .core.settings import (FINETUNE_MODES, INIT_SCHEMES, LR_DECAYS, MLM_LOSSES, PARITY_TOLERANCE, PRECISIONS,
-                            PRETRAIN_MODES, FinetuneSettings, PretrainSettings)
+from .core.settings import (FINETUNE_MODES, HUB_DATA, INIT_SCHEMES, LR_DECAYS, MLM_LOSSES, PARITY_TOLERANCE,
+                            PRECISIONS, PRETRAIN_MODES, TASKS, EvaluateSettings, FinetuneSettings, PredictSettings,
+                            PretrainSettings)
 
 FINETUNE, PRETRAIN = FinetuneSettings(), PretrainSettings()  # the defaults the options show
 # What a user's input or environment can cause (bad values, missing or unreadable files, no
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nlibert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    ft = sub.add_parser("finetune", help="fine-tune BERT for SNLI as the d2l chapter does", parents=[common])
+    ft = sub.add_parser("finetune", parents=[common],
+                        help="fine-tune BERT for SNLI as the d2l chapter does, or for AG News or your own files")
     ft.add_argument("--backend", choices=BACKENDS, default=FINETUNE.backend)
     ft.add_argument("--pretrained", default=FINETUNE.pretrained,
                     help="minilm-l6 (default: all-MiniLM-L6-v2, a real BERT installed with the package "
@@ -49,9 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "pytorch_model.bin + vocab.txt), a data-hub name (bert.small, bert.base), a folder with "
                          "vocab.json + pretrained.params, or 'random': a seeded, randomly initialised "
                          "bert.small-shaped checkpoint built here")
+    ft.add_argument("--task", choices=TASKS, default=FINETUNE.task,
+                    help="snli (default): premise/hypothesis pairs, 3 labels; ag_news: news texts, 4 topics "
+                         "(with --data). Your own files (--train-file) are a task of their own")
     ft.add_argument("--data", default=FINETUNE.data,
-                    help="folder in SNLI's layout (train+test files, or the dev file to split 90/10), or 'SNLI' "
-                         "to download; default: the embedded NLI sample")
+                    help=f"snli: a folder in SNLI's layout (train+test files, or the dev file to split 90/10), or "
+                         f"'{HUB_DATA['snli']}' to download; default: the embedded NLI sample. ag_news: a folder "
+                         f"with train.csv and test.csv (or dev.csv, split 90/10) and classes.txt, or "
+                         f"'{HUB_DATA['ag_news']}' to download")
+    _add_file_options(ft, "--train-file", "your own training data: a .csv, .tsv or .jsonl file (alone: split "
+                      "90/10 with --seed); the labels are its label column's values, sorted")
+    ft.add_argument("--test-file", default=None, help="your own test data, in --train-file's layout")
     ft.add_argument("--max-len", type=int, default=FINETUNE.max_len)
     ft.add_argument("--batch-size", type=int, default=FINETUNE.batch_size)
     ft.add_argument("--lr", type=float, default=FINETUNE.lr)
@@ -89,11 +100,38 @@ def build_parser() -> argparse.ArgumentParser:
                     help="end this run after N steps, as if interrupted (the same command resumes)")
 
     pr = sub.add_parser("predict", parents=[common],
-                        help="label a premise/hypothesis pair with a fine-tuned model")
+                        help="label a text, a pair (premise and hypothesis for SNLI) or every row of a file "
+                             "with a fine-tuned model")
     pr.add_argument("--model", required=True, help="the model folder `finetune` wrote (OUT/model)")
     pr.add_argument("--device", default=None)
-    pr.add_argument("premise")
-    pr.add_argument("hypothesis")
+    pr.add_argument("texts", nargs="*", metavar="TEXT",
+                    help="the text to label, or two (TEXT TEXT_B) for a model of pairs")
+    pr.add_argument("--file", default=None,
+                    help="label every row of this .csv, .tsv or .jsonl file instead (with --output)")
+    pr.add_argument("--output", default=None,
+                    help="with --file: where to write its rows plus predicted_label and prob_<label> per label; "
+                         "the extension (.csv, .tsv, .jsonl) sets the format")
+    pr.add_argument("--text-columns", default=None, metavar="A[,B]",
+                    help="with --file: the column holding the text, or two (A,B) for pairs (default: the columns "
+                         "the model was fine-tuned on, when it was fine-tuned on your own files)")
+    pr.add_argument("--no-header", action="store_true",
+                    help="with --file: the file has no header line; columns are 0-based indices")
+    pr.add_argument("--batch-size", type=_limit, default=PredictSettings.batch_size)
+
+    ev = sub.add_parser("evaluate", parents=[common],
+                        help="accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix of a "
+                             "fine-tuned model on a labelled test set")
+    ev.add_argument("--model", required=True, help="the model folder `finetune` wrote (OUT/model)")
+    ev.add_argument("--data", default=None,
+                    help="a folder in the model's task's layout (as finetune --data) whose test split to use "
+                         "(default: the test split of the data the model was fine-tuned on)")
+    _add_file_options(ev, "--test-file", "your own labelled test file (.csv, .tsv, .jsonl); its labels must be "
+                      "the model's. Columns default to the ones the model was fine-tuned on, if it records them")
+    ev.add_argument("--out", default=None,
+                    help="folder for evaluation.json and confusion.png (default: the model folder's parent, "
+                         "i.e. the finetune run's OUT)")
+    ev.add_argument("--batch-size", type=_limit, default=EvaluateSettings.batch_size)
+    ev.add_argument("--device", default=None)
 
     cv = sub.add_parser("convert", parents=[common],
                         help="convert a checkpoint folder from one backend's format to another's")
@@ -157,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_file_options(parser: argparse.ArgumentParser, file_option: str, file_help: str) -> None:
+    """A data file option and the options that say where its texts and labels are."""
+    parser.add_argument(file_option, default=None, help=file_help)
+    parser.add_argument("--text-columns", default=None, metavar="A[,B]",
+                        help="the column holding the text, or two separated by a comma for pairs: header names, "
+                             "JSON keys, or 0-based indices with --no-header")
+    parser.add_argument("--label-column", default=None, metavar="L", help="the column holding the label")
+    parser.add_argument("--no-header", action="store_true",
+                        help="the CSV/TSV files have no header line; columns are 0-based indices")
+
+
 def settings_from_args(cls: type, args: argparse.Namespace):
     """A settings object from the parsed options: each field is the option of the same name."""
     return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
@@ -168,16 +217,25 @@ def main(argv: list[str] | None = None) -> int:
     # that other processes share, spinning threads steal the cores torch waits for (MiniLM fine-tuning
     # on 2 busy cores: 10 examples/sec spinning, 31 passive). Set the variable to override.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from . import jobs  # imported late so `nlibert --help` does not load a framework
+    from . import inference, jobs  # imported late so `nlibert --help` does not load a framework
     try:
         if args.command == "finetune":
             metrics = jobs.run_finetune(settings_from_args(FinetuneSettings, args))
             if metrics["completed"]:
                 print(f"wrote {args.out}/metrics.json and the fine-tuned model to {metrics['model_dir']}")
         elif args.command == "predict":
-            result = jobs.run_predict(args.model, args.premise, args.hypothesis, args.device)
-            print(result["label"])
-            print(json.dumps(result["probabilities"], indent=2))
+            settings = settings_from_args(PredictSettings, args)
+            if settings.file is None:
+                result = inference.run_predict(settings.model, *settings.texts, device=settings.device)
+                print(result["label"])
+                print(json.dumps(result["probabilities"], indent=2))
+            else:
+                result = inference.run_predict_file(settings)
+                print(f"labelled {result['rows']} rows of {settings.file} in {result['seconds']:.1f} s "
+                      f"({result['rows_per_sec']:.1f} rows/sec on {result['devices']}); wrote {result['output']}")
+        elif args.command == "evaluate":
+            result = inference.run_evaluate(settings_from_args(EvaluateSettings, args))
+            print(f"wrote {result['out']}/evaluation.json and {result['out']}/confusion.png")
         elif args.command == "convert":
             jobs.run_convert(args.src, args.dst, args.to, overwrite=args.overwrite)
             print(f"wrote {args.to} checkpoint to {args.dst}")

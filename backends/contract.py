@@ -98,14 +98,19 @@ class BERTModel:
 
 
 class BERTClassifier:
-    """The chapter's NLI model: `bert`'s encoder and pooler plus a new 3-way `output` layer (the MLM
-    and NSP heads are not kept). `cls_only`: the last block computes <cls> only (same logits)."""
+    """The chapter's NLI model: `bert`'s encoder and pooler plus a new `num_classes`-way `output`
+    layer (the MLM and NSP heads are not kept; 3: SNLI's labels, the chapter's `BERTClassifier(bert)`).
+    `cls_only`: the last block computes <cls> only (same logits)."""
 
-    def __init__(self, bert, cls_only=False): ...
+    def __init__(self, bert, cls_only=False, num_classes=3): ...
+
+    @property
+    def num_classes(self) -> int:
+        """How many labels the classifier scores: its `output` layer's width."""
 
     def forward(self, inputs, segments=None, valid_lens=None):
-        """(B, 3) logits, of `net((tokens, segments, valid_lens))` as the book calls it or of
-        `net(tokens, segments, valid_lens)`."""
+        """(B, num_classes) logits, of `net((tokens, segments, valid_lens))` as the book calls it or
+        of `net(tokens, segments, valid_lens)`."""
 
 
 def set_fused_attention(net, enabled=True):
@@ -134,13 +139,14 @@ def save_pretrained(bert, vocab, folder) -> None:
     """`vocab.json`, `config.json` and `pretrained.params` (written last: its presence means complete)."""
 
 
-def save_classifier(net, vocab, config, folder) -> None:
-    """`vocab.json`, `config.json` (kind 'classifier') and `classifier.params` (written last); `config`
-    None: the one the classifier carries."""
+def save_classifier(net, vocab, config, folder, task=None) -> None:
+    """`vocab.json`, `config.json` (kind 'classifier', with `core.folders.classifier_config`: the
+    `task`, a `core.folders.TaskRecord` whose labels are as many as the net's outputs; None: SNLI's)
+    and `classifier.params` (written last); `config` None: the one the classifier carries."""
 
 
 def load_classifier(folder, devices) -> tuple:
-    """`(net, vocab, config)` of what `save_classifier` wrote."""
+    """`(net, vocab, config)` of what `save_classifier` wrote: one output per label the folder records."""
 
 
 # --- train.py ---------------------------------------------------------------------------------
@@ -199,7 +205,7 @@ def train_fast(net, train_iter, test_iter, loss, trainer, num_epochs, devices, s
 
 
 def predict_proba(net, token_ids, segments, valid_lens, devices, batch_size=512):
-    """Class probabilities (N, 3) as a numpy array, dropout off, `batch_size` rows at a time."""
+    """Class probabilities (N, net.num_classes) as a numpy array, dropout off, `batch_size` rows at a time."""
 
 
 # --- pretrain.py ------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ def main(argv=None):
     parser.add_argument("--book-repeats", type=int, default=1)
     args = parser.parse_args(argv)
 
-    from nlibert.core.packing import SNLIBERTDataset, load_packed_snli
+    from nlibert.core.packed_cache import load_packed_snli
+    from nlibert.core.packing import SNLIBERTDataset
     from nlibert.core.snli import read_snli_file
     premises, hypotheses, labels = read_snli_file(dev_file())
     tile = max(1, round(args.pairs / len(labels)))

@@ -5,7 +5,8 @@ A folder in the book's layout holds `vocab.json` (a list: index -> token) and `p
 (a `BERTModel`) or `classifier.params` (a fine-tuned `BERTClassifier`), in one backend's format.
 nlibert also writes `config.json`: the `BERTConfig`, `"format"` (the backend that wrote the params
 file), `"kind"` ('pretrained' or 'classifier') and, for a WordPiece vocabulary, its tokenizer
-settings. The book's own downloads have no config.json: their format is told from the params
+settings; a classifier's also records its task (`TaskRecord`: the label names, pairs or single
+texts). The book's own downloads have no config.json: their format is told from the params
 file's first bytes, their sizes from the tensors (core/names.py). A Hugging Face BERT folder
 (core/hf.py) is the third kind of source; every backend reads it directly.
 """
@@ -22,6 +23,7 @@ from .hf import (HF_WEIGHT_FILES, PACKAGED_CHECKPOINTS, hf_weights_path, is_hf_f
                  resolve_packaged_checkpoint)
 from .io import read_json
 from .names import check_shapes, format_key, infer_config, to_canonical
+from .snli import LABEL_NAMES
 
 VOCAB_FILE = "vocab.json"
 CONFIG_FILE = "config.json"
@@ -47,6 +49,43 @@ class CheckpointSource:
     format: str
     kind: str
     params_path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRecord:
+    """What a classifier folder records of the task it learned, in config.json's `"task"` and
+    `"labels"`: the label names (index -> name, one per output), whether an example is a pair of
+    texts or one, the `max_len` its texts were packed to in fine-tuning, and the options that chose
+    its data (`FinetuneSettings.data_options()`), so that `evaluate` finds the test split again.
+    A folder without them is the chapter's: SNLI's three labels, pairs (`SNLI_TASK`)."""
+
+    name: str  # 'snli', 'ag_news' or 'files'
+    label_names: tuple[str, ...]
+    paired: bool
+    max_len: int | None = None  # None: the model's own max_len
+    data: dict | None = None  # None: the task's default data
+
+    def to_config(self) -> dict:
+        return {"task": {"name": self.name, "paired": self.paired, "max_len": self.max_len, "data": self.data},
+                "labels": list(self.label_names)}
+
+    @classmethod
+    def from_config(cls, written: Mapping, path: str = CONFIG_FILE) -> "TaskRecord":
+        """The record of a config.json (SNLI's for a folder written before tasks were recorded)."""
+        if "labels" not in written and "task" not in written:
+            return SNLI_TASK
+        task, labels = written.get("task"), written.get("labels")
+        well_formed_labels = (isinstance(labels, list) and len(labels) >= 2 and len(set(labels)) == len(labels)
+                              and all(isinstance(name, str) for name in labels))
+        if not (isinstance(task, Mapping) and isinstance(task.get("name"), str)
+                and isinstance(task.get("paired"), bool) and well_formed_labels):
+            raise ValueError(f"{path}: 'task' must be {{\"name\": ..., \"paired\": true|false, ...}} and "
+                             f"'labels' a list of two or more distinct names; found task={task!r}, "
+                             f"labels={labels!r}; fine-tune the model again")
+        return cls(task["name"], tuple(labels), task["paired"], task.get("max_len"), task.get("data"))
+
+
+SNLI_TASK = TaskRecord("snli", tuple(LABEL_NAMES), True)
 
 
 def read_checkpoint_config(folder: str | os.PathLike) -> dict | None:
@@ -183,6 +222,18 @@ def config_dict(config: BERTConfig | Mapping | None, fmt: str, kind: str, vocab=
     return out
 
 
+def classifier_config(config: BERTConfig | Mapping | None, fmt: str, vocab, task: TaskRecord | None,
+                      num_classes: int) -> dict:
+    """What a classifier's config.json records: `config_dict` plus its task (None: SNLI's), whose
+    label names must be as many as the classifier's outputs."""
+    task = task if task is not None else SNLI_TASK
+    if len(task.label_names) != num_classes:
+        raise ValueError(f"the classifier has {num_classes} outputs but its task names {len(task.label_names)} "
+                         f"labels ({', '.join(task.label_names)}); build it with num_classes="
+                         f"{len(task.label_names)}")
+    return {**config_dict(config, fmt, "classifier", vocab), **task.to_config()}
+
+
 def load_folder_vocab(folder: str | os.PathLike, written: Mapping):
     """The vocabulary of a checkpoint folder: `vocab.json` as the book's word-level `Vocab`, or, when
     config.json records WordPiece tokenizer settings, the `WordPieceVocab` they describe."""
@@ -195,8 +246,9 @@ def load_folder_vocab(folder: str | os.PathLike, written: Mapping):
     return WordPieceVocab.from_settings(read_vocab_list(path), settings)
 
 
-def read_classifier_folder(folder: str | os.PathLike, fmt: str):
-    """`(config, vocab, params_path)` of a fine-tuned model folder of format `fmt`, checked for consistency."""
+def read_classifier_folder(folder: str | os.PathLike, fmt: str) -> tuple[BERTConfig, object, str, TaskRecord]:
+    """`(config, vocab, params_path, task)` of a fine-tuned model folder of format `fmt`, checked for
+    consistency; the classifier has one output per label of `task`."""
     written = read_checkpoint_config(folder)
     if written is None:
         raise FileNotFoundError(f"{os.path.join(folder, CONFIG_FILE)}: missing; not a classifier folder")
@@ -207,4 +259,5 @@ def read_classifier_folder(folder: str | os.PathLike, fmt: str):
     vocab = load_folder_vocab(folder, written)
     if len(vocab) != cfg.vocab_size:
         raise ValueError(f"{folder}: vocab.json has {len(vocab)} tokens, config.json says {cfg.vocab_size}")
-    return cfg, vocab, os.path.join(folder, CLASSIFIER_FILE)
+    task = TaskRecord.from_config(written, os.path.join(folder, CONFIG_FILE))
+    return cfg, vocab, os.path.join(folder, CLASSIFIER_FILE), task

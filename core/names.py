@@ -179,10 +179,10 @@ def convert_params(params: Mapping[str, np.ndarray], src: str, dst: str,
     return from_canonical(to_canonical(params, src, source), dst, source)
 
 
-def expected_shapes(cfg: BERTConfig, kind: str = "pretrained") -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg: BERTConfig, kind: str = "pretrained", num_classes: int = 3) -> dict[str, tuple[int, ...]]:
     """Canonical names and shapes of the book's `BERTModel` ('pretrained') or `BERTClassifier`
-    ('classifier', its 3-way `output` instead of the MLM and NSP heads), in `state_dict` order:
-    a block's own parameters before its children's, so `pos_embedding` comes first."""
+    ('classifier', its `num_classes`-way `output` instead of the MLM and NSP heads), in `state_dict`
+    order: a block's own parameters before its children's, so `pos_embedding` comes first."""
     V, H, F = cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens
     shapes: dict[str, tuple[int, ...]] = {
         "encoder.pos_embedding": (1, cfg.max_len, H),
@@ -207,7 +207,7 @@ def expected_shapes(cfg: BERTConfig, kind: str = "pretrained") -> dict[str, tupl
         shapes["mlm.mlp.3.weight"], shapes["mlm.mlp.3.bias"] = (V, H), (V,)
         shapes["nsp.output.weight"], shapes["nsp.output.bias"] = (2, H), (2,)
     elif kind == "classifier":
-        shapes["output.weight"], shapes["output.bias"] = (3, H), (3,)
+        shapes["output.weight"], shapes["output.bias"] = (num_classes, H), (num_classes,)
     else:
         raise ValueError(f"unknown checkpoint kind {kind!r}: use 'pretrained' or 'classifier'")
     return shapes

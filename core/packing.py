@@ -6,7 +6,7 @@ computed on whole arrays: the sentences of a side are lower-cased and split in o
 joined text (a premise repeated on consecutive rows, as SNLI lists them, only once), the tokens are
 mapped to ids in one C-level dictionary map, the truncated lengths come from a closed form of the
 book's pop loop, and the ids are scattered into the padded matrix with flat indexing. No process
-pool, and no per-example Python. `load_packed_snli` caches the result on disk.
+pool, and no per-example Python. `core.packed_cache` caches the result on disk.
 
 The special tokens come from the vocabulary (`vocab.special_tokens`: `<cls>`... for the book's
 `Vocab`, `[CLS]`... for a checkpoint's `WordPieceVocab`). A `WordPieceVocab` tokenizes each side
@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import itertools
-import json
 import operator
-import os
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -42,7 +39,7 @@ def get_tokens_and_segments(tokens_a: list[str], tokens_b: list[str] | None = No
     return tokens, segments
 
 
-def _check_max_len(max_len: int, num_special: int = 3) -> int:
+def check_max_len(max_len: int, num_special: int = 3) -> int:
     """The tokens left for text: `max_len` less `<cls>` and the `<sep>`s (2 for a pair, 1 alone)."""
     budget = int(max_len) - num_special
     if budget < 0:
@@ -67,7 +64,7 @@ def truncated_lengths(len_p: np.ndarray, len_h: np.ndarray, max_len: int,
     one token (the premise on ties).
     Pairs that already fit are left alone under both rules.
     """
-    budget = _check_max_len(max_len)
+    budget = check_max_len(max_len)
     lp = np.asarray(len_p, dtype=np.int64)
     lh = np.asarray(len_h, dtype=np.int64)
     too_long = lp + lh > budget
@@ -102,7 +99,7 @@ def _tokenize_lower(sentences: Sequence[str]) -> list[list[str]]:
     return [s.lower().split() for s in sentences]
 
 
-def _special_id(vocab: Vocab, name: str) -> int:
+def special_id(vocab: Vocab, name: str) -> int:
     """The id of the vocabulary's special token `name` (cls, sep, pad or mask)."""
     token = vocab.special_tokens[name]
     if token not in vocab.token_to_idx:
@@ -200,9 +197,9 @@ def _layout(len_p: np.ndarray, ids_p: np.ndarray, len_h: np.ndarray | None, ids_
     single = len_h is None
     if not single and len(len_h) != n:
         raise ValueError(f"{n} premises but {len(len_h)} hypotheses")
-    pad, cls, sep = (_special_id(vocab, name) for name in ("pad", "cls", "sep"))
+    pad, cls, sep = (special_id(vocab, name) for name in ("pad", "cls", "sep"))
     if single:
-        keep_p = np.minimum(len_p, _check_max_len(max_len, num_special=2))
+        keep_p = np.minimum(len_p, check_max_len(max_len, num_special=2))
         valid_lens = keep_p + 2
     else:
         keep_p, keep_h = truncated_lengths(len_p, len_h, max_len, truncation)
@@ -253,7 +250,7 @@ def _pack_strings(premises: Sequence[str], hypotheses: Sequence[str], vocab: Voc
                   truncation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if len(premises) != len(hypotheses):
         raise ValueError(f"{len(premises)} premises but {len(hypotheses)} hypotheses")
-    _check_max_len(max_len)
+    check_max_len(max_len)
     if truncation not in TRUNCATION_RULES:
         raise ValueError(f"unknown truncation rule {truncation!r}: use one of {TRUNCATION_RULES}")
     with _gc_paused():
@@ -276,7 +273,7 @@ def pack_singles(texts: Sequence[str], vocab: Vocab, max_len: int) -> tuple[np.n
     """Tokenize single texts as `pack_pairs` does and pack each as `<cls> a <sep>` padded to `max_len`,
     keeping its first `max_len - 2` tokens. Returns int32 token_ids (N, max_len), segments (N, max_len)
     (all 0) and valid_lens (N,)."""
-    _check_max_len(max_len, num_special=2)
+    check_max_len(max_len, num_special=2)
     with _gc_paused():
         lengths, ids = _side_ids(texts, vocab)
     return _layout(lengths, ids, None, None, vocab, max_len, "book")
@@ -318,7 +315,7 @@ class SNLIBERTDataset:
         if verbose:
             print(f"read {len(self)} examples")
 
-    cache_hit: bool | None = None  # set by `load_packed_snli`: whether the arrays came from the disk cache
+    cache_hit: bool | None = None  # set by `core.packed_cache`: whether the arrays came from the disk cache
     cache_path: str | None = None
 
     @classmethod
@@ -347,129 +344,3 @@ class SNLIBERTDataset:
 
     def __len__(self) -> int:
         return len(self.all_token_ids)
-
-
-# --- a disk cache of packed SNLI files ------------------------------------------------------------
-
-PACK_CACHE_VERSION = 1  # bump when the packed layout or the packing rules change
-
-
-def tokenizer_settings(vocab: Vocab) -> dict:
-    """How the vocabulary turns text into tokens: a `WordPieceVocab`'s `settings()`, else the
-    book's lower-case and whitespace split."""
-    return vocab.settings() if isinstance(vocab, WordPieceVocab) else {"kind": "word"}
-
-
-def vocab_digest(vocab: Vocab) -> str:
-    """SHA-1 of the vocabulary's content (its index -> token list), so a changed vocabulary misses."""
-    return hashlib.sha1(json.dumps(vocab.idx_to_token, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def packed_cache_key(source_file: str | os.PathLike, vocab: Vocab, max_len: int, truncation: str = "book",
-                     source_sha1: str | None = None) -> dict:
-    """Everything that determines the packed arrays of an SNLI file: the file's content (SHA-1) and
-    size, the vocabulary's content and tokenizer settings (word-level or WordPiece, cased or not),
-    `max_len`, the truncation rule and the cache format version.
-    `digest` is the SHA-1 of all of them, which names the cache entry."""
-    from .data_hub import sha1_of  # lazily: the data hub pulls in the network modules
-    _check_max_len(max_len)
-    if truncation not in TRUNCATION_RULES:
-        raise ValueError(f"unknown truncation rule {truncation!r}: use one of {TRUNCATION_RULES}")
-    source_file = os.fspath(source_file)
-    fields = {"version": PACK_CACHE_VERSION, "source_sha1": source_sha1 or sha1_of(source_file),
-              "source_size": os.path.getsize(source_file), "vocab_sha1": vocab_digest(vocab),
-              "vocab_size": len(vocab), "tokenizer": tokenizer_settings(vocab), "max_len": int(max_len),
-              "truncation": truncation}
-    fields["digest"] = hashlib.sha1(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
-    return fields
-
-
-def default_cache_dir() -> str:
-    """`$NLIBERT_CACHE`, else `~/.cache/nlibert/packed`. (Not under `$NLIBERT_DATA`, which may be a
-    shared, read-only data folder.)"""
-    return os.environ.get("NLIBERT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nlibert", "packed")
-
-
-def _cache_path(cache_dir: str, source_file: str, key: dict) -> str:
-    stem = os.path.splitext(os.path.basename(source_file))[0]
-    return os.path.join(cache_dir, f"{stem}.{key['digest'][:20]}.npz")
-
-
-def _compact(token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray) -> dict:
-    """The valid region of each row only (a tenth of the padded size for SNLI): row-major ids and
-    segments of all positions below each row's valid length."""
-    mask = np.arange(token_ids.shape[1]) < valid_lens[:, None]
-    return {"ids": token_ids[mask], "segments": segments[mask].astype(np.int8), "valid_lens": valid_lens}
-
-
-_PAYLOAD = ("ids", "segments", "valid_lens", "labels")
-
-
-def _payload_sha1(arrays: dict) -> str:
-    """A checksum over the entry's arrays (dtype, shape and bytes), so flipped bytes that still
-    decompress are caught too."""
-    h = hashlib.sha1()
-    for name in _PAYLOAD:
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def _expand(ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray, max_len: int,
-            pad: int) -> tuple[np.ndarray, np.ndarray]:
-    mask = np.arange(max_len) < valid_lens[:, None]
-    token_ids = np.full((len(valid_lens), max_len), pad, dtype=np.int32)
-    token_ids[mask] = ids
-    padded_segments = np.zeros((len(valid_lens), max_len), dtype=np.int32)
-    padded_segments[mask] = segments
-    return token_ids, padded_segments
-
-
-def load_packed_snli(source_file: str | os.PathLike, vocab: Vocab, max_len: int, truncation: str = "book",
-                     cache_dir: str | os.PathLike | None = None, verbose: bool = False) -> "SNLIBERTDataset":
-    """The `SNLIBERTDataset` of an SNLI `.txt` file (every labelled row, in file order), from the disk
-    cache when an entry with the same key (`packed_cache_key`) exists, else read, packed and cached.
-
-    The entry is written atomically (a reader never sees half a file) and holds only each row's
-    valid positions and a sha1 of them; it is checked against the key and the sha1 on load, and any
-    entry that cannot be read, or reads as something else, is rebuilt with one line saying so.
-    `dataset.cache_hit` says which way it went and `dataset.cache_path` where it lives.
-    `cache_dir` None means `default_cache_dir()`."""
-    from .io import atomic_write
-    from .snli import read_snli_file
-    source_file = os.fspath(source_file)
-    cache_dir = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = packed_cache_key(source_file, vocab, max_len, truncation)
-    path = _cache_path(cache_dir, source_file, key)
-    pad = _special_id(vocab, "pad")
-    if os.path.exists(path):
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if json.loads(str(f["key"])) != key:
-                    raise ValueError("it was built with other settings")
-                arrays = {name: f[name] for name in _PAYLOAD}
-                if str(f["sha1"]) != _payload_sha1(arrays):
-                    raise ValueError("its contents do not match their checksum")
-            token_ids, segments = _expand(arrays["ids"], arrays["segments"], arrays["valid_lens"], max_len, pad)
-            dataset = SNLIBERTDataset.from_arrays(token_ids, segments, arrays["valid_lens"], arrays["labels"],
-                                                  vocab, max_len, truncation)
-            dataset.cache_hit, dataset.cache_path = True, path
-            if verbose:
-                print(f"read {len(dataset)} packed examples from {path}")
-            return dataset
-        # Anything a damaged file can raise (zipfile.BadZipFile, zlib.error, a short read, a shape
-        # that does not fit) means the same thing: the entry is not what was written. Rebuild it.
-        except Exception as e:
-            print(f"rebuilding the packed cache entry {path}: it cannot be used ({type(e).__name__}: {e})")
-    premises, hypotheses, labels = read_snli_file(source_file, verbose=verbose)
-    dataset = SNLIBERTDataset((premises, hypotheses, labels), max_len, vocab, truncation)
-    del premises, hypotheses
-    arrays = {"labels": dataset.labels, **_compact(dataset.all_token_ids, dataset.all_segments, dataset.valid_lens)}
-    os.makedirs(cache_dir, exist_ok=True)
-    with atomic_write(path, "wb") as f:
-        np.savez(f, key=np.array(json.dumps(key)), sha1=np.array(_payload_sha1(arrays)), **arrays)
-    dataset.cache_hit, dataset.cache_path = False, path
-    if verbose:
-        print(f"packed {len(dataset)} examples into {path}")
-    return dataset

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, ClassVar, Sequence
 
+from .tables import FORMATS, Columns
+
 FINETUNE_MODES = ("fast", "book")
+# The tasks `--task` names; the user's own files (`--train-file`) are a task of their own, 'files'.
+TASKS = ("snli", "ag_news")
+# The `--data` value that downloads a task's data from the data hub.
+HUB_DATA = {"snli": "SNLI", "ag_news": "AG_NEWS"}
 PRECISIONS = ("float32", "bfloat16")
 MLM_LOSSES = ("masked", "book")
 LR_DECAYS = ("none", "linear")
@@ -30,18 +37,25 @@ INIT_SCHEMES = ("book", "xavier")
 PARITY_TOLERANCE = 1e-4
 
 
-def _check(settings: Any) -> None:
-    """Refuse values no run can use, naming the option (`--batch-size`, ...)."""
-    def option(name: str) -> str:
-        return "--" + name.replace("_", "-")
+def _option(name: str) -> str:
+    """The CLI option of a settings field: `batch_size` -> `--batch-size`."""
+    return "--" + name.replace("_", "-")
 
+
+def _check_positive(settings: Any) -> None:
+    """Refuse a field of `settings.POSITIVE` that is not a positive integer (None: not set), naming its option."""
     for name in settings.POSITIVE:
         value = getattr(settings, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{option(name)} must be a positive integer, got {value!r}")
+            raise ValueError(f"{_option(name)} must be a positive integer, got {value!r}")
+
+
+def _check(settings: Any) -> None:
+    """Refuse values no run can use, naming the option (`--batch-size`, ...)."""
+    _check_positive(settings)
     for name, choices in settings.CHOICES.items():
         if getattr(settings, name) not in choices:
-            raise ValueError(f"{option(name)} {getattr(settings, name)!r}: use one of {', '.join(choices)}")
+            raise ValueError(f"{_option(name)} {getattr(settings, name)!r}: use one of {', '.join(choices)}")
     if not (isinstance(settings.lr, (int, float)) and math.isfinite(settings.lr) and settings.lr > 0):
         raise ValueError(f"--lr must be a positive finite number, got {settings.lr!r}")
     if not 0.0 <= settings.dropout < 1.0:
@@ -58,7 +72,13 @@ class FinetuneSettings:
 
     backend: str = "torch"
     pretrained: str = "minilm-l6"  # a checkpoint name or folder, or 'random' (a seeded bert.small shape)
-    data: str | None = None  # an SNLI-layout folder, 'SNLI', or None: the embedded NLI sample
+    task: str = "snli"  # 'snli' or 'ag_news' (with `data`); with `train_file`, the user's files
+    data: str | None = None  # the task's folder or HUB_DATA name; SNLI: None is the embedded NLI sample
+    train_file: str | None = None  # the user's CSV/TSV/JSON Lines training file (split 90/10 alone)
+    test_file: str | None = None
+    text_columns: str | None = None  # 'A' (single texts) or 'A,B' (pairs): the columns of train_file
+    label_column: str | None = None
+    no_header: bool = False  # train_file has no header line: columns are 0-based indices
     max_len: int = 128
     batch_size: int = 512
     lr: float = 1e-4
@@ -82,15 +102,19 @@ class FinetuneSettings:
     # Fields metrics.json records elsewhere (what was trained, the fast path's block) or that say
     # where a run happens rather than what it computes; the rest are its hyperparameters.
     NOT_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = (
-        "backend", "pretrained", "data", "train_limit", "test_limit", "mode", "precision", "graph",
-        "bucketing", "device", "out", "cache_dir", "checkpoint_every", "resume", "stop_after")
+        "backend", "pretrained", "task", "data", "train_file", "test_file", "text_columns", "label_column",
+        "no_header", "train_limit", "test_limit", "mode", "precision", "graph", "bucketing", "device", "out",
+        "cache_dir", "checkpoint_every", "resume", "stop_after")
+    # The options that choose a run's data (with `seed`, which splits a file without a test split).
+    DATA_OPTIONS: ClassVar[tuple[str, ...]] = ("task", "data", "train_file", "test_file", "text_columns",
+                                               "label_column", "no_header", "seed")
     # Fields a resumed run may change: where it runs and how it checkpoints, and `epochs` (more
     # epochs continue a finished run: no schedule depends on their number).
     RUN_ONLY: ClassVar[tuple[str, ...]] = ("epochs", "device", "out", "cache_dir", "checkpoint_every", "resume",
                                            "stop_after")
     POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "epochs", "train_limit", "test_limit", "stop_after",
                                            "micro_batch")
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"mode": FINETUNE_MODES, "precision": PRECISIONS}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"task": TASKS, "mode": FINETUNE_MODES, "precision": PRECISIONS}
 
     def __post_init__(self) -> None:
         _check(self)
@@ -99,6 +123,38 @@ class FinetuneSettings:
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0: at the end of each epoch only), "
                              f"got {self.checkpoint_every}")
+        self._check_data_options()
+
+    def _check_data_options(self) -> None:
+        """The data options that go together: `--task ag_news` with `--data`; `--train-file` with its
+        columns and without `--task`/`--data`; the file options only with `--train-file`."""
+        if self.train_file is None:
+            _only_with(self, ("test_file", "text_columns", "label_column", "no_header"), "train_file")
+            if self.task == "ag_news" and self.data is None:
+                raise ValueError("--task ag_news needs --data: a folder with AG News's train.csv and test.csv "
+                                 f"(or dev.csv, split 90/10), or {HUB_DATA['ag_news']} to download them")
+            return
+        if self.task != "snli":
+            raise ValueError(f"--train-file: your own files are a task of their own; leave out --task {self.task}")
+        if self.data is not None:
+            raise ValueError("--data and --train-file both name the training data; give one of them")
+        if self.text_columns is None or self.label_column is None:
+            raise ValueError("--train-file needs --text-columns (the column holding the text, or two "
+                             "separated by a comma for pairs) and --label-column (the column holding the label)")
+        self.columns()  # its errors name --text-columns, --label-column or --no-header
+
+    def columns(self) -> Columns:
+        """Where the texts and labels are in `train_file` (and `test_file`)."""
+        return Columns.parse(self.text_columns, self.label_column, self.no_header)
+
+    def data_options(self) -> dict:
+        """The options that chose this run's data (DATA_OPTIONS), paths made absolute, so that they
+        find the same data from another folder (a model folder records them)."""
+        options = {name: getattr(self, name) for name in self.DATA_OPTIONS}
+        for name in ("data", "train_file", "test_file"):
+            if options[name] is not None and options[name] not in HUB_DATA.values():
+                options[name] = os.path.abspath(options[name])
+        return options
 
     def hyperparameters(self) -> dict:
         return _without(self, self.NOT_HYPERPARAMETERS)
@@ -168,3 +224,75 @@ class PretrainSettings:
 
     def replace(self, **changes: Any) -> "PretrainSettings":
         return dataclasses.replace(self, **changes)
+
+
+def _only_with(settings: Any, names: Sequence[str], needed: str) -> None:
+    """Refuse options of `names` that are set while the option `needed` is not."""
+    given = [_option(name) for name in names if getattr(settings, name) not in (None, False)]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with {_option(needed)}; add {_option(needed)} or leave "
+                         f"{'them' if len(given) > 1 else 'it'} out")
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictSettings:
+    """Labelling with a fine-tuned model (`nlibert predict`): one text or pair (`texts`), or every
+    row of a CSV/TSV/JSON Lines `file`, written to `output` with the predictions."""
+
+    model: str
+    texts: Sequence[str] = ()  # TEXT, or TEXT and TEXT_B for a pair model
+    file: str | None = None
+    output: str | None = None  # its extension (.csv, .tsv, .jsonl, .json) sets the format
+    text_columns: str | None = None  # None: the columns the model was fine-tuned on, if it records them
+    no_header: bool = False
+    batch_size: int = 256
+    device: str | None = None
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size",)
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+        if self.file is None:
+            _only_with(self, ("output", "text_columns", "no_header"), "file")
+            if not 1 <= len(self.texts) <= 2:
+                raise ValueError(f"give TEXT (and TEXT_B for a model of pairs), or --file FILE --output OUT; "
+                                 f"found {len(self.texts)} texts")
+            return
+        if self.texts:
+            raise ValueError("--file labels a whole file: leave out TEXT and TEXT_B")
+        if self.output is None:
+            raise ValueError("--file needs --output OUT: where to write the rows with their predictions "
+                             "(.csv, .tsv, .jsonl or .json)")
+        if os.path.splitext(self.output)[1].lower() not in FORMATS:
+            raise ValueError(f"--output {self.output}: name it .csv, .tsv, .jsonl or .json (the extension "
+                             "sets the format)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateSettings:
+    """Measuring a fine-tuned model on a labelled test set (`nlibert evaluate`): the task's own test
+    split (`data` None and no `test_file`: the data the model was fine-tuned on), a folder in the
+    task's layout (`data`), or the user's `test_file`; reports go to `out`."""
+
+    model: str
+    data: str | None = None
+    test_file: str | None = None
+    text_columns: str | None = None  # None: the columns the model was fine-tuned on, if it records them
+    label_column: str | None = None
+    no_header: bool = False
+    out: str | None = None  # None: the model folder's parent (a finetune run's OUT)
+    batch_size: int = 256
+    device: str | None = None
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size",)
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+        if self.test_file is None:
+            _only_with(self, ("text_columns", "label_column", "no_header"), "test_file")
+        elif self.data is not None:
+            raise ValueError("--data and --test-file both name the test data; give one of them")
+
+    def out_dir(self) -> str:
+        """Where evaluation.json and confusion.png go: `out`, else the model folder's parent."""
+        return self.out if self.out is not None else os.path.dirname(os.path.abspath(self.model))

@@ -1,23 +1,28 @@
 """Where a job's data comes from: SNLI in its own layout (the embedded sample, a folder, or the data
-hub), seeded subsets, the packed-data cache, and WikiText for pretraining.
+hub), the other tasks (`core/tasks.py`: AG News, the user's files), seeded subsets, the packed-data
+cache, and WikiText for pretraining.
 
-Both fine-tuning paths see exactly the same examples in the same order: the book path reads the
-texts (`snli_texts`) and packs them, the fast path reloads packed arrays from the disk cache
-(`snli_packed`); both take the same seeded 90/10 split of a dev-only folder and the same seeded
-subsets (`subset_indices`).
+A fine-tuning source (`finetune_source`) is an `SNLISource` or a `TaskSource`; both give a run's
+examples two ways, `texts` for the book path (which packs them) and `packed` for the fast path
+(arrays reloaded from the disk cache, `core/packed_cache.py`), the same examples in the same order:
+the same seeded 90/10 split of a file without a test split and the same seeded subsets
+(`subset_indices`). Each also says what its labels are called and whether an example is a pair.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from typing import ClassVar, Sequence, Union
 
 import numpy as np
 
 from .data_hub import download_extract
-from .packing import SNLIBERTDataset, default_cache_dir, load_packed_snli
+from .packed_cache import default_cache_dir, load_packed_examples, load_packed_snli
+from .packing import SNLIBERTDataset
 from .sample import write_sample_snli
-from .snli import SPLIT_FRACTION, read_snli_file, split_dataset
+from .settings import HUB_DATA, FinetuneSettings
+from .snli import LABEL_NAMES, SPLIT_FRACTION, read_snli_file, split_dataset
+from .tasks import Task, ag_news_task, download_ag_news, file_task
 from .vocab import Vocab
 
 
@@ -30,7 +35,7 @@ def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
 
 
 def take(dataset: Sequence[Sequence], indices: np.ndarray) -> tuple[list, ...]:
-    """The rows `indices` of a (premises, hypotheses, labels) dataset, same form."""
+    """The rows `indices` of a dataset of columns, (premises, hypotheses, labels) or (texts, labels), same form."""
     return tuple([column[i] for i in indices] for column in dataset)
 
 
@@ -42,6 +47,20 @@ class SNLISource:
     train_file: str
     test_file: str | None
     description: str
+    embedded: bool = False  # the embedded sample, written into the run's folder
+
+    name: ClassVar[str] = "snli"
+    label_names: ClassVar[tuple[str, ...]] = tuple(LABEL_NAMES)
+    paired: ClassVar[bool] = True
+
+    def texts(self, seed: int, train_limit: int | None = None, test_limit: int | None = None
+              ) -> tuple[tuple[list, ...], tuple[list, ...]]:
+        return snli_texts(self, seed, train_limit, test_limit)
+
+    def packed(self, seed: int, vocab: Vocab, max_len: int, train_limit: int | None = None,
+               test_limit: int | None = None, cache_dir: str | None = None
+               ) -> tuple[SNLIBERTDataset, SNLIBERTDataset, bool]:
+        return snli_packed(self, seed, vocab, max_len, train_limit, test_limit, cache_dir)
 
 
 def snli_source(data: str | None, out_dir: str, seed: int) -> SNLISource:
@@ -50,7 +69,7 @@ def snli_source(data: str | None, out_dir: str, seed: int) -> SNLISource:
     if data is None:
         folder = write_sample_snli(os.path.join(out_dir, "sample-snli"), seed=0)
         description = "embedded NLI sample (nlibert.core.sample)"
-    elif data == "SNLI":
+    elif data == HUB_DATA["snli"]:
         folder, description = download_extract("SNLI"), "SNLI 1.0 (data hub)"
     else:
         folder, description = data, f"SNLI-format folder {data}"
@@ -59,9 +78,9 @@ def snli_source(data: str | None, out_dir: str, seed: int) -> SNLISource:
     train_file, test_file = (os.path.join(folder, f"snli_1.0_{s}.txt") for s in ("train", "test"))
     dev_file = os.path.join(folder, "snli_1.0_dev.txt")
     if os.path.exists(train_file) and os.path.exists(test_file):
-        return SNLISource(train_file, test_file, description)
+        return SNLISource(train_file, test_file, description, embedded=data is None)
     if os.path.exists(dev_file):
-        return SNLISource(dev_file, None, description + f" (dev file split 90/10, seed {seed})")
+        return SNLISource(dev_file, None, description + f" (dev file split 90/10, seed {seed})", embedded=data is None)
     raise FileNotFoundError(f"{folder}: expected snli_1.0_train.txt and snli_1.0_test.txt, "
                             "or snli_1.0_dev.txt to split")
 
@@ -82,7 +101,7 @@ def snli_packed(source: SNLISource, seed: int, vocab: Vocab, max_len: int, train
                 ) -> tuple[SNLIBERTDataset, SNLIBERTDataset, bool]:
     """`(train_set, test_set, cache_hit)`: exactly the examples, in the same order, that `snli_texts`
     + `SNLIBERTDataset` give, but packed once per file and vocabulary and then reloaded from the
-    disk cache (`core.packing.load_packed_snli`; `cache_dir` None: its default)."""
+    disk cache (`core.packed_cache.load_packed_snli`; `cache_dir` None: its default)."""
     full_train = load_packed_snli(source.train_file, vocab, max_len, cache_dir=cache_dir, verbose=True)
     if source.test_file is None:
         (first,), (second,) = split_dataset((np.arange(len(full_train)),), SPLIT_FRACTION, seed)
@@ -91,21 +110,84 @@ def snli_packed(source: SNLISource, seed: int, vocab: Vocab, max_len: int, train
         test_set = load_packed_snli(source.test_file, vocab, max_len, cache_dir=cache_dir, verbose=True)
         train_set = full_train
         hit = full_train.cache_hit and test_set.cache_hit
+    return _subsets(train_set, test_set, seed, train_limit, test_limit) + (bool(hit),)
+
+
+def _subsets(train_set: SNLIBERTDataset, test_set: SNLIBERTDataset, seed: int, train_limit: int | None,
+             test_limit: int | None) -> tuple[SNLIBERTDataset, SNLIBERTDataset]:
+    """The seeded subsets of `--train-limit` / `--test-limit` rows (`subset_indices`), as the texts get them."""
     if train_limit is not None:
         train_set = train_set.subset(subset_indices(len(train_set), train_limit, seed))
     if test_limit is not None:
         test_set = test_set.subset(subset_indices(len(test_set), test_limit, seed))
-    return train_set, test_set, bool(hit)
+    return train_set, test_set
 
 
-def packed_cache_dir(cache_dir: str | None, data: str | None, out_dir: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class TaskSource:
+    """A task read by `core/tasks.py` (AG News, the user's files) as a fine-tuning source: its
+    examples are in memory, already split; the fast path caches them packed, keyed by their content."""
+
+    task: Task
+
+    embedded: ClassVar[bool] = False
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.task.label_names
+
+    @property
+    def paired(self) -> bool:
+        return self.task.paired
+
+    @property
+    def description(self) -> str:
+        return self.task.description
+
+    def texts(self, seed: int, train_limit: int | None = None, test_limit: int | None = None
+              ) -> tuple[tuple[list, ...], tuple[list, ...]]:
+        """(train, test) as column tuples, each a seeded subset of `--train-limit` / `--test-limit` rows."""
+        train, test = self.task.train, self.task.test
+        return (take(train, subset_indices(len(train[-1]), train_limit, seed)),
+                take(test, subset_indices(len(test[-1]), test_limit, seed)))
+
+    def packed(self, seed: int, vocab: Vocab, max_len: int, train_limit: int | None = None,
+               test_limit: int | None = None, cache_dir: str | None = None
+               ) -> tuple[SNLIBERTDataset, SNLIBERTDataset, bool]:
+        """`(train_set, test_set, cache_hit)`: what `texts` + `SNLIBERTDataset` give, through the cache."""
+        train_set, test_set = (load_packed_examples(examples, f"{self.name}-{split}", vocab, max_len,
+                                                    cache_dir=cache_dir, verbose=True)
+                               for split, examples in (("train", self.task.train), ("test", self.task.test)))
+        hit = train_set.cache_hit and test_set.cache_hit
+        return _subsets(train_set, test_set, seed, train_limit, test_limit) + (bool(hit),)
+
+
+FinetuneSource = Union[SNLISource, TaskSource]
+
+
+def finetune_source(settings: FinetuneSettings) -> FinetuneSource:
+    """The data of a fine-tuning run, by its options: the user's files (`--train-file` ...), AG News
+    (`--task ag_news --data DIR|AG_NEWS`) or SNLI (`--data DIR|SNLI`, or the embedded sample)."""
+    if settings.train_file is not None:
+        return TaskSource(file_task(settings.train_file, settings.test_file, settings.columns(), settings.seed))
+    if settings.task == "ag_news":
+        folder = download_ag_news() if settings.data == HUB_DATA["ag_news"] else settings.data
+        return TaskSource(ag_news_task(folder, settings.seed))
+    return snli_source(settings.data, settings.out, settings.seed)
+
+
+def packed_cache_dir(cache_dir: str | None, embedded: bool, out_dir: str) -> str:
     """Where the fast path caches packed data: `cache_dir` if given; for the embedded sample
     `out_dir/packed` (it lives there too); else `$NLIBERT_CACHE` or ~/.cache/nlibert/packed."""
     if cache_dir is not None:
         if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
             raise ValueError(f"--cache-dir {cache_dir}: is a file, not a folder; choose another --cache-dir")
         return cache_dir
-    return os.path.join(out_dir, "packed") if data is None else default_cache_dir()
+    return os.path.join(out_dir, "packed") if embedded else default_cache_dir()
 
 
 def wiki_source(corpus: str) -> tuple[list[str], str]:

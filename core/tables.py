@@ -1,5 +1,6 @@
 """Read a user's own text files: CSV, TSV or JSON Lines (told by the extension), columns chosen by
-header name, or by 0-based index when the file has no header.
+header name, or by 0-based index when the file has no header; and write rows back in any of the
+three (`write_table`, for the predictions of a file).
 
 Every fault is a `DataFileError` (a `ValueError`, so the CLI prints it as `nlibert: error: ...`)
 naming the file, the 1-based line the row starts on, the column, and what to do.
@@ -21,7 +22,7 @@ import json
 import os
 from typing import Any, Union
 
-from .io import first_non_utf8_line
+from .io import atomic_write, first_non_utf8_line
 
 Column = Union[str, int]  # a header name or JSON key; a 0-based index in a file without a header
 
@@ -234,3 +235,46 @@ def encode_labels(data: FileTexts, label_names: tuple[str, ...]) -> list[int]:
                                 f"is not among the training labels ({', '.join(label_names)}); fix the label "
                                 "or remove the row")
     return [index[label] for label in data.labels]
+
+
+def table_records(table: Table) -> tuple[list[str], list[dict]]:
+    """`(columns, rows)`: the table's column names in order and its rows as dicts keyed by them.
+    A CSV/TSV file's header names its columns (without one, their 0-based indices as strings); a
+    JSON Lines file's are its keys, in the order they first appear."""
+    if table.format == "jsonl":
+        columns = list(dict.fromkeys(key for row in table.rows for key in row))
+        return columns, [dict(row) for row in table.rows]
+    columns = table.header if table.header is not None else [str(i) for i in range(len(table.rows[0]))]
+    return list(columns), [dict(zip(columns, row)) for row in table.rows]
+
+
+def _cell(value: Any) -> str:
+    """A value as CSV/TSV text: strings as they are, anything else (numbers, JSON Lines objects) as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def write_table(path: str | os.PathLike, columns: list[str], rows: list[dict]) -> None:
+    """Write `rows` (dicts keyed by `columns`) as CSV (with a header line), TSV (the same, tab
+    separated, no quoting) or JSON Lines (one object per row), by `path`'s extension, atomically.
+    A value a row lacks is an empty CSV/TSV cell and an absent JSON key. TSV cannot hold a tab or
+    a line break inside a value: such a value is an error naming the row and column."""
+    path = os.fspath(path)
+    fmt = file_format(path)
+    with atomic_write(path, "w") as f:
+        if fmt == "jsonl":
+            for row in rows:
+                f.write(json.dumps({c: row[c] for c in columns if c in row}, ensure_ascii=False) + "\n")
+            return
+        cells = ([_cell(row.get(column, "")) for column in columns] for row in rows)
+        if fmt == "csv":
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(columns)
+            writer.writerows(cells)
+            return
+        f.write("\t".join(columns) + "\n")
+        for number, row in enumerate(cells, start=1):
+            for column, value in zip(columns, row):
+                if any(c in value for c in "\t\r\n"):
+                    raise DataFileError(f"{path}: row {number}, column {column!r} holds a tab or a line break, "
+                                        "which TSV cannot; write .csv or .jsonl instead")
+            f.write("\t".join(row) + "\n")

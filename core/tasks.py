@@ -45,7 +45,7 @@ class Task:
         return len(self.train) == 3
 
     def to_dict(self) -> dict:
-        """What a model folder records about the task it was trained on."""
+        """The task's name, label names and form (a model folder records more: `core.folders.TaskRecord`)."""
         return {"name": self.name, "label_names": list(self.label_names), "paired": self.paired}
 
 

@@ -4,9 +4,9 @@ import os
 import numpy as np
 import pytest
 
-from nlibert.core import packing
-from nlibert.core.packing import (SNLIBERTDataset, load_packed_snli, pack_pairs, packed_cache_key,
-                                  truncated_lengths)
+from nlibert.core import packed_cache, packing
+from nlibert.core.packed_cache import load_packed_snli, packed_cache_key
+from nlibert.core.packing import SNLIBERTDataset, pack_pairs, truncated_lengths
 from nlibert.core.snli import read_snli_file
 from nlibert.core.vocab import Vocab
 
@@ -189,9 +189,9 @@ def test_a_damaged_entry_is_rebuilt(tmp_path, vocab):
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("NLIBERT_CACHE", str(tmp_path / "c"))
-    assert packing.default_cache_dir() == str(tmp_path / "c")
+    assert packed_cache.default_cache_dir() == str(tmp_path / "c")
     monkeypatch.delenv("NLIBERT_CACHE")
-    assert packing.default_cache_dir().endswith(os.path.join(".cache", "nlibert", "packed"))
+    assert packed_cache.default_cache_dir().endswith(os.path.join(".cache", "nlibert", "packed"))
 
 
 def test_subset_and_from_arrays(vocab):

@@ -15,7 +15,7 @@ import pytest
 from nlibert import jobs
 from nlibert.core.folders import describe_checkpoint
 from nlibert.core.io import atomic_write, temp_folder_beside, write_json
-from nlibert.core.packing import load_packed_snli
+from nlibert.core.packed_cache import load_packed_snli
 from nlibert.core.snli import SNLIFormatError, read_snli_file
 from nlibert.core.vocab import RESERVED_TOKENS, Vocab
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from nlibert.core import packing
-from nlibert.core.packing import (SNLIBERTDataset, load_packed_snli, pack_pairs, packed_cache_key,
-                                  truncate_pair_of_tokens)
+from nlibert.core.packed_cache import load_packed_snli, packed_cache_key
+from nlibert.core.packing import SNLIBERTDataset, pack_pairs, truncate_pair_of_tokens
 from nlibert.core.snli import read_snli_file
 from nlibert.core.vocab import Vocab
 from nlibert.core.wordpiece import WordPieceVocab, load_wordpiece_vocab, read_vocab_txt

@@ -23,7 +23,8 @@ from flax import serialization
 
 from nlibert.core.config import BERTConfig
 from nlibert.core.folders import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_filled,
-                                  config_dict, read_classifier_folder, read_pretrained)
+                                  TaskRecord, classifier_config, config_dict, read_classifier_folder,
+                                  read_pretrained)
 from nlibert.core.io import atomic_write, write_json
 from nlibert.core.names import check_shapes, expected_shapes, infer_config
 from nlibert.core.training import require_devices
@@ -144,13 +145,14 @@ def save_pretrained(bert: BERTModel, vocab: Vocab, folder: str | os.PathLike) ->
 
 
 def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapping | None,
-                    folder: str | os.PathLike) -> None:
-    """Write a fine-tuned classifier: `classifier.params`, `vocab.json`, `config.json` (kind 'classifier').
+                    folder: str | os.PathLike, task: TaskRecord | None = None) -> None:
+    """Write a fine-tuned classifier: `classifier.params`, `vocab.json`, `config.json` (kind 'classifier',
+    and `task`: its label names, one per output; None: SNLI's).
     `config` None means the one the classifier carries."""
     config = config if config is not None else getattr(net, "config", None)
     os.makedirs(folder, exist_ok=True)
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    written = config_dict(config, FORMAT, "classifier", vocab)
+    written = classifier_config(config, FORMAT, vocab, task, net.num_classes)
     write_json(os.path.join(folder, CONFIG_FILE), written)
     write_params(_state_dict(net.params, BERTConfig.from_dict(written), "classifier"),
                  os.path.join(folder, CLASSIFIER_FILE))
@@ -167,10 +169,11 @@ class _Backbone:
 
 def load_classifier(folder: str | os.PathLike, devices: Sequence[jax.Device]
                     ) -> tuple[BERTClassifier, Vocab, BERTConfig]:
-    """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on devices[0]."""
-    cfg, vocab, params_path = read_classifier_folder(folder, FORMAT)
+    """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on devices[0], with one
+    output per label config.json records."""
+    cfg, vocab, params_path, task = read_classifier_folder(folder, FORMAT)
     params = read_params(params_path)
-    check_shapes(expected_shapes(cfg, "classifier"), _shapes(params), params_path)
-    net = BERTClassifier(_Backbone(cfg))
+    check_shapes(expected_shapes(cfg, "classifier", len(task.label_names)), _shapes(params), params_path)
+    net = BERTClassifier(_Backbone(cfg), num_classes=len(task.label_names))
     net.params = jax.device_put(_nest(params), _first_device(devices))
     return net, vocab, cfg

@@ -362,12 +362,13 @@ class _BERT(nn.Module):
 
 
 class _Classifier(nn.Module):
-    """`BERTClassifier`'s module: encoder, pooler and a new 3-way `output` layer."""
+    """`BERTClassifier`'s module: encoder, pooler and a new `num_classes`-way `output` layer."""
 
     config: tuple
     detach_pos_embedding: bool = False
     fused_attention: bool = False
     cls_only: bool = False
+    num_classes: int = 3
 
     @nn.compact
     def __call__(self, tokens: jax.Array, segments: jax.Array, valid_lens: jax.Array | None,
@@ -375,7 +376,7 @@ class _Classifier(nn.Module):
         encoded_X = _Encoder(self.config, self.detach_pos_embedding, self.fused_attention, name="encoder")(
             tokens, segments, valid_lens, self.cls_only, training)  # (B, T, H) or (B, 1, H)
         pooled = _Pooler(dict(self.config)["num_hiddens"], name="hidden")(encoded_X[:, 0, :])
-        return _Linear(3, name="output")(pooled)  # (B, 3) logits
+        return _Linear(self.num_classes, name="output")(pooled)  # (B, num_classes) logits
 
 
 # --- the book's classes: linen modules bound to their parameters --------------------------------
@@ -516,25 +517,31 @@ class BERTModel(_Bound):
 
 
 class BERTClassifier(_Bound):
-    """The chapter's NLI model: `bert`'s encoder and pooler plus a new 3-way `output` layer (the MLM
-    and NSP heads are not kept). `cls_only`: the last block computes <cls> only (same logits).
+    """The chapter's NLI model: `bert`'s encoder and pooler plus a new `num_classes`-way `output`
+    layer (the MLM and NSP heads are not kept; 3: SNLI's labels, as the chapter). `cls_only`: the
+    last block computes <cls> only (same logits).
 
     The classifier starts from `bert`'s very arrays (as the torch classifier shares bert's modules):
     train the classifier, not `bert`, from then on."""
 
-    def __init__(self, bert: BERTModel, cls_only: bool = False) -> None:
+    def __init__(self, bert: BERTModel, cls_only: bool = False, num_classes: int = 3) -> None:
         self.config: BERTConfig | None = getattr(bert, "config", None)
         self.cls_only = cls_only
         bert_module = bert.module
         self.module = _Classifier(_config_items(bert.config), bert_module.detach_pos_embedding,
-                                  bert_module.fused_attention, cls_only)
+                                  bert_module.fused_attention, cls_only, num_classes)
         H = bert.config.num_hiddens
-        output = _Linear(3).lazy_init(_next_key(), jax.ShapeDtypeStruct((1, H), jnp.float32))["params"]  # torch's init
+        output = _Linear(num_classes).lazy_init(  # torch's init
+            _next_key(), jax.ShapeDtypeStruct((1, H), jnp.float32))["params"]
         self.params = {"encoder": bert.params["encoder"], "hidden": bert.params["hidden"], "output": output}
         self._compiled = None
 
+    @property
+    def num_classes(self) -> int:
+        return self.module.num_classes
+
     def forward(self, inputs, segments=None, valid_lens=None) -> jax.Array:
-        """(B, 3) logits, of `net((tokens, segments, valid_lens))` as the book calls it or of
+        """(B, num_classes) logits, of `net((tokens, segments, valid_lens))` as the book calls it or of
         `net(tokens, segments, valid_lens)`."""
         if segments is None:
             inputs, segments, valid_lens = inputs

@@ -260,7 +260,7 @@ def _proba_function(module) -> Callable:
 
 def predict_proba(net: _Bound, token_ids, segments, valid_lens, devices: Sequence[jax.Device],
                   batch_size: int = 512) -> np.ndarray:
-    """Class probabilities (N, 3) for packed examples, dropout off, `batch_size` rows at a time.
+    """Class probabilities (N, net.num_classes) for packed examples, dropout off, `batch_size` rows at a time.
 
     Inputs are numpy or JAX arrays shaped as `pack_pairs` returns them; one unbatched example
     (1-D ids and segments, a scalar length) is treated as a batch of one.
@@ -279,4 +279,4 @@ def predict_proba(net: _Bound, token_ids, segments, valid_lens, devices: Sequenc
             (token_ids[rows], segments[rows], valid_lens[rows]), np.zeros(len(valid_lens[rows])), [device],
             net.config.max_len))
         out.append(np.asarray(proba(params, tokens, segs, lens))[:len(valid_lens[rows])])
-    return np.concatenate(out) if out else np.zeros((0, 3), dtype=np.float32)
+    return np.concatenate(out) if out else np.zeros((0, net.num_classes), dtype=np.float32)

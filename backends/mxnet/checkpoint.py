@@ -31,7 +31,8 @@ from mxnet.gluon import nn
 
 from nlibert.core.config import BERTConfig
 from nlibert.core.folders import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_filled,
-                                  config_dict, read_classifier_folder, read_pretrained)
+                                  TaskRecord, classifier_config, config_dict, read_classifier_folder,
+                                  read_pretrained)
 from nlibert.core.io import atomic_path, write_json
 from nlibert.core.names import canonical_key, check_shapes, from_canonical
 from nlibert.core.training import require_devices
@@ -220,8 +221,9 @@ def save_pretrained(bert: BERTModel, vocab: Vocab, folder: str | os.PathLike) ->
 
 
 def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapping | None,
-                    folder: str | os.PathLike) -> None:
-    """Write a fine-tuned classifier: `classifier.params`, `vocab.json`, `config.json` (kind 'classifier').
+                    folder: str | os.PathLike, task: TaskRecord | None = None) -> None:
+    """Write a fine-tuned classifier: `classifier.params`, `vocab.json`, `config.json` (kind 'classifier',
+    and `task`: its label names, one per output; None: SNLI's).
     `config` None means the one the classifier carries; `classifier.params` is written last."""
     missing = _uninitialized(net)
     if missing:
@@ -230,7 +232,7 @@ def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapp
     config = config if config is not None else getattr(net, "config", None)
     os.makedirs(folder, exist_ok=True)
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), config_dict(config, FORMAT, "classifier", vocab))
+    write_json(os.path.join(folder, CONFIG_FILE), classifier_config(config, FORMAT, vocab, task, net.num_classes))
     _save_parameters(net, os.path.join(folder, CLASSIFIER_FILE))
 
 
@@ -247,9 +249,10 @@ class _Backbone(nn.Block):
 
 def load_classifier(folder: str | os.PathLike, devices: Sequence[mx.Context]
                     ) -> tuple[BERTClassifier, Vocab, BERTConfig]:
-    """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on every device."""
+    """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on every device, with one
+    output per label config.json records."""
     devices = _as_contexts(devices)
-    cfg, vocab, params_path = read_classifier_folder(folder, FORMAT)
-    net = BERTClassifier(_Backbone(cfg))
+    cfg, vocab, params_path, task = read_classifier_folder(folder, FORMAT)
+    net = BERTClassifier(_Backbone(cfg), num_classes=len(task.label_names))
     _load_strict(net, read_params(params_path), params_path, devices)
     return net, vocab, cfg

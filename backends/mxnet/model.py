@@ -388,7 +388,8 @@ class BERTModel(nn.Block):
 
 
 class BERTClassifier(nn.Block):
-    """The chapter's NLI model: pretrained encoder and pooler, plus a new 3-way output layer.
+    """The chapter's NLI model: pretrained encoder and pooler, plus a new `num_classes`-way output
+    layer (3: SNLI's labels, as the chapter).
 
     The MLM and NSP heads are deliberately not kept, so they are neither in `collect_params()`
     (the trainer never sees them) nor in `save_parameters` (39 tensors for a 2-layer model).
@@ -397,14 +398,18 @@ class BERTClassifier(nn.Block):
     at <cls> only, the one position the classifier reads: the same logits and gradients for less work.
     """
 
-    def __init__(self, bert: nn.Block, cls_only: bool = False) -> None:
+    def __init__(self, bert: nn.Block, cls_only: bool = False, num_classes: int = 3) -> None:
         super().__init__()
         self.encoder = bert.encoder
         self.hidden = bert.hidden
         num_hiddens = self.encoder.token_embedding.weight.shape[1]
-        self.output = nn.Dense(3, in_units=num_hiddens)
+        self.output = nn.Dense(num_classes, in_units=num_hiddens)
         self.config: BERTConfig | None = getattr(bert, "config", None)
         self.cls_only = cls_only
+
+    @property
+    def num_classes(self) -> int:
+        return self.output.weight.shape[0]
 
     def forward(self, inputs: np.ndarray | Sequence[np.ndarray], segments: np.ndarray | None = None,
                 valid_lens: np.ndarray | None = None) -> np.ndarray:
@@ -417,7 +422,7 @@ class BERTClassifier(nn.Block):
             encoded_X = self.encoder(tokens, segments, valid_lens, True)  # cls_only: (B, 1, H)
         else:
             encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
-        return self.output(self.hidden(encoded_X[:, 0, :]))  # (B, 3) logits
+        return self.output(self.hidden(encoded_X[:, 0, :]))  # (B, num_classes) logits
 
 
 def set_fused_attention(net: nn.Block, enabled: bool = True) -> nn.Block:

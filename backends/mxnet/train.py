@@ -223,7 +223,7 @@ def train_fast(net: gluon.Block, train_iter: Iterable, test_iter: Iterable | Non
 
 def predict_proba(net: gluon.Block, token_ids, segments, valid_lens, devices: Sequence[mx.Context],
                   batch_size: int = 512) -> onp.ndarray:
-    """Class probabilities (N, 3) for packed examples, on devices[0], `batch_size` rows at a time.
+    """Class probabilities (N, net.num_classes) for packed examples, on devices[0], `batch_size` rows at a time.
 
     Inputs are numpy or MXNet arrays shaped as `pack_pairs` returns them; one unbatched example
     (1-D ids and segments, a scalar length) is treated as a batch of one.
@@ -239,7 +239,7 @@ def predict_proba(net: gluon.Block, token_ids, segments, valid_lens, devices: Se
         X, _ = _to_batch((token_ids[i:i + batch_size], segments[i:i + batch_size],
                           valid_lens[i:i + batch_size]), onp.zeros(0), ctx)
         out.append(npx.softmax(net(X).astype("float32"), axis=-1).asnumpy())
-    return onp.concatenate(out) if out else onp.zeros((0, 3), dtype=onp.float32)
+    return onp.concatenate(out) if out else onp.zeros((0, net.num_classes), dtype=onp.float32)
 
 
 def _as_numpy(x) -> onp.ndarray:

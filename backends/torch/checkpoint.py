@@ -20,7 +20,8 @@ from torch import nn
 
 from nlibert.core.config import BERTConfig
 from nlibert.core.folders import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_filled,
-                                  config_dict, read_classifier_folder, read_pretrained)
+                                  TaskRecord, classifier_config, config_dict, read_classifier_folder,
+                                  read_pretrained)
 from nlibert.core.io import atomic_write, write_json
 from nlibert.core.names import check_shapes
 from nlibert.core.training import require_devices
@@ -124,14 +125,15 @@ def save_pretrained(bert: BERTModel, vocab: Vocab, folder: str | os.PathLike) ->
 
 
 def save_classifier(net: BERTClassifier, vocab: Vocab, config: BERTConfig | Mapping | None,
-                    folder: str | os.PathLike) -> None:
-    """Write a fine-tuned classifier: `classifier.params`, `vocab.json`, `config.json` (kind 'classifier').
+                    folder: str | os.PathLike, task: TaskRecord | None = None) -> None:
+    """Write a fine-tuned classifier: `classifier.params`, `vocab.json`, `config.json` (kind 'classifier',
+    and `task`: its label names, one per output; None: SNLI's).
     `config` None means the one the classifier carries."""
     net = _unwrap(net)
     config = config if config is not None else getattr(net, "config", None)
     os.makedirs(folder, exist_ok=True)
     save_vocab(vocab, os.path.join(folder, VOCAB_FILE))
-    write_json(os.path.join(folder, CONFIG_FILE), config_dict(config, FORMAT, "classifier", vocab))
+    write_json(os.path.join(folder, CONFIG_FILE), classifier_config(config, FORMAT, vocab, task, net.num_classes))
     write_params(net.state_dict(), os.path.join(folder, CLASSIFIER_FILE))
 
 
@@ -148,8 +150,9 @@ class _Backbone(nn.Module):
 
 def load_classifier(folder: str | os.PathLike, devices: Sequence[torch.device]
                     ) -> tuple[BERTClassifier, Vocab, BERTConfig]:
-    """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on devices[0]."""
-    cfg, vocab, params_path = read_classifier_folder(folder, FORMAT)
-    net = BERTClassifier(_Backbone(cfg))
+    """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on devices[0], with one
+    output per label config.json records."""
+    cfg, vocab, params_path, task = read_classifier_folder(folder, FORMAT)
+    net = BERTClassifier(_Backbone(cfg), num_classes=len(task.label_names))
     _load_strict(net, _load_state_dict(params_path), params_path)
     return net.to(_first_device(devices)), vocab, cfg

@@ -338,7 +338,8 @@ class BERTModel(nn.Module):
 
 
 class BERTClassifier(nn.Module):
-    """The chapter's NLI model: pretrained encoder and pooler, plus a new 3-way output layer.
+    """The chapter's NLI model: pretrained encoder and pooler, plus a new `num_classes`-way output
+    layer (3: SNLI's labels, as the chapter).
 
     The MLM and NSP heads are deliberately not kept, so they are neither in `parameters()` (the
     optimizer never sees them) nor in the `state_dict` (39 tensors for a 2-layer model).
@@ -346,14 +347,18 @@ class BERTClassifier(nn.Module):
     position the classifier reads: the same logits and gradients for less work.
     """
 
-    def __init__(self, bert: nn.Module, cls_only: bool = False) -> None:
+    def __init__(self, bert: nn.Module, cls_only: bool = False, num_classes: int = 3) -> None:
         super().__init__()
         self.encoder = bert.encoder
         self.hidden = bert.hidden
         num_hiddens = self.encoder.token_embedding.embedding_dim
-        self.output = nn.Linear(num_hiddens, 3)  # torch's default init, as the book
+        self.output = nn.Linear(num_hiddens, num_classes)  # torch's default init, as the book
         self.config: BERTConfig | None = getattr(bert, "config", None)
         self.cls_only = cls_only
+
+    @property
+    def num_classes(self) -> int:
+        return self.output.out_features
 
     def forward(self, inputs: torch.Tensor | Sequence[torch.Tensor], segments: torch.Tensor | None = None,
                 valid_lens: torch.Tensor | None = None) -> torch.Tensor:
@@ -366,7 +371,7 @@ class BERTClassifier(nn.Module):
             encoded_X = self.encoder(tokens, segments, valid_lens, cls_only=True)  # (B, 1, H)
         else:
             encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
-        return self.output(self.hidden(encoded_X[:, 0, :]))  # (B, 3) logits
+        return self.output(self.hidden(encoded_X[:, 0, :]))  # (B, num_classes) logits
 
 
 def set_fused_attention(net: nn.Module, enabled: bool = True) -> nn.Module:

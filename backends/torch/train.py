@@ -180,7 +180,7 @@ def train_fast(net: nn.Module, train_iter: Iterable, test_iter: Iterable | None,
 
 def predict_proba(net: nn.Module, token_ids, segments, valid_lens, devices: Sequence[torch.device],
                   batch_size: int = 512) -> np.ndarray:
-    """Class probabilities (N, 3) for packed examples, in eval mode, `batch_size` rows at a time.
+    """Class probabilities (N, net.num_classes) for packed examples, in eval mode, `batch_size` rows at a time.
 
     Inputs are numpy arrays or tensors shaped as `pack_pairs` returns them; one unbatched example
     (1-D ids and segments, a scalar length) is treated as a batch of one.
@@ -200,7 +200,7 @@ def predict_proba(net: nn.Module, token_ids, segments, valid_lens, devices: Sequ
                             valid_lens[i:i + batch_size]), device)
             out.append(torch.softmax(net(X).float(), dim=-1).cpu().numpy())
     net.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, 3), dtype=np.float32)
+    return np.concatenate(out) if out else np.zeros((0, net.num_classes), dtype=np.float32)
 
 
 def _as_numpy(x) -> np.ndarray:
