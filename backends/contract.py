@@ -1,7 +1,8 @@
 """The backend contract: what every backend package exports, in this order, with these signatures.
 
 A backend is a package `nlibert/backends/<name>/` of five files, mirror images of the other
-backends' (the same public names, in the same order, file by file):
+backends' (the same public names, in the same order, file by file), and any private helper
+modules of its own (a leading underscore, e.g. the JAX backend's `_layers.py`):
 
 - `model.py`: the book's BERT (`BERTEncoder` ... `BERTClassifier`) and `set_fused_attention`;
 - `checkpoint.py`: its params file format, and the book's folder loaders and savers;

@@ -1,19 +1,12 @@
 """The book's BERT in JAX/Flax: encoder, pretraining heads, and the NLI classifier.
 
-Read top to bottom it is the model, in the order of the other backends' model.py: attention
-(masked softmax, dot product, multi-head), the two sublayers of a post-LN Transformer block, the
-block, the BERT encoder, the two pretraining heads, BERT itself, and the fine-tuning classifier.
-The layers are Flax `linen` modules; the five classes the book's code calls (`BERTEncoder`,
-`MaskLM`, `NextSentencePred`, `BERTModel`, `BERTClassifier`) are linen modules bound to their
-parameters, so that `bert(tokens, segments, valid_lens, pred_positions)` works as in the other
-backends (in evaluation mode: dropout off) while `.module` and `.params` stay open for training.
-
-Same math as the torch backend's (so the same logits from the same checkpoint): post-LN blocks,
-a learned positional embedding added without scaling, valid-length masking that *sets* masked
-scores to -1e6, LayerNorm over the last axis with the biased variance, ReLU (the book) or exact
-erf GELU (Hugging Face checkpoints). Same parameter layout: every parameter is named and shaped
-as the canonical (torch `state_dict`) name says, `weight` (out, in) and `x @ weight.T + bias`,
-so the JAX format needs no rename rules and no transposes (core/names.py).
+In the order of the other backends' model.py. The layers are Flax `linen` modules; the five
+classes the book's code calls are linen modules bound to their parameters, so that
+`bert(tokens, segments, valid_lens, pred_positions)` works as in the other backends (evaluation
+mode) while `.module` and `.params` stay open for training. The torch backend's math (post-LN
+blocks, -1e6 *set* on masked scores, LayerNorm with the biased variance, ReLU or erf GELU) and
+its parameter layout: every parameter is named and shaped as its canonical (`state_dict`) name
+says, `weight` (out, in), so the JAX format needs no rename rules and no transposes.
 
 Shapes: B batch, T sequence length, H num_hiddens, h num_heads, F ffn_num_hiddens, V vocab size,
 P number of masked positions to predict.
@@ -21,14 +14,16 @@ P number of masked positions to predict.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nlibert.core.config import BERTConfig
+
+from ._layers import _Embedding, _LayerNorm, _Linear, _normal
+from .runtime import _next_key
 
 _Params = Any  # a nested dict of arrays, keyed by the canonical names split at their dots
 
@@ -51,70 +46,6 @@ def masked_softmax(X: jax.Array, valid_lens: jax.Array | None) -> jax.Array:
         raise ValueError(f"valid_lens must be 1-D or 2-D, got shape {valid_lens.shape}")
     keep = jnp.arange(X.shape[-1]) < lens  # (B', T_q or 1, T_k)
     return jax.nn.softmax(jnp.where(keep, X, -1e6), axis=-1)
-
-
-def _host_init(draw):
-    """An initializer that draws on the host with numpy, seeded by the layer's JAX key: drawn with
-    `jax.random`, every parameter would be an XLA program compiled on its own (about 0.2 s each on
-    a CPU, seconds per model). Flax also calls an initializer under `eval_shape` to check a
-    parameter's shape; there only the shape counts."""
-    def init(key: jax.Array, shape: Sequence[int]):
-        if isinstance(key, jax.core.Tracer):
-            return jnp.zeros(shape, jnp.float32)
-        return draw(np.random.default_rng(np.asarray(key)), tuple(shape)).astype(np.float32)
-    return init
-
-
-def _torch_uniform(fan_in: int):
-    """torch's default for Linear weights and biases, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): the same
-    distributions as the torch backend's freshly built layers."""
-    bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
-    return _host_init(lambda rng, shape: rng.uniform(-bound, bound, shape))
-
-
-_normal = _host_init(lambda rng, shape: rng.standard_normal(shape))  # N(0, 1): torch's Embedding, the book's pos_embedding
-_ones = _host_init(lambda rng, shape: np.ones(shape))
-_zeros = _host_init(lambda rng, shape: np.zeros(shape))
-
-
-class _Linear(nn.Module):
-    """torch's `nn.Linear`: `weight` (out, in), `bias` (out,), x @ weight.T + bias."""
-
-    features: int
-    use_bias: bool = True
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        fan_in = x.shape[-1]
-        y = x @ self.param("weight", _torch_uniform(fan_in), (self.features, fan_in)).T
-        if self.use_bias:
-            y = y + self.param("bias", _torch_uniform(fan_in), (self.features,))
-        return y
-
-
-class _LayerNorm(nn.Module):
-    """LayerNorm over the last axis as torch computes it: biased variance, `weight` and `bias`."""
-
-    eps: float = 1e-5
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        mean = x.mean(axis=-1, keepdims=True)
-        var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
-        weight = self.param("weight", _ones, (x.shape[-1],))
-        bias = self.param("bias", _zeros, (x.shape[-1],))
-        return (x - mean) / jnp.sqrt(var + self.eps) * weight + bias
-
-
-class _Embedding(nn.Module):
-    """torch's `nn.Embedding`: a (V, H) `weight`, N(0, 1) at first, rows looked up by id."""
-
-    num_embeddings: int
-    features: int
-
-    @nn.compact
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.param("weight", _normal, (self.num_embeddings, self.features)), ids, axis=0)
 
 
 class DotProductAttention(nn.Module):
@@ -331,7 +262,7 @@ class _MaskLM(nn.Module):
     layer_norm_eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, X: jax.Array, pred_positions: jax.Array) -> jax.Array:
+    def __call__(self, X: jax.Array, pred_positions: jax.Array, training: bool = False) -> jax.Array:
         batch_idx = jnp.arange(X.shape[0])[:, None]  # (B, 1), broadcast against (B, P)
         masked_X = X[batch_idx, jnp.asarray(pred_positions).astype(jnp.int32)]  # (B, P, H)
         return _MLMHead(self.vocab_size, self.num_hiddens, self.hidden_act, self.layer_norm_eps,
@@ -340,7 +271,7 @@ class _MaskLM(nn.Module):
 
 class _NextSentencePred(nn.Module):
     @nn.compact
-    def __call__(self, X: jax.Array) -> jax.Array:
+    def __call__(self, X: jax.Array, training: bool = False) -> jax.Array:
         return _Linear(2, name="output")(X)  # (B, 2)
 
 
@@ -381,14 +312,6 @@ class _Classifier(nn.Module):
 
 # --- the book's classes: linen modules bound to their parameters --------------------------------
 
-_KEY = [jax.random.PRNGKey(0)]  # the backend's generator: runtime.set_seed resets it, new layers draw from it
-
-
-def _next_key() -> jax.Array:
-    _KEY[0], key = jax.random.split(_KEY[0])
-    return key
-
-
 def _config_items(cfg: BERTConfig) -> tuple:
     return tuple(sorted(cfg.to_dict().items()))
 
@@ -415,19 +338,23 @@ class _Bound:
     def apply(self, params: _Params, *args, training: bool = False, rngs: dict | None = None, **kwargs):
         return self.module.apply({"params": params}, *args, training=training, rngs=rngs, **kwargs)
 
+    def _evaluate(self, *inputs):
+        """The module on `inputs` with this object's parameters, dropout off, compiled."""
+        if self._compiled is None:
+            self._compiled = jax.jit(lambda params, *X: self.apply(params, *X))
+        return self._compiled(self.params, *(None if a is None else jnp.asarray(a) for a in inputs))
+
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
 
-def _example_inputs(max_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """A batch of one 2-token example (or 1 with max_len 1): enough to create every parameter."""
-    T = min(2, max_len)
-    return jnp.zeros((1, T), jnp.int32), jnp.zeros((1, T), jnp.int32), jnp.full((1,), T, jnp.float32)
+class _Sized(_Bound):
+    """What `BERTEncoder` and `BERTModel` share: built from a `BERTConfig`'s sizes and options
+    (`config`), parameters drawn at construction from the backend's generator (`runtime.set_seed`)
+    with the torch backend's distributions."""
 
-
-class BERTEncoder(_Bound):
-    """Token + segment + learned position embeddings, summed (BERT's LayerNorm after them with
-    `embedding_norm`), then `num_layers` post-LN Transformer blocks."""
+    _linen: type  # the linen module class
+    _example_positions: bool  # whether creating every parameter takes MLM positions
 
     def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
                  num_layers: int, dropout: float, max_len: int = 1000, *,
@@ -438,15 +365,23 @@ class BERTEncoder(_Bound):
                                  num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len,
                                  hidden_act=hidden_act, layer_norm_eps=layer_norm_eps,
                                  embedding_norm=embedding_norm, attention_dropout=attention_dropout)
-        self._init(_Encoder(_config_items(self.config), detach_pos_embedding, fused_attention),
-                   *_example_inputs(max_len))
+        T = min(2, max_len)  # a batch of one short example creates every parameter
+        example = [jnp.zeros((1, T), jnp.int32), jnp.zeros((1, T), jnp.int32), jnp.full((1,), T, jnp.float32)]
+        self._init(self._linen(_config_items(self.config), detach_pos_embedding, fused_attention),
+                   *example, *([jnp.zeros((1, 1), jnp.int32)] if self._example_positions else []))
 
     @classmethod
-    def from_config(cls, cfg: BERTConfig, *, detach_pos_embedding: bool = False,
-                    fused_attention: bool = False) -> "BERTEncoder":
+    def from_config(cls, cfg: BERTConfig, *, detach_pos_embedding: bool = False, fused_attention: bool = False):
         return cls(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads, cfg.num_layers,
                    cfg.dropout, cfg.max_len, detach_pos_embedding=detach_pos_embedding,
                    fused_attention=fused_attention, **cfg.architecture())
+
+
+class BERTEncoder(_Sized):
+    """Token + segment + learned position embeddings, summed (BERT's LayerNorm after them with
+    `embedding_norm`), then `num_layers` post-LN Transformer blocks."""
+
+    _linen, _example_positions = _Encoder, False
 
     def forward(self, tokens, segments, valid_lens, cls_only: bool = False) -> jax.Array:
         """(B, T, H) hidden states; (B, 1, H), the <cls> row, with `cls_only`."""
@@ -462,12 +397,9 @@ class MaskLM(_Bound):
         self._init(_MaskLM(vocab_size, num_hiddens, hidden_act, layer_norm_eps),
                    jnp.zeros((1, 1, num_hiddens), jnp.float32), jnp.zeros((1, 1), jnp.int32))
 
-    def apply(self, params: _Params, *args, training: bool = False, rngs: dict | None = None, **kwargs):
-        return self.module.apply({"params": params}, *args, **kwargs)  # no dropout in the head
-
     def forward(self, X, pred_positions) -> jax.Array:
         """(B, P, V) logits at the (B, P) positions."""
-        return self.apply(self.params, jnp.asarray(X), jnp.asarray(pred_positions))
+        return self._evaluate(X, pred_positions)
 
 
 class NextSentencePred(_Bound):
@@ -476,44 +408,20 @@ class NextSentencePred(_Bound):
     def __init__(self, num_hiddens: int) -> None:
         self._init(_NextSentencePred(), jnp.zeros((1, num_hiddens), jnp.float32))
 
-    def apply(self, params: _Params, *args, training: bool = False, rngs: dict | None = None, **kwargs):
-        return self.module.apply({"params": params}, *args, **kwargs)
-
     def forward(self, X) -> jax.Array:
         """(B, 2) logits of the pooled <cls> states."""
-        return self.apply(self.params, jnp.asarray(X))
+        return self._evaluate(X)
 
 
-class BERTModel(_Bound):
+class BERTModel(_Sized):
     """BERT as pretrained in the book: encoder, pooler (`hidden`), masked-LM and NSP heads;
-    `config` is its `BERTConfig`. Parameters are drawn at construction from the backend's
-    generator (`runtime.set_seed`), with the torch backend's distributions."""
+    `config` is its `BERTConfig`."""
 
-    def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
-                 num_layers: int, dropout: float, max_len: int = 1000, *,
-                 detach_pos_embedding: bool = False, fused_attention: bool = False, hidden_act: str = "relu",
-                 layer_norm_eps: float = 1e-5, embedding_norm: bool = False,
-                 attention_dropout: float | None = None) -> None:
-        self.config = BERTConfig(vocab_size=vocab_size, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
-                                 num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len,
-                                 hidden_act=hidden_act, layer_norm_eps=layer_norm_eps,
-                                 embedding_norm=embedding_norm, attention_dropout=attention_dropout)
-        self._init(_BERT(_config_items(self.config), detach_pos_embedding, fused_attention),
-                   *_example_inputs(max_len), jnp.zeros((1, 1), jnp.int32))
-
-    @classmethod
-    def from_config(cls, cfg: BERTConfig, *, detach_pos_embedding: bool = False,
-                    fused_attention: bool = False) -> "BERTModel":
-        return cls(cfg.vocab_size, cfg.num_hiddens, cfg.ffn_num_hiddens, cfg.num_heads,
-                   cfg.num_layers, cfg.dropout, cfg.max_len, detach_pos_embedding=detach_pos_embedding,
-                   fused_attention=fused_attention, **cfg.architecture())
+    _linen, _example_positions = _BERT, True
 
     def forward(self, tokens, segments, valid_lens=None, pred_positions=None):
         """(encoded_X (B, T, H), mlm_Y_hat (B, P, V) or None without `pred_positions`, nsp_Y_hat (B, 2))."""
-        if self._compiled is None:
-            self._compiled = jax.jit(lambda params, *inputs: self.apply(params, *inputs))
-        inputs = [None if a is None else jnp.asarray(a) for a in (tokens, segments, valid_lens, pred_positions)]
-        return self._compiled(self.params, *inputs)
+        return self._evaluate(tokens, segments, valid_lens, pred_positions)
 
 
 class BERTClassifier(_Bound):
@@ -527,9 +435,8 @@ class BERTClassifier(_Bound):
     def __init__(self, bert: BERTModel, cls_only: bool = False, num_classes: int = 3) -> None:
         self.config: BERTConfig | None = getattr(bert, "config", None)
         self.cls_only = cls_only
-        bert_module = bert.module
-        self.module = _Classifier(_config_items(bert.config), bert_module.detach_pos_embedding,
-                                  bert_module.fused_attention, cls_only, num_classes)
+        self.module = _Classifier(_config_items(bert.config), bert.module.detach_pos_embedding,
+                                  bert.module.fused_attention, cls_only, num_classes)
         H = bert.config.num_hiddens
         output = _Linear(num_classes).lazy_init(  # torch's init
             _next_key(), jax.ShapeDtypeStruct((1, H), jnp.float32))["params"]
@@ -545,9 +452,7 @@ class BERTClassifier(_Bound):
         `net(tokens, segments, valid_lens)`."""
         if segments is None:
             inputs, segments, valid_lens = inputs
-        if self._compiled is None:
-            self._compiled = jax.jit(lambda params, *X: self.apply(params, *X))
-        return self._compiled(self.params, jnp.asarray(inputs), jnp.asarray(segments), jnp.asarray(valid_lens))
+        return self._evaluate(inputs, segments, valid_lens)
 
 
 def set_fused_attention(net: _Bound, enabled: bool = True) -> _Bound:

@@ -29,7 +29,8 @@ from nlibert.core.resume import step_file
 from nlibert.core.training import require_devices
 
 from .checkpoint import _flatten, _nest, read_params, write_params
-from .model import _Bound, _next_key
+from .model import _Bound
+from .runtime import _next_key
 from .runtime import make_trainer
 from .train import _mesh, _pad, _replicate
 

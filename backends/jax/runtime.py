@@ -1,9 +1,10 @@
-"""What a job needs from the framework besides the model: devices, seeds, the book's loss and optimizer."""
+"""What a job needs from the framework besides the model: devices, seeds (and the backend's random
+draws), the book's loss and optimizer."""
 from __future__ import annotations
 
 import os
 import random
-from typing import Callable
+from typing import Any, Callable
 
 import flax
 import jax
@@ -12,8 +13,16 @@ import jaxlib
 import numpy as np
 import optax
 
-from . import model
-from .model import _Bound
+
+
+# --- the backend's random draws: JAX has no global generator, so the backend keeps one key ---------
+
+_KEY = [jax.random.PRNGKey(0)]  # `set_seed` resets it; new layers and step objects draw from it
+
+
+def _next_key() -> jax.Array:
+    _KEY[0], key = jax.random.split(_KEY[0])
+    return key
 
 
 def parse_devices(spec: str | None) -> list[jax.Device]:
@@ -50,7 +59,7 @@ def set_seed(seed: int) -> None:
     """Python's, numpy's and the backend's generator (new layers draw their parameters from it)."""
     random.seed(seed)
     np.random.seed(seed)
-    model._KEY[0] = jax.random.PRNGKey(seed)
+    _KEY[0] = jax.random.PRNGKey(seed)
 
 
 def _cross_entropy(y_hat: jax.Array, y: jax.Array) -> jax.Array:
@@ -72,7 +81,7 @@ class _Trainer:
     """The book's `optax.adam(lr)` and its state. The rate lives in the state (`inject_hyperparams`),
     so a schedule can set it between compiled steps without a recompile."""
 
-    def __init__(self, net: _Bound, lr: float) -> None:
+    def __init__(self, net: Any, lr: float) -> None:
         self.tx = _ADAM
         self.state = self.tx.init(net.params)
         self.learning_rate = lr
@@ -87,7 +96,7 @@ class _Trainer:
         self.state.hyperparams["learning_rate"] = jnp.asarray(lr, hyperparams["learning_rate"].dtype)
 
 
-def make_trainer(net: _Bound, lr: float, fused: bool = False) -> _Trainer:
+def make_trainer(net: Any, lr: float, fused: bool = False) -> _Trainer:
     """The book's Adam (`optax.adam`, torch's defaults: betas 0.9, 0.999, eps 1e-8). `fused` is
     accepted for symmetry with the torch backend: XLA compiles the whole update into the step."""
     return _Trainer(net, lr)
@@ -98,13 +107,13 @@ def framework_versions() -> dict[str, str]:
             "optax": optax.__version__, "platform": jax.default_backend(), "cpu_count": str(os.cpu_count())}
 
 
-def initialize_classifier_head(net: _Bound, devices: list[jax.Device]) -> None:
+def initialize_classifier_head(net: Any, devices: list[jax.Device]) -> None:
     """The new `output` layer was drawn when the classifier was built (torch's default init, as the
     torch book); put the whole net on devices[0]."""
     net.params = jax.device_put(net.params, devices[0])
 
 
-def bert_outputs(bert: _Bound, token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray,
+def bert_outputs(bert: Any, token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray,
                  pred_positions: np.ndarray, device: jax.Device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`(encoded_X, mlm_Y_hat, nsp_Y_hat)` of a `BERTModel`, dropout off, as numpy arrays."""
     inputs = [jax.device_put(np.asarray(a), device) for a in (token_ids, segments, pred_positions)]
@@ -113,7 +122,7 @@ def bert_outputs(bert: _Bound, token_ids: np.ndarray, segments: np.ndarray, vali
     return tuple(np.asarray(o, dtype=np.float32) for o in outputs)
 
 
-def classifier_logits(net: _Bound, token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray,
+def classifier_logits(net: Any, token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray,
                       device: jax.Device) -> np.ndarray:
     """A `BERTClassifier`'s logits, dropout off, as a numpy array."""
     inputs = tuple(jax.device_put(np.asarray(a), device) for a in (token_ids, segments))

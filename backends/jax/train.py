@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nlibert.core.training import EpochRecord, require_devices, train_epochs
 
-from .model import _Bound, _next_key
+from .model import _Bound
+from .runtime import _next_key
 
 PRECISIONS = ("float32",)  # bfloat16 autocast is the torch backend's; here every step is float32
 
