@@ -10,7 +10,6 @@ every new input shape is one more XLA compilation.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import numpy as onp
 import pytest
@@ -19,6 +18,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 import nlibert.backends.jax as jb  # noqa: E402
+from nlibert.backends.jax.checkpoint import _flatten  # noqa: E402  (the parameter tree as canonical names)
 from nlibert.backends.jax.model import MultiHeadAttention, masked_softmax  # noqa: E402
 from nlibert.core.config import BERTConfig  # noqa: E402
 from nlibert.core.names import expected_shapes  # noqa: E402
@@ -43,17 +43,6 @@ def batch(B=3, T=10, valid_lens=(10, 6, 3), seed=0):
 def _softmax(x):
     e = onp.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
-
-
-def _flatten(tree, prefix=""):
-    """{'encoder': {'blks': {'0': ...}}} -> {'encoder.blks.0....': leaf}: names joined with dots."""
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[prefix + k] = v
-    return flat
 
 
 # --- masked_softmax ---------------------------------------------------------------------------

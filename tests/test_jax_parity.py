@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Mapping
 
 import numpy as onp
 import pytest
@@ -28,6 +27,7 @@ jax = pytest.importorskip("jax")
 import optax  # noqa: E402
 
 import nlibert.backends.jax as jb  # noqa: E402
+from nlibert.backends.jax.checkpoint import _flatten as flatten_tree  # noqa: E402
 import nlibert.backends.mxnet as mb  # noqa: E402
 import nlibert.backends.torch as tb  # noqa: E402
 from nlibert import jobs  # noqa: E402
@@ -42,15 +42,9 @@ from test_parity import (FORWARD_ATOL, GRAD_BATCH_LENS, SHAPES, _assert_outputs_
 CPU_T, CPU_M, CPU_J = torch.device("cpu"), mx.cpu(), jb.parse_devices("cpu")[0]
 
 
-def _flatten(tree, prefix=""):
+def _flatten(tree):
     """A JAX parameter (or gradient) tree as {canonical name: float64 numpy array}."""
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[prefix + k] = onp.asarray(v, onp.float64)
-    return flat
+    return {k: onp.asarray(v, onp.float64) for k, v in flatten_tree(tree).items()}
 
 
 def _load_jax(folder):
