@@ -16,10 +16,10 @@ from nlibert.core.vocab import RESERVED_TOKENS, Vocab
 
 VOCAB = Vocab.from_idx_to_token(["<unk>"] + RESERVED_TOKENS + [f"w{i}" for i in range(20)])
 SIZES = dict(num_hiddens=16, ffn_num_hiddens=32, num_heads=2, num_layers=1, dropout=0.0, max_len=16)
-IDS = np.array([[2, 5, 6, 3, 8, 9, 3, 0], [2, 7, 3, 10, 3, 0, 0, 0], [2, 11, 12, 13, 3, 14, 3, 0],
+IDS = np.array([[2, 5, 6, 3, 8, 9, 3, 0], [2, 7, 18, 3, 10, 11, 19, 3], [2, 11, 12, 13, 3, 14, 3, 0],
                 [2, 15, 3, 16, 17, 3, 0, 0]], dtype=np.int32)
 SEGMENTS = np.array([[0, 0, 0, 0, 1, 1, 1, 0]] * 4, dtype=np.int32)
-VALID_LENS = np.array([7, 5, 7, 6], dtype=np.int32)
+VALID_LENS = np.array([7, 8, 7, 6], dtype=np.int32)
 LABELS = np.array([0, 2, 1, 2], dtype=np.int32)
 
 
@@ -57,6 +57,15 @@ def _one_step(name, folders, tmp_path, rows=slice(None), lr=1e-3, optimizer="ada
     return before, _params(backend, name, net, tmp_path / "after")
 
 
+def _assert_same_step(params, expected, atol):
+    """The same parameters but the attention key biases: their true gradient is exactly 0 (softmax
+    ignores a shift shared by every key), float noise Adam normalises into steps of up to lr either
+    way (tests/test_parity.py's one-Adam-step test)."""
+    for key, value in expected.items():
+        if not key.endswith("W_k.bias"):
+            np.testing.assert_allclose(params[key], value, atol=atol, err_msg=key)
+
+
 def test_decay_spares_biases_and_layer_norm_weights():
     assert decays("encoder.blks.0.attention.W_q.weight") and decays("output.weight")
     assert decays("encoder.token_embedding.weight") and decays("encoder.pos_embedding")
@@ -79,24 +88,36 @@ def test_adamw_shrinks_decayed_weights_by_lr_wd_w_and_leaves_the_rest_to_adam(na
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_clipping_bounds_the_update_of_a_huge_rate_step(name, folders, tmp_path):
-    """A gradient clipped to a norm G far below Adam's eps moves the weights by lr * g / eps, so the
-    whole update's norm is lr * G / eps (one example: the mean and sum gradients are the same)."""
+    """A gradient clipped to a norm G far below Adam's eps moves the weights by about lr * g / eps
+    (MXNet's Adam puts eps before its bias correction: less), so the whole update's norm is at most
+    lr * G / eps and doubles with G; unclipped, Adam's first step moves weights by about lr. One
+    example: the mean and sum gradients are the same."""
     lr, norm, eps = 10.0, 1e-10, 1e-8
-    before, after = _one_step(name, folders, tmp_path, rows=slice(0, 1), lr=lr, max_grad_norm=norm)
-    moved = math.sqrt(sum(float(((after[k] - before[k]).astype(np.float64) ** 2).sum()) for k in before))
-    assert moved == pytest.approx(lr * norm / eps, rel=0.03)
-    _, unclipped = _one_step(name, folders, tmp_path / "unclipped", rows=slice(0, 1), lr=lr)
-    assert max(np.abs(unclipped[k] - before[k]).max() for k in before) > 1.0  # Adam's first step: ~lr
+
+    def moved(max_grad_norm, folder):
+        before, after = _one_step(name, folders, tmp_path / folder, rows=slice(0, 1), lr=lr,
+                                  max_grad_norm=max_grad_norm)
+        return math.sqrt(sum(float(((after[k] - before[k]).astype(np.float64) ** 2).sum()) for k in before)), \
+            max(np.abs(after[k] - before[k]).max() for k in before)
+
+    clipped, twice = moved(norm, "clipped")[0], moved(2 * norm, "twice")[0]
+    assert 0 < clipped <= lr * norm / eps * 1.01 and twice == pytest.approx(2 * clipped, rel=0.03)
+    assert moved(None, "unclipped")[1] > 1.0
 
 
 def test_the_backends_take_the_same_recipe_step(folders, tmp_path):
-    """AdamW with decay and clipping, one example (mean and sum gradients agree): the same parameters."""
-    steps = {name: _one_step(name, folders, tmp_path / name, rows=slice(1, 2), lr=1e-3, optimizer="adamw",
-                             weight_decay=0.1, max_grad_norm=0.05)[1] for name in BACKENDS}
-    reference = steps[BACKENDS[0]]
-    for name in BACKENDS[1:]:
-        for key, value in reference.items():
-            np.testing.assert_allclose(steps[name][key], value, atol=2e-5, err_msg=f"{name} {key}")
+    """AdamW with decay and clipping, one example (mean and sum gradients agree): torch and JAX give
+    the same parameters. MXNet's Adam adds eps before its bias correction (tests/test_parity.py's
+    one-Adam-step test), which moves an entry whose gradient is near eps by up to lr more or less
+    (measured here: 1.1% of entries, as many as with the book's Adam alone); the rest agree as closely."""
+    lr = 1e-3
+    steps = {name: _one_step(name, folders, tmp_path / name, rows=slice(1, 2), lr=lr, optimizer="adamw",
+                             weight_decay=0.1, max_grad_norm=1.0)[1] for name in BACKENDS}  # |g| 1..3
+    if "jax" in steps:
+        _assert_same_step(steps["jax"], steps["torch"], atol=2e-5)
+    if "mxnet" in steps:
+        diffs = np.concatenate([np.abs(steps["mxnet"][k] - v).ravel() for k, v in steps["torch"].items()])
+        assert diffs.max() <= lr and np.mean(diffs <= 2e-5) >= 0.98, (diffs.max(), np.mean(diffs <= 2e-5))
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -105,8 +126,7 @@ def test_grad_accum_gives_the_whole_batch_update(name, folders, tmp_path):
     assert settings.chunk_rows() == 2 and FinetuneSettings(batch_size=16, grad_accum=4).chunk_rows() == 4
     _, whole = _one_step(name, folders, tmp_path / "whole")
     _, chunked = _one_step(name, folders, tmp_path / "chunked", micro_batch=settings.chunk_rows())
-    for key, value in whole.items():
-        np.testing.assert_allclose(chunked[key], value, atol=1e-6, err_msg=key)
+    _assert_same_step(chunked, whole, atol=1e-6)
 
 
 def test_the_schedule_warms_up_then_decays_to_zero():
