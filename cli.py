@@ -11,8 +11,8 @@ import sys
 
 from .backends import BACKENDS
 from .core.data_hub import DownloadError
-from .core.settings import (FINETUNE_MODES, HUB_DATA, INIT_SCHEMES, LR_DECAYS, MLM_LOSSES, PARITY_TOLERANCE,
-                            PRECISIONS, PRETRAIN_MODES, TASKS, EvaluateSettings, FinetuneSettings, PredictSettings,
+from .core.settings import (FINETUNE_MODES, HUB_DATA, INIT_SCHEMES, LR_DECAYS, LR_SCHEDULES, MLM_LOSSES, OPTIMIZERS,
+                            PARITY_TOLERANCE, PRECISIONS, PRETRAIN_MODES, TASKS, EvaluateSettings, FinetuneSettings, PredictSettings,
                             PretrainSettings)
 
 FINETUNE, PRETRAIN = FinetuneSettings(), PretrainSettings()  # the defaults the options show
@@ -85,6 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute each batch in chunks of at most N examples and sum their gradients: the "
                          "same update (up to rounding; dropout draws differ) with about N/batch-size of the "
                          "activation memory (default: the whole batch at once, as the book)")
+    ft.add_argument("--grad-accum", type=_limit, default=FINETUNE.grad_accum, metavar="K",
+                    help="gradient accumulation: each batch computed as K chunks, gradients summed, one update. "
+                         "It is --micro-batch ceil(batch size / K), the same mechanism: give one of the two")
+    # BERT's fine-tuning recipe, as options; the default is the book's Adam at a constant rate.
+    ft.add_argument("--optimizer", choices=OPTIMIZERS, default=FINETUNE.optimizer,
+                    help="adam (default, the book's) or adamw (decoupled weight decay, BERT's)")
+    ft.add_argument("--weight-decay", type=float, default=FINETUNE.weight_decay, metavar="W",
+                    help="adamw: each step shrinks the weights by lr*W*w first; biases and LayerNorm weights "
+                         "are not decayed (default 0)")
+    ft.add_argument("--warmup-ratio", type=float, default=FINETUNE.warmup_ratio, metavar="R",
+                    help="raise the rate linearly from lr/N to lr over the first N = ceil(R x all steps) steps")
+    ft.add_argument("--warmup-steps", type=int, default=FINETUNE.warmup_steps, metavar="N",
+                    help="the same, over the first N steps")
+    ft.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=FINETUNE.lr_schedule,
+                    help="after the warm-up: constant (default, the book's) or linear (down to 0 at the last "
+                         "step; all steps are epochs x batches per epoch)")
+    ft.add_argument("--max-grad-norm", type=float, default=FINETUNE.max_grad_norm, metavar="G",
+                    help="clip the global norm of the batch's mean gradient to G before each update (the same "
+                         "G in every backend, whether it differentiates the sum or the mean of the losses)")
+    ft.add_argument("--save-best", action="store_true",
+                    help="keep the epoch of best test accuracy in OUT/model instead of the last "
+                         "(metrics.json: best_epoch)")
     ft.add_argument("--bucketing", action=argparse.BooleanOptionalAction, default=FINETUNE.bucketing,
                     help="fast mode: length-bucketed training batches (default); --no-bucketing trains on the book "
                          "path's batches, trimmed (for accuracy checks: with --dropout 0 the modes differ by rounding)")

@@ -164,9 +164,11 @@ def _finetune(settings: FinetuneSettings) -> dict:
         backend.set_fused_attention(bert, True)
     net = backend.BERTClassifier(bert, cls_only=fast, num_classes=len(source.label_names))
     backend.initialize_classifier_head(net, devices)
-    trainer = backend.make_trainer(net, settings.lr, fused=fast)
+    trainer = backend.make_trainer(net, settings.lr, fused=fast, optimizer=settings.optimizer,
+                                   weight_decay=settings.weight_decay)
     step = backend.FinetuneStep(net, backend.make_loss(), trainer, devices, precision=settings.precision,
-                                graph=settings.graph and fast, micro_batch=settings.micro_batch)
+                                graph=settings.graph and fast, micro_batch=settings.chunk_rows(),
+                                max_grad_norm=settings.max_grad_norm)
     resume_dir = os.path.join(settings.out, "resume")
     signature = settings.signature()
     state = open_resume(resume_dir, signature, settings.resume)
@@ -175,30 +177,52 @@ def _finetune(settings: FinetuneSettings) -> dict:
     if state is not None:
         print(f"resuming from {resume_dir} at epoch {loop.epoch}, step {loop.step + 1}")
     resumed_from = loop.step if state is not None else None
+    model_dir = os.path.join(settings.out, "model")
+    task = TaskRecord(source.name, tuple(source.label_names), source.paired, settings.max_len,
+                      settings.data_options())
+    keep_best = _keep_best(backend, net, vocab, bert.config, model_dir, task, loop) if settings.save_best else None
     try:
         records = train_epochs(step, Progress(train_iter, "train"), test_iter, settings.epochs,
                                sync="epoch" if fast else "batch", devices=str(step.devices), state=loop,
                                seed=settings.seed, checkpoint=lambda s: resume.save(s.step, {"loop": s.to_dict()}),
-                               checkpoint_every=settings.checkpoint_every, stop_after=settings.stop_after)
+                               checkpoint_every=settings.checkpoint_every, stop_after=settings.stop_after,
+                               lr_at=scheduled_lr(settings.lr, *settings.schedule(len(train_iter))),
+                               on_epoch=keep_best)
     except TrainingDiverged as e:
         raise _diverged(e, settings.lr, resume_dir) from None
     if len(records) < settings.epochs:
         print(f"stopped after step {loop.step} (epoch {loop.epoch}); run the same command again to resume")
         return {"completed": False, "step": loop.step, "epoch": loop.epoch, "resume_dir": resume_dir}
-    model_dir = os.path.join(settings.out, "model")
-    task = TaskRecord(source.name, tuple(source.label_names), source.paired, settings.max_len,
-                      settings.data_options())
-    backend.save_classifier(net, vocab, bert.config, model_dir, task=task)
+    if not settings.save_best:
+        backend.save_classifier(net, vocab, bert.config, model_dir, task=task)
     metrics = {"backend": settings.backend, "mode": settings.mode, "pretrained": str(pretrained),
                "data": source.description, "num_train": num_train, "num_test": num_test,
                "hyperparameters": settings.hyperparameters(), **extra,
                "epochs": [r.to_dict() for r in records], "test_acc": records[-1].test_acc,
                "packing_seconds": packing_seconds, "devices": [str(d) for d in devices], "model_dir": model_dir,
+               "best_epoch": _best_epoch(records) if settings.save_best else None,
                "completed": True, "steps": loop.step, "resumed_from_step": resumed_from,
                "versions": _versions(backend)}
     write_json(os.path.join(settings.out, "metrics.json"), metrics)
     plot_training(records, os.path.join(settings.out, "training.png"), settings.epochs)
     return metrics
+
+
+def _best_epoch(records) -> int:
+    """The epoch of highest test accuracy (the first of equals)."""
+    return max(records, key=lambda r: r.test_acc).epoch
+
+
+def _keep_best(backend: ModuleType, net, vocab, config, model_dir: str, task: TaskRecord, loop: LoopState
+               ) -> Callable:
+    """`train_epochs`' `on_epoch` for `save_best`: the model into `model_dir` whenever an epoch's
+    test accuracy beats every earlier one's (those of a resumed run's finished epochs too). It runs
+    before the epoch's checkpoint, so a run stopped in between redoes the epoch and the write."""
+    def keep(record) -> None:
+        earlier = [r["test_acc"] for r in loop.records[:-1]]  # loop.records ends with this epoch's
+        if all(record.test_acc > acc for acc in earlier):
+            backend.save_classifier(net, vocab, config, model_dir, task=task)
+    return keep
 
 
 # --- convert, parity (predict and evaluate: inference.py) ----------------------------------------

@@ -176,10 +176,14 @@ class FinetuneStep:
     as each book does. `split_f` is the MXNet book's batch splitter (`split_batch_multi_inputs`);
     `precision` 'bfloat16' autocasts the forward pass where the framework can. `micro_batch` N
     computes each (per-device) batch in chunks of at most N rows (`core.batching.chunk_bounds`) and
-    sums their gradients: the same update, with one chunk's activations in memory at a time."""
+    sums their gradients: the same update, with one chunk's activations in memory at a time.
+    `max_grad_norm` G clips the global norm of the batch's *mean* gradient to G before the update
+    (whatever the backend differentiates). `learning_rate` is read and set before each step (a schedule's)."""
+
+    learning_rate: Any
 
     def __init__(self, net, loss, trainer, devices, split_f=None, *, precision="float32", graph=False,
-                 micro_batch=None): ...
+                 micro_batch=None, max_grad_norm=None): ...
 
     def __call__(self, features, labels):
         """(loss sum, number correct) of the step, left on the device: no host synchronisation."""
@@ -262,8 +266,10 @@ def make_loss():
     """The book's loss: per-example softmax cross-entropy."""
 
 
-def make_trainer(net, lr, fused=False):
-    """The book's Adam at `lr` (`fused`: one kernel per parameter where the framework has it)."""
+def make_trainer(net, lr, fused=False, optimizer="adam", weight_decay=0.0):
+    """The book's Adam at `lr` (`fused`: one kernel per parameter where the framework has it), or
+    `optimizer='adamw'`: AdamW, each step first shrinking the weights `core.names.decays` names by
+    lr * weight_decay * w (decoupled decay; biases and LayerNorm weights are left alone)."""
 
 
 def framework_versions() -> dict:

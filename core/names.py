@@ -117,6 +117,16 @@ def _fill(template: str, values: tuple[str, ...]) -> str:
     return "".join(p + v for p, v in zip(parts, values)) + parts[-1]
 
 
+# LayerNorm weights by canonical name (every bias ends in '.bias'): what AdamW does not decay.
+_LAYER_NORM_WEIGHT = re.compile(r"(.*\.ln|encoder\.embedding_ln|mlm\.mlp\.2)\.weight")
+
+
+def decays(name: str) -> bool:
+    """Whether weight decay applies to the parameter of canonical name `name`: BERT's recipe decays
+    every weight but biases and LayerNorm weights (scales near 1 that decay would pull to 0)."""
+    return not (name.endswith(".bias") or _LAYER_NORM_WEIGHT.fullmatch(name))
+
+
 def is_canonical(name: str) -> bool:
     return any(p.fullmatch(name) for p in _CANONICAL)
 

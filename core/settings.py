@@ -22,6 +22,8 @@ HUB_DATA = {"snli": "SNLI", "ag_news": "AG_NEWS"}
 PRECISIONS = ("float32", "bfloat16")
 MLM_LOSSES = ("masked", "book")
 LR_DECAYS = ("none", "linear")
+OPTIMIZERS = ("adam", "adamw")  # fine-tuning: the book's Adam, or AdamW's decoupled weight decay (BERT's)
+LR_SCHEDULES = ("constant", "linear")  # fine-tuning: after any warm-up, the book's constant rate or a decay to 0
 PRETRAIN_MODES = ("book", "fast")
 # 'book': each backend's own book init (torch: its layer defaults; MXNet: init.Xavier()).
 # 'xavier': MXNet's book init in every backend (every matrix Xavier-uniform, biases 0, LayerNorm 1/0),
@@ -62,6 +64,10 @@ def _check(settings: Any) -> None:
         raise ValueError(f"--dropout must be in [0, 1), got {settings.dropout!r}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _without(settings: Any, names: Sequence[str]) -> dict:
     return {k: v for k, v in dataclasses.asdict(settings).items() if k not in names}
 
@@ -92,6 +98,14 @@ class FinetuneSettings:
     graph: bool = False  # fast mode: torch.compile / hybridize
     bucketing: bool = True  # fast mode: length-bucketed batches
     micro_batch: int | None = None  # compute each batch in chunks of N rows, gradients summed (memory)
+    grad_accum: int | None = None  # each batch as K chunks (micro_batch ceil(batch_size / K))
+    optimizer: str = "adam"
+    weight_decay: float = 0.0  # adamw's decoupled decay (not on biases and LayerNorm weights)
+    warmup_ratio: float | None = None  # warm-up over this fraction of all steps ...
+    warmup_steps: int | None = None  # ... or over N steps
+    lr_schedule: str = "constant"
+    max_grad_norm: float | None = None  # clip the global norm of the batch's mean gradient
+    save_best: bool = False  # OUT/model: the epoch of best test accuracy, not the last
     device: str | None = None
     out: str = "nlibert-out"
     cache_dir: str | None = None
@@ -113,8 +127,9 @@ class FinetuneSettings:
     RUN_ONLY: ClassVar[tuple[str, ...]] = ("epochs", "device", "out", "cache_dir", "checkpoint_every", "resume",
                                            "stop_after")
     POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "epochs", "train_limit", "test_limit", "stop_after",
-                                           "micro_batch")
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"task": TASKS, "mode": FINETUNE_MODES, "precision": PRECISIONS}
+                                           "micro_batch", "grad_accum")
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"task": TASKS, "mode": FINETUNE_MODES, "precision": PRECISIONS,
+                                                     "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES}
 
     def __post_init__(self) -> None:
         _check(self)
@@ -123,7 +138,27 @@ class FinetuneSettings:
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0: at the end of each epoch only), "
                              f"got {self.checkpoint_every}")
+        self._check_recipe()
         self._check_data_options()
+
+    def _check_recipe(self) -> None:
+        """The fine-tuning recipe's options (weight decay, warm-up, clipping, accumulation)."""
+        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ValueError("--weight-decay: only with --optimizer adamw (Adam's would be L2 regularisation)")
+        if self.max_grad_norm is not None and not (_is_number(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"--max-grad-norm must be a positive number, got {self.max_grad_norm!r}")
+        if self.warmup_ratio is not None and not (_is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.warmup_steps is not None and not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise ValueError("--warmup-ratio and --warmup-steps both set the warm-up; give one of them")
+        if self.grad_accum is not None and self.micro_batch is not None:
+            raise ValueError("--grad-accum K is --micro-batch ceil(batch size / K); give one of them")
+        if self.grad_accum is not None and self.grad_accum > self.batch_size:
+            raise ValueError(f"--grad-accum {self.grad_accum}: more chunks than the {self.batch_size} rows of a batch")
 
     def _check_data_options(self) -> None:
         """The data options that go together: `--task ag_news` with `--data`; `--train-file` with its
@@ -156,12 +191,30 @@ class FinetuneSettings:
                 options[name] = os.path.abspath(options[name])
         return options
 
+    def chunk_rows(self) -> int | None:
+        """The FinetuneStep's `micro_batch`: `--grad-accum K` is `--micro-batch ceil(batch_size / K)`
+        (chunks whose gradients add up to the whole batch's: the same update)."""
+        if self.grad_accum is not None:
+            return -(-self.batch_size // self.grad_accum)
+        return self.micro_batch
+
+    def schedule(self, steps_per_epoch: int) -> tuple[int, int, str]:
+        """`(num_steps, warmup_steps, lr_decay)` of `core.pretraining.learning_rate_at` for this run:
+        all its steps are epochs x batches per epoch."""
+        num_steps = self.epochs * steps_per_epoch
+        warmup = self.warmup_steps if self.warmup_ratio is None else math.ceil(self.warmup_ratio * num_steps)
+        return num_steps, min(warmup or 0, num_steps), "linear" if self.lr_schedule == "linear" else "none"
+
     def hyperparameters(self) -> dict:
         return _without(self, self.NOT_HYPERPARAMETERS)
 
     def signature(self) -> dict:
-        """What a resumed run must share with the run that wrote the checkpoint."""
-        return _without(self, self.RUN_ONLY)
+        """What a resumed run must share with the run that wrote the checkpoint (`epochs` too when
+        the learning-rate schedule depends on the number of steps)."""
+        signature = _without(self, self.RUN_ONLY)
+        if self.lr_schedule == "linear" or self.warmup_ratio is not None:
+            signature["schedule_epochs"] = self.epochs
+        return signature
 
     def replace(self, **changes: Any) -> "FinetuneSettings":
         return dataclasses.replace(self, **changes)

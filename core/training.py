@@ -124,6 +124,8 @@ def require_devices(devices: Sequence[Any]) -> list:
 class FinetuneStep(Protocol):
     """What the epoch loop needs from a backend (each backend's `train.FinetuneStep`)."""
 
+    learning_rate: float  # read and set before each step (a schedule's)
+
     def __call__(self, features: Sequence, labels: Any) -> tuple[Any, Any]:
         """One optimizer step on a batch; (sum of per-example losses, number correct), left on the
         device (no host synchronisation)."""
@@ -157,7 +159,8 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
                  sync: str = "batch", devices: str = "", verbose: bool = True,
                  on_epoch: Callable[[EpochRecord], None] | None = None, state: LoopState | None = None,
                  seed: int | None = None, checkpoint: Callable[[LoopState], None] | None = None,
-                 checkpoint_every: int = 0, stop_after: int | None = None) -> list[EpochRecord]:
+                 checkpoint_every: int = 0, stop_after: int | None = None,
+                 lr_at: Callable[[int], float] | None = None) -> list[EpochRecord]:
     """Train until epoch `num_epochs` is done, testing after each; print the book's two lines
     (`verbose`); return the records of every finished epoch (those of `state` included).
 
@@ -166,7 +169,10 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
     in place), `seed` re-seeds the framework before every step from (seed, step), `checkpoint(state)`
     runs every `checkpoint_every` steps and after every epoch, and `stop_after` ends this call after
     that many steps, as if interrupted (with a checkpoint). The caller's `train_iter` must already be
-    at `state`'s position (its `load_state_dict`).
+    at `state`'s position (its `load_state_dict`). `lr_at(step)` sets the learning rate of each step
+    (numbered from 1 over all epochs; None: the trainer's own), a function of the step alone, so a
+    resumed run follows the schedule of an uninterrupted one. `on_epoch` runs before the epoch's
+    checkpoint: what it writes is written again if the run stops in between and resumes.
     """
     if sync not in SYNC_POLICIES:
         raise ValueError(f"unknown sync policy {sync!r}: use one of {SYNC_POLICIES}")
@@ -203,6 +209,8 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
         for features, labels in train_iter:
             if seed is not None:
                 step.reseed(step_seed(seed, state.step + 1))
+            if lr_at is not None:
+                step.learning_rate = lr_at(state.step + 1)
             if sync == "batch":
                 timer.start()
                 sums = step.read(step(features, labels))
@@ -231,10 +239,10 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
         records.append(record)
         state.records.append(record.to_dict())
         state.epoch, state.batch, state.sums, state.seconds = state.epoch + 1, 0, [0.0, 0.0, 0.0, 0.0], 0.0
-        if checkpoint is not None:
-            checkpoint(state)
         if on_epoch is not None:
             on_epoch(record)
+        if checkpoint is not None:
+            checkpoint(state)
     if verbose and records:
         print(format_summary(records, devices))
     return records

@@ -133,3 +133,18 @@ def test_sigkill_then_the_same_command_ends_with_the_uninterrupted_parameters(sa
     assert "resuming from" in done.stdout
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "whole", out))
     assert_same_run(a, b, "torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_run_with_the_recipe_resumes_to_the_uninterrupted_result(backend, sample, tmp_path):
+    """The rate is a function of the step (warm-up, then linear decay over both epochs), AdamW's
+    state is the optimizer's, clipping keeps none: stopped mid-epoch and resumed, the run ends as
+    an uninterrupted one does; the resume signature holds the epochs the schedule was sized for."""
+    recipe = dict(optimizer="adamw", weight_decay=0.01, warmup_ratio=0.25, lr_schedule="linear", max_grad_norm=1.0)
+    whole = jobs.run_finetune(settings(backend, "book", sample, tmp_path / "whole", **recipe))
+    assert whole["hyperparameters"]["lr_schedule"] == "linear" and whole["hyperparameters"]["weight_decay"] == 0.01
+    stopped = jobs.run_finetune(settings(backend, "book", sample, tmp_path / "parts", stop_after=5, **recipe))
+    assert not stopped["completed"]
+    with pytest.raises(ValueError, match="schedule_epochs"):
+        jobs.run_finetune(settings(backend, "book", sample, tmp_path / "parts", epochs=3, **recipe))
+    assert_same_run(jobs.run_finetune(settings(backend, "book", sample, tmp_path / "parts", **recipe)), whole, backend)

@@ -13,6 +13,7 @@ import jaxlib
 import numpy as np
 import optax
 
+from nlibert.core.names import decays
 
 
 # --- the backend's random draws: JAX has no global generator, so the backend keeps one key ---------
@@ -71,20 +72,33 @@ def make_loss() -> Callable[[jax.Array, jax.Array], jax.Array]:
     return _cross_entropy
 
 
-# One Adam for every trainer: the rate is an injected hyperparameter, set in each trainer's state,
-# so the transform itself does not depend on it, and a compiled step (cached per transform) serves
-# every trainer and every run in the process.
+def _decay_mask(params: Any) -> Any:
+    """True at the leaves weight decay applies to: `core.names.decays` of their canonical names
+    (the JAX backend's tree paths joined by dots)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: decays(".".join(k.key for k in path)), params)
+
+
+# One Adam (and one AdamW) for every trainer: the rate and the decay are injected hyperparameters,
+# set in each trainer's state, so the transform itself does not depend on them, and a compiled step
+# (cached per transform) serves every trainer and every run in the process.
 _ADAM = optax.inject_hyperparams(optax.adam)(learning_rate=0.0)
+_ADAMW = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+    learning_rate=0.0, weight_decay=0.0, mask=_decay_mask)
 
 
 class _Trainer:
-    """The book's `optax.adam(lr)` and its state. The rate lives in the state (`inject_hyperparams`),
-    so a schedule can set it between compiled steps without a recompile."""
+    """The book's `optax.adam(lr)` (or `optax.adamw`: decoupled `weight_decay`, masked by
+    `_decay_mask`) and its state. The rate lives in the state (`inject_hyperparams`), so a schedule
+    can set it between compiled steps without a recompile."""
 
-    def __init__(self, net: Any, lr: float) -> None:
-        self.tx = _ADAM
+    def __init__(self, net: Any, lr: float, optimizer: str = "adam", weight_decay: float = 0.0) -> None:
+        if optimizer not in ("adam", "adamw"):
+            raise ValueError(f"unknown optimizer {optimizer!r}: use adam or adamw")
+        self.tx = _ADAM if optimizer == "adam" else _ADAMW
         self.state = self.tx.init(net.params)
         self.learning_rate = lr
+        if optimizer == "adamw":
+            self.state.hyperparams["weight_decay"] = jnp.asarray(weight_decay, jnp.float32)
 
     @property
     def learning_rate(self) -> float:
@@ -96,10 +110,13 @@ class _Trainer:
         self.state.hyperparams["learning_rate"] = jnp.asarray(lr, hyperparams["learning_rate"].dtype)
 
 
-def make_trainer(net: Any, lr: float, fused: bool = False) -> _Trainer:
-    """The book's Adam (`optax.adam`, torch's defaults: betas 0.9, 0.999, eps 1e-8). `fused` is
-    accepted for symmetry with the torch backend: XLA compiles the whole update into the step."""
-    return _Trainer(net, lr)
+def make_trainer(net: Any, lr: float, fused: bool = False, optimizer: str = "adam",
+                 weight_decay: float = 0.0) -> _Trainer:
+    """The book's Adam (`optax.adam`, torch's defaults: betas 0.9, 0.999, eps 1e-8), or with
+    `optimizer='adamw'` `optax.adamw`'s decoupled `weight_decay` on the parameters `core.names.decays`
+    names (not biases, not LayerNorm weights). `fused` is accepted for symmetry with the torch
+    backend: XLA compiles the whole update into the step."""
+    return _Trainer(net, lr, optimizer, weight_decay)
 
 
 def framework_versions() -> dict[str, str]:

@@ -124,11 +124,15 @@ def evaluate_accuracy(net: _Bound, data_iter: Iterable, devices: Sequence[jax.De
 
 
 @functools.lru_cache(maxsize=None)
-def _train_function(module, loss: Callable, tx: optax.GradientTransformation, donate: bool) -> Callable:
+def _train_function(module, loss: Callable, tx: optax.GradientTransformation, donate: bool,
+                    max_grad_norm: float | None = None) -> Callable:
     """Compiled: one optimizer step on a prepared batch. Each chunk's gradient of its summed loss is
     added up (`lax.scan`: one chunk's activations alive at a time), divided by the number of real
-    rows (the JAX book's mean loss), and applied by `tx`; returns the new parameters and state and
+    rows (the JAX book's mean loss), clipped to a global norm of `max_grad_norm` if given
+    (`optax.clip_by_global_norm`), and applied by `tx`; returns the new parameters and state and
     the loss sum and number correct, as device scalars."""
+    # Clipping keeps no state: applied to the gradient here, the trainer's state stays `tx`'s alone.
+    clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm is not None else None
     def chunk_gradient(params, key, tokens, segments, valid_lens, labels, weights):
         def summed_loss(p):
             logits = module.apply({"params": p}, tokens, segments, valid_lens, training=True, rngs={"dropout": key})
@@ -150,6 +154,8 @@ def _train_function(module, loss: Callable, tx: optax.GradientTransformation, do
             (grads, (loss_sum, correct)), _ = jax.lax.scan(
                 add_chunk, zero, (keys, tokens, segments, valid_lens, labels, weights))
         grads = jax.tree_util.tree_map(lambda g: g / weights.sum(), grads)
+        if clip is not None:
+            grads, _ = clip.update(grads, clip.init(params))
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss_sum, correct
 
@@ -196,7 +202,7 @@ class FinetuneStep:
 
     def __init__(self, net: _Bound, loss: Callable, trainer, devices: Sequence[jax.Device],
                  split_f: Callable | None = None, *, precision: str = "float32", graph: bool = False,
-                 micro_batch: int | None = None) -> None:
+                 micro_batch: int | None = None, max_grad_norm: float | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not supported by the JAX backend: use one of {PRECISIONS}")
         self.devices = require_devices(devices)
@@ -204,7 +210,7 @@ class FinetuneStep:
         net.params = _replicate(net.params, self.devices)
         trainer.state = _replicate(trainer.state, self.devices)
         donate = self.devices[0].platform != "cpu"
-        self.train = _train_function(net.module, loss, trainer.tx, donate)
+        self.train = _train_function(net.module, loss, trainer.tx, donate, max_grad_norm)
         self.key = _next_key()  # dropout keys: from the backend's generator (`set_seed`), new for every step object
 
     def __call__(self, features, labels) -> tuple[_Sums, _Sums]:
@@ -213,6 +219,14 @@ class FinetuneStep:
         self.net.params, self.trainer.state, loss_sum, correct = self.train(
             self.net.params, self.trainer.state, key, *batch)
         return _Sums([loss_sum]), _Sums([correct])
+
+    @property
+    def learning_rate(self) -> float:
+        return self.trainer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, lr: float) -> None:
+        self.trainer.learning_rate = lr
 
     def read(self, sums: tuple[_Sums, _Sums]) -> tuple[float, float]:
         return _read(sums)

@@ -8,6 +8,8 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
+from nlibert.core.names import canonical_key, decays
+
 
 def parse_devices(spec: str | None) -> list[mx.Context]:
     """'cpu', 'cuda' (every GPU), or a comma list like 'cuda:0,cuda:1'; None means every GPU, else the CPU.
@@ -46,10 +48,38 @@ def make_loss() -> gluon.loss.Loss:
     return gluon.loss.SoftmaxCrossEntropyLoss()
 
 
-def make_trainer(net: gluon.Block, lr: float, fused: bool = False) -> gluon.Trainer:
-    """The book's Adam. `fused` is accepted for symmetry with the torch backend: MXNet's Adam is
-    already one `adam_update` kernel per parameter."""
-    return gluon.Trainer(net.collect_params(), "adam", {"learning_rate": lr})
+def make_trainer(net: gluon.Block, lr: float, fused: bool = False, optimizer: str = "adam",
+                 weight_decay: float = 0.0) -> gluon.Trainer:
+    """The book's Adam, or with `optimizer='adamw'` AdamW's decoupled `weight_decay` on the
+    parameters `core.names.decays` names (not biases, not LayerNorm weights). `fused` is accepted
+    for symmetry with the torch backend: MXNet's Adam is already one `adam_update` kernel per parameter."""
+    if optimizer == "adam":
+        return gluon.Trainer(net.collect_params(), "adam", {"learning_rate": lr})
+    if optimizer != "adamw":
+        raise ValueError(f"unknown optimizer {optimizer!r}: use adam or adamw")
+    return _AdamW(net, lr, weight_decay)
+
+
+class _AdamW(gluon.Trainer):
+    """Adam with AdamW's decoupled weight decay. MXNet 1.9.1 has no AdamW, and its Adam's `wd` adds
+    wd * w to the gradient (L2 regularisation, which Adam then rescales), so each update here first
+    shrinks the decayed weights by lr * wd * w, as `torch.optim.AdamW` does, then takes Adam's step
+    (which does not depend on the weights: the order is immaterial). `_update` is where both
+    `step` and `update` (after `allreduce_grads`, for clipping) apply the optimizer."""
+
+    def __init__(self, net: gluon.Block, lr: float, weight_decay: float) -> None:
+        # update_on_kvstore=False: the updates (and so the decay) happen here, on every device's copy.
+        super().__init__(net.collect_params(), "adam", {"learning_rate": lr}, update_on_kvstore=False)
+        self._decayed = [p for name, p in net._collect_params_with_prefix().items()
+                         if decays(canonical_key(name, "mxnet"))]
+        self._weight_decay = weight_decay
+
+    def _update(self, ignore_stale_grad: bool = False) -> None:
+        shrink = 1.0 - self.learning_rate * self._weight_decay
+        for param in self._decayed:
+            for data in param.list_data():
+                data *= shrink
+        super()._update(ignore_stale_grad)
 
 
 def framework_versions() -> dict[str, str]:

@@ -84,11 +84,12 @@ def evaluate_accuracy(net: gluon.Block, data_iter: Iterable, devices: Sequence[m
 
 
 def _step(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss, trainer: gluon.Trainer,
-          devices: list[mx.Context], split_f: Callable, micro_batch: int | None = None
-          ) -> tuple[np.ndarray, np.ndarray]:
+          devices: list[mx.Context], split_f: Callable, micro_batch: int | None = None,
+          max_grad_norm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One optimizer step on a batch split across `devices`; the loss sum and the number correct as
     0-d arrays on devices[0] (no host synchronisation). With `micro_batch`, each device's shard is
-    computed chunk by chunk; the net's gradients must then add up (`_accumulate_gradients`)."""
+    computed chunk by chunk; the net's gradients must then add up (`_accumulate_gradients`). With
+    `max_grad_norm`, the gradient is clipped before the update (`_clip_gradients`)."""
     X, y = _to_batch(features, labels, _staging_context(devices))
     if len(y) < len(devices):
         # A device without a shard would keep last step's gradient, which the trainer still sums.
@@ -116,13 +117,32 @@ def _step(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss, t
     # Gradients are summed over the devices and divided by the batch size: a mean over the batch.
     # ignore_stale_grad: as the book, whose reason (unused MLM/NSP heads) does not arise here, since
     # `BERTClassifier` does not register those heads; harmless either way.
-    trainer.step(len(y), ignore_stale_grad=True)
+    if max_grad_norm is None:
+        trainer.step(len(y), ignore_stale_grad=True)
+    else:
+        trainer.allreduce_grads()  # every device's copy now holds the batch's summed gradient
+        _clip_gradients(net, max_grad_norm * len(y), devices)
+        trainer.update(len(y), ignore_stale_grad=True)
     home = devices[0]
     # The loss sum in float64: steps' sums then add up to the same total however a run is split
     # into segments by checkpoints (float32 addition would depend on where the host read it).
     loss_sum = sum(l.astype("float64").sum().as_in_ctx(home) for _, _, l in done)
     correct = sum(_correct(p, y_piece).astype("float32").as_in_ctx(home) for p, y_piece, _ in done)
     return loss_sum, correct
+
+
+def _clip_gradients(net: gluon.Block, max_norm: float, devices: list[mx.Context]) -> None:
+    """Scale each device's copy of the summed gradient to a global norm of at most `max_norm`
+    (the caller's G * batch size: G bounds the mean gradient, as in the other backends). Gluon's
+    `clip_global_norm` takes legacy NDArrays; this is its rule on numpy-mode arrays, without its
+    host sync."""
+    params = [p for p in net.collect_params().values() if p.grad_req != "null"]
+    for i in range(len(devices)):
+        grads = [p.list_grad()[i] for p in params]
+        total = np.sqrt(sum((g.astype("float32") ** 2).sum() for g in grads))
+        scale = np.minimum(1.0, max_norm / (total + 1e-6))
+        for g in grads:
+            g *= scale
 
 
 def _accumulate_gradients(net: gluon.Block) -> None:
@@ -163,13 +183,13 @@ class FinetuneStep:
 
     def __init__(self, net: gluon.Block, loss: gluon.loss.Loss, trainer: gluon.Trainer,
                  devices: Sequence[mx.Context], split_f: Callable | None = None, *, precision: str = "float32",
-                 graph: bool = False, micro_batch: int | None = None) -> None:
+                 graph: bool = False, micro_batch: int | None = None, max_grad_norm: float | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not supported by the MXNet backend: use one of {PRECISIONS}")
         self.devices = require_devices(devices)
         self.net, self.loss, self.trainer = net, loss, trainer
         self.split_f = split_f or split_batch_multi_inputs
-        self.micro_batch = micro_batch
+        self.micro_batch, self.max_grad_norm = micro_batch, max_grad_norm
         if micro_batch is not None:
             _accumulate_gradients(net)
         if graph:
@@ -177,7 +197,15 @@ class FinetuneStep:
 
     def __call__(self, features, labels) -> tuple[np.ndarray, np.ndarray]:
         return _step(self.net, features, labels, self.loss, self.trainer, self.devices, self.split_f,
-                     self.micro_batch)
+                     self.micro_batch, self.max_grad_norm)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.trainer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, lr: float) -> None:
+        self.trainer.set_learning_rate(lr)
 
     def read(self, sums: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
         return _read(sums)

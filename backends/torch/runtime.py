@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nlibert.core.names import decays
+
 
 def parse_devices(spec: str | None) -> list[torch.device]:
     """'cpu', 'cuda' (every GPU), or a comma list like 'cuda:0,cuda:1'; None means every GPU, else the CPU."""
@@ -39,10 +41,21 @@ def make_loss() -> nn.Module:
     return nn.CrossEntropyLoss(reduction="none")
 
 
-def make_trainer(net: nn.Module, lr: float, fused: bool = False) -> torch.optim.Optimizer:
-    """The book's Adam. `fused=True` (the fast path) updates each parameter in one kernel instead of
-    a handful of elementwise passes over it: the same update, up to rounding."""
-    return torch.optim.Adam(net.parameters(), lr=lr, fused=True if fused else None)
+def make_trainer(net: nn.Module, lr: float, fused: bool = False, optimizer: str = "adam",
+                 weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The book's Adam, or with `optimizer='adamw'` AdamW's decoupled `weight_decay` on the
+    parameters `core.names.decays` names (not biases, not LayerNorm weights). `fused=True` (the fast
+    path) updates each parameter in one kernel instead of a handful of elementwise passes over it:
+    the same update, up to rounding."""
+    fused = True if fused else None
+    if optimizer == "adam":
+        return torch.optim.Adam(net.parameters(), lr=lr, fused=fused)
+    if optimizer != "adamw":
+        raise ValueError(f"unknown optimizer {optimizer!r}: use adam or adamw")
+    named = list(net.named_parameters())  # the torch names are the canonical ones
+    groups = [{"params": [p for name, p in named if decays(name)], "weight_decay": weight_decay},
+              {"params": [p for name, p in named if not decays(name)], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
 def framework_versions() -> dict[str, str]:

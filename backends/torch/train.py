@@ -77,10 +77,13 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _step(model: nn.Module, X, y, loss: nn.Module, trainer: torch.optim.Optimizer, device: torch.device,
-          precision: str = "float32", micro_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          precision: str = "float32", micro_batch: int | None = None, max_grad_norm: float | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step: per-example losses (`loss` has reduction='none', as the book) summed,
     `backward`, `trainer.step()`; the loss sum and the number correct as 0-d tensors on the device.
-    With `micro_batch`, chunk by chunk: `backward` adds each chunk's gradient to the last."""
+    With `micro_batch`, chunk by chunk: `backward` adds each chunk's gradient to the last. With
+    `max_grad_norm`, the gradient is clipped first, to the norm the other backends' mean gradient
+    would have: the summed gradient is the mean's len(y) times."""
     X, y = _to_device(X, device), _to_device(y, device).to(torch.long)
     model.train()
     trainer.zero_grad(set_to_none=True)
@@ -94,6 +97,8 @@ def _step(model: nn.Module, X, y, loss: nn.Module, trainer: torch.optim.Optimize
         # into segments by checkpoints (float32 addition would depend on where the host read it).
         loss_sum = loss_sum + l.detach().sum(dtype=torch.float64)
         correct = correct + _correct(pred.detach(), y[start:stop])
+    if max_grad_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm * len(y))
     trainer.step()
     return loss_sum, correct
 
@@ -118,10 +123,11 @@ class FinetuneStep:
 
     def __init__(self, net: nn.Module, loss: nn.Module, trainer: torch.optim.Optimizer,
                  devices: Sequence[torch.device], split_f: Callable | None = None, *, precision: str = "float32",
-                 graph: bool = False, micro_batch: int | None = None) -> None:
+                 graph: bool = False, micro_batch: int | None = None, max_grad_norm: float | None = None) -> None:
         self.devices = require_devices(devices)
         _autocast(self.devices[0], precision)  # validates the name
         self.loss, self.trainer, self.precision, self.micro_batch = loss, trainer, precision, micro_batch
+        self.max_grad_norm = max_grad_norm
         net.to(self.devices[0])
         self.model = net
         if len(self.devices) > 1 and all(d.type == "cuda" for d in self.devices):
@@ -133,7 +139,16 @@ class FinetuneStep:
 
     def __call__(self, features, labels) -> tuple[torch.Tensor, torch.Tensor]:
         return _step(self.model, features, labels, self.loss, self.trainer, self.devices[0], self.precision,
-                     self.micro_batch)
+                     self.micro_batch, self.max_grad_norm)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.trainer.param_groups[0]["lr"]
+
+    @learning_rate.setter
+    def learning_rate(self, lr: float) -> None:
+        for group in self.trainer.param_groups:
+            group["lr"] = lr
 
     def read(self, sums: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
         return _read(sums)
