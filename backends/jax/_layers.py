@@ -32,7 +32,8 @@ def _torch_uniform(fan_in: int):
     return _host_init(lambda rng, shape: rng.uniform(-bound, bound, shape))
 
 
-_normal = _host_init(lambda rng, shape: rng.standard_normal(shape))  # N(0, 1): torch's Embedding, the book's pos_embedding
+# N(0, 1): torch's Embedding and the book's pos_embedding
+_normal = _host_init(lambda rng, shape: rng.standard_normal(shape))
 _ones = _host_init(lambda rng, shape: np.ones(shape))
 _zeros = _host_init(lambda rng, shape: np.zeros(shape))
 

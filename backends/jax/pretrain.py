@@ -32,7 +32,7 @@ from .checkpoint import _flatten, _nest, read_params, write_params
 from .model import _Bound
 from .runtime import _next_key
 from .runtime import make_trainer
-from .train import _mesh, _pad, _replicate
+from .train import _learning_rate, _mesh, _pad, _replicate
 
 
 def initialize_bert(net: _Bound, devices: Sequence[jax.Device], init: str = "book") -> None:
@@ -104,13 +104,7 @@ class PretrainStep:
                                        self.devices[0].platform != "cpu")
         self.key = _next_key()  # dropout keys: from the backend's generator (`set_seed`)
 
-    @property
-    def learning_rate(self) -> float:
-        return self.trainer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, lr: float) -> None:
-        self.trainer.learning_rate = lr
+    learning_rate = _learning_rate
 
     def load(self, batch: Sequence) -> list[jax.Array]:
         arrays = [np.asarray(x) for x in batch]

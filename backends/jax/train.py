@@ -194,6 +194,11 @@ def train_batch_ch13(net: _Bound, X, y, loss: Callable, trainer, devices: Sequen
     return _read(step(X, y))
 
 
+# A step object's `learning_rate` (FinetuneStep here, PretrainStep in pretrain.py): its trainer's rate.
+_learning_rate = property(lambda step: step.trainer.learning_rate,
+                          lambda step, lr: setattr(step.trainer, "learning_rate", lr))
+
+
 class FinetuneStep:
     """core/training.py's step: the net's parameters and the trainer's state replicated on `devices`,
     each call one compiled step of `train_batch_ch13`'s with the sums left on the device. `split_f`
@@ -220,13 +225,7 @@ class FinetuneStep:
             self.net.params, self.trainer.state, key, *batch)
         return _Sums([loss_sum]), _Sums([correct])
 
-    @property
-    def learning_rate(self) -> float:
-        return self.trainer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, lr: float) -> None:
-        self.trainer.learning_rate = lr
+    learning_rate = _learning_rate
 
     def read(self, sums: tuple[_Sums, _Sums]) -> tuple[float, float]:
         return _read(sums)

@@ -29,7 +29,7 @@ from nlibert.core.resume import step_file
 from nlibert.core.training import require_devices
 
 from .runtime import make_trainer
-from .train import _as_mx
+from .train import _as_mx, _learning_rate
 
 npx.set_np()
 
@@ -87,13 +87,7 @@ class PretrainStep:
         # A batch goes to the one device directly, else to the CPU and from there in slices.
         self.staging = self.devices[0] if len(self.devices) == 1 else mx.cpu()
 
-    @property
-    def learning_rate(self) -> float:
-        return self.trainer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, lr: float) -> None:
-        self.trainer.set_learning_rate(lr)
+    learning_rate = _learning_rate
 
     def load(self, batch: Sequence) -> list[list[np.ndarray]]:
         if len(batch[0]) < len(self.devices):

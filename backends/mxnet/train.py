@@ -176,6 +176,11 @@ def _hybridize(net: gluon.Block) -> None:
         net.hybridize()
 
 
+# A step object's `learning_rate` (FinetuneStep here, PretrainStep in pretrain.py): its trainer's rate.
+_learning_rate = property(lambda step: step.trainer.learning_rate,
+                          lambda step, lr: step.trainer.set_learning_rate(lr))
+
+
 class FinetuneStep:
     """core/training.py's step: each call is `train_batch_ch13`'s step with the sums left on the device
     (MXNet's engine runs ahead meanwhile). The net's parameters must already live on every device
@@ -199,13 +204,7 @@ class FinetuneStep:
         return _step(self.net, features, labels, self.loss, self.trainer, self.devices, self.split_f,
                      self.micro_batch, self.max_grad_norm)
 
-    @property
-    def learning_rate(self) -> float:
-        return self.trainer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, lr: float) -> None:
-        self.trainer.set_learning_rate(lr)
+    learning_rate = _learning_rate
 
     def read(self, sums: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
         return _read(sums)

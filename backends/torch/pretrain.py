@@ -26,6 +26,7 @@ from nlibert.core.training import require_devices
 
 from .checkpoint import _load_state_dict, write_params
 from .runtime import make_trainer
+from .train import _learning_rate
 
 
 def initialize_bert(net: nn.Module, devices: Sequence[torch.device], init: str = "book") -> None:
@@ -86,14 +87,7 @@ class PretrainStep:
             self.model = nn.DataParallel(net, device_ids=self.devices).to(self.devices[0])
         self.model.train()
 
-    @property
-    def learning_rate(self) -> float:
-        return self.trainer.param_groups[0]["lr"]
-
-    @learning_rate.setter
-    def learning_rate(self, lr: float) -> None:
-        for group in self.trainer.param_groups:
-            group["lr"] = lr
+    learning_rate = _learning_rate
 
     def load(self, batch: Sequence) -> list[torch.Tensor]:
         return [torch.as_tensor(x).to(self.devices[0], non_blocking=True) for x in batch]

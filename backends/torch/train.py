@@ -115,6 +115,15 @@ def train_batch_ch13(net: nn.Module, X, y, loss: nn.Module, trainer: torch.optim
     return _read(_step(net, X, y, loss, trainer, require_devices(devices)[0]))
 
 
+def _set_learning_rate(step, lr: float) -> None:
+    for group in step.trainer.param_groups:
+        group["lr"] = lr
+
+
+# A step object's `learning_rate` (FinetuneStep here, PretrainStep in pretrain.py): its trainer's rate.
+_learning_rate = property(lambda step: step.trainer.param_groups[0]["lr"], _set_learning_rate)
+
+
 class FinetuneStep:
     """core/training.py's step: the net on devices[0], in `nn.DataParallel` across several GPUs (as the
     book) or `torch.compile`d with `graph` (one device); each call is `train_batch_ch13`'s step with
@@ -141,14 +150,7 @@ class FinetuneStep:
         return _step(self.model, features, labels, self.loss, self.trainer, self.devices[0], self.precision,
                      self.micro_batch, self.max_grad_norm)
 
-    @property
-    def learning_rate(self) -> float:
-        return self.trainer.param_groups[0]["lr"]
-
-    @learning_rate.setter
-    def learning_rate(self, lr: float) -> None:
-        for group in self.trainer.param_groups:
-            group["lr"] = lr
+    learning_rate = _learning_rate
 
     def read(self, sums: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
         return _read(sums)
