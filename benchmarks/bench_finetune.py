@@ -233,7 +233,7 @@ def child_jax(spec):
     import jax
 
     from nlibert.backends import jax as backend
-    from nlibert.backends.jax.train import _padded_size  # the shapes the step compiles for
+    from nlibert.backends.jax.train import _prepare  # pads a batch to the shape the step compiles for
     padding, fused, loop, precision, graph, cls_only = VARIANTS[spec["variant"]]
     if precision != "float32":
         return {"skipped": "the JAX backend trains in float32 only"}
@@ -251,7 +251,7 @@ def child_jax(spec):
         timed steps will see, so that the figure is the steady state; returns the seconds it took."""
         start, seen = time.perf_counter(), set()
         for features, y in batch_list:
-            shape = (_padded_size(len(y)), min(_padded_size(features[0].shape[1]), BERT_SMALL["max_len"]))
+            shape = _prepare(features, y, devices, BERT_SMALL["max_len"])[0].shape
             if shape not in seen:
                 seen.add(shape)
                 finetune_step.read(finetune_step(features, y))

@@ -172,7 +172,7 @@ def load_training_state(folder: str | os.PathLike, files: dict[str, str], net: _
                         devices: Sequence[jax.Device]) -> None:
     """Put back what `save_training_state` wrote: parameters and optimizer state, placed as before."""
     params = _nest(read_params(os.path.join(folder, files["params"])))
-    net.params = _placed_like(jax.tree_util.tree_map(jnp.asarray, params), net.params)
+    net.params = _placed_like(params, net.params)
     with open(os.path.join(folder, files["trainer"]), "rb") as f:
         state = serialization.from_bytes(jax.device_get(trainer.state), f.read())
     trainer.state = _placed_like(state, trainer.state)
