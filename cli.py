@@ -9,7 +9,8 @@ import json
 import os
 import sys
 
-from .backends import BACKENDS
+from .backends import BACKENDS, backend_info
+from .core.distributed import LAUNCHED_ENV
 from .core.data_hub import DownloadError
 from .core.settings import (FINETUNE_MODES, HUB_DATA, INIT_SCHEMES, LR_DECAYS, LR_SCHEDULES, MLM_LOSSES, OPTIMIZERS,
                             PARITY_TOLERANCE, PRECISIONS, PRETRAIN_MODES, TASKS, EvaluateSettings, FinetuneSettings, PredictSettings,
@@ -71,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--train-limit", type=_limit, default=None, help="use a seeded random subset of N training pairs")
     ft.add_argument("--test-limit", type=_limit, default=None, help="use a seeded random subset of N test pairs")
     ft.add_argument("--seed", type=int, default=FINETUNE.seed)
-    ft.add_argument("--device", default=None, help="cpu, cuda, or a list like cuda:0,cuda:1 (default: every GPU, else cpu)")
+    ft.add_argument("--device", default=None, help="cpu, cuda, or a list like cuda:0,cuda:1 (default: every GPU, else "
+                    "cpu). torch, fast mode: a list of GPUs trains one DistributedDataParallel process per GPU")
+    ft.add_argument("--nproc", type=_limit, default=FINETUNE.nproc,
+                    help="train as a data-parallel job of N processes on this machine (torch: DistributedDataParallel; "
+                         "mxnet: its dist_sync kvstore), talking on 127.0.0.1; each process takes one device of "
+                         "--device (or the one given). Several machines: see the README (torchrun, DMLC_* variables)")
     ft.add_argument("--out", default=FINETUNE.out, help="folder for metrics.json and the fine-tuned model")
     ft.add_argument("--mode", choices=FINETUNE_MODES, default=FINETUNE.mode,
                     help="fast (default): length-bucketed, trimmed batches, fused attention, one host sync per "
@@ -234,6 +240,7 @@ def settings_from_args(cls: type, args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     # Idle OpenMP threads sleep instead of spinning (read once, when torch loads OpenMP): on a CPU
     # that other processes share, spinning threads steal the cores torch waits for (MiniLM fine-tuning
@@ -242,8 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     from . import inference, jobs  # imported late so `nlibert --help` does not load a framework
     try:
         if args.command == "finetune":
-            metrics = jobs.run_finetune(settings_from_args(FinetuneSettings, args))
-            if metrics["completed"]:
+            settings = settings_from_args(FinetuneSettings, args)
+            info = backend_info(settings.backend)
+            nproc = settings.processes(info.process_per_device)
+            if nproc > 1 and not {LAUNCHED_ENV, info.job_env} & set(os.environ):  # this process starts the job
+                return jobs.launch_job(settings.backend, nproc, argv)
+            metrics = jobs.run_finetune(settings)
+            if metrics["completed"] and metrics.get("rank", 0) == 0:
                 print(f"wrote {args.out}/metrics.json and the fine-tuned model to {metrics['model_dir']}")
         elif args.command == "predict":
             settings = settings_from_args(PredictSettings, args)

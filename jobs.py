@@ -7,6 +7,7 @@ core/folders.py, the epoch and step loops in core/training.py and core/pretraini
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import shutil
 import tempfile
 import time
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from .backends import backend_info, installed_backends, load_backend
 from .core.batching import BatchIterator, batch_indices, bucket_batch_indices
 from .core.folders import CONFIG_FILE, HUGGING_FACE, PARAMS_FILES, VOCAB_FILE, TaskRecord, read_checkpoint_config, \
     resolve_checkpoint
+from .core.distributed import World, free_port, launch, quiet_unless_main
 from .core.io import temp_folder_beside, write_json
 from .core.names import convert_params
 from .core.packing import SNLIBERTDataset, pack_pairs
@@ -140,15 +142,27 @@ def run_finetune(settings: FinetuneSettings) -> dict:
     The run checkpoints into OUT/resume/ every `checkpoint_every` steps and after every epoch, and
     the same command resumes there (core/resume.py), ending with the parameters and figures of an
     uninterrupted run; `stop_after` ends it early, as if interrupted. One run at a time per OUT.
+    In a job of several processes (`--nproc`, torchrun; core/distributed.py) every rank trains its
+    shard of every batch and only rank 0 prints and writes.
     """
-    with output_lock(settings.out):
-        return _finetune(settings)
-
-
-def _finetune(settings: FinetuneSettings) -> dict:
     backend = load_backend(settings.backend)
-    devices = backend.parse_devices(settings.device)
+    world = backend.init_distributed()
+    with _as_rank(world, settings.out):
+        return _finetune(settings, backend, world)
+
+
+@contextlib.contextmanager
+def _as_rank(world: World, out: str) -> Iterator[None]:
+    """Rank 0 holds OUT's lock (one run per output folder); the other ranks print nothing."""
+    with output_lock(out) if world.main else quiet_unless_main(world):
+        yield
+
+
+def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> dict:
+    devices = world.local_devices(backend.parse_devices(settings.device))
     backend.set_seed(settings.seed)
+    if not world.main:
+        world.barrier()  # rank 0 first writes what every rank reads: the sample, a seeded checkpoint, the cache
     source = finetune_source(settings)
     pretrained = _pretrained_spec(backend, settings, source)
     bert, vocab = backend.load_pretrained_model(pretrained, None, None, None, None, settings.dropout, None, devices)
@@ -157,6 +171,8 @@ def _finetune(settings: FinetuneSettings) -> dict:
     train_iter, test_iter, num_train, num_test, extra = (_fast_batches if fast else _book_batches)(
         source, settings, vocab)
     packing_seconds = time.perf_counter() - start
+    if world.main:
+        world.barrier()
     print(f"read {num_train} training and {num_test} test examples: {source.description}")
     _check_examples(source, num_train, num_test)
 
@@ -168,7 +184,7 @@ def _finetune(settings: FinetuneSettings) -> dict:
                                    weight_decay=settings.weight_decay)
     step = backend.FinetuneStep(net, backend.make_loss(), trainer, devices, precision=settings.precision,
                                 graph=settings.graph and fast, micro_batch=settings.chunk_rows(),
-                                max_grad_norm=settings.max_grad_norm)
+                                max_grad_norm=settings.max_grad_norm, world=world)
     resume_dir = os.path.join(settings.out, "resume")
     signature = settings.signature()
     state = open_resume(resume_dir, signature, settings.resume)
@@ -181,31 +197,51 @@ def _finetune(settings: FinetuneSettings) -> dict:
     task = TaskRecord(source.name, tuple(source.label_names), source.paired, settings.max_len,
                       settings.data_options())
     keep_best = _keep_best(backend, net, vocab, bert.config, model_dir, task, loop) if settings.save_best else None
+
+    def checkpoint(loop_state: LoopState) -> None:  # every rank reaches it (its sums are summed over them)
+        if world.main:
+            resume.save(loop_state.step, {"loop": loop_state.to_dict()})
+
     try:
         records = train_epochs(step, Progress(train_iter, "train"), test_iter, settings.epochs,
-                               sync="epoch" if fast else "batch", devices=str(step.devices), state=loop,
-                               seed=settings.seed, checkpoint=lambda s: resume.save(s.step, {"loop": s.to_dict()}),
+                               sync="epoch" if fast else "batch", devices=_devices_text(step.devices, world),
+                               state=loop, seed=settings.seed, checkpoint=checkpoint, rank=world.rank,
                                checkpoint_every=settings.checkpoint_every, stop_after=settings.stop_after,
                                lr_at=scheduled_lr(settings.lr, *settings.schedule(len(train_iter))),
-                               on_epoch=keep_best)
+                               on_epoch=keep_best if world.main else None)
     except TrainingDiverged as e:
         raise _diverged(e, settings.lr, resume_dir) from None
     if len(records) < settings.epochs:
         print(f"stopped after step {loop.step} (epoch {loop.epoch}); run the same command again to resume")
         return {"completed": False, "step": loop.step, "epoch": loop.epoch, "resume_dir": resume_dir}
+    if not world.main:
+        return {"completed": True, "rank": world.rank, "model_dir": model_dir}
     if not settings.save_best:
         backend.save_classifier(net, vocab, bert.config, model_dir, task=task)
     metrics = {"backend": settings.backend, "mode": settings.mode, "pretrained": str(pretrained),
                "data": source.description, "num_train": num_train, "num_test": num_test,
                "hyperparameters": settings.hyperparameters(), **extra,
                "epochs": [r.to_dict() for r in records], "test_acc": records[-1].test_acc,
-               "packing_seconds": packing_seconds, "devices": [str(d) for d in devices], "model_dir": model_dir,
+               "packing_seconds": packing_seconds, "devices": [str(d) for d in devices], "processes": world.size,
+               "model_dir": model_dir,
                "best_epoch": _best_epoch(records) if settings.save_best else None,
                "completed": True, "steps": loop.step, "resumed_from_step": resumed_from,
                "versions": _versions(backend)}
     write_json(os.path.join(settings.out, "metrics.json"), metrics)
     plot_training(records, os.path.join(settings.out, "training.png"), settings.epochs)
     return metrics
+
+
+def _devices_text(devices: list, world: World) -> str:
+    """Where the run trains, as the book prints it (`[device(type='cpu')]`), and how many processes."""
+    return str(devices) if world.size == 1 else f"{devices} x {world.size} processes"
+
+
+def launch_job(backend_name: str, nproc: int, argv: list[str]) -> int:
+    """Run `nlibert ARGV` as a job of `nproc` processes on this machine (core/distributed.py's
+    `launch`), with the processes the backend's engine needs, meeting on 127.0.0.1."""
+    processes = load_backend(backend_name).launch_processes(nproc, free_port())
+    return launch(argv, processes)
 
 
 def _best_epoch(records) -> int:

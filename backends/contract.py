@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.distributed import JOIN_TIMEOUT_S
+
 __all__ = [
     # model.py
     "BERTEncoder", "MaskLM", "NextSentencePred", "BERTModel", "BERTClassifier", "set_fused_attention",
@@ -44,8 +46,8 @@ __all__ = [
     # pretrain.py
     "initialize_bert", "PretrainStep", "train_bert", "save_training_state", "load_training_state",
     # runtime.py
-    "parse_devices", "set_seed", "make_loss", "make_trainer", "framework_versions",
-    "initialize_classifier_head", "bert_outputs", "classifier_logits",
+    "parse_devices", "init_distributed", "launch_processes", "set_seed", "make_loss", "make_trainer",
+    "framework_versions", "initialize_classifier_head", "bert_outputs", "classifier_logits",
 ]
 
 FILES = ("model", "checkpoint", "train", "pretrain", "runtime")
@@ -178,21 +180,25 @@ class FinetuneStep:
     computes each (per-device) batch in chunks of at most N rows (`core.batching.chunk_bounds`) and
     sums their gradients: the same update, with one chunk's activations in memory at a time.
     `max_grad_norm` G clips the global norm of the batch's *mean* gradient to G before the update
-    (whatever the backend differentiates). `learning_rate` is read and set before each step (a schedule's)."""
+    (whatever the backend differentiates). `learning_rate` is read and set before each step (a schedule's).
+    `world` (`init_distributed`'s; None: one process) of several processes: the net on this process's
+    one device, each call computes this rank's shard of the (global) batch (`World.training_shard`)
+    with the whole batch's gradient, and `read` and `evaluate` give the whole job's figures."""
 
     learning_rate: Any
 
     def __init__(self, net, loss, trainer, devices, split_f=None, *, precision="float32", graph=False,
-                 micro_batch=None, max_grad_norm=None): ...
+                 micro_batch=None, max_grad_norm=None, world=None): ...
 
     def __call__(self, features, labels):
         """(loss sum, number correct) of the step, left on the device: no host synchronisation."""
 
     def read(self, sums):
-        """Such sums (or sums of them) as two floats, once every queued step has finished."""
+        """Such sums (or sums of them) as two floats, once every queued step has finished; summed
+        over the ranks of a distributed job."""
 
     def evaluate(self, data_iter):
-        """Accuracy over `data_iter` with dropout off."""
+        """Accuracy over `data_iter` with dropout off (of every rank's shards, in a distributed job)."""
 
     def reseed(self, seed):
         """Seed the framework's RNG (dropout)."""
@@ -256,6 +262,18 @@ def load_training_state(folder, files, net, trainer, devices) -> None:
 
 def parse_devices(spec) -> list:
     """'cpu', 'cuda' (every GPU), or a list like 'cuda:0,cuda:1'; None: every GPU, else the CPU."""
+
+
+def init_distributed(timeout=JOIN_TIMEOUT_S):
+    """Join the data-parallel job the environment describes (torchrun's RANK/WORLD_SIZE, ps-lite's
+    DMLC_* variables), the framework's own engine, whose waits give up after `timeout` seconds; a
+    `core.distributed.World` with the framework's `all_sum` and `barrier`. Not in a job: `World()`."""
+
+
+def launch_processes(nproc, port) -> list:
+    """The `core.distributed.LaunchProcess`es of an `nproc`-worker job on this machine meeting at
+    127.0.0.1:`port` (workers with the environment `init_distributed` reads, and any helper process
+    the engine needs, such as MXNet's scheduler and server)."""
 
 
 def set_seed(seed) -> None:

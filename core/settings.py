@@ -107,6 +107,7 @@ class FinetuneSettings:
     max_grad_norm: float | None = None  # clip the global norm of the batch's mean gradient
     save_best: bool = False  # OUT/model: the epoch of best test accuracy, not the last
     device: str | None = None
+    nproc: int = 1  # processes of a data-parallel job on this machine (core/distributed.py)
     out: str = "nlibert-out"
     cache_dir: str | None = None
     checkpoint_every: int = 50  # steps; a checkpoint also ends every epoch (0: only those)
@@ -117,17 +118,17 @@ class FinetuneSettings:
     # where a run happens rather than what it computes; the rest are its hyperparameters.
     NOT_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = (
         "backend", "pretrained", "task", "data", "train_file", "test_file", "text_columns", "label_column",
-        "no_header", "train_limit", "test_limit", "mode", "precision", "graph", "bucketing", "device", "out",
-        "cache_dir", "checkpoint_every", "resume", "stop_after")
+        "no_header", "train_limit", "test_limit", "mode", "precision", "graph", "bucketing", "device", "nproc",
+        "out", "cache_dir", "checkpoint_every", "resume", "stop_after")
     # The options that choose a run's data (with `seed`, which splits a file without a test split).
     DATA_OPTIONS: ClassVar[tuple[str, ...]] = ("task", "data", "train_file", "test_file", "text_columns",
                                                "label_column", "no_header", "seed")
     # Fields a resumed run may change: where it runs and how it checkpoints, and `epochs` (more
     # epochs continue a finished run: no schedule depends on their number).
-    RUN_ONLY: ClassVar[tuple[str, ...]] = ("epochs", "device", "out", "cache_dir", "checkpoint_every", "resume",
-                                           "stop_after")
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("epochs", "device", "nproc", "out", "cache_dir", "checkpoint_every",
+                                           "resume", "stop_after")
     POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "epochs", "train_limit", "test_limit", "stop_after",
-                                           "micro_batch", "grad_accum")
+                                           "micro_batch", "grad_accum", "nproc")
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"task": TASKS, "mode": FINETUNE_MODES, "precision": PRECISIONS,
                                                      "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES}
 
@@ -204,6 +205,14 @@ class FinetuneSettings:
         num_steps = self.epochs * steps_per_epoch
         warmup = self.warmup_steps if self.warmup_ratio is None else math.ceil(self.warmup_ratio * num_steps)
         return num_steps, min(warmup or 0, num_steps), "linear" if self.lr_schedule == "linear" else "none"
+
+    def processes(self, process_per_device: bool) -> int:
+        """The processes of this run's job on this machine: `--nproc`; else, in fast mode, one per
+        GPU of a `--device` list when the backend trains several GPUs that way
+        (`process_per_device`: torch's DistributedDataParallel instead of the book's DataParallel)."""
+        if self.nproc > 1 or not (process_per_device and self.mode == "fast" and self.device):
+            return self.nproc
+        return max(1, sum(part.strip().startswith(("cuda:", "gpu:")) for part in self.device.split(",")))
 
     def hyperparameters(self) -> dict:
         return _without(self, self.NOT_HYPERPARAMETERS)

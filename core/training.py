@@ -104,12 +104,14 @@ class TrainingDiverged(ValueError):
         self.step = step
 
 
-def step_seed(seed: int, step: int) -> int:
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """The seed a backend gives its framework RNG before step `step` when asked to: dropout then
     depends only on (seed, step), so a run resumed at any step draws the same masks as one that was
     never stopped. MXNet cannot read its generator's state back, so this is how both backends make
-    resuming exact."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] & 0x7FFFFFFF)
+    resuming exact. Each `rank` of a distributed job draws its own masks for its own rows (rank 0
+    those of a one-process run)."""
+    entropy = [seed, step] if rank == 0 else [seed, step, rank]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def require_devices(devices: Sequence[Any]) -> list:
@@ -160,7 +162,7 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
                  on_epoch: Callable[[EpochRecord], None] | None = None, state: LoopState | None = None,
                  seed: int | None = None, checkpoint: Callable[[LoopState], None] | None = None,
                  checkpoint_every: int = 0, stop_after: int | None = None,
-                 lr_at: Callable[[int], float] | None = None) -> list[EpochRecord]:
+                 lr_at: Callable[[int], float] | None = None, rank: int = 0) -> list[EpochRecord]:
     """Train until epoch `num_epochs` is done, testing after each; print the book's two lines
     (`verbose`); return the records of every finished epoch (those of `state` included).
 
@@ -172,7 +174,8 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
     at `state`'s position (its `load_state_dict`). `lr_at(step)` sets the learning rate of each step
     (numbered from 1 over all epochs; None: the trainer's own), a function of the step alone, so a
     resumed run follows the schedule of an uninterrupted one. `on_epoch` runs before the epoch's
-    checkpoint: what it writes is written again if the run stops in between and resumes.
+    checkpoint: what it writes is written again if the run stops in between and resumes. `rank` is
+    this process's in a distributed job (its dropout seeds: `step_seed`).
     """
     if sync not in SYNC_POLICIES:
         raise ValueError(f"unknown sync policy {sync!r}: use one of {SYNC_POLICIES}")
@@ -208,7 +211,7 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
         timer.start()
         for features, labels in train_iter:
             if seed is not None:
-                step.reseed(step_seed(seed, state.step + 1))
+                step.reseed(step_seed(seed, state.step + 1, rank))
             if lr_at is not None:
                 step.learning_rate = lr_at(state.step + 1)
             if sync == "batch":

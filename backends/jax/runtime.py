@@ -13,6 +13,7 @@ import jaxlib
 import numpy as np
 import optax
 
+from nlibert.core.distributed import JOIN_TIMEOUT_S, LaunchProcess, World
 from nlibert.core.names import decays
 
 
@@ -54,6 +55,24 @@ def _platform_devices(platform: str) -> list[jax.Device]:
         return jax.devices(platform)
     except RuntimeError:  # no such backend in this jaxlib (a CPU-only install has no 'gpu')
         return []
+
+
+def init_distributed(timeout: float = JOIN_TIMEOUT_S) -> World:
+    """One process, always: this backend trains data-parallel over the local devices of one process
+    (`--device cuda:0,cuda:1`, or `cpu:0,cpu:1` under XLA's host device count), with XLA's own
+    all-reduce. A job of several processes (`jax.distributed`) is not built yet: refused by name."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(_ONE_PROCESS)
+    return World()
+
+
+def launch_processes(nproc: int, port: int) -> list[LaunchProcess]:
+    """Refused: see `init_distributed`."""
+    raise ValueError(_ONE_PROCESS)
+
+
+_ONE_PROCESS = ("--nproc: the jax backend runs as one process, data-parallel over that process's devices "
+                "(--device cuda:0,cuda:1); use --backend torch or mxnet for a job of several processes")
 
 
 def set_seed(seed: int) -> None:

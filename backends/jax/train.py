@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from nlibert.core.distributed import World
 from nlibert.core.training import EpochRecord, require_devices, train_epochs
 
 from .model import _Bound
@@ -207,9 +208,12 @@ class FinetuneStep:
 
     def __init__(self, net: _Bound, loss: Callable, trainer, devices: Sequence[jax.Device],
                  split_f: Callable | None = None, *, precision: str = "float32", graph: bool = False,
-                 micro_batch: int | None = None, max_grad_norm: float | None = None) -> None:
+                 micro_batch: int | None = None, max_grad_norm: float | None = None,
+                 world: World | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not supported by the JAX backend: use one of {PRECISIONS}")
+        if world is not None and world.size > 1:
+            raise ValueError("the JAX backend trains as one process (runtime.init_distributed)")
         self.devices = require_devices(devices)
         self.net, self.trainer, self.micro_batch = net, trainer, micro_batch
         net.params = _replicate(net.params, self.devices)

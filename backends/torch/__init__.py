@@ -11,7 +11,7 @@ from .train import (try_all_gpus, split_batch_multi_inputs, evaluate_accuracy, t
                     FinetuneStep, train_ch13, train_fast, predict_proba)
 from .pretrain import (initialize_bert, PretrainStep, train_bert, save_training_state,
                        load_training_state)
-from .runtime import (parse_devices, set_seed, make_loss, make_trainer, framework_versions,
+from .runtime import (parse_devices, init_distributed, launch_processes, set_seed, make_loss, make_trainer, framework_versions,
                       initialize_classifier_head, bert_outputs, classifier_logits)
 
 from ..contract import __all__  # noqa: F401  (the contract's names, in its order)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nlibert.core.distributed import JOIN_TIMEOUT_S, LaunchProcess, World
 from nlibert.core.names import decays
 
 
@@ -28,6 +29,38 @@ def parse_devices(spec: str | None) -> list[torch.device]:
         if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
             raise ValueError(f"--device {spec}: {d} is not available")
     return devices
+
+
+def init_distributed(timeout: float = JOIN_TIMEOUT_S) -> World:
+    """Join the job torchrun (or `launch_processes`) described in the environment (`RANK`,
+    `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`/`MASTER_PORT`): a `torch.distributed` process group,
+    gloo for CPU tensors and NCCL for CUDA ones, whose collectives give up after `timeout` seconds.
+    Without `WORLD_SIZE` > 1, a job of one process (nothing initialised)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    import datetime
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        engines = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(engines, timeout=datetime.timedelta(seconds=timeout))
+
+    def all_sum(values: np.ndarray) -> np.ndarray:
+        total = torch.as_tensor(np.asarray(values, dtype=np.float64))
+        dist.all_reduce(total)  # a CPU tensor: gloo, whatever the training devices are
+        return total.numpy()
+
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                 all_sum=all_sum, barrier=dist.barrier)
+
+
+def launch_processes(nproc: int, port: int) -> list[LaunchProcess]:
+    """The processes of an `nproc`-process job on this machine, as torchrun starts them: one worker
+    per rank, with the environment `init_distributed` reads, meeting at 127.0.0.1:`port`."""
+    common = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    return [LaunchProcess(f"rank {rank}", {**common, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+            for rank in range(nproc)]
 
 
 def set_seed(seed: int) -> None:

@@ -9,13 +9,16 @@ to the CPU as r0.17 does.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nlibert.core.batching import chunk_bounds, rows
+from nlibert.core.distributed import World
 from nlibert.core.training import EpochRecord, require_devices, train_epochs
 
 PRECISIONS = ("float32", "bfloat16")
@@ -56,17 +59,26 @@ def evaluate_accuracy(net: nn.Module, data_iter: Iterable, devices: Sequence[tor
                       split_f: Callable | None = None) -> float:
     """Accuracy over `data_iter` in eval mode (dropout off), without building a graph. `split_f` is
     accepted as the MXNet book's; `nn.DataParallel` splits the batches of a wrapped net itself."""
-    devices = require_devices(devices)
+    correct, total = _count_correct(net, data_iter, require_devices(devices)[0], World())
+    return correct / total if total else float("nan")
+
+
+def _count_correct(net: nn.Module, data_iter: Iterable, device: torch.device, world: World) -> tuple[float, float]:
+    """(number correct, number of examples) over `data_iter` in eval mode, summed over the ranks of
+    `world`, each of which computes its shard of every batch."""
     was_training = net.training
     net.eval()
-    correct, total = torch.zeros((), dtype=torch.long, device=devices[0]), 0
+    correct, total = torch.zeros((), dtype=torch.long, device=device), 0
     with torch.no_grad():
         for X, y in data_iter:
-            X, y = _to_device(X, devices[0]), _to_device(y, devices[0])
-            correct += _correct(net(X), y)
-            total += y.numel()
+            start, stop = world.shard(len(y))
+            if stop > start:
+                X, y = _to_device(rows(X, start, stop), device), _to_device(y[start:stop], device)
+                correct += _correct(net(X), y)
+                total += y.numel()
     net.train(was_training)
-    return correct.item() / total if total else float("nan")
+    correct, total = world.all_sum(np.array([correct.item(), total], dtype=np.float64))
+    return float(correct), float(total)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -77,28 +89,37 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _step(model: nn.Module, X, y, loss: nn.Module, trainer: torch.optim.Optimizer, device: torch.device,
-          precision: str = "float32", micro_batch: int | None = None, max_grad_norm: float | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+          precision: str = "float32", micro_batch: int | None = None, max_grad_norm: float | None = None,
+          world: World = World()) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step: per-example losses (`loss` has reduction='none', as the book) summed,
     `backward`, `trainer.step()`; the loss sum and the number correct as 0-d tensors on the device.
     With `micro_batch`, chunk by chunk: `backward` adds each chunk's gradient to the last. With
     `max_grad_norm`, the gradient is clipped first, to the norm the other backends' mean gradient
-    would have: the summed gradient is the mean's len(y) times."""
-    X, y = _to_device(X, device), _to_device(y, device).to(torch.long)
+    would have: the summed gradient is the mean's len(y) times. In a job of several processes
+    (`model` in DDP), this rank computes its shard of the batch (core/distributed.py); its sums are
+    its shard's."""
+    batch_rows = len(y)
+    start, stop = world.training_shard(batch_rows)
+    X, y = _to_device(rows(X, start, stop), device), _to_device(y[start:stop], device).to(torch.long)
     model.train()
     trainer.zero_grad(set_to_none=True)
     loss_sum, correct = 0, 0
-    for start, stop in chunk_bounds(len(y), micro_batch):
-        with _autocast(device, precision):
-            pred = model(rows(X, start, stop))  # (chunk, num_classes)
-        l = loss(pred.float(), y[start:stop])  # (chunk,)
-        l.sum().backward()
+    chunks = chunk_bounds(len(y), micro_batch)
+    for i, (start, stop) in enumerate(chunks):
+        # DDP all-reduces the gradient once, after the last chunk's backward.
+        sync = model.no_sync() if isinstance(model, DDP) and i < len(chunks) - 1 else contextlib.nullcontext()
+        with sync:
+            with _autocast(device, precision):
+                pred = model(rows(X, start, stop))  # (chunk, num_classes)
+            l = loss(pred.float(), y[start:stop])  # (chunk,)
+            # DDP averages the ranks' gradients; the book's is the sum over the whole batch.
+            (l.sum() * world.size).backward()
         # The loss sum in float64: steps' sums then add up to the same total however a run is split
         # into segments by checkpoints (float32 addition would depend on where the host read it).
         loss_sum = loss_sum + l.detach().sum(dtype=torch.float64)
         correct = correct + _correct(pred.detach(), y[start:stop])
     if max_grad_norm is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm * len(y))
+        nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm * batch_rows)
     trainer.step()
     return loss_sum, correct
 
@@ -128,18 +149,31 @@ class FinetuneStep:
     """core/training.py's step: the net on devices[0], in `nn.DataParallel` across several GPUs (as the
     book) or `torch.compile`d with `graph` (one device); each call is `train_batch_ch13`'s step with
     the sums left on the device. `split_f` is accepted as the MXNet book's argument and not called:
-    DataParallel splits the batch."""
+    DataParallel splits the batch. In a `world` of several processes (`init_distributed`), the net
+    is in `DistributedDataParallel` on this process's one device, each rank computes its shard of
+    every batch, and `read` and `evaluate` give the whole job's figures."""
 
     def __init__(self, net: nn.Module, loss: nn.Module, trainer: torch.optim.Optimizer,
                  devices: Sequence[torch.device], split_f: Callable | None = None, *, precision: str = "float32",
-                 graph: bool = False, micro_batch: int | None = None, max_grad_norm: float | None = None) -> None:
+                 graph: bool = False, micro_batch: int | None = None, max_grad_norm: float | None = None,
+                 world: World | None = None) -> None:
         self.devices = require_devices(devices)
         _autocast(self.devices[0], precision)  # validates the name
         self.loss, self.trainer, self.precision, self.micro_batch = loss, trainer, precision, micro_batch
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.world = max_grad_norm, world or World()
         net.to(self.devices[0])
-        self.model = net
-        if len(self.devices) > 1 and all(d.type == "cuda" for d in self.devices):
+        self.net = self.model = net
+        if self.world.size > 1:
+            if len(self.devices) > 1:
+                raise ValueError(f"a process of a distributed job drives one device, got {len(self.devices)}")
+            device = self.devices[0]
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            # Every rank starts from rank 0's parameters (DDP broadcasts them here).
+            self.model = DDP(net, device_ids=[device] if device.type == "cuda" else None)
+            if graph:
+                self.model = torch.compile(self.model, dynamic=True)
+        elif len(self.devices) > 1 and all(d.type == "cuda" for d in self.devices):
             if graph:
                 raise ValueError("graph=True (torch.compile) is for one device; nn.DataParallel replicates the net")
             self.model = nn.DataParallel(net, device_ids=self.devices).to(self.devices[0])
@@ -148,15 +182,19 @@ class FinetuneStep:
 
     def __call__(self, features, labels) -> tuple[torch.Tensor, torch.Tensor]:
         return _step(self.model, features, labels, self.loss, self.trainer, self.devices[0], self.precision,
-                     self.micro_batch, self.max_grad_norm)
+                     self.micro_batch, self.max_grad_norm, self.world)
 
     learning_rate = _learning_rate
 
     def read(self, sums: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
-        return _read(sums)
+        loss_sum, correct = self.world.all_sum(np.array(_read(sums)))
+        return float(loss_sum), float(correct)
 
     def evaluate(self, data_iter: Iterable) -> float:
-        return evaluate_accuracy(self.model, data_iter, self.devices)
+        if self.world.size == 1:
+            return evaluate_accuracy(self.model, data_iter, self.devices)
+        correct, total = _count_correct(self.net, data_iter, self.devices[0], self.world)  # DDP's module
+        return correct / total if total else float("nan")
 
     def reseed(self, seed: int) -> None:
         torch.manual_seed(seed)

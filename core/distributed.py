@@ -1,0 +1,169 @@
+"""Data-parallel runs over several processes, once for every backend: who is who (`World`), which
+rows of a batch each process computes (`World.shard`), and starting the processes of a job on one
+machine (`launch`). Framework-neutral: a backend joins the job its framework's way
+(`runtime.init_distributed`: torch.distributed, MXNet's dist_sync kvstore) and says which processes
+a one-machine job needs (`runtime.launch_processes`).
+
+The rules every backend keeps (so that N processes compute what one process computes):
+- every process builds the same data iterator with the same seed, so each sees every *global*
+  batch, in the same order and composition as a one-process run of the same `--batch-size`;
+- rank r computes the contiguous rows `World.shard(len(batch))` of it (sizes differ by one at most);
+- the gradient is that of the whole batch (the book sums per-example losses: DDP's average over the
+  ranks is scaled back to a sum; MXNet's kvstore sums and the trainer divides by the global size);
+- a step's sums and an evaluation's counts are summed over the ranks (`World.all_sum`), so every
+  rank runs the same loop on the same figures (and checkpoints at the same steps);
+- only rank 0 prints, takes the output lock and writes (metrics.json, the model, checkpoints).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+# Set in the processes `launch` starts, so that their own `--nproc` does not launch again.
+LAUNCHED_ENV = "NLIBERT_LAUNCHED"
+# How long a process waits for the others to join (or for a collective) before it gives up.
+JOIN_TIMEOUT_S = 1800.0  # torch.distributed's own default: rank 0 may pack a large dataset first
+
+
+def _identity(values: np.ndarray) -> np.ndarray:
+    return values
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel job: `rank` of `size`, `local_rank` on its machine
+    (which of the machine's devices it drives). `all_sum` sums a small float64 array over the ranks
+    (every rank gets the sum) and `barrier` waits for every rank: the backend's collectives. The
+    default is a job of one process."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    all_sum: Callable[[np.ndarray], np.ndarray] = dataclasses.field(default=_identity, compare=False, repr=False)
+    barrier: Callable[[], None] = dataclasses.field(default=_nothing, compare=False, repr=False)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that prints and writes."""
+        return self.rank == 0
+
+    def shard(self, num_rows: int) -> tuple[int, int]:
+        """`(start, stop)`: the rows of a batch of `num_rows` this rank computes (contiguous; the
+        first `num_rows % size` ranks take one more, as `np.array_split`). May be empty."""
+        base, extra = divmod(num_rows, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (1 if self.rank < extra else 0)
+
+    def training_shard(self, num_rows: int) -> tuple[int, int]:
+        """`shard`, refusing a training batch too small to give every rank a row: a rank without
+        rows would still have to join the gradient's all-reduce with nothing to reduce."""
+        if num_rows < self.size:
+            raise ValueError(f"a training batch of {num_rows} examples cannot be split across {self.size} "
+                             "processes; use a --batch-size that leaves no last batch smaller than --nproc")
+        return self.shard(num_rows)
+
+    def local_devices(self, devices: Sequence) -> list:
+        """The devices this process drives: all of `devices` alone; in a job of several processes on
+        a machine, `devices[local_rank]` of a list (`--device cuda:0,cuda:1`: one each), or the one
+        device given (`--device cpu`)."""
+        devices = list(devices)
+        if self.size == 1 or len(devices) == 1:
+            return devices
+        if self.local_rank >= len(devices):
+            raise ValueError(f"process {self.local_rank} on this machine has no device: --device lists "
+                             f"{len(devices)}; list one per process, or give one device for all")
+        return [devices[self.local_rank]]
+
+
+@contextlib.contextmanager
+def quiet_unless_main(world: World) -> Iterator[None]:
+    """Only rank 0 prints: the others' standard output goes nowhere (their errors still show)."""
+    if world.main:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
+# --- launching the processes of a job on this machine --------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LaunchProcess:
+    """One process of a job: its role (for messages), the environment it adds, and its command
+    (None: the nlibert command itself, a worker)."""
+
+    role: str
+    env: dict
+    argv: tuple | None = None
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (chosen at run time; the job binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_threads(nproc: int) -> int:
+    """Threads per process when `nproc` share this machine's cores (what torchrun's OMP_NUM_THREADS=1
+    is for: oversubscribed cores slow every process down)."""
+    return max(1, (os.cpu_count() or 1) // nproc)
+
+
+def launch(argv: Sequence[str], processes: Sequence[LaunchProcess], poll_s: float = 0.2,
+           grace_s: float = 10.0) -> int:
+    """Run the job's `processes` on this machine, workers as `python -m nlibert.cli ARGV`, until the
+    workers end. When one exits with an error (or is killed), the others are stopped and the job
+    ends with that error; nothing waits on a dead peer. Returns 0 when every worker succeeded."""
+    procs: list[tuple[LaunchProcess, subprocess.Popen]] = []
+    workers = sum(p.argv is None for p in processes)
+    threads = str(worker_threads(workers))
+    try:
+        for p in processes:
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads), **p.env,
+                   LAUNCHED_ENV: "1"}
+            command = list(p.argv) if p.argv is not None else [sys.executable, "-m", "nlibert.cli", *argv]
+            procs.append((p, subprocess.Popen(command, env=env)))
+        while True:
+            codes = [(p, proc.poll()) for p, proc in procs]
+            failed = [(p, code) for p, code in codes if code not in (None, 0)]
+            if failed:
+                p, code = failed[0]
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                print(f"nlibert: error: the {p.role} process {how}; stopped the job's other processes. "
+                      "A checkpoint in OUT/resume is kept: run the same command to resume", file=sys.stderr)
+                return 1
+            if all(code == 0 for p, code in codes if p.argv is None):
+                return 0
+            time.sleep(poll_s)
+    finally:
+        _stop(procs, grace_s)
+
+
+def _stop(procs: Sequence[tuple[LaunchProcess, subprocess.Popen]], grace_s: float) -> None:
+    """Ask every process still running to stop (SIGTERM), then kill what is left after `grace_s`
+    (helper processes such as MXNet's server usually end on their own once the workers have)."""
+    deadline = time.monotonic() + grace_s
+    for _, proc in procs:
+        if proc.poll() is None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    for _, proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
