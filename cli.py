@@ -8,8 +8,9 @@ import dataclasses
 import json
 import os
 import sys
+import traceback
 
-from .backends import BACKENDS, backend_info
+from .backends import BACKENDS, REGISTRY, backend_info
 from .core.distributed import LAUNCHED_ENV
 from .core.data_hub import DownloadError
 from .core.settings import (FINETUNE_MODES, HUB_DATA, INIT_SCHEMES, LR_DECAYS, LR_SCHEDULES, MLM_LOSSES, OPTIMIZERS,
@@ -74,10 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int, default=FINETUNE.seed)
     ft.add_argument("--device", default=None, help="cpu, cuda, or a list like cuda:0,cuda:1 (default: every GPU, else "
                     "cpu). torch, fast mode: a list of GPUs trains one DistributedDataParallel process per GPU")
-    ft.add_argument("--nproc", type=_limit, default=FINETUNE.nproc,
-                    help="train as a data-parallel job of N processes on this machine (torch: DistributedDataParallel; "
-                         "mxnet: its dist_sync kvstore), talking on 127.0.0.1; each process takes one device of "
-                         "--device (or the one given). Several machines: see the README (torchrun, DMLC_* variables)")
+    _add_nproc(ft)
     ft.add_argument("--out", default=FINETUNE.out, help="folder for metrics.json and the fine-tuned model")
     ft.add_argument("--mode", choices=FINETUNE_MODES, default=FINETUNE.mode,
                     help="fast (default): length-bucketed, trimmed batches, fused attention, one host sync per "
@@ -211,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="masked: mean over real predictions (default; the book's MXNet loss); book: the book's "
                          "PyTorch formula, a mean that also counts padded prediction slots")
     pt.add_argument("--seed", type=int, default=PRETRAIN.seed)
-    pt.add_argument("--device", default=None, help="cpu, cuda, or a list like cuda:0,cuda:1 (default: every GPU, else cpu)")
+    pt.add_argument("--device", default=None, help="cpu, cuda, or a list like cuda:0,cuda:1 (default: every GPU, else "
+                    "cpu). torch, fast mode: a list of GPUs trains one DistributedDataParallel process per GPU")
+    _add_nproc(pt)
     pt.add_argument("--checkpoint-every", type=int, default=PRETRAIN.checkpoint_every,
                     help="write a resumable checkpoint to OUT/resume every K steps (0: only when the run ends)")
     pt.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
@@ -221,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", default=PRETRAIN.out,
                     help="folder for vocab.json + pretrained.params + config.json, metrics.json and resume/")
     return parser
+
+
+def _add_nproc(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nproc", type=_limit, default=1,
+                        help="train as a data-parallel job of N processes on this machine (torch: "
+                             "DistributedDataParallel; mxnet: its dist_sync kvstore), talking on 127.0.0.1; each "
+                             "process takes one device of --device (or the one given). Several machines: see the "
+                             "README (torchrun; MXNet's DMLC_* variables)")
 
 
 def _add_file_options(parser: argparse.ArgumentParser, file_option: str, file_help: str) -> None:
@@ -240,6 +248,29 @@ def settings_from_args(cls: type, args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`nlibert ARGV`; the exit code. A failing process of a distributed job leaves at once
+    (`os._exit`): MXNet's ps-lite would otherwise keep it waiting at exit for peers that will never
+    come, and the job's launcher (core/distributed.py) could not see it fail."""
+    in_job = LAUNCHED_ENV in os.environ or any(info.job_env in os.environ for info in REGISTRY if info.job_env)
+    try:
+        code = _main(argv)
+    except SystemExit as e:  # argparse's errors and --help
+        code = e.code if isinstance(e.code, int) else 1
+        if not in_job:
+            raise
+    except BaseException:
+        if not in_job:
+            raise
+        traceback.print_exc()
+        code = 1
+    if code and in_job:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     # Idle OpenMP threads sleep instead of spinning (read once, when torch loads OpenMP): on a CPU
@@ -248,12 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from . import inference, jobs  # imported late so `nlibert --help` does not load a framework
     try:
-        if args.command == "finetune":
-            settings = settings_from_args(FinetuneSettings, args)
+        if args.command in ("finetune", "pretrain"):
+            settings = settings_from_args(FinetuneSettings if args.command == "finetune" else PretrainSettings, args)
             info = backend_info(settings.backend)
             nproc = settings.processes(info.process_per_device)
             if nproc > 1 and not {LAUNCHED_ENV, info.job_env} & set(os.environ):  # this process starts the job
                 return jobs.launch_job(settings.backend, nproc, argv)
+        if args.command == "finetune":
             metrics = jobs.run_finetune(settings)
             if metrics["completed"] and metrics.get("rank", 0) == 0:
                 print(f"wrote {args.out}/metrics.json and the fine-tuned model to {metrics['model_dir']}")
@@ -287,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'PASS' if report['passed'] else 'FAIL'} at tolerance {report['tolerance']:g} x scale")
             return 0 if report["passed"] else 1
         elif args.command == "pretrain":
-            metrics = jobs.run_pretrain(settings_from_args(PretrainSettings, args))
-            if metrics["completed"]:
+            metrics = jobs.run_pretrain(settings)
+            if metrics["completed"] and metrics.get("rank", 0) == 0:
                 print(f"wrote the pretrained checkpoint and metrics.json to {args.out}")
     except USER_ERRORS as e:
         if args.debug or os.environ.get("NLIBERT_DEBUG"):

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from types import ModuleType
@@ -241,7 +242,7 @@ def launch_job(backend_name: str, nproc: int, argv: list[str]) -> int:
     """Run `nlibert ARGV` as a job of `nproc` processes on this machine (core/distributed.py's
     `launch`), with the processes the backend's engine needs, meeting on 127.0.0.1."""
     processes = load_backend(backend_name).launch_processes(nproc, free_port())
-    return launch(argv, processes)
+    return launch([sys.executable, "-m", "nlibert.cli", *argv], processes)
 
 
 def _best_epoch(records) -> int:
@@ -401,14 +402,17 @@ def run_pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], boo
     is called after each step, once its checkpoint (if any) is written; a true return stops the run.
     `mode='fast'` uses the fused attention of the fine-tuning fast path and fused Adam (torch).
     A non-finite loss ends the run with an error, nothing written from it. One run at a time per OUT.
+    In a job of several processes, every rank trains its shard of every batch; rank 0 alone writes.
     """
-    with output_lock(settings.out):
-        return _pretrain(settings, on_step)
-
-
-def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool | None] | None) -> dict:
     backend = load_backend(settings.backend)
-    devices = backend.parse_devices(settings.device)
+    world = backend.init_distributed()
+    with _as_rank(world, settings.out):
+        return _pretrain(settings, on_step, backend, world)
+
+
+def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool | None] | None,
+              backend: ModuleType, world: World) -> dict:
+    devices = world.local_devices(backend.parse_devices(settings.device))
     files, description = wiki_source(settings.corpus)
     signature = settings.signature([(os.path.basename(f), os.path.getsize(f)) for f in files])
     resume_dir = os.path.join(settings.out, "resume")
@@ -438,21 +442,25 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
         print(f"resuming from {resume_dir} at step {start_step + 1}")
 
     def checkpoint(step_no: int, records: list[StepRecord]) -> None:
-        resume.save(step_no, {"history": [r.to_dict() for r in earlier + records]})
+        if world.main:
+            resume.save(step_no, {"history": [r.to_dict() for r in earlier + records]})
 
-    step = backend.PretrainStep(bert, backend.make_loss(), len(vocab), trainer, devices, settings.mlm_loss)
+    step = backend.PretrainStep(bert, backend.make_loss(), len(vocab), trainer, devices, settings.mlm_loss,
+                                world=world)
     try:
         records = train_steps(step, train_iter, settings.steps, start_step=start_step, seed=settings.seed,
                               lr_at=scheduled_lr(settings.lr, settings.steps, settings.warmup_steps,
                                                  settings.lr_decay),
                               on_step=on_step, checkpoint=checkpoint, checkpoint_every=settings.checkpoint_every,
-                              stop_after=settings.stop_after)
+                              stop_after=settings.stop_after, rank=world.rank)
     except TrainingDiverged as e:
         raise _diverged(e, settings.lr, resume_dir) from None
     last_step = records[-1].step if records else start_step
     if records:
-        print(format_pretrain_summary(records, str(devices)))
+        print(format_pretrain_summary(records, _devices_text(devices, world)))
         checkpoint(last_step, records)  # always resumable from where this run ended
+    if not world.main:
+        return {"completed": last_step >= settings.steps, "rank": world.rank}
     history = earlier + records
     metrics = {
         "backend": settings.backend, "corpus": description, "num_pairs": len(dataset), "vocab_size": len(vocab),
@@ -461,7 +469,8 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
         "resumed_from_step": start_step if state is not None else None,
         "this_run": summarize(records), "all_steps": summarize(history),
         "history": [r.to_dict() for r in history], "data_seconds": data_seconds,
-        "devices": [str(d) for d in devices], "out_dir": settings.out, "versions": _versions(backend),
+        "devices": [str(d) for d in devices], "processes": world.size, "out_dir": settings.out,
+        "versions": _versions(backend),
     }
     if metrics["completed"]:
         backend.save_pretrained(bert, vocab, settings.out)

@@ -227,17 +227,21 @@ def initialize_bert(net, devices, init="book") -> None:
 
 
 class PretrainStep:
-    """What core/pretraining.py's `train_steps` drives: one step of the book's `train_bert`."""
+    """What core/pretraining.py's `train_steps` drives: one step of the book's `train_bert`. In a
+    `world` of several processes, each rank computes its shard of every batch (`load`), the losses'
+    means dividing by the whole batch's totals (`core.pretraining.BatchTotals`), so that the update
+    and the losses are those of the whole batch."""
 
     learning_rate: Any
 
-    def __init__(self, net, loss, vocab_size, trainer, devices, mlm_loss="masked"): ...
+    def __init__(self, net, loss, vocab_size, trainer, devices, mlm_loss="masked", *, world=None): ...
 
     def load(self, batch):
-        """The book's 7-tuple batch on the device(s)."""
+        """The book's 7-tuple batch (this rank's shard of it) on the device(s)."""
 
     def __call__(self, inputs):
-        """(MLM loss, NSP loss) of one optimizer step, as floats, the step finished."""
+        """(MLM loss, NSP loss) of one optimizer step, as floats, the step finished (the whole
+        batch's, in a distributed job)."""
 
     def reseed(self, seed):
         """Seed the framework's RNG (dropout)."""

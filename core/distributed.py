@@ -103,7 +103,7 @@ def quiet_unless_main(world: World) -> Iterator[None]:
 @dataclasses.dataclass(frozen=True)
 class LaunchProcess:
     """One process of a job: its role (for messages), the environment it adds, and its command
-    (None: the nlibert command itself, a worker)."""
+    (None: the job's worker command, `launch`'s)."""
 
     role: str
     env: dict
@@ -123,11 +123,12 @@ def worker_threads(nproc: int) -> int:
     return max(1, (os.cpu_count() or 1) // nproc)
 
 
-def launch(argv: Sequence[str], processes: Sequence[LaunchProcess], poll_s: float = 0.2,
+def launch(command: Sequence[str], processes: Sequence[LaunchProcess], poll_s: float = 0.2,
            grace_s: float = 10.0) -> int:
-    """Run the job's `processes` on this machine, workers as `python -m nlibert.cli ARGV`, until the
-    workers end. When one exits with an error (or is killed), the others are stopped and the job
-    ends with that error; nothing waits on a dead peer. Returns 0 when every worker succeeded."""
+    """Run the job's `processes` on this machine, the workers running `command` (for instance
+    `python -m nlibert.cli finetune ...`), until the workers end. When one exits with an error (or
+    is killed), the others are stopped and the job ends with that error; nothing waits on a dead
+    peer. Returns 0 when every worker succeeded."""
     procs: list[tuple[LaunchProcess, subprocess.Popen]] = []
     workers = sum(p.argv is None for p in processes)
     threads = str(worker_threads(workers))
@@ -135,8 +136,7 @@ def launch(argv: Sequence[str], processes: Sequence[LaunchProcess], poll_s: floa
         for p in processes:
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads), **p.env,
                    LAUNCHED_ENV: "1"}
-            command = list(p.argv) if p.argv is not None else [sys.executable, "-m", "nlibert.cli", *argv]
-            procs.append((p, subprocess.Popen(command, env=env)))
+            procs.append((p, subprocess.Popen(list(p.argv) if p.argv is not None else list(command), env=env)))
         while True:
             codes = [(p, proc.poll()) for p, proc in procs]
             failed = [(p, code) for p, code in codes if code not in (None, 0)]

@@ -94,6 +94,39 @@ def format_pretrain_summary(records: Sequence[StepRecord], devices: str) -> str:
             f"{s['sentence_pairs_per_sec']:.1f} sentence pairs/sec on {devices}")
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchTotals:
+    """What a pretraining batch's mean losses divide by, for a rank of a distributed job that
+    computes a shard of it (core/distributed.py): the ranks' shares then add up to the whole
+    batch's losses, and their gradients (summed over the ranks) to its gradient."""
+
+    weights: float  # real MLM predictions (the sum of mlm_weights_X): the masked mean's
+    slots: int  # MLM prediction slots, padded ones included: the book formula's mean
+    rows: int  # sentence pairs: NSP's mean
+
+    @classmethod
+    def of(cls, batch: Sequence) -> "BatchTotals":
+        """The totals of a book 7-tuple batch (numpy arrays)."""
+        weights = np.asarray(batch[4])
+        return cls(float(weights.sum()), int(weights.size), len(batch[6]))
+
+    def losses(self, mlm_sum: Any, nsp_sum: Any, mlm_loss: str) -> tuple[Any, Any, Any]:
+        """A shard's `(mlm, nsp, mlm + nsp)` shares from its sums (MLM: weighted by mlm_weights for
+        'masked', over every slot for 'book'), in whatever framework's arrays they are."""
+        if mlm_loss == "masked":
+            mlm = mlm_sum / (self.weights + 1e-8)
+        else:  # the book's mean over all slots, times sum(weights) / (sum(weights) + 1e-8)
+            mlm = mlm_sum / self.slots * (self.weights / (self.weights + 1e-8))
+        nsp = nsp_sum / self.rows
+        return mlm, nsp, mlm + nsp
+
+
+def shard_of(batch: Sequence, world: Any) -> list:
+    """This rank's rows (`world.training_shard`, a core.distributed.World) of every array of a batch."""
+    start, stop = world.training_shard(len(batch[0]))
+    return [x[start:stop] for x in batch]
+
+
 class PretrainStep(Protocol):
     """What the step loop needs from a backend (each backend's `pretrain.PretrainStep`)."""
 
@@ -113,7 +146,7 @@ def train_steps(step: PretrainStep, train_iter: Iterable, num_steps: int, *, sta
                 seed: int | None = None, lr_at: Callable[[int], float] | None = None,
                 on_step: Callable[[StepRecord], bool | None] | None = None,
                 checkpoint: Callable[[int, list[StepRecord]], None] | None = None, checkpoint_every: int = 0,
-                stop_after: int | None = None) -> list[StepRecord]:
+                stop_after: int | None = None, rank: int = 0) -> list[StepRecord]:
     """Run steps `start_step + 1` .. `num_steps`, passing over `train_iter` as often as needed;
     return their records.
 
@@ -123,6 +156,7 @@ def train_steps(step: PretrainStep, train_iter: Iterable, num_steps: int, *, sta
     each step's learning rate (None: the trainer's own, the book's constant rate). `checkpoint(step,
     records)` runs every `checkpoint_every` steps before the last; the loop ends early when
     `on_step(record)` returns true or after `stop_after` steps of this call, as if interrupted.
+    `rank`: this process's in a distributed job (its dropout seeds, `step_seed`).
     """
     step_no, timer, records = start_step, Timer(), []
     while step_no < num_steps:
@@ -131,7 +165,7 @@ def train_steps(step: PretrainStep, train_iter: Iterable, num_steps: int, *, sta
             num_batches += 1
             inputs = step.load(batch)
             if seed is not None:
-                step.reseed(step_seed(seed, step_no + 1))
+                step.reseed(step_seed(seed, step_no + 1, rank))
             if lr_at is not None:
                 step.learning_rate = lr_at(step_no + 1)
             timer.start()

@@ -210,9 +210,7 @@ class FinetuneSettings:
         """The processes of this run's job on this machine: `--nproc`; else, in fast mode, one per
         GPU of a `--device` list when the backend trains several GPUs that way
         (`process_per_device`: torch's DistributedDataParallel instead of the book's DataParallel)."""
-        if self.nproc > 1 or not (process_per_device and self.mode == "fast" and self.device):
-            return self.nproc
-        return max(1, sum(part.strip().startswith(("cuda:", "gpu:")) for part in self.device.split(",")))
+        return _processes(self.nproc, process_per_device and self.mode == "fast", self.device)
 
     def hyperparameters(self) -> dict:
         return _without(self, self.NOT_HYPERPARAMETERS)
@@ -252,6 +250,7 @@ class PretrainSettings:
     mlm_loss: str = "masked"
     seed: int = 0
     device: str | None = None
+    nproc: int = 1  # processes of a data-parallel job on this machine (core/distributed.py)
     checkpoint_every: int = 100  # 0: only when the run ends
     resume: bool | None = None  # None: when OUT/resume holds a checkpoint; True: insist; False: start over
     stop_after: int | None = None  # end this run after N steps, as if interrupted
@@ -259,10 +258,10 @@ class PretrainSettings:
 
     # Fields that do not change what the steps compute, so a resumed run may differ in them
     # (`steps` matters only through a decaying schedule: `decay_steps` in the signature).
-    RUN_ONLY: ClassVar[tuple[str, ...]] = ("corpus", "steps", "device", "checkpoint_every", "resume",
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("corpus", "steps", "device", "nproc", "checkpoint_every", "resume",
                                            "stop_after", "out")
     POSITIVE: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "num_hiddens", "ffn_num_hiddens", "num_heads",
-                                           "num_layers", "stop_after")
+                                           "num_layers", "stop_after", "nproc")
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"lr_decay": LR_DECAYS, "init": INIT_SCHEMES,
                                                      "mode": PRETRAIN_MODES, "mlm_loss": MLM_LOSSES}
 
@@ -275,6 +274,10 @@ class PretrainSettings:
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0: only when the run ends), got {self.checkpoint_every}")
 
+    def processes(self, process_per_device: bool) -> int:
+        """The processes of this run's job on this machine (`FinetuneSettings.processes`)."""
+        return _processes(self.nproc, process_per_device and self.mode == "fast", self.device)
+
     def signature(self, corpus_files: Sequence[tuple[str, int]]) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint: every field that
         changes what the steps compute, and the corpus files (names and sizes)."""
@@ -286,6 +289,13 @@ class PretrainSettings:
 
     def replace(self, **changes: Any) -> "PretrainSettings":
         return dataclasses.replace(self, **changes)
+
+
+def _processes(nproc: int, process_per_device: bool, device: str | None) -> int:
+    """`--nproc`; else, with `process_per_device`, the number of GPUs a `--device` list names."""
+    if nproc > 1 or not (process_per_device and device):
+        return nproc
+    return max(1, sum(part.strip().startswith(("cuda:", "gpu:")) for part in device.split(",")))
 
 
 def _only_with(settings: Any, names: Sequence[str], needed: str) -> None:

@@ -17,7 +17,7 @@ from nlibert import jobs
 from nlibert.backends import BACKENDS, load_backend
 from nlibert.core.distributed import LaunchProcess, World, free_port, launch, worker_threads
 from nlibert.core.sample import write_sample_snli
-from nlibert.core.settings import FinetuneSettings
+from nlibert.core.settings import FinetuneSettings, PretrainSettings
 
 # The backends whose jobs run as several processes (JAX runs data-parallel inside one process).
 MULTI_PROCESS = [name for name in BACKENDS if name != "jax"]
@@ -63,7 +63,7 @@ def test_launch_stops_every_process_when_one_fails_and_reports_it(capsys):
     failing = LaunchProcess("rank 1", {}, (sys.executable, "-c", "import sys; sys.exit(3)"))
     start = time.monotonic()
     # Workers are the processes without an argv of their own; here a helper fails while another waits.
-    code = launch([], [sleeper, failing, LaunchProcess("rank 0", {}, None)], grace_s=5)
+    code = launch([sys.executable, "-c", "import time; time.sleep(60)"], [sleeper, failing, LaunchProcess("rank 0", {}, None)], grace_s=5)
     assert code == 1 and time.monotonic() - start < 30  # the 60 s sleeper was stopped, not waited for
     assert "the rank 1 process exited with code 3" in capsys.readouterr().err
 
@@ -179,3 +179,30 @@ def _zombie(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+@pytest.mark.parametrize("backend", MULTI_PROCESS)
+def test_two_processes_pretrain_what_one_process_pretrains(backend, tmp_path):
+    """MLM + NSP means over the whole batch (each rank's share divides by the batch's totals):
+    per-step losses equal to rounding, final parameters within 1e-5 (key biases aside, as above)."""
+    from test_pretrain import TINY, write_wiki
+    corpus = write_wiki(tmp_path / "wikitext-tiny")
+    settings = dict(backend=backend, corpus=str(corpus), steps=4, batch_size=32, max_len=24, device="cpu",
+                    dropout=0.0, lr=1e-3, checkpoint_every=2, **TINY)
+    one = jobs.run_pretrain(PretrainSettings(out=str(tmp_path / "one"), **settings))
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    job = subprocess.run([sys.executable, "-m", "nlibert.cli", "pretrain", *args, f"--out={tmp_path / 'two'}",
+                          "--nproc=2"], capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stderr
+    assert job.stdout.count("sentence pairs/sec on") == 1
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["processes"] == 2 and two["completed"]
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert (a["step"], a["num_pairs"]) == (b["step"], b["num_pairs"])
+        assert a["mlm_loss"] == pytest.approx(b["mlm_loss"], rel=1e-6)
+        assert a["nsp_loss"] == pytest.approx(b["nsp_loss"], rel=1e-6)
+    read = load_backend(backend).read_params
+    pa, pb = (read(str(tmp_path / run / "pretrained.params")) for run in ("one", "two"))
+    for key in pa:
+        if not key.endswith(("W_k.bias", "attention_W_k_bias")):
+            np.testing.assert_allclose(pa[key], pb[key], rtol=0, atol=1e-5, err_msg=key)

@@ -22,6 +22,7 @@ import optax
 from flax import serialization
 from jax.sharding import NamedSharding, PartitionSpec
 
+from nlibert.core.distributed import World
 from nlibert.core.io import atomic_write
 from nlibert.core.pretraining import (StepRecord, check_init, check_mlm_loss, format_pretrain_summary,
                                       scheduled_lr, train_steps)
@@ -96,7 +97,9 @@ class PretrainStep:
     (one host sync, which waits for the step)."""
 
     def __init__(self, net: _Bound, loss: Callable, vocab_size: int, trainer,
-                 devices: Sequence[jax.Device], mlm_loss: str = "masked") -> None:
+                 devices: Sequence[jax.Device], mlm_loss: str = "masked", *, world: World | None = None) -> None:
+        if world is not None and world.size > 1:
+            raise ValueError("the JAX backend pretrains as one process, data-parallel over its devices")
         self.devices = require_devices(devices)
         self.net, self.trainer, self.mlm_loss = net, trainer, check_mlm_loss(mlm_loss)
         net.params, trainer.state = _replicate(net.params, self.devices), _replicate(trainer.state, self.devices)

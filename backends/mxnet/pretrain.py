@@ -22,14 +22,15 @@ import mxnet as mx
 import numpy as onp
 from mxnet import autograd, gluon, np, npx
 
+from nlibert.core.distributed import World
 from nlibert.core.io import atomic_path, atomic_write
-from nlibert.core.pretraining import (StepRecord, check_init, check_mlm_loss, format_pretrain_summary,
-                                      scheduled_lr, train_steps)
+from nlibert.core.pretraining import (BatchTotals, StepRecord, check_init, check_mlm_loss, format_pretrain_summary,
+                                      scheduled_lr, shard_of, train_steps)
 from nlibert.core.resume import step_file
 from nlibert.core.training import require_devices
 
 from .runtime import make_trainer
-from .train import _as_mx, _learning_rate
+from .train import _as_mx, _join_kvstore, _learning_rate
 
 npx.set_np()
 
@@ -45,9 +46,10 @@ def initialize_bert(net: gluon.Block, devices: Sequence[mx.Context], init: str =
 
 def _get_batch_loss_bert(net: gluon.Block, loss: gluon.loss.Loss, vocab_size: int, tokens_X_shards,
                          segments_X_shards, valid_lens_x_shards, pred_positions_X_shards, mlm_weights_X_shards,
-                         mlm_Y_shards, nsp_y_shards, mlm_loss: str = "masked"
+                         mlm_Y_shards, nsp_y_shards, mlm_loss: str = "masked", totals: BatchTotals | None = None
                          ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """Per device shard: `(mlm_ls, nsp_ls, ls)`, lists of 0-d arrays (`ls[i] = mlm_ls[i] + nsp_ls[i]`)."""
+    """Per device shard: `(mlm_ls, nsp_ls, ls)`, lists of 0-d arrays (`ls[i] = mlm_ls[i] + nsp_ls[i]`).
+    `totals`: the shards are a rank's share of a batch whose means divide by these totals."""
     check_mlm_loss(mlm_loss)
     mlm_ls, nsp_ls, ls = [], [], []
     for (tokens_X_shard, segments_X_shard, valid_lens_x_shard, pred_positions_X_shard, mlm_weights_X_shard,
@@ -57,6 +59,14 @@ def _get_batch_loss_bert(net: gluon.Block, loss: gluon.loss.Loss, vocab_size: in
         _, mlm_Y_hat, nsp_Y_hat = net(tokens_X_shard, segments_X_shard, valid_lens_x_shard.reshape(-1),
                                       pred_positions_X_shard)
         weights = mlm_weights_X_shard.reshape(-1, 1)  # (B*P, 1): 1 for a real prediction, 0 for a pad
+        if totals is not None:
+            mlm_sum = loss(mlm_Y_hat.reshape(-1, vocab_size), mlm_Y_shard.reshape(-1),
+                           weights if mlm_loss == "masked" else None).sum()
+            mlm_l, nsp_l, l = totals.losses(mlm_sum, loss(nsp_Y_hat, nsp_y_shard).sum(), mlm_loss)
+            mlm_ls.append(mlm_l)
+            nsp_ls.append(nsp_l)
+            ls.append(l)
+            continue
         if mlm_loss == "masked":
             # The book: padded slots get sample weight 0, then sum / number of real predictions.
             mlm_l = loss(mlm_Y_hat.reshape(-1, vocab_size), mlm_Y_shard.reshape(-1), weights)
@@ -80,16 +90,23 @@ class PretrainStep:
     waited for, so that the step's timer covers its backward and update too."""
 
     def __init__(self, net: gluon.Block, loss: gluon.loss.Loss, vocab_size: int, trainer: gluon.Trainer,
-                 devices: Sequence[mx.Context], mlm_loss: str = "masked") -> None:
+                 devices: Sequence[mx.Context], mlm_loss: str = "masked", *, world: World | None = None) -> None:
         self.devices = require_devices(devices)
         self.net, self.loss, self.vocab_size, self.trainer = net, loss, vocab_size, trainer
         self.mlm_loss = check_mlm_loss(mlm_loss)
+        self.world = world or World()
+        if self.world.size > 1 and len(self.devices) > 1:
+            raise ValueError(f"a process of a distributed job drives one device, got {len(self.devices)}")
         # A batch goes to the one device directly, else to the CPU and from there in slices.
         self.staging = self.devices[0] if len(self.devices) == 1 else mx.cpu()
+        self._totals: BatchTotals | None = None
 
     learning_rate = _learning_rate
 
     def load(self, batch: Sequence) -> list[list[np.ndarray]]:
+        if self.world.size > 1:  # this rank's shard, and the whole batch's totals its means divide by
+            self._totals = BatchTotals.of(batch)
+            batch = shard_of(batch, self.world)
         if len(batch[0]) < len(self.devices):
             # A device without a shard would keep last step's gradient, which the trainer still sums.
             raise ValueError(f"a batch of {len(batch[0])} sentence pairs cannot be split across "
@@ -98,14 +115,21 @@ class PretrainStep:
                 for elem in batch]
 
     def __call__(self, inputs: list[list[np.ndarray]]) -> tuple[float, float]:
+        tokens, segments, valid_lens, pred_positions = (elem[0] for elem in inputs[:4])
+        _join_kvstore(self.trainer, self.world, lambda: self.net(tokens, segments, valid_lens.reshape(-1),
+                                                                 pred_positions))
         with autograd.record():
             mlm_ls, nsp_ls, ls = _get_batch_loss_bert(self.net, self.loss, self.vocab_size, *inputs,
-                                                      mlm_loss=self.mlm_loss)
+                                                      mlm_loss=self.mlm_loss, totals=self._totals)
         for l in ls:
             l.backward()
         self.trainer.step(1)
-        mlm_value = sum(float(l) for l in mlm_ls) / len(mlm_ls)
-        nsp_value = sum(float(l) for l in nsp_ls) / len(nsp_ls)
+        if self.world.size > 1:  # each rank's share of the batch's means: their sum is the mean
+            mlm_value, nsp_value = (float(v) for v in self.world.all_sum(
+                onp.array([float(mlm_ls[0]), float(nsp_ls[0])])))
+        else:
+            mlm_value = sum(float(l) for l in mlm_ls) / len(mlm_ls)
+            nsp_value = sum(float(l) for l in nsp_ls) / len(nsp_ls)
         # float() waits for the forward pass only; backward and the update run asynchronously and
         # would be charged to the next step's data copy, outside the timer (the book's figure misses
         # them): wait for them so that sentence pairs/sec counts the whole step.

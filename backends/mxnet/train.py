@@ -20,6 +20,7 @@ import numpy as onp
 from mxnet import autograd, gluon, np, npx
 
 from nlibert.core.batching import chunk_bounds, rows
+from nlibert.core.distributed import World
 from nlibert.core.training import EpochRecord, require_devices, train_epochs
 
 npx.set_np()
@@ -73,29 +74,46 @@ def evaluate_accuracy(net: gluon.Block, data_iter: Iterable, devices: Sequence[m
                       split_f: Callable | None = None) -> float:
     """Accuracy over `data_iter`, each batch split across `devices` by `split_f` (default
     `split_batch_multi_inputs`), outside `autograd.record`: dropout is off and no graph is built."""
-    devices, split_f = require_devices(devices), split_f or split_batch_multi_inputs
+    correct, total = _count_correct(net, data_iter, require_devices(devices), split_f or split_batch_multi_inputs,
+                                    World())
+    return correct / total if total else float("nan")
+
+
+def _count_correct(net: gluon.Block, data_iter: Iterable, devices: list[mx.Context], split_f: Callable,
+                   world: World) -> tuple[float, float]:
+    """(number correct, number of examples) over `data_iter`, summed over the ranks of `world`,
+    each of which computes its shard of every batch."""
     correct, total = [], 0  # per-shard counts stay on their devices until the end: one sync each
     for features, labels in data_iter:
-        X, y = _to_batch(features, labels, _staging_context(devices))
+        start, stop = world.shard(len(labels))
+        if stop == start:
+            continue
+        X, y = _to_batch(rows(features, start, stop), labels[start:stop], _staging_context(devices))
         X_shards, y_shards = split_f(X, y, devices)
         correct += [_correct(net(X_shard), y_shard) for X_shard, y_shard in zip(X_shards, y_shards)]
         total += y.size
-    return sum(float(c) for c in correct) / total if total else float("nan")
+    correct, total = world.all_sum(onp.array([sum(float(c) for c in correct), total], dtype=onp.float64))
+    return float(correct), float(total)
 
 
 def _step(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss, trainer: gluon.Trainer,
           devices: list[mx.Context], split_f: Callable, micro_batch: int | None = None,
-          max_grad_norm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+          max_grad_norm: float | None = None, world: World = World()) -> tuple[np.ndarray, np.ndarray]:
     """One optimizer step on a batch split across `devices`; the loss sum and the number correct as
     0-d arrays on devices[0] (no host synchronisation). With `micro_batch`, each device's shard is
     computed chunk by chunk; the net's gradients must then add up (`_accumulate_gradients`). With
-    `max_grad_norm`, the gradient is clipped before the update (`_clip_gradients`)."""
-    X, y = _to_batch(features, labels, _staging_context(devices))
+    `max_grad_norm`, the gradient is clipped before the update (`_clip_gradients`). In a job of
+    several processes, this rank computes its shard of the batch (core/distributed.py), the kvstore
+    sums the ranks' gradients and the trainer divides by the whole batch's size."""
+    batch_rows = len(labels)
+    start, stop = world.training_shard(batch_rows)
+    X, y = _to_batch(rows(features, start, stop), labels[start:stop], _staging_context(devices))
     if len(y) < len(devices):
         # A device without a shard would keep last step's gradient, which the trainer still sums.
         raise ValueError(f"a training batch of {len(y)} examples cannot be split across "
                          f"{len(devices)} devices; use a batch size that leaves no smaller last batch")
     X_shards, y_shards = split_f(X, y, devices)
+    _join_kvstore(trainer, world, lambda: net(X_shards[0]))
     # The work in rounds: one round of every device's whole shard (their forwards all queued before
     # any backward, so devices run side by side), or, with `micro_batch`, one round per chunk of a
     # shard, so that only one chunk's graph is alive; its gradients then add up (grad_req 'add').
@@ -118,17 +136,35 @@ def _step(net: gluon.Block, features: Sequence, labels, loss: gluon.loss.Loss, t
     # ignore_stale_grad: as the book, whose reason (unused MLM/NSP heads) does not arise here, since
     # `BERTClassifier` does not register those heads; harmless either way.
     if max_grad_norm is None:
-        trainer.step(len(y), ignore_stale_grad=True)
+        trainer.step(batch_rows, ignore_stale_grad=True)
     else:
         trainer.allreduce_grads()  # every device's copy now holds the batch's summed gradient
-        _clip_gradients(net, max_grad_norm * len(y), devices)
-        trainer.update(len(y), ignore_stale_grad=True)
+        _clip_gradients(net, max_grad_norm * batch_rows, devices)
+        trainer.update(batch_rows, ignore_stale_grad=True)
     home = devices[0]
     # The loss sum in float64: steps' sums then add up to the same total however a run is split
     # into segments by checkpoints (float32 addition would depend on where the host read it).
     loss_sum = sum(l.astype("float64").sum().as_in_ctx(home) for _, _, l in done)
     correct = sum(_correct(p, y_piece).astype("float32").as_in_ctx(home) for p, y_piece, _ in done)
     return loss_sum, correct
+
+
+def _join_kvstore(trainer: gluon.Trainer, world: World, forward: Callable[[], object]) -> None:
+    """In a job, before the first step computes anything: the trainer joins the job's kvstore,
+    which gives every worker rank 0's parameters (a head initialised after other random draws
+    differs otherwise), and every worker waits for every other. Gluon would do this inside the
+    first `step`, after the first gradients were computed from the unsynchronised parameters, and
+    push the gradients right after it on the same keys; on the CPU nothing orders the two, and a
+    worker's pull could return the gradient sum as its weights (about 1 run in 3 of a toy job).
+    `forward()` (no gradient recorded, so no dropout drawn) first gives deferred parameters their
+    shapes and values, as the first step's forward pass would."""
+    if world.size > 1 and not trainer._kv_initialized:
+        if any(param._deferred_init for param in trainer._params):
+            forward()
+        trainer._init_kvstore()
+        trainer._init_params()
+        npx.waitall()
+        world.barrier()
 
 
 def _clip_gradients(net: gluon.Block, max_norm: float, devices: list[mx.Context]) -> None:
@@ -184,14 +220,21 @@ _learning_rate = property(lambda step: step.trainer.learning_rate,
 class FinetuneStep:
     """core/training.py's step: each call is `train_batch_ch13`'s step with the sums left on the device
     (MXNet's engine runs ahead meanwhile). The net's parameters must already live on every device
-    (the book initialises and loads them with `ctx=devices`); `graph` hybridizes it."""
+    (the book initialises and loads them with `ctx=devices`); `graph` hybridizes it. In a `world`
+    of several processes (`init_distributed`: the trainer then sums gradients through the job's
+    dist_sync kvstore), each rank computes its shard of every batch on its one device, and `read`
+    and `evaluate` give the whole job's figures."""
 
     def __init__(self, net: gluon.Block, loss: gluon.loss.Loss, trainer: gluon.Trainer,
                  devices: Sequence[mx.Context], split_f: Callable | None = None, *, precision: str = "float32",
-                 graph: bool = False, micro_batch: int | None = None, max_grad_norm: float | None = None) -> None:
+                 graph: bool = False, micro_batch: int | None = None, max_grad_norm: float | None = None,
+                 world: World | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not supported by the MXNet backend: use one of {PRECISIONS}")
         self.devices = require_devices(devices)
+        self.world = world or World()
+        if self.world.size > 1 and len(self.devices) > 1:
+            raise ValueError(f"a process of a distributed job drives one device, got {len(self.devices)}")
         self.net, self.loss, self.trainer = net, loss, trainer
         self.split_f = split_f or split_batch_multi_inputs
         self.micro_batch, self.max_grad_norm = micro_batch, max_grad_norm
@@ -202,15 +245,17 @@ class FinetuneStep:
 
     def __call__(self, features, labels) -> tuple[np.ndarray, np.ndarray]:
         return _step(self.net, features, labels, self.loss, self.trainer, self.devices, self.split_f,
-                     self.micro_batch, self.max_grad_norm)
+                     self.micro_batch, self.max_grad_norm, self.world)
 
     learning_rate = _learning_rate
 
     def read(self, sums: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
-        return _read(sums)
+        loss_sum, correct = self.world.all_sum(onp.array(_read(sums)))
+        return float(loss_sum), float(correct)
 
     def evaluate(self, data_iter: Iterable) -> float:
-        return evaluate_accuracy(self.net, data_iter, self.devices, self.split_f)
+        correct, total = _count_correct(self.net, data_iter, self.devices, self.split_f, self.world)
+        return correct / total if total else float("nan")
 
     def reseed(self, seed: int) -> None:
         mx.random.seed(seed)

@@ -15,12 +15,15 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nlibert.core.distributed import World
 from nlibert.core.io import atomic_write
-from nlibert.core.pretraining import (StepRecord, check_init, check_mlm_loss, format_pretrain_summary,
-                                      scheduled_lr, train_steps)
+from nlibert.core.pretraining import (BatchTotals, StepRecord, check_init, check_mlm_loss, format_pretrain_summary,
+                                      scheduled_lr, shard_of, train_steps)
 from nlibert.core.resume import step_file
 from nlibert.core.training import require_devices
 
@@ -50,16 +53,25 @@ def initialize_bert(net: nn.Module, devices: Sequence[torch.device], init: str =
 def _get_batch_loss_bert(net: nn.Module, loss: nn.Module, vocab_size: int, tokens_X: torch.Tensor,
                          segments_X: torch.Tensor, valid_lens_x: torch.Tensor, pred_positions_X: torch.Tensor,
                          mlm_weights_X: torch.Tensor, mlm_Y: torch.Tensor, nsp_y: torch.Tensor,
-                         mlm_loss: str = "masked") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         mlm_loss: str = "masked", totals: BatchTotals | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(mlm_l, nsp_l, mlm_l + nsp_l)` of one batch, each a 0-d tensor.
 
     `loss` is per-example cross-entropy (`reduction='none'`, `runtime.make_loss()`). The book's
     `nn.CrossEntropyLoss()` (mean) also works with `mlm_loss='book'`, the only mode it can serve.
+    `totals`: the rows are a rank's shard of a batch whose means divide by these totals (so that
+    the ranks' losses add up to the whole batch's).
     """
     check_mlm_loss(mlm_loss)
     _, mlm_Y_hat, nsp_Y_hat = net(tokens_X, segments_X, valid_lens_x.reshape(-1), pred_positions_X)
     mlm_l = loss(mlm_Y_hat.reshape(-1, vocab_size), mlm_Y.reshape(-1))  # (B*P,), or 0-d if reduced
     weights = mlm_weights_X.reshape(-1)  # (B*P,): 1 for a real prediction, 0 for a padded slot
+    nsp_l = loss(nsp_Y_hat, nsp_y)
+    if totals is not None:
+        if mlm_l.dim() == 0:
+            raise ValueError("a shard's losses need a per-example loss: nn.CrossEntropyLoss(reduction='none')")
+        mlm_sum = mlm_l.sum() if mlm_loss == "book" else (mlm_l * weights).sum()
+        return totals.losses(mlm_sum, nsp_l.sum(), mlm_loss)
     if mlm_loss == "masked":
         if mlm_l.dim() == 0:
             raise ValueError("mlm_loss='masked' needs a per-example loss: nn.CrossEntropyLoss(reduction='none')")
@@ -67,7 +79,7 @@ def _get_batch_loss_bert(net: nn.Module, loss: nn.Module, vocab_size: int, token
     else:
         # The book: mean(loss over all slots) * weights, summed, over sum(weights): the weights cancel.
         mlm_l = mlm_l.mean() * weights.sum() / (weights.sum() + 1e-8)
-    nsp_l = loss(nsp_Y_hat, nsp_y).mean()
+    nsp_l = nsp_l.mean()
     return mlm_l, nsp_l, mlm_l + nsp_l
 
 
@@ -78,18 +90,27 @@ class PretrainStep:
     waits for the step)."""
 
     def __init__(self, net: nn.Module, loss: nn.Module, vocab_size: int, trainer: torch.optim.Optimizer,
-                 devices: Sequence[torch.device], mlm_loss: str = "masked") -> None:
+                 devices: Sequence[torch.device], mlm_loss: str = "masked", *, world: World | None = None) -> None:
         self.devices = require_devices(devices)
         self.loss, self.vocab_size, self.trainer, self.mlm_loss = loss, vocab_size, trainer, check_mlm_loss(mlm_loss)
+        self.world = world or World()
         net.to(self.devices[0])
         self.model = net
-        if len(self.devices) > 1 and all(d.type == "cuda" for d in self.devices):
+        if self.world.size > 1:
+            if self.devices[0].type == "cuda":
+                torch.cuda.set_device(self.devices[0])
+            self.model = DDP(net, device_ids=[self.devices[0]] if self.devices[0].type == "cuda" else None)
+        elif len(self.devices) > 1 and all(d.type == "cuda" for d in self.devices):
             self.model = nn.DataParallel(net, device_ids=self.devices).to(self.devices[0])
         self.model.train()
+        self._totals: BatchTotals | None = None
 
     learning_rate = _learning_rate
 
     def load(self, batch: Sequence) -> list[torch.Tensor]:
+        if self.world.size > 1:  # this rank's shard, and the whole batch's totals its means divide by
+            self._totals = BatchTotals.of(batch)
+            batch = shard_of(batch, self.world)
         return [torch.as_tensor(x).to(self.devices[0], non_blocking=True) for x in batch]
 
     def __call__(self, inputs: list[torch.Tensor]) -> tuple[float, float]:
@@ -97,10 +118,12 @@ class PretrainStep:
         self.trainer.zero_grad()
         mlm_l, nsp_l, l = _get_batch_loss_bert(self.model, self.loss, self.vocab_size, tokens_X, segments_X,
                                                valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y.long(),
-                                               nsp_y.long(), self.mlm_loss)
-        l.backward()
+                                               nsp_y.long(), self.mlm_loss, self._totals)
+        (l * self.world.size).backward()  # DDP averages the ranks' gradients: their sum is the batch's
         self.trainer.step()
         mlm_value, nsp_value = torch.stack([mlm_l.detach(), nsp_l.detach()]).tolist()  # one host sync
+        if self.world.size > 1:
+            mlm_value, nsp_value = (float(v) for v in self.world.all_sum(np.array([mlm_value, nsp_value])))
         return mlm_value, nsp_value
 
     def reseed(self, seed: int) -> None:
