@@ -136,3 +136,22 @@ def test_pretraining_worth_compares_against_the_pretrainings_own_init(tmp_path, 
     for seed in (0, 1):
         pos = read_params(out / f"random-init-{seed}" / "pretrained.params")["encoder.pos_embedding"]
         assert np.abs(pos).max() < 0.5  # Xavier's bound here; torch's own init draws N(0, 1)
+
+
+def test_bench_finetune_nproc_times_one_process_against_a_job_of_two(tmp_path, shared_data):
+    """`--nproc 2`: each path on one process and as a DDP job of two (CPU: a smoke test), with the
+    scaling efficiency = examples/sec / (2 x the one-process examples/sec)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_finetune.py"), "--backend", "torch", "--variants", "fast",
+         "--nproc", "2", "--batch-size", "4", "--steps", "1", "--book-steps", "1", "--warmup", "0", "--pairs", "1",
+         "--peak-size", "128", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "NLIBERT_SHARED_DATA": str(shared_data)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a smoke test of the distributed path, not a scaling result" in proc.stdout
+    scaling = json.loads(out.read_text())["scaling"]["torch"]
+    for path in ("book", "fast"):
+        one, two = scaling[path]
+        assert (one["processes"], two["processes"]) == (1, 2)
+        assert one["efficiency"] == pytest.approx(1.0)
+        assert two["efficiency"] == pytest.approx(two["examples_per_sec"] / (2 * one["examples_per_sec"]))
