@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_nproc(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=_limit, default=1,
                         help="train as a data-parallel job of N processes on this machine (torch: "
-                             "DistributedDataParallel; mxnet: its dist_sync kvstore), talking on 127.0.0.1; each "
+                             "DistributedDataParallel; mxnet: its dist_sync kvstore; jax: jax.distributed, one "
+                             "compiled step over every process's device; fine-tuning only), talking on 127.0.0.1; each "
                              "process takes one device of --device (or the one given). Several machines: see the "
                              "README (torchrun; MXNet's DMLC_* variables)")
 
@@ -283,6 +284,9 @@ def _main(argv: list[str] | None) -> int:
             settings = settings_from_args(FinetuneSettings if args.command == "finetune" else PretrainSettings, args)
             info = backend_info(settings.backend)
             nproc = settings.processes(info.process_per_device)
+            if nproc > 1 and args.command == "pretrain" and not info.multi_process_pretraining:
+                raise ValueError(f"--nproc: the {info.name} backend pretrains as one process, data-parallel over "
+                                 "its devices (--device); use --backend torch or mxnet for a job of several")
             if nproc > 1 and not {LAUNCHED_ENV, info.job_env} & set(os.environ):  # this process starts the job
                 return jobs.launch_job(settings.backend, nproc, argv)
         if args.command == "finetune":

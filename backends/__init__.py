@@ -26,13 +26,16 @@ class BackendInfo:
     # The environment variable that marks a process as part of a job its engine's launcher started
     # (torchrun's WORLD_SIZE, ps-lite's DMLC_ROLE): such a process never launches a job itself.
     job_env: str = ""
+    # `nlibert pretrain --nproc N` runs as N processes (JAX's PretrainStep is one process's, so far).
+    multi_process_pretraining: bool = True
 
 
 REGISTRY = (
     BackendInfo("torch", "nlibert.backends.torch", "torch", "torch==2.13.0", fused_adam=True,
                 process_per_device=True, job_env="WORLD_SIZE"),
     BackendInfo("mxnet", "nlibert.backends.mxnet", "mxnet", "mxnet==1.9.1", job_env="DMLC_ROLE"),
-    BackendInfo("jax", "nlibert.backends.jax", "jax", "jax==0.4.23 jaxlib==0.4.23 flax==0.8.4 optax==0.2.1"),
+    BackendInfo("jax", "nlibert.backends.jax", "jax", "jax==0.4.23 jaxlib==0.4.23 flax==0.8.4 optax==0.2.1",
+                job_env="WORLD_SIZE", multi_process_pretraining=False),
 )
 BACKENDS = tuple(info.name for info in REGISTRY)
 _BY_NAME = {info.name: info for info in REGISTRY}

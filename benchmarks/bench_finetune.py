@@ -107,7 +107,7 @@ def run_scaling(args, base: dict, backends: list[str]) -> dict:
     print("-" * len(header))
     for backend in backends:
         if backend == "jax":
-            print(f"{'jax':8s} (runs as one process, data-parallel over its devices: not measured with --nproc)")
+            print(f"{'jax':8s} (its jobs of several processes are not measured here yet)")
             continue
         report[backend] = {}
         for variant in ("book", "fast"):

@@ -1,8 +1,8 @@
 """Data-parallel runs over several processes, once for every backend: who is who (`World`), which
 rows of a batch each process computes (`World.shard`), and starting the processes of a job on one
 machine (`launch`). Framework-neutral: a backend joins the job its framework's way
-(`runtime.init_distributed`: torch.distributed, MXNet's dist_sync kvstore) and says which processes
-a one-machine job needs (`runtime.launch_processes`).
+(`runtime.init_distributed`: torch.distributed, MXNet's dist_sync kvstore, jax.distributed) and
+says which processes a one-machine job needs (`runtime.launch_processes`).
 
 The rules every backend keeps (so that N processes compute what one process computes):
 - every process builds the same data iterator with the same seed, so each sees every *global*
@@ -19,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -128,8 +130,11 @@ def launch(command: Sequence[str], processes: Sequence[LaunchProcess], poll_s: f
     """Run the job's `processes` on this machine, the workers running `command` (for instance
     `python -m nlibert.cli finetune ...`), until the workers end. When one exits with an error (or
     is killed), the others are stopped and the job ends with that error; nothing waits on a dead
-    peer. Returns 0 when every worker succeeded."""
+    peer. The error named is the first process's to end (one waiting thread each): a peer that a
+    dead process's broken connection ends a moment later (JAX's workers abort then) is not taken
+    for the cause. Returns 0 when every worker succeeded."""
     procs: list[tuple[LaunchProcess, subprocess.Popen]] = []
+    ended: queue.Queue = queue.Queue()  # (process, exit code), in the order they end
     workers = sum(p.argv is None for p in processes)
     threads = str(worker_threads(workers))
     try:
@@ -137,18 +142,19 @@ def launch(command: Sequence[str], processes: Sequence[LaunchProcess], poll_s: f
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads), **p.env,
                    LAUNCHED_ENV: "1"}
             procs.append((p, subprocess.Popen(list(p.argv) if p.argv is not None else list(command), env=env)))
-        while True:
-            codes = [(p, proc.poll()) for p, proc in procs]
-            failed = [(p, code) for p, code in codes if code not in (None, 0)]
-            if failed:
-                p, code = failed[0]
+            threading.Thread(target=lambda p=p, proc=procs[-1][1]: ended.put((p, proc.wait())), daemon=True).start()
+        while workers:
+            try:
+                p, code = ended.get(timeout=poll_s)
+            except queue.Empty:
+                continue
+            if code != 0:
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                 print(f"nlibert: error: the {p.role} process {how}; stopped the job's other processes. "
                       "A checkpoint in OUT/resume is kept: run the same command to resume", file=sys.stderr)
                 return 1
-            if all(code == 0 for p, code in codes if p.argv is None):
-                return 0
-            time.sleep(poll_s)
+            workers -= p.argv is None
+        return 0
     finally:
         _stop(procs, grace_s)
 

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from nlibert import jobs
-from nlibert.backends import BACKENDS, load_backend
+from nlibert.backends import BACKENDS, backend_info, load_backend
 from nlibert.core.distributed import LaunchProcess, World, free_port, launch, worker_threads
 from nlibert.core.sample import write_sample_snli
 from nlibert.core.settings import FinetuneSettings, PretrainSettings
 
-# The backends whose jobs run as several processes (JAX runs data-parallel inside one process).
-MULTI_PROCESS = [name for name in BACKENDS if name != "jax"]
+# The backends whose jobs run as several processes: all of them (fine-tuning; JAX pretrains as one).
+MULTI_PROCESS = list(BACKENDS)
+MULTI_PROCESS_PRETRAINING = [name for name in BACKENDS if backend_info(name).multi_process_pretraining]
 
 
 # --- core: shards, devices, the launcher -----------------------------------------------------------
@@ -181,7 +182,7 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-@pytest.mark.parametrize("backend", MULTI_PROCESS)
+@pytest.mark.parametrize("backend", MULTI_PROCESS_PRETRAINING)
 def test_two_processes_pretrain_what_one_process_pretrains(backend, tmp_path):
     """MLM + NSP means over the whole batch (each rank's share divides by the batch's totals):
     per-step losses equal to rounding, final parameters within 1e-5 (key biases aside, as above)."""
@@ -206,3 +207,12 @@ def test_two_processes_pretrain_what_one_process_pretrains(backend, tmp_path):
     for key in pa:
         if not key.endswith(("W_k.bias", "attention_W_k_bias")):
             np.testing.assert_allclose(pa[key], pb[key], rtol=0, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name not in MULTI_PROCESS_PRETRAINING])
+def test_pretraining_as_several_processes_is_refused_by_name_before_any_starts(backend, tmp_path):
+    job = subprocess.run([sys.executable, "-m", "nlibert.cli", "pretrain", f"--backend={backend}", "--nproc=2",
+                          f"--corpus={tmp_path}", f"--out={tmp_path / 'out'}"], capture_output=True, text=True,
+                         timeout=120)
+    assert job.returncode == 2 and f"--nproc: the {backend} backend pretrains as one process" in job.stderr
+    assert not (tmp_path / "out").exists()

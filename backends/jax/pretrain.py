@@ -33,7 +33,7 @@ from .checkpoint import _flatten, _nest, read_params, write_params
 from .model import _Bound
 from .runtime import _next_key
 from .runtime import make_trainer
-from .train import _learning_rate, _mesh, _pad, _replicate
+from .train import _learning_rate, _mesh, _pad, _place, _replicate
 
 
 def initialize_bert(net: _Bound, devices: Sequence[jax.Device], init: str = "book") -> None:
@@ -166,9 +166,9 @@ def save_training_state(folder: str | os.PathLike, net: _Bound, trainer, step: i
 
 
 def _placed_like(new, old):
-    """`new`'s arrays placed as `old`'s are (one device, or replicated across several)."""
-    return jax.tree_util.tree_map(lambda n, o: jax.device_put(n, o.sharding) if hasattr(o, "sharding") else n,
-                                  new, old)
+    """`new`'s arrays placed as `old`'s are (one device, or replicated across several: a job's
+    processes' too)."""
+    return jax.tree_util.tree_map(lambda n, o: _place(n, o.sharding) if hasattr(o, "sharding") else n, new, old)
 
 
 def load_training_state(folder: str | os.PathLike, files: dict[str, str], net: _Bound, trainer,

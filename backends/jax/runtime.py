@@ -1,9 +1,15 @@
 """What a job needs from the framework besides the model: devices, seeds (and the backend's random
-draws), the book's loss and optimizer."""
+draws), the book's loss and optimizer, and joining a job of several processes (`jax.distributed`)."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import ipaddress
+import itertools
 import os
 import random
+import signal
+import socket
 from typing import Any, Callable
 
 import flax
@@ -19,11 +25,13 @@ from nlibert.core.names import decays
 
 # --- the backend's random draws: JAX has no global generator, so the backend keeps one key ---------
 
-_KEY = [jax.random.PRNGKey(0)]  # `set_seed` resets it; new layers and step objects draw from it
+# `set_seed` resets it; new layers and step objects draw from it. Made at the first draw, not at
+# import: a job of several processes must join `jax.distributed` before JAX starts its devices.
+_KEY: list = [None]
 
 
 def _next_key() -> jax.Array:
-    _KEY[0], key = jax.random.split(_KEY[0])
+    _KEY[0], key = jax.random.split(jax.random.PRNGKey(0) if _KEY[0] is None else _KEY[0])
     return key
 
 
@@ -51,28 +59,76 @@ def parse_devices(spec: str | None) -> list[jax.Device]:
 
 
 def _platform_devices(platform: str) -> list[jax.Device]:
+    """This process's devices of `platform` (in a job of several processes, `jax.devices` lists all)."""
     try:
-        return jax.devices(platform)
+        return jax.local_devices(backend=platform)
     except RuntimeError:  # no such backend in this jaxlib (a CPU-only install has no 'gpu')
         return []
 
 
 def init_distributed(timeout: float = JOIN_TIMEOUT_S) -> World:
-    """One process, always: this backend trains data-parallel over the local devices of one process
-    (`--device cuda:0,cuda:1`, or `cpu:0,cpu:1` under XLA's host device count), with XLA's own
-    all-reduce. A job of several processes (`jax.distributed`) is not built yet: refused by name."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(_ONE_PROCESS)
-    return World()
+    """Join the job `launch_processes` (or any launcher setting torchrun's variables) described in
+    the environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`/`MASTER_PORT`):
+    `jax.distributed`, whose coordinator rank 0 serves at MASTER_ADDR:MASTER_PORT, and XLA's
+    cross-process collectives (gloo over TCP on the CPU, NCCL between GPUs), so that one compiled
+    step spans every process's devices (train.py). `all_sum` and `barrier` go through the
+    coordinator's key-value store: exact float64 sums, no compilation, waits of `timeout` seconds at
+    most. Must come before any JAX computation in the process. Without `WORLD_SIZE` > 1, a job of
+    one process (nothing initialised), data-parallel over its own `--device` list if several."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    from jax._src import distributed, xla_bridge
+    rank, address = int(os.environ["RANK"]), os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if distributed.global_state.client is None:
+        if xla_bridge.backends_are_initialized():
+            raise RuntimeError("init_distributed must come before any JAX computation in the process")
+        jax.distributed.initialize(f"{address}:{os.environ['MASTER_PORT']}", size, rank,
+                                   initialization_timeout=int(timeout))
+        # The CPU client with gloo collectives, listening where the job meets when that is this machine's
+        # loopback (jax's `jax_cpu_enable_gloo_collectives` would bind the host name's address).
+        xla_bridge.register_backend_factory("cpu", functools.partial(_gloo_cpu_client, rank, size, address),
+                                            priority=0, fail_quietly=False)
+        # The coordination client catches SIGTERM (a preemption notice) and carries on; the launcher's
+        # SIGTERM must end the process, as it ends the other backends' workers.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    client, wait_ms = distributed.global_state.client, int(timeout * 1000)
+    sums, barriers = itertools.count(), itertools.count()  # every rank calls each in the same order
+
+    def all_sum(values: np.ndarray) -> np.ndarray:
+        values, call = np.asarray(values, dtype="<f8"), next(sums)
+        client.key_value_set(f"nlibert/sum/{call}/{rank}", values.tobytes().hex())
+        parts = [np.frombuffer(bytes.fromhex(client.blocking_key_value_get(f"nlibert/sum/{call}/{r}", wait_ms)),
+                               "<f8").reshape(values.shape) for r in range(size)]
+        if call:  # every rank has set this call's key, so has read the last call's: drop ours
+            with contextlib.suppress(TypeError):  # jaxlib 0.4.23 deletes, then fails to convert its Status
+                client.key_value_delete(f"nlibert/sum/{call - 1}/{rank}")
+        return functools.reduce(np.add, parts).astype(np.float64)  # rank order: the same sum on every rank
+
+    def barrier() -> None:
+        client.wait_at_barrier(f"nlibert/barrier/{next(barriers)}", wait_ms)
+
+    return World(rank=rank, size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                 all_sum=all_sum, barrier=barrier)
+
+
+def _gloo_cpu_client(rank: int, size: int, address: str):
+    from jax._src import distributed
+    from jax._src.lib import xla_client
+    client = distributed.global_state.client
+    hostname = address if ipaddress.ip_address(socket.gethostbyname(address)).is_loopback else None
+    collectives = xla_client._xla.make_gloo_tcp_collectives(distributed_client=client, hostname=hostname)
+    return xla_client.make_cpu_client(distributed_client=client, node_id=rank, num_nodes=size,
+                                      collectives=collectives)
 
 
 def launch_processes(nproc: int, port: int) -> list[LaunchProcess]:
-    """Refused: see `init_distributed`."""
-    raise ValueError(_ONE_PROCESS)
-
-
-_ONE_PROCESS = ("--nproc: the jax backend runs as one process, data-parallel over that process's devices "
-                "(--device cuda:0,cuda:1); use --backend torch or mxnet for a job of several processes")
+    """The processes of an `nproc`-process job on this machine, as torchrun starts them: one worker
+    per rank, with the environment `init_distributed` reads, meeting at 127.0.0.1:`port`."""
+    common = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(port)}
+    return [LaunchProcess(f"rank {rank}", {**common, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+            for rank in range(nproc)]
 
 
 def set_seed(seed: int) -> None:

@@ -13,6 +13,10 @@ masked columns: the trimmed, length-bucketed batches of the fast path compile a 
 programs, not one per batch, and a padded row changes neither a loss, a gradient nor a count.
 Several devices are data parallel: parameters and optimizer state replicated, every batch
 sharded along its rows (`jax.sharding`), the gradient's mean reduced across devices by XLA.
+A job of several processes (`runtime.init_distributed`, core/distributed.py) is the same program
+over a mesh of every process's device: each process places its rank's shard of every global batch
+(`World.training_shard`, padded to one shape on every rank), XLA's cross-process all-reduce makes the
+gradient the whole batch's, and the step's sums come out already summed over the job.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from nlibert.core.batching import rows
 from nlibert.core.distributed import World
 from nlibert.core.training import EpochRecord, require_devices, train_epochs
 
@@ -61,23 +66,32 @@ def _pad(a: np.ndarray, rows: int, width: int | None = None) -> np.ndarray:
 
 
 def _prepare(features: Sequence, labels, devices: list[jax.Device], max_len: int,
-             micro_batch: int | None = None) -> tuple[jax.Array, ...]:
+             micro_batch: int | None = None, world: World = World()) -> tuple[jax.Array, ...]:
     """A batch as (chunks, rows, ...) arrays on the devices, sharded along the rows: tokens,
     segments, valid lengths (float32, as the book), labels, and weights (1 real, 0 padding).
     Rows are padded to a size from `_padded_size`, a multiple of the device count (of
-    `micro_batch` rows per device, with it); columns up to `_padded_size` (at most `max_len`)."""
+    `micro_batch` rows per device, with it); columns up to `_padded_size` (at most `max_len`).
+    In a `world` of several processes, `devices` are the job's, one per rank, and this process
+    places its rank's rows alone (`World.training_shard`), padded to the per-device rows every
+    rank computes alike from the global batch: the same shapes, and programs, on every rank."""
     tokens, segments, valid_lens = (np.asarray(x) for x in features)
     labels = np.asarray(labels).astype(np.int32)
     n, width = len(labels), tokens.shape[1]
     width = min(_padded_size(width), max_len) if width <= max_len else width  # too wide: the model says so
     ndev = len(devices)
-    chunk = ndev * (micro_batch if micro_batch is not None else -(-_padded_size(n) // ndev))
-    rows = -(-n // chunk) * chunk
-    arrays = [_pad(tokens, rows, width), _pad(segments, rows, width),
-              _pad(valid_lens.astype(np.float32), rows), _pad(labels, rows),
-              _pad(np.ones(n, np.float32), rows)]
+    per_device = micro_batch if micro_batch is not None else -(-_padded_size(n) // ndev)
+    chunks = -(-n // (ndev * per_device))
+    start, stop = world.training_shard(n) if world.size > 1 else (0, n)
+    placed = chunks * per_device * (ndev if world.size == 1 else 1)  # the rows this process places
+    arrays = [_pad(tokens[start:stop], placed, width), _pad(segments[start:stop], placed, width),
+              _pad(valid_lens[start:stop].astype(np.float32), placed), _pad(labels[start:stop], placed),
+              _pad(np.ones(stop - start, np.float32), placed)]
     sharding = NamedSharding(_mesh(tuple(devices)), PartitionSpec(None, "data"))
-    return tuple(jax.device_put(a.reshape(rows // chunk, chunk, *a.shape[1:]), sharding) for a in arrays)
+    if world.size == 1:
+        return tuple(jax.device_put(a.reshape(chunks, -1, *a.shape[1:]), sharding) for a in arrays)
+    return tuple(jax.make_array_from_single_device_arrays(
+        (chunks, ndev * per_device, *a.shape[1:]), sharding,
+        [jax.device_put(a.reshape(chunks, per_device, *a.shape[1:]), devices[world.rank])]) for a in arrays)
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,8 +100,54 @@ def _mesh(devices: tuple[jax.Device, ...]) -> Mesh:
 
 
 def _replicate(tree, devices: list[jax.Device]):
-    """Parameters (or optimizer state) copied to every device."""
-    return jax.device_put(tree, NamedSharding(_mesh(tuple(devices)), PartitionSpec()))
+    """Parameters (or optimizer state) copied to every device (in a job of several processes, to
+    every rank's: arrays there already are left as they are)."""
+    sharding = NamedSharding(_mesh(tuple(devices)), PartitionSpec())
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+    return jax.tree_util.tree_map(lambda a: a if getattr(a, "sharding", None) == sharding else _place(a, sharding),
+                                  tree)
+
+
+def _place(value, sharding: jax.sharding.Sharding) -> jax.Array:
+    """`value` (an array, or a replicated array of another placement) placed as `sharding` says,
+    also where that spans other processes' devices (which `jax.device_put` refuses): this process
+    places its devices' parts, and every process must hold the same `value`."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _local(tree):
+    """This process's copy of replicated arrays (what it can compute with alone)."""
+    return jax.tree_util.tree_map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, tree)
+
+
+def _job_devices(device: jax.Device, world: World) -> list[jax.Device]:
+    """The device of every rank of `world`, in rank order (`device` is this rank's): the job's mesh.
+    Its `all_sum` also brings the ranks together before their first collective over it, which XLA's
+    CPU runtime gives 30 s to meet."""
+    ids = np.zeros(world.size)
+    ids[world.rank] = device.id
+    by_id = {d.id: d for d in jax.devices()}
+    return [by_id[int(i)] for i in world.all_sum(ids)]
+
+
+def _from_rank_0(tree, devices: list[jax.Device], world: World):
+    """Rank 0's arrays of `tree` (every rank has one of the same shapes), replicated on the job's
+    `devices`. One collective over one device per process: a collective over several devices of
+    each process (`multihost_utils.broadcast_one_to_all`'s) can deadlock XLA's CPU runtime."""
+    rows = NamedSharding(_mesh(tuple(devices)), PartitionSpec("data"))
+    stacked = jax.tree_util.tree_map(lambda a: jax.make_array_from_single_device_arrays(
+        (world.size, *np.shape(a)), rows, [jax.device_put(np.asarray(a)[None], devices[world.rank])]), tree)
+    return _first_rows(tuple(devices))(stacked)
+
+
+@functools.lru_cache(maxsize=None)
+def _first_rows(devices: tuple[jax.Device, ...]) -> Callable:
+    return jax.jit(lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree),
+                   out_shardings=NamedSharding(_mesh(devices), PartitionSpec()))
 
 
 def split_batch_multi_inputs(X: Sequence, y, devices: Sequence[jax.Device]
@@ -116,22 +176,36 @@ def evaluate_accuracy(net: _Bound, data_iter: Iterable, devices: Sequence[jax.De
     """Accuracy over `data_iter` with dropout off; each batch sharded across `devices` (`split_f`
     is accepted as the MXNet book's and not called). Counts stay on the device until the end."""
     devices = require_devices(devices)
-    count, params = _eval_function(net.module), _replicate(net.params, devices)
-    correct, total = [], 0
+    correct, total = _count_correct(net, _replicate(net.params, devices), data_iter, devices, World())
+    return correct / total if total else float("nan")
+
+
+def _count_correct(net: _Bound, params, data_iter: Iterable, devices: list[jax.Device],
+                   world: World) -> tuple[float, float]:
+    """(number correct, number of examples) over `data_iter`, summed over the ranks of `world`, each
+    of which computes its shard of every batch on its own `devices` (no collective per batch)."""
+    count, correct, total = _eval_function(net.module), [], 0
     for features, labels in data_iter:
-        correct.append(count(params, *_prepare(features, labels, devices, net.config.max_len)))
-        total += len(labels)
-    return float(np.sum(np.asarray(jnp.stack(correct), np.float64))) / total if total else float("nan")
+        start, stop = world.shard(len(labels))
+        if stop > start:
+            correct.append(count(params, *_prepare(rows(features, start, stop), np.asarray(labels)[start:stop], devices,
+                                                   net.config.max_len)))
+            total += stop - start
+    correct = float(np.sum(np.asarray(jnp.stack(correct), np.float64))) if correct else 0.0
+    correct, total = world.all_sum(np.array([correct, total], dtype=np.float64))
+    return float(correct), float(total)
 
 
 @functools.lru_cache(maxsize=None)
 def _train_function(module, loss: Callable, tx: optax.GradientTransformation, donate: bool,
-                    max_grad_norm: float | None = None) -> Callable:
+                    max_grad_norm: float | None = None, job: tuple[jax.Device, ...] | None = None) -> Callable:
     """Compiled: one optimizer step on a prepared batch. Each chunk's gradient of its summed loss is
     added up (`lax.scan`: one chunk's activations alive at a time), divided by the number of real
     rows (the JAX book's mean loss), clipped to a global norm of `max_grad_norm` if given
     (`optax.clip_by_global_norm`), and applied by `tx`; returns the new parameters and state and
-    the loss sum and number correct, as device scalars."""
+    the loss sum and number correct, as device scalars. For the devices of a `job` of several
+    processes, the key is one per rank (rows of a (ranks, 2) array; the step draws from rank 0's,
+    a one-process run's) and every output is replicated on every rank's device."""
     # Clipping keeps no state: applied to the gradient here, the trainer's state stays `tx`'s alone.
     clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm is not None else None
     def chunk_gradient(params, key, tokens, segments, valid_lens, labels, weights):
@@ -143,7 +217,7 @@ def _train_function(module, loss: Callable, tx: optax.GradientTransformation, do
         return grads, sums
 
     def step(params, opt_state, key, tokens, segments, valid_lens, labels, weights):
-        keys = jax.random.split(key, tokens.shape[0])
+        keys = jax.random.split(key if key.ndim == 1 else key[0], tokens.shape[0])
         if tokens.shape[0] == 1:
             grads, (loss_sum, correct) = chunk_gradient(params, keys[0], tokens[0], segments[0], valid_lens[0],
                                                         labels[0], weights[0])
@@ -162,7 +236,10 @@ def _train_function(module, loss: Callable, tx: optax.GradientTransformation, do
 
     # Donated buffers are reused for the new parameters (no second copy in device memory); the CPU
     # runtime cannot donate and would warn on every step.
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    if job is None:
+        return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    replicated = NamedSharding(_mesh(job), PartitionSpec())
+    return jax.jit(step, donate_argnums=(0, 1) if donate else (), out_shardings=replicated)
 
 
 class _Sums:
@@ -179,8 +256,8 @@ class _Sums:
     def __radd__(self, other: "_Sums | int") -> "_Sums":
         return self if isinstance(other, int) and other == 0 else _Sums(other.parts + self.parts)  # sum()'s 0
 
-    def total(self) -> float:
-        return float(np.sum(np.asarray(jnp.stack(self.parts), np.float64)))
+    def total(self) -> float:  # this process's copy: a job's step sums are replicated on every rank's device
+        return float(np.sum(np.asarray(jnp.stack([p.addressable_data(0) for p in self.parts]), np.float64)))
 
 
 def _read(sums: tuple[_Sums, _Sums]) -> tuple[float, float]:
@@ -204,7 +281,10 @@ class FinetuneStep:
     """core/training.py's step: the net's parameters and the trainer's state replicated on `devices`,
     each call one compiled step of `train_batch_ch13`'s with the sums left on the device. `split_f`
     is accepted as the MXNet book's argument and not called (batches are sharded); `graph` is
-    accepted for symmetry (every step is a compiled XLA program already)."""
+    accepted for symmetry (every step is a compiled XLA program already). In a `world` of several
+    processes (`init_distributed`), this process drives its one device of a mesh of every rank's:
+    rank 0's parameters and optimizer state replicated on all of them, each call places this rank's
+    shard of the global batch, and the step's sums (`read`) and `evaluate` are the whole job's."""
 
     def __init__(self, net: _Bound, loss: Callable, trainer, devices: Sequence[jax.Device],
                  split_f: Callable | None = None, *, precision: str = "float32", graph: bool = False,
@@ -212,19 +292,31 @@ class FinetuneStep:
                  world: World | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not supported by the JAX backend: use one of {PRECISIONS}")
-        if world is not None and world.size > 1:
-            raise ValueError("the JAX backend trains as one process (runtime.init_distributed)")
         self.devices = require_devices(devices)
-        self.net, self.trainer, self.micro_batch = net, trainer, micro_batch
-        net.params = _replicate(net.params, self.devices)
-        trainer.state = _replicate(trainer.state, self.devices)
+        self.net, self.trainer, self.micro_batch, self.world = net, trainer, micro_batch, world or World()
+        self.mesh_devices = self.devices  # those the step's program spans: the job's, one per rank
+        if self.world.size > 1:
+            if len(self.devices) > 1:
+                raise ValueError(f"a process of a distributed job drives one device, got {len(self.devices)}")
+            self.mesh_devices = _job_devices(self.devices[0], self.world)
+            # Every rank starts from rank 0's parameters and state (as DDP broadcasts them).
+            net.params, trainer.state = _from_rank_0((net.params, trainer.state), self.mesh_devices, self.world)
+        net.params = _replicate(net.params, self.mesh_devices)
+        trainer.state = _replicate(trainer.state, self.mesh_devices)
         donate = self.devices[0].platform != "cpu"
-        self.train = _train_function(net.module, loss, trainer.tx, donate, max_grad_norm)
+        self.train = _train_function(net.module, loss, trainer.tx, donate, max_grad_norm,
+                                     tuple(self.mesh_devices) if self.world.size > 1 else None)
         self.key = _next_key()  # dropout keys: from the backend's generator (`set_seed`), new for every step object
 
     def __call__(self, features, labels) -> tuple[_Sums, _Sums]:
-        batch = _prepare(features, labels, self.devices, self.net.config.max_len, self.micro_batch)
+        batch = _prepare(features, labels, self.mesh_devices, self.net.config.max_len, self.micro_batch, self.world)
         self.key, key = jax.random.split(self.key)
+        if self.world.size > 1:  # each rank's key, one row each; what a restore or a new rate left on this device
+            key = jax.make_array_from_single_device_arrays(
+                (self.world.size, *key.shape), NamedSharding(_mesh(tuple(self.mesh_devices)), PartitionSpec("data")),
+                [jax.device_put(key[None], self.devices[0])])
+            self.net.params = _replicate(self.net.params, self.mesh_devices)
+            self.trainer.state = _replicate(self.trainer.state, self.mesh_devices)
         self.net.params, self.trainer.state, loss_sum, correct = self.train(
             self.net.params, self.trainer.state, key, *batch)
         return _Sums([loss_sum]), _Sums([correct])
@@ -232,10 +324,13 @@ class FinetuneStep:
     learning_rate = _learning_rate
 
     def read(self, sums: tuple[_Sums, _Sums]) -> tuple[float, float]:
-        return _read(sums)
+        return _read(sums)  # a job's: the step's program summed them over every rank's rows
 
     def evaluate(self, data_iter: Iterable) -> float:
-        return evaluate_accuracy(self.net, data_iter, self.devices)
+        if self.world.size == 1:
+            return evaluate_accuracy(self.net, data_iter, self.devices)
+        correct, total = _count_correct(self.net, _local(self.net.params), data_iter, self.devices, self.world)
+        return correct / total if total else float("nan")
 
     def reseed(self, seed: int) -> None:
         self.key = jax.random.PRNGKey(seed)
