@@ -112,6 +112,16 @@ class LaunchProcess:
     argv: tuple | None = None
 
 
+def rank_processes(nproc: int, port: int, **env: str) -> list[LaunchProcess]:
+    """One worker per rank with the environment torchrun gives its workers (`RANK`, `WORLD_SIZE`,
+    `LOCAL_RANK`, `MASTER_ADDR`/`MASTER_PORT`, here 127.0.0.1:`port`), plus `env`: how torch and
+    JAX jobs meet on one machine (`launch_processes`)."""
+    common = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(port), **env}
+    return [LaunchProcess(f"rank {rank}", {**common, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+            for rank in range(nproc)]
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (chosen at run time; the job binds it a moment later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

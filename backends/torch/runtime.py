@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nlibert.core.distributed import JOIN_TIMEOUT_S, LaunchProcess, World
+from nlibert.core.distributed import JOIN_TIMEOUT_S, LaunchProcess, World, rank_processes
 from nlibert.core.names import decays
 
 
@@ -57,10 +57,7 @@ def init_distributed(timeout: float = JOIN_TIMEOUT_S) -> World:
 def launch_processes(nproc: int, port: int) -> list[LaunchProcess]:
     """The processes of an `nproc`-process job on this machine, as torchrun starts them: one worker
     per rank, with the environment `init_distributed` reads, meeting at 127.0.0.1:`port`."""
-    common = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
-              "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-    return [LaunchProcess(f"rank {rank}", {**common, "RANK": str(rank), "LOCAL_RANK": str(rank)})
-            for rank in range(nproc)]
+    return rank_processes(nproc, port, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
 
 
 def set_seed(seed: int) -> None:
