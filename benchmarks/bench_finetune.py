@@ -89,11 +89,12 @@ def launch_job(spec) -> int:
     return launch([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], processes)
 
 
-def run_scaling(args, base: dict, backends: list[str]) -> dict:
+def run_scaling(args, base: dict, backends: list[str], paths: list[str]) -> dict:
     """`--nproc N`: each path on one process (one device) and as a job of N processes (one device
     each: torch's DistributedDataParallel, MXNet's dist_sync kvstore), plus the book's own way to
     use several GPUs, one process driving them all (DataParallel, split_and_load), when --device
-    lists several; examples/sec and the scaling efficiency, rate / (devices x one-device rate)."""
+    lists several; examples/sec and the scaling efficiency, rate / (devices x one-device rate).
+    `paths`: those of book and fast that --variants names."""
     devices = [d.strip() for d in args.device.split(",")]
     gpus = [d for d in devices if not d.startswith("cpu")]
     threads = args.threads if gpus else max(1, args.threads // args.nproc)  # CPU processes share the cores
@@ -110,7 +111,7 @@ def run_scaling(args, base: dict, backends: list[str]) -> dict:
             print(f"{'jax':8s} (its jobs of several processes are not measured here yet)")
             continue
         report[backend] = {}
-        for variant in ("book", "fast"):
+        for variant in paths:
             steps = args.book_steps if variant == "book" else args.steps
             spec = dict(base, kind="train", backend=backend, variant=variant, steps=steps,
                         warmup=1 if variant == "book" else args.warmup)
@@ -264,7 +265,7 @@ def main(argv=None):
         report["backends"][backend] = {"peaks": peaks, "variants": summary}
     print_overview(report["backends"], args)
     if args.nproc:
-        report["scaling"] = run_scaling(args, base, backends)
+        report["scaling"] = run_scaling(args, base, backends, [v for v in ("book", "fast") if v in variants])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
