@@ -203,14 +203,15 @@ def child_jax(spec):
 
     from nlibert.backends import jax as backend
     from nlibert.backends.jax.train import _prepare  # pads a batch to the shape the step compiles for
+    world = backend.init_distributed()  # --nproc: one rank of a jax.distributed job (before any JAX work)
     padding, fused, loop, precision, graph, cls_only = VARIANTS[spec["variant"]]
     if precision != "float32":
         return {"skipped": "the JAX backend trains in float32 only"}
-    devices, arrays, labels, vocab, bert = _data_and_bert(backend, spec, fused)
+    devices, arrays, labels, vocab, bert = _data_and_bert(backend, spec, fused, world)
     net = backend.BERTClassifier(bert, cls_only=cls_only)
     backend.initialize_classifier_head(net, devices)
     loss, trainer = backend.make_loss(), backend.make_trainer(net, 1e-4)
-    finetune_step = backend.FinetuneStep(net, loss, trainer, devices)
+    finetune_step = backend.FinetuneStep(net, loss, trainer, devices, world=world)
     batch_list = list(_iterator(arrays, labels, spec["batch_size"], padding, spec["seed"], spec["warmup"],
                                 spec["steps"]))
     step, finish = _step_and_finish(finetune_step, loop)
@@ -220,7 +221,7 @@ def child_jax(spec):
         timed steps will see, so that the figure is the steady state; returns the seconds it took."""
         start, seen = time.perf_counter(), set()
         for features, y in batch_list:
-            shape = _prepare(features, y, devices, BERT_SMALL["max_len"])[0].shape
+            shape = _prepare(features, y, finetune_step.mesh_devices, BERT_SMALL["max_len"], None, world)[0].shape
             if shape not in seen:
                 seen.add(shape)
                 finetune_step.read(finetune_step(features, y))
@@ -240,7 +241,7 @@ def child_jax(spec):
     result["devices"] = str(devices)
     result["num_devices"] = len(devices) if gpu else 1  # CPU devices share the same cores
     result["threads"] = os.cpu_count()
-    return result
+    return _from_main(result, world)
 
 
 def child_peak(spec):

@@ -24,8 +24,9 @@ and "x book" is the fast path's examples/sec over the book path's, PASS at 10x o
 
 `--nproc N` then times each path (book and fast, same global batch) on one process and one device,
 as a job of N processes with one device each (torch's DistributedDataParallel, MXNet's dist_sync
-kvstore; started as `nlibert --nproc` starts them, on 127.0.0.1), and, when --device lists several
-GPUs, as the book's one process driving them all (DataParallel / split_and_load). Scaling
+kvstore, jax.distributed; started as `nlibert --nproc` starts them, on 127.0.0.1), and, when
+--device lists several GPUs, as the book's one process driving them all (DataParallel /
+split_and_load; JAX's one process shards over them). Scaling
 efficiency = examples/sec / (devices x the one-device examples/sec). On a CPU the processes share
 the same cores: the figure is a smoke test of the path, not a result.
 
@@ -91,8 +92,8 @@ def launch_job(spec) -> int:
 
 def run_scaling(args, base: dict, backends: list[str], paths: list[str]) -> dict:
     """`--nproc N`: each path on one process (one device) and as a job of N processes (one device
-    each: torch's DistributedDataParallel, MXNet's dist_sync kvstore), plus the book's own way to
-    use several GPUs, one process driving them all (DataParallel, split_and_load), when --device
+    each: torch's DistributedDataParallel, MXNet's dist_sync kvstore, jax.distributed), plus the
+    book's own way to use several GPUs, one process driving them all (DataParallel, split_and_load), when --device
     lists several; examples/sec and the scaling efficiency, rate / (devices x one-device rate).
     `paths`: those of book and fast that --variants names."""
     devices = [d.strip() for d in args.device.split(",")]
@@ -107,9 +108,6 @@ def run_scaling(args, base: dict, backends: list[str], paths: list[str]) -> dict
     print(header)
     print("-" * len(header))
     for backend in backends:
-        if backend == "jax":
-            print(f"{'jax':8s} (its jobs of several processes are not measured here yet)")
-            continue
         report[backend] = {}
         for variant in paths:
             steps = args.book_steps if variant == "book" else args.steps
