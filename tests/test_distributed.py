@@ -216,3 +216,17 @@ def test_pretraining_as_several_processes_is_refused_by_name_before_any_starts(b
                          timeout=120)
     assert job.returncode == 2 and f"--nproc: the {backend} backend pretrains as one process" in job.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gpu_list_is_one_process_per_gpu_in_torch_fast_mode_only():
+    """`--device cuda:0,cuda:1`: DDP processes in fast mode where the backend trains GPUs that way
+    (the registry's `process_per_device`), the book's one process driving them all in book mode."""
+    gpus = FinetuneSettings(device="cuda:0,cuda:1")
+    assert gpus.processes(backend_info("torch").process_per_device) == 2
+    assert gpus.replace(mode="book").processes(True) == 1
+    assert gpus.processes(backend_info("mxnet").process_per_device) == 1  # split_and_load, unless --nproc
+    assert FinetuneSettings(device="cpu").processes(True) == 1
+    assert gpus.replace(nproc=3).processes(False) == 3
+    assert PretrainSettings(mode="fast", device="cuda:0,cuda:1").processes(True) == 2
+    with pytest.raises(ValueError, match="--nproc must be a positive integer"):
+        FinetuneSettings(nproc=0)
