@@ -174,7 +174,7 @@ def _stop(procs: Sequence[tuple[LaunchProcess, subprocess.Popen]], grace_s: floa
     (helper processes such as MXNet's server usually end on their own once the workers have)."""
     deadline = time.monotonic() + grace_s
     for _, proc in procs:
-        if proc.poll() is None and proc.returncode is None:
+        if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
     for _, proc in procs:

@@ -121,10 +121,14 @@ class BatchTotals:
         return mlm, nsp, mlm + nsp
 
 
-def shard_of(batch: Sequence, world: Any) -> list:
-    """This rank's rows (`world.training_shard`, a core.distributed.World) of every array of a batch."""
+def share_of(batch: Sequence, world: Any) -> tuple[Sequence, BatchTotals | None]:
+    """What a rank of `world` (a core.distributed.World) computes of a book 7-tuple batch: its rows
+    (`world.training_shard`) and the whole batch's `BatchTotals` its means divide by; in a job of one
+    process, the batch itself and None (the plain means)."""
+    if world.size == 1:
+        return batch, None
     start, stop = world.training_shard(len(batch[0]))
-    return [x[start:stop] for x in batch]
+    return [x[start:stop] for x in batch], BatchTotals.of(batch)
 
 
 class PretrainStep(Protocol):

@@ -25,7 +25,7 @@ from mxnet import autograd, gluon, np, npx
 from nlibert.core.distributed import World
 from nlibert.core.io import atomic_path, atomic_write
 from nlibert.core.pretraining import (BatchTotals, StepRecord, check_init, check_mlm_loss, format_pretrain_summary,
-                                      scheduled_lr, shard_of, train_steps)
+                                      scheduled_lr, share_of, train_steps)
 from nlibert.core.resume import step_file
 from nlibert.core.training import require_devices
 
@@ -104,9 +104,7 @@ class PretrainStep:
     learning_rate = _learning_rate
 
     def load(self, batch: Sequence) -> list[list[np.ndarray]]:
-        if self.world.size > 1:  # this rank's shard, and the whole batch's totals its means divide by
-            self._totals = BatchTotals.of(batch)
-            batch = shard_of(batch, self.world)
+        batch, self._totals = share_of(batch, self.world)  # in a job: this rank's rows, the batch's totals
         if len(batch[0]) < len(self.devices):
             # A device without a shard would keep last step's gradient, which the trainer still sums.
             raise ValueError(f"a batch of {len(batch[0])} sentence pairs cannot be split across "

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nlibert.core.distributed import World
 from nlibert.core.io import atomic_write
 from nlibert.core.pretraining import (BatchTotals, StepRecord, check_init, check_mlm_loss, format_pretrain_summary,
-                                      scheduled_lr, shard_of, train_steps)
+                                      scheduled_lr, share_of, train_steps)
 from nlibert.core.resume import step_file
 from nlibert.core.training import require_devices
 
@@ -108,9 +108,7 @@ class PretrainStep:
     learning_rate = _learning_rate
 
     def load(self, batch: Sequence) -> list[torch.Tensor]:
-        if self.world.size > 1:  # this rank's shard, and the whole batch's totals its means divide by
-            self._totals = BatchTotals.of(batch)
-            batch = shard_of(batch, self.world)
+        batch, self._totals = share_of(batch, self.world)  # in a job: this rank's rows, the batch's totals
         return [torch.as_tensor(x).to(self.devices[0], non_blocking=True) for x in batch]
 
     def __call__(self, inputs: list[torch.Tensor]) -> tuple[float, float]:

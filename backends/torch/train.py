@@ -191,9 +191,9 @@ class FinetuneStep:
         return float(loss_sum), float(correct)
 
     def evaluate(self, data_iter: Iterable) -> float:
-        if self.world.size == 1:
-            return evaluate_accuracy(self.model, data_iter, self.devices)
-        correct, total = _count_correct(self.net, data_iter, self.devices[0], self.world)  # DDP's module
+        # DDP's module itself (evaluating needs no gradient sync); DataParallel splits the batches.
+        net = self.net if self.world.size > 1 else self.model
+        correct, total = _count_correct(net, data_iter, self.devices[0], self.world)
         return correct / total if total else float("nan")
 
     def reseed(self, seed: int) -> None:
