@@ -11,7 +11,7 @@ import sys
 import traceback
 
 from .backends import BACKENDS, REGISTRY, backend_info
-from .core.distributed import LAUNCHED_ENV
+from .core.distributed import LAUNCHED_ENV, USER_ERROR_EXIT
 from .core.data_hub import DownloadError
 from .core.settings import (FINETUNE_MODES, HUB_DATA, INIT_SCHEMES, LR_DECAYS, LR_SCHEDULES, MLM_LOSSES, OPTIMIZERS,
                             PARITY_TOLERANCE, PRECISIONS, PRETRAIN_MODES, TASKS, EvaluateSettings, FinetuneSettings, PredictSettings,
@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         print(f"nlibert: error: {message}; see `{self.prog} --help`", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USER_ERROR_EXIT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,7 +331,7 @@ def _main(argv: list[str] | None) -> int:
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
         print(f"nlibert: error: {message}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
     return 0
 
 

@@ -32,6 +32,8 @@ import numpy as np
 
 # Set in the processes `launch` starts, so that their own `--nproc` does not launch again.
 LAUNCHED_ENV = "NLIBERT_LAUNCHED"
+# The exit code of a user's mistake (`nlibert: error: ...`, cli.py), passed on by `launch`.
+USER_ERROR_EXIT = 2
 # How long a process waits for the others to join (or for a collective) before it gives up.
 JOIN_TIMEOUT_S = 1800.0  # torch.distributed's own default: rank 0 may pack a large dataset first
 
@@ -142,7 +144,8 @@ def launch(command: Sequence[str], processes: Sequence[LaunchProcess], poll_s: f
     is killed), the others are stopped and the job ends with that error; nothing waits on a dead
     peer. The error named is the first process's to end (one waiting thread each): a peer that a
     dead process's broken connection ends a moment later (JAX's workers abort then) is not taken
-    for the cause. Returns 0 when every worker succeeded."""
+    for the cause. Returns 0 when every worker succeeded; a process's `USER_ERROR_EXIT` (its own
+    message printed) is the job's, with every process stopped."""
     procs: list[tuple[LaunchProcess, subprocess.Popen]] = []
     ended: queue.Queue = queue.Queue()  # (process, exit code), in the order they end
     workers = sum(p.argv is None for p in processes)
@@ -158,10 +161,12 @@ def launch(command: Sequence[str], processes: Sequence[LaunchProcess], poll_s: f
                 p, code = ended.get(timeout=poll_s)
             except queue.Empty:
                 continue
+            if code == USER_ERROR_EXIT:  # the process has printed the user's mistake (cli.py): the job's
+                return code
             if code != 0:
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                 print(f"nlibert: error: the {p.role} process {how}; stopped the job's other processes. "
-                      "A checkpoint in OUT/resume is kept: run the same command to resume", file=sys.stderr)
+                      "Any checkpoint in OUT/resume is kept: run the same command to resume", file=sys.stderr)
                 return 1
             workers -= p.argv is None
         return 0

@@ -69,6 +69,16 @@ def test_launch_stops_every_process_when_one_fails_and_reports_it(capsys):
     assert "the rank 1 process exited with code 3" in capsys.readouterr().err
 
 
+def test_a_users_mistake_in_a_process_is_the_jobs_exit_2_with_that_process_message_alone(capsys):
+    sleeper = LaunchProcess("helper", {}, (sys.executable, "-c", "import time; time.sleep(60)"))
+    mistake = LaunchProcess("rank 1", {}, (sys.executable, "-c", "import sys; sys.exit(2)"))
+    start = time.monotonic()
+    code = launch([sys.executable, "-c", "import time; time.sleep(60)"],
+                  [sleeper, mistake, LaunchProcess("rank 0", {}, None)], grace_s=5)
+    assert code == 2 and time.monotonic() - start < 30
+    assert "stopped the job's other processes" not in capsys.readouterr().err  # the process said what was wrong
+
+
 # --- jobs of two processes --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
