@@ -12,10 +12,10 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import installed_backends, load_backend
-from .core.folders import CONFIG_FILE, HUGGING_FACE, VOCAB_FILE, read_checkpoint_config, resolve_checkpoint
+from .backends import installed_backends, load_backend, read_params_in
+from .core.folders import CONFIG_FILE, HUGGING_FACE, VOCAB_FILE, folder_config, resolve_checkpoint
 from .core.io import temp_folder_beside, write_json
-from .core.names import convert_params
+from .core.names import from_canonical, to_canonical
 from .core.packing import pack_pairs
 from .core.sample import write_sample_snli
 from .core.settings import PARITY_TOLERANCE
@@ -60,13 +60,12 @@ def _convert_into(source, target: ModuleType, to: str, src: str, folder: str) ->
                                                    target.parse_devices("cpu"))
         target.save_pretrained(bert, vocab, folder)
         return
-    params = load_backend(source.format).read_params(source.params_path)
-    params = convert_params(params, source.format, to, source=source.params_path)
+    params = to_canonical(read_params_in(source.params_path, source.format), source.format, source.params_path)
     shutil.copyfile(os.path.join(source.folder, VOCAB_FILE), os.path.join(folder, VOCAB_FILE))
-    config = read_checkpoint_config(source.folder)
-    if config is not None:
-        write_json(os.path.join(folder, CONFIG_FILE), dict(config, format=to))
-    target.write_params(params, os.path.join(folder, os.path.basename(source.params_path)))  # last
+    # Always a config.json, also for the book's folders (none): the copy says its format and sizes.
+    write_json(os.path.join(folder, CONFIG_FILE), dict(folder_config(source, params), format=to))
+    target.write_params(from_canonical(params, to, source.params_path),
+                        os.path.join(folder, os.path.basename(source.params_path)))  # last
 
 
 def _parity_inputs(vocab, data_file: str | None, num_pairs: int, max_len: int, seed: int, tmp: str) -> tuple:
@@ -103,8 +102,8 @@ def run_parity(checkpoint: str, data_file: str | None = None, tolerance: float =
     `encoded_X` at the valid positions (the padded ones are reported too), the MLM and NSP logits or
     the classifier's. It passes when each is within `tolerance` times the output's scale,
     max(1, max |value|): float32 rounding grows with the size of the values compared.
-    A book-layout checkpoint reaches the others by `run_convert`; a Hugging Face folder (or
-    'minilm-l6') is read by each directly and compared on the encoder output only."""
+    Every backend reads the folder directly, whatever its format (the book's folders without
+    config.json too); a Hugging Face folder (or 'minilm-l6') is compared on the encoder output only."""
     names = installed_backends()
     if len(names) < 2:
         raise ValueError(f"parity needs two installed backends; installed: {', '.join(names) or 'none'}")
@@ -123,9 +122,8 @@ def run_parity(checkpoint: str, data_file: str | None = None, tolerance: float =
 
     with tempfile.TemporaryDirectory() as tmp:
         expected = _outputs(load_backend(reference), source.folder, source.kind, hugging_face, make_inputs)
-        found = {name: _outputs(load_backend(name), source.folder if hugging_face else
-                                run_convert(source.folder, os.path.join(tmp, name), name),
-                                source.kind, hugging_face, make_inputs) for name in others}
+        found = {name: _outputs(load_backend(name), source.folder, source.kind, hugging_face, make_inputs)
+                 for name in others}
     ids, _, valid_lens, _ = inputs[0]
     valid = np.arange(ids.shape[1])[None, :] < valid_lens[:, None]
     report.update(num_pairs=int(len(valid_lens)), max_abs_diff={}, scale={}, label_agreement={})

@@ -33,7 +33,7 @@ from .core.resume import ResumeFolder, open_resume, output_lock
 from .core.progress import Progress
 from .core.settings import FinetuneSettings, PretrainSettings
 from .core.sources import FinetuneSource, finetune_source, packed_cache_dir, wiki_source
-from .core.training import LoopState, TrainingDiverged, train_epochs
+from .core.training import LoopState, TrainingDiverged, purpose_seed, train_epochs
 from .core.vocab import RESERVED_TOKENS, Vocab, tokenize
 from .core.wiki import WikiBatchIterator, WikiTextDataset, read_wiki_files
 from .convert import run_convert, run_parity  # noqa: F401  the CLI's and the tests' jobs.run_convert / run_parity
@@ -175,6 +175,10 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
 
     if fast:
         backend.set_fused_attention(bert, True)
+    # The head's own seed (torch and JAX draw it as the classifier is built, MXNet as it is
+    # initialised): the draws before differ between a first run, which builds a seeded checkpoint,
+    # and a rerun into the same OUT, which finds it built.
+    backend.set_seed(purpose_seed(settings.seed, "classifier-head"))
     net = backend.BERTClassifier(bert, cls_only=fast, num_classes=len(source.label_names))
     backend.initialize_classifier_head(net, devices)
     trainer = backend.make_trainer(net, settings.lr, fused=fast, optimizer=settings.optimizer,

@@ -63,3 +63,14 @@ def load_backend(name: str) -> ModuleType:
     if not is_installed(name):
         raise ModuleNotFoundError(f"the {name} backend needs {info.requirement}: pip install {info.requirement}")
     return importlib.import_module(info.module)
+
+
+def read_params_in(path: str, fmt: str) -> dict:
+    """The tensors of a params file in backend `fmt`'s format, keyed by that format's names, read by
+    that backend's own reader: how every backend reads every format (a torch backend given the
+    book's MXNet folder reads it through MXNet). The format's framework must be installed."""
+    info = backend_info(fmt)
+    if not is_installed(fmt):
+        raise ModuleNotFoundError(f"{path}: a {fmt}-format parameter file; reading it needs {info.requirement}: "
+                                  f"pip install {info.requirement} (or convert it where {fmt} is installed)")
+    return load_backend(fmt).read_params(path)

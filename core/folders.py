@@ -22,7 +22,7 @@ from .config import BERTConfig
 from .hf import (HF_WEIGHT_FILES, PACKAGED_CHECKPOINTS, hf_weights_path, is_hf_folder, load_hf_checkpoint,
                  resolve_packaged_checkpoint)
 from .io import read_json
-from .names import check_shapes, format_key, infer_config, to_canonical
+from .names import check_shapes, convert_params, format_key, infer_config, to_canonical
 from .snli import LABEL_NAMES
 
 VOCAB_FILE = "vocab.json"
@@ -31,13 +31,21 @@ PARAMS_FILES = {"pretrained": "pretrained.params", "classifier": "classifier.par
 PRETRAINED_FILE, CLASSIFIER_FILE = PARAMS_FILES["pretrained"], PARAMS_FILES["classifier"]
 HUGGING_FACE = "huggingface"
 
-# The book's two checkpoint formats, told apart by their params file's first bytes when a folder
-# has no config.json: `torch.save` writes a zip, MXNet's `npx.save` an NDArray list (magic 0x112).
-_BOOK_MAGIC = {"torch": b"PK", "mxnet": (0x112).to_bytes(8, "little")}
+# The params formats, told apart by their file's first bytes when a folder has no config.json (the
+# book's own folders never have one): `torch.save` writes a zip ('PK'), MXNet's `npx.save` /
+# `save_parameters` an NDArray list (magic 0x112, 8 bytes little-endian), and the JAX backend's Flax
+# `to_bytes` a msgpack map (fixmap 0x80-0x8f, map16 0xde, map32 0xdf).
+_MSGPACK_MAPS = tuple(bytes([b]) for b in (*range(0x80, 0x90), 0xDE, 0xDF))
+FORMAT_MAGIC = {"torch": (b"PK",), "mxnet": ((0x112).to_bytes(8, "little"),), "jax": _MSGPACK_MAPS}
 # The book's data-hub archives of its pretrained BERTs (d2l's chapter defines them): the torch
-# ones carry a '.torch' suffix. core/data_hub.py holds their URLs and sha1 sums.
+# ones carry a '.torch' suffix. core/data_hub.py holds their URLs and sha1 sums. A backend whose
+# framework the book publishes no checkpoint for (JAX) reads the torch archive.
 HUB_NAMES = {"torch": {"bert.small": "bert.small.torch", "bert.base": "bert.base.torch"},
              "mxnet": {"bert.small": "bert.small", "bert.base": "bert.base"}}
+HUB_FALLBACK = "torch"
+# How a backend reads a params file of any format: (path, format) -> {name in that format: array}.
+# The registry's `read_params_in` (backends/__init__.py) is the one; core never imports a framework.
+ParamsReader = Callable[[str, str], Mapping[str, np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +103,14 @@ def read_checkpoint_config(folder: str | os.PathLike) -> dict | None:
 
 
 def sniff_params_format(path: str | os.PathLike) -> str:
-    """The book format ('torch' or 'mxnet') of a params file, judged by its first bytes."""
+    """The format ('torch', 'mxnet' or 'jax') of a params file, judged by its first bytes."""
     with open(path, "rb") as f:
         head = f.read(8)
-    for fmt, magic in _BOOK_MAGIC.items():
-        if head.startswith(magic):
+    for fmt, magics in FORMAT_MAGIC.items():
+        if any(head.startswith(magic) for magic in magics):
             return fmt
-    raise ValueError(f"{os.fspath(path)}: neither a torch state_dict nor an MXNet parameter file")
+    raise ValueError(f"{os.fspath(path)}: neither a torch state_dict, an MXNet parameter file nor a JAX "
+                     "(Flax msgpack) parameter file")
 
 
 def describe_checkpoint(folder: str | os.PathLike) -> CheckpointSource:
@@ -123,37 +132,38 @@ def describe_checkpoint(folder: str | os.PathLike) -> CheckpointSource:
         raise FileNotFoundError(f"{folder}: config.json says kind {kind!r} but {PARAMS_FILES[kind]} is missing")
     if not os.path.exists(os.path.join(folder, VOCAB_FILE)):
         raise FileNotFoundError(f"{folder}: no vocab.json")
-    return CheckpointSource(folder, config.get("format") or sniff_params_format(path), kind, path)
+    found = sniff_params_format(path)
+    if config.get("format", found) != found:
+        raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: says format {config['format']!r} but "
+                         f"{PARAMS_FILES[kind]} is a {found} parameter file; set \"format\": \"{found}\" there")
+    return CheckpointSource(folder, found, kind, path)
 
 
 def resolve_checkpoint(spec: str | os.PathLike, fmt: str) -> CheckpointSource:
     """The checkpoint a user names: a folder (the book's layout or Hugging Face's), a checkpoint
     installed as a package ('minilm-l6', core/hf.py), or a data-hub name ('bert.small',
-    'bert.base'), downloaded (cached, sha1-checked) in the archive of format `fmt`."""
+    'bert.base'), downloaded (cached, sha1-checked) in the archive of format `fmt` (the torch one
+    for a format the book publishes none in); an archive's own name ('bert.small.torch') is taken as
+    it is, whatever `fmt`: every backend reads every format (`read_params_in`)."""
     name = os.fspath(spec)
     if os.path.isdir(name):
         return describe_checkpoint(name)
     if name in PACKAGED_CHECKPOINTS:
         return describe_checkpoint(resolve_packaged_checkpoint(name))
     from . import data_hub  # lazily: only hub names need the network modules
-    archive = HUB_NAMES.get(fmt, {}).get(name, name)
-    owner = [f for f, names in HUB_NAMES.items() if archive in names.values()]
-    if owner and fmt not in owner:
-        raise ValueError(f"{name!r} is the book's {owner[0]} checkpoint; the {fmt} backend reads "
-                         f"{sorted(HUB_NAMES.get(fmt, {})) or 'no data-hub checkpoint'}, or convert it first")
+    hub_names = HUB_NAMES.get(fmt, HUB_NAMES[HUB_FALLBACK])
+    archive = hub_names.get(name, name)
     if not name.startswith("bert.") or archive not in data_hub.DATA_HUB:
-        known = sorted(set(PACKAGED_CHECKPOINTS) | set(HUB_NAMES.get(fmt, {})))
+        known = sorted(set(PACKAGED_CHECKPOINTS) | set(hub_names))
         raise FileNotFoundError(f"{name!r} is neither a folder nor a checkpoint name (known: {known})")
     return describe_checkpoint(data_hub.download_extract(archive))
 
 
-def check_folder_format(source: CheckpointSource, fmt: str) -> dict:
-    """The folder's config.json (or {} for the book's own folders); a folder in another format is
-    refused with the conversion to run."""
-    if source.format != fmt:
-        raise ValueError(f"{source.folder}: a {source.format} checkpoint; the {fmt} backend reads {fmt} "
-                         f"checkpoints: run `nlibert convert {source.folder} DST --to {fmt}` first")
-    return read_checkpoint_config(source.folder) or {}
+def read_params_as(path: str, file_format: str, fmt: str, read_params: ParamsReader) -> dict[str, np.ndarray]:
+    """The tensors of a params file of format `file_format` under format `fmt`'s names, in the
+    file's order: read by `read_params` (the file's own format's reader), renamed through the
+    canonical names (core/names.py); values are never changed."""
+    return convert_params(read_params(path, file_format), file_format, fmt, source=path)
 
 
 def checkpoint_config(params: Mapping[str, np.ndarray], written: Mapping, vocab_size: int, source: str,
@@ -180,18 +190,35 @@ def checkpoint_config(params: Mapping[str, np.ndarray], written: Mapping, vocab_
                       attention_dropout=written.get("attention_dropout", defaults.attention_dropout))
 
 
-def read_pretrained(spec: str | os.PathLike, fmt: str, read_params: Callable[[str], Mapping[str, np.ndarray]],
+# The sizes `checkpoint_config` takes (the book's `load_pretrained_model` arguments); None: off the file.
+SIZE_FIELDS = ("num_hiddens", "ffn_num_hiddens", "num_heads", "num_layers", "dropout", "max_len")
+
+
+def folder_config(source: CheckpointSource, params: Mapping[str, np.ndarray]) -> dict:
+    """The config.json of a checkpoint folder; for the book's own folders, which have none, the one
+    their canonically named `params` imply (sizes off the tensors, 64-dimensional heads, the book's
+    options), so that a copy (`convert`) carries its format and sizes and any backend reads it."""
+    written = read_checkpoint_config(source.folder)
+    if written is not None:
+        return written
+    vocab = load_folder_vocab(source.folder, {})
+    cfg = checkpoint_config(params, {}, len(vocab), source.params_path, **dict.fromkeys(SIZE_FIELDS))
+    return config_dict(cfg, source.format, source.kind, vocab)
+
+
+def read_pretrained(spec: str | os.PathLike, fmt: str, read_params: ParamsReader,
                     **given) -> tuple[BERTConfig, object, dict[str, np.ndarray], list[str], str]:
-    """Everything a backend needs to build and fill a `BERTModel` from what a user named:
+    """Everything backend `fmt` needs to build and fill a `BERTModel` from what a user named:
     `(config, vocab, params under canonical names, canonical names of heads the file lacks, path)`.
     A Hugging Face folder gives its own config (sizes given must agree); a folder in the book's
-    layout must be in format `fmt` and is read with `read_params`, the backend's own reader."""
+    layout, of any backend's format, with or without config.json, is read in its own format by
+    `read_params` and renamed to the canonical names."""
     source = resolve_checkpoint(spec, fmt)
     if source.format == HUGGING_FACE:
         return load_hf_checkpoint(source.folder, **given)
-    written = check_folder_format(source, fmt)
+    written = read_checkpoint_config(source.folder) or {}
     vocab = load_folder_vocab(source.folder, written)
-    params = to_canonical(read_params(source.params_path), fmt, source.params_path)
+    params = to_canonical(read_params(source.params_path, source.format), source.format, source.params_path)
     return checkpoint_config(params, written, len(vocab), source.params_path, **given), vocab, params, [], \
         source.params_path
 
@@ -246,18 +273,22 @@ def load_folder_vocab(folder: str | os.PathLike, written: Mapping):
     return WordPieceVocab.from_settings(read_vocab_list(path), settings)
 
 
-def read_classifier_folder(folder: str | os.PathLike, fmt: str) -> tuple[BERTConfig, object, str, TaskRecord]:
-    """`(config, vocab, params_path, task)` of a fine-tuned model folder of format `fmt`, checked for
-    consistency; the classifier has one output per label of `task`."""
+def read_classifier_folder(folder: str | os.PathLike, fmt: str, read_params: ParamsReader
+                           ) -> tuple[BERTConfig, object, dict[str, np.ndarray], TaskRecord]:
+    """`(config, vocab, params under format fmt's names, task)` of a fine-tuned model folder of any
+    backend's format (read by `read_params` in its own), checked for consistency; the classifier
+    has one output per label of `task`."""
     written = read_checkpoint_config(folder)
     if written is None:
         raise FileNotFoundError(f"{os.path.join(folder, CONFIG_FILE)}: missing; not a classifier folder")
-    if written.get("kind") != "classifier" or written.get("format", fmt) != fmt:
-        raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: kind {written.get('kind')!r}, "
-                         f"format {written.get('format')!r}; expected a {fmt} classifier")
+    params_path = os.path.join(folder, CLASSIFIER_FILE)
+    if written.get("kind") != "classifier":
+        raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: kind {written.get('kind')!r}; expected a "
+                         "classifier (a fine-tuned model folder)")
     cfg = BERTConfig.from_dict(written)
     vocab = load_folder_vocab(folder, written)
     if len(vocab) != cfg.vocab_size:
         raise ValueError(f"{folder}: vocab.json has {len(vocab)} tokens, config.json says {cfg.vocab_size}")
     task = TaskRecord.from_config(written, os.path.join(folder, CONFIG_FILE))
-    return cfg, vocab, os.path.join(folder, CLASSIFIER_FILE), task
+    file_format = written.get("format") or sniff_params_format(params_path)
+    return cfg, vocab, read_params_as(params_path, file_format, fmt, read_params), task

@@ -114,6 +114,15 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def purpose_seed(seed: int, purpose: str) -> int:
+    """The seed of one kind of random draw of a run (`purpose`: 'classifier-head', ...), a function
+    of (seed, purpose) alone. A backend's generator is reset to it right before those draws, so
+    what they give never depends on how many draws came before: a run into an OUT that already
+    holds its seeded checkpoint (built on the first run, skipped on a second) gives the same model."""
+    entropy = [seed, *purpose.encode()]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 def require_devices(devices: Sequence[Any]) -> list:
     """`devices` as a list; an empty one is an error (the book's `try_all_gpus()` on d2l master
     returns [] on a machine without GPUs; ours falls back to the CPU)."""

@@ -21,10 +21,11 @@ import jax
 import numpy as np
 from flax import serialization
 
+from nlibert.backends import read_params_in
 from nlibert.core.config import BERTConfig
-from nlibert.core.folders import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_filled,
-                                  TaskRecord, classifier_config, config_dict, read_classifier_folder,
-                                  read_pretrained)
+from nlibert.core.folders import (CLASSIFIER_FILE, CONFIG_FILE, FORMAT_MAGIC, PRETRAINED_FILE, VOCAB_FILE,
+                                  check_filled, TaskRecord, classifier_config, config_dict,
+                                  read_classifier_folder, read_pretrained)
 from nlibert.core.io import atomic_write, write_json
 from nlibert.core.names import check_shapes, expected_shapes, infer_config
 from nlibert.core.training import require_devices
@@ -34,10 +35,6 @@ from .model import BERTClassifier, BERTModel, _BERT, _config_items, _Params
 
 FORMAT = "jax"  # the format config.json records, the backend's name in nlibert.backends
 
-# msgpack's map headers (fixmap, map16, map32): how a Flax-serialized tree begins. The other
-# formats begin otherwise (a torch zip with 'PK', an MXNet list with its 0x112 magic).
-_MSGPACK_MAP = tuple(range(0x80, 0x90)) + (0xDE, 0xDF)
-
 
 def read_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arrays of a JAX-format params file, keyed by canonical name, in `state_dict` order."""
@@ -46,7 +43,7 @@ def read_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{path}: no such parameter file")
     with open(path, "rb") as f:
         data = f.read()
-    if not data or data[0] not in _MSGPACK_MAP:
+    if not any(data.startswith(magic) for magic in FORMAT_MAGIC[FORMAT]):  # a msgpack map
         raise ValueError(f"{path}: not a JAX (Flax msgpack) parameter file (a torch or MXNet checkpoint? "
                          "convert it with `nlibert convert SRC DST --to jax`)")
     try:
@@ -126,7 +123,7 @@ def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int 
     segments, valid_lens, pred_positions)` returns `(encoded_X, mlm_Y_hat, nsp_Y_hat)`, dropout off.
     """
     cfg, vocab, params, missing_heads, path = read_pretrained(
-        pretrained_model, FORMAT, read_params, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
+        pretrained_model, FORMAT, read_params_in, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
         num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len)
     bert = BERTModel.from_config(cfg)
     own = _flatten(bert.params)
@@ -171,9 +168,9 @@ def load_classifier(folder: str | os.PathLike, devices: Sequence[jax.Device]
                     ) -> tuple[BERTClassifier, Vocab, BERTConfig]:
     """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on devices[0], with one
     output per label config.json records."""
-    cfg, vocab, params_path, task = read_classifier_folder(folder, FORMAT)
-    params = read_params(params_path)
-    check_shapes(expected_shapes(cfg, "classifier", len(task.label_names)), _shapes(params), params_path)
+    cfg, vocab, params, task = read_classifier_folder(folder, FORMAT, read_params_in)
+    check_shapes(expected_shapes(cfg, "classifier", len(task.label_names)), _shapes(params),
+                 os.path.join(folder, CLASSIFIER_FILE))
     net = BERTClassifier(_Backbone(cfg), num_classes=len(task.label_names))
     net.params = jax.device_put(_nest(params), _first_device(devices))
     return net, vocab, cfg

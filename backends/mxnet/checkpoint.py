@@ -29,6 +29,7 @@ from mxnet import init, np, npx
 from mxnet.base import MXNetError
 from mxnet.gluon import nn
 
+from nlibert.backends import read_params_in
 from nlibert.core.config import BERTConfig
 from nlibert.core.folders import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_filled,
                                   TaskRecord, classifier_config, config_dict, read_classifier_folder,
@@ -172,7 +173,7 @@ def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int 
     """
     devices = _as_contexts(devices)
     cfg, vocab, params, missing_heads, path = read_pretrained(
-        pretrained_model, FORMAT, read_params, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
+        pretrained_model, FORMAT, read_params_in, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
         num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len)
     bert = BERTModel.from_config(cfg)
     own = bert._collect_params_with_prefix()  # the names save_parameters / load_parameters use
@@ -252,7 +253,7 @@ def load_classifier(folder: str | os.PathLike, devices: Sequence[mx.Context]
     """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on every device, with one
     output per label config.json records."""
     devices = _as_contexts(devices)
-    cfg, vocab, params_path, task = read_classifier_folder(folder, FORMAT)
+    cfg, vocab, params, task = read_classifier_folder(folder, FORMAT, read_params_in)
     net = BERTClassifier(_Backbone(cfg), num_classes=len(task.label_names))
-    _load_strict(net, read_params(params_path), params_path, devices)
+    _load_strict(net, params, os.path.join(folder, CLASSIFIER_FILE), devices)
     return net, vocab, cfg

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nlibert.backends import read_params_in
 from nlibert.core.config import BERTConfig
 from nlibert.core.folders import (CLASSIFIER_FILE, CONFIG_FILE, PRETRAINED_FILE, VOCAB_FILE, check_filled,
                                   TaskRecord, classifier_config, config_dict, read_classifier_folder,
@@ -100,7 +101,7 @@ def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int 
     Heads a Hugging Face file lacks (MiniLM has no MLM or NSP head) keep torch's initialisation.
     """
     cfg, vocab, params, missing_heads, path = read_pretrained(
-        pretrained_model, FORMAT, read_params, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
+        pretrained_model, FORMAT, read_params_in, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
         num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len)
     bert = BERTModel.from_config(cfg)
     check_filled(_shapes(bert.state_dict()), params, missing_heads, path, FORMAT)
@@ -152,7 +153,8 @@ def load_classifier(folder: str | os.PathLike, devices: Sequence[torch.device]
                     ) -> tuple[BERTClassifier, Vocab, BERTConfig]:
     """Read back what `save_classifier` wrote: `(net, vocab, config)`, the net on devices[0], with one
     output per label config.json records."""
-    cfg, vocab, params_path, task = read_classifier_folder(folder, FORMAT)
+    cfg, vocab, params, task = read_classifier_folder(folder, FORMAT, read_params_in)
     net = BERTClassifier(_Backbone(cfg), num_classes=len(task.label_names))
-    _load_strict(net, _load_state_dict(params_path), params_path)
+    _load_strict(net, {k: torch.from_numpy(np.array(v)) for k, v in params.items()},
+                 os.path.join(folder, CLASSIFIER_FILE))
     return net.to(_first_device(devices)), vocab, cfg
