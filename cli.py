@@ -169,13 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     pa = sub.add_parser("parity", parents=[common],
                         help="run one checkpoint through every installed backend and compare the outputs")
-    pa.add_argument("--checkpoint", required=True, help="a checkpoint folder in either format, a Hugging Face BERT folder, or minilm-l6")
+    pa.add_argument("--checkpoint", required=True, help="a checkpoint folder in any backend's format (the book's own, "
+                    "without config.json, too), a Hugging Face BERT folder, minilm-l6, or bert.small")
     pa.add_argument("--data", default=None, help="an SNLI-format .txt file for the inputs (default: the embedded sample)")
     pa.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE,
                     help="largest allowed max |difference| as a fraction of the outputs' scale, max(1, max |value|) "
                          f"(default {PARITY_TOLERANCE:g})")
     pa.add_argument("--num-pairs", type=_limit, default=256)
-    pa.add_argument("--max-len", type=int, default=128)
+    pa.add_argument("--max-len", type=int, default=128, help="pack pairs to this length (at most the model's max_len)")
     pa.add_argument("--seed", type=int, default=0)
     pt = sub.add_parser("pretrain", parents=[common],
                         help="pretrain BERT (masked LM + next sentence) on WikiText as the d2l book does")

@@ -84,12 +84,12 @@ def _outputs(backend: ModuleType, folder: str, kind: str, hugging_face: bool, ma
     """{output name: numpy array} of the checkpoint in `folder` run by `backend` on the CPU, dropout off."""
     device = backend.parse_devices("cpu")[0]
     if kind == "classifier":
-        model, vocab, _ = backend.load_classifier(folder, [device])
-        ids, segments, valid_lens, _ = make_inputs(vocab)
+        model, vocab, config = backend.load_classifier(folder, [device])
+        ids, segments, valid_lens, _ = make_inputs(vocab, config.max_len)
         return {"logits": backend.classifier_logits(model, ids, segments, valid_lens, device)}
     model, vocab = backend.load_pretrained_model(folder, None, None, None, None, 0.0, None, [device])
-    outputs = dict(zip(("encoded_X", "mlm_Y_hat", "nsp_Y_hat"), backend.bert_outputs(model, *make_inputs(vocab),
-                                                                                      device)))
+    outputs = dict(zip(("encoded_X", "mlm_Y_hat", "nsp_Y_hat"),
+                       backend.bert_outputs(model, *make_inputs(vocab, model.config.max_len), device)))
     # A Hugging Face file may lack the heads, which each backend then initialises its own way.
     return {"encoded_X": outputs["encoded_X"]} if hugging_face else outputs
 
@@ -115,9 +115,10 @@ def run_parity(checkpoint: str, data_file: str | None = None, tolerance: float =
               "compared": others, "max_len": max_len, "tolerance": tolerance}
     inputs: list[tuple] = []
 
-    def make_inputs(vocab) -> tuple:  # once, from the reference backend's vocabulary
-        if not inputs:
-            inputs.append(_parity_inputs(vocab, data_file, num_pairs, max_len, seed, tmp))
+    def make_inputs(vocab, model_max_len: int) -> tuple:  # once, from the reference backend's vocabulary
+        if not inputs:  # no longer than the model's positions (the book's bert.small has 512; ours may have fewer)
+            report["max_len"] = min(max_len, model_max_len)
+            inputs.append(_parity_inputs(vocab, data_file, num_pairs, report["max_len"], seed, tmp))
         return inputs[0]
 
     with tempfile.TemporaryDirectory() as tmp:

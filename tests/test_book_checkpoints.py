@@ -268,3 +268,15 @@ def test_the_same_command_gives_the_same_model_whatever_out_holds(backend, tmp_p
         assert list(other) == list(models[0])
         for key in models[0]:
             np.testing.assert_array_equal(other[key], models[0][key])
+
+
+def test_a_format_whose_framework_is_missing_is_one_line_naming_the_install(sources, monkeypatch):
+    """A torch-only user given the book's MXNet folder: the error names the file and what to install."""
+    import nlibert.backends as registry
+    monkeypatch.setattr(registry, "is_installed", lambda name: name != "mxnet")
+    path = os.path.join(sources["book-mxnet"], "pretrained.params")
+    with pytest.raises(ModuleNotFoundError, match=r"pretrained.params: a mxnet-format parameter file; reading it "
+                                                  r"needs mxnet==1.9.1: pip install mxnet==1.9.1"):
+        load_backend("torch").load_pretrained_model(sources["book-mxnet"], None, None, None, None, 0.0, None,
+                                                    ["cpu"])
+    assert read_params_in(os.path.join(sources["book-torch"], "pretrained.params"), "torch")
