@@ -30,9 +30,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from nlibert.core import book
+from nlibert.core.book import bind
 from nlibert.core.batching import rows
 from nlibert.core.distributed import World
-from nlibert.core.training import EpochRecord, require_devices, train_epochs
+from nlibert.core.training import require_devices
 
 from .model import _Bound
 from .runtime import _next_key
@@ -336,34 +338,8 @@ class FinetuneStep:
         self.key = jax.random.PRNGKey(seed)
 
 
-def train_ch13(net: _Bound, train_iter: Iterable, test_iter: Iterable | None, loss: Callable, trainer,
-               num_epochs: int, devices: Sequence[jax.Device], split_f: Callable | None = None, *,
-               verbose: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
-    """Train for `num_epochs`, testing after each; print the book's two lines; return per-epoch records.
-
-    With several devices each batch is sharded across them (data parallel); `net.params` and
-    `trainer.state` hold the trained values either way.
-    `on_epoch`, if given, is called with each epoch's record as soon as it is known.
-    """
-    step = FinetuneStep(net, loss, trainer, devices, split_f)
-    return train_epochs(step, train_iter, test_iter, num_epochs, sync="batch", devices=str(step.devices),
-                        verbose=verbose, on_epoch=on_epoch)
-
-
-def train_fast(net: _Bound, train_iter: Iterable, test_iter: Iterable | None, loss: Callable, trainer,
-               num_epochs: int, devices: Sequence[jax.Device], split_f: Callable | None = None, *,
-               precision: str = "float32", graph: bool = False, verbose: bool = True,
-               on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
-    """`train_ch13` for the fast path: the same optimisation and records, with the sums read once per
-    epoch (the timer then covers the whole pass, batching included). Feed it length-bucketed, trimmed
-    batches (`core.batching.bucket_batch_indices`, `trim=True`) and a net with fused attention
-    (`set_fused_attention`) for the speed; their widths are padded to a few compiled shapes.
-    `precision` must be 'float32' in this backend.
-    """
-    step = FinetuneStep(net, loss, trainer, devices, split_f, precision=precision, graph=graph)
-    return train_epochs(step, train_iter, test_iter, num_epochs, sync="epoch", devices=str(step.devices),
-                        verbose=verbose, on_epoch=on_epoch)
-
+train_ch13 = bind(book.train_ch13, FinetuneStep)
+train_fast = bind(book.train_fast, FinetuneStep)
 
 @functools.lru_cache(maxsize=None)
 def _proba_function(module) -> Callable:
@@ -371,25 +347,13 @@ def _proba_function(module) -> Callable:
         module.apply({"params": params}, tokens, segments, valid_lens, training=False), axis=-1))
 
 
-def predict_proba(net: _Bound, token_ids, segments, valid_lens, devices: Sequence[jax.Device],
-                  batch_size: int = 512) -> np.ndarray:
-    """Class probabilities (N, net.num_classes) for packed examples, dropout off, `batch_size` rows at a time.
+def _probabilities(net: _Bound, token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray,
+                   device: jax.Device) -> np.ndarray:
+    """One batch's class probabilities (dropout off), padded to a compiled shape and cut back."""
+    tokens, segs, lens, _, _ = (a[0] for a in _prepare((token_ids, segments, valid_lens), np.zeros(len(valid_lens)),
+                                                       [device], net.config.max_len))
+    params = jax.device_put(net.params, device)  # no copy once they live there
+    return np.asarray(_proba_function(net.module)(params, tokens, segs, lens))[:len(valid_lens)]
 
-    Inputs are numpy or JAX arrays shaped as `pack_pairs` returns them; one unbatched example
-    (1-D ids and segments, a scalar length) is treated as a batch of one.
-    """
-    token_ids, segments = np.atleast_2d(np.asarray(token_ids)), np.atleast_2d(np.asarray(segments))
-    valid_lens = np.atleast_1d(np.asarray(valid_lens))
-    if not (len(token_ids) == len(segments) == len(valid_lens)):
-        raise ValueError(f"row counts differ: token_ids {len(token_ids)}, segments {len(segments)}, "
-                         f"valid_lens {len(valid_lens)}")
-    device = require_devices(devices)[0]
-    proba, params = _proba_function(net.module), jax.device_put(net.params, device)
-    out = []
-    for i in range(0, len(token_ids), batch_size):
-        rows = slice(i, i + batch_size)
-        tokens, segs, lens, _, _ = (a[0] for a in _prepare(
-            (token_ids[rows], segments[rows], valid_lens[rows]), np.zeros(len(valid_lens[rows])), [device],
-            net.config.max_len))
-        out.append(np.asarray(proba(params, tokens, segs, lens))[:len(valid_lens[rows])])
-    return np.concatenate(out) if out else np.zeros((0, net.num_classes), dtype=np.float32)
+
+predict_proba = bind(book.predict_proba, _probabilities, np.asarray)

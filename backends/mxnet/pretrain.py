@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import os
 import zipfile
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import mxnet as mx
 import numpy as onp
 from mxnet import autograd, gluon, np, npx
 
+from nlibert.core import book
+from nlibert.core.book import bind
 from nlibert.core.distributed import World
 from nlibert.core.io import atomic_path, atomic_write
-from nlibert.core.pretraining import (BatchTotals, StepRecord, check_init, check_mlm_loss, format_pretrain_summary,
-                                      scheduled_lr, share_of, train_steps)
+from nlibert.core.pretraining import (BatchTotals, check_init, check_mlm_loss, share_of)
 from nlibert.core.resume import step_file
 from nlibert.core.training import require_devices
 
@@ -138,30 +139,7 @@ class PretrainStep:
         mx.random.seed(seed)
 
 
-def train_bert(train_iter: Iterable, net: gluon.Block, loss: gluon.loss.Loss, vocab_size: int,
-               devices: Sequence[mx.Context], num_steps: int, *, trainer: gluon.Trainer | None = None,
-               lr: float = 0.01, mlm_loss: str = "masked", start_step: int = 0, seed: int | None = None,
-               on_step: Callable[[StepRecord], bool | None] | None = None, verbose: bool = True,
-               warmup_steps: int = 0, lr_decay: str = "none") -> list[StepRecord]:
-    """Pretrain `net` (a `BERTModel` initialised on every device) on batches of the book's
-    7-tuples until step `num_steps` (core/pretraining.py `train_steps`).
-
-    Steps are numbered from `start_step + 1`; `train_iter` is passed over as often as needed.
-    `trainer` defaults to Adam(lr) as the book. With `seed`, MXNet's generators are re-seeded from
-    `(seed, step)` before every step (`core.pretraining.step_seed`), so dropout does not depend on
-    where a run was resumed. `on_step(record)` is called after each step; a true return stops.
-    With `warmup_steps` or `lr_decay='linear'`, the trainer's rate is set before every step to
-    `core.pretraining.learning_rate_at(step, lr, num_steps, ...)`; without, it is left alone (the book).
-    Returns the figures of the steps run here; prints the book's two lines if `verbose`.
-    """
-    lr_at = scheduled_lr(lr, num_steps, warmup_steps, lr_decay)
-    step = PretrainStep(net, loss, vocab_size, trainer if trainer is not None else make_trainer(net, lr),
-                        devices, mlm_loss)
-    records = train_steps(step, train_iter, num_steps, start_step=start_step, seed=seed, lr_at=lr_at,
-                          on_step=on_step)
-    if verbose and records:
-        print(format_pretrain_summary(records, str(step.devices)))
-    return records
+train_bert = bind(book.train_bert, PretrainStep, make_trainer)
 
 
 def _trainer_updaters(trainer: gluon.Trainer) -> list:

@@ -19,9 +19,11 @@ import mxnet as mx
 import numpy as onp
 from mxnet import autograd, gluon, np, npx
 
+from nlibert.core import book
+from nlibert.core.book import bind
 from nlibert.core.batching import chunk_bounds, rows
 from nlibert.core.distributed import World
-from nlibert.core.training import EpochRecord, require_devices, train_epochs
+from nlibert.core.training import require_devices
 
 npx.set_np()
 
@@ -261,58 +263,19 @@ class FinetuneStep:
         mx.random.seed(seed)
 
 
-def train_ch13(net: gluon.Block, train_iter: Iterable, test_iter: Iterable | None, loss: gluon.loss.Loss,
-               trainer: gluon.Trainer, num_epochs: int, devices: Sequence[mx.Context],
-               split_f: Callable | None = None, *, verbose: bool = True,
-               on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
-    """Train for `num_epochs`, testing after each; print the book's two lines; return per-epoch records.
-
-    The net's parameters must already live on every device in `devices` (the book initialises and
-    loads them with `ctx=devices`); each batch is split across them by `split_f`.
-    `on_epoch`, if given, is called with each epoch's record as soon as it is known.
-    """
-    step = FinetuneStep(net, loss, trainer, devices, split_f)
-    return train_epochs(step, train_iter, test_iter, num_epochs, sync="batch", devices=str(step.devices),
-                        verbose=verbose, on_epoch=on_epoch)
-
-
-def train_fast(net: gluon.Block, train_iter: Iterable, test_iter: Iterable | None, loss: gluon.loss.Loss,
-               trainer: gluon.Trainer, num_epochs: int, devices: Sequence[mx.Context],
-               split_f: Callable | None = None, *, precision: str = "float32", graph: bool = False,
-               verbose: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
-    """`train_ch13` for the fast path: the same optimisation and records, with the sums read once per
-    epoch (the timer then covers the whole pass, batching included). Feed it length-bucketed, trimmed
-    batches (`core.batching.bucket_batch_indices`, `trim=True`) and a net with fused attention
-    (`set_fused_attention`) for the speed.
-
-    `graph=True` hybridizes the net (each encoder block one cached graph; see the README's
-    Performance section for what it buys). `precision` must be 'float32' in this backend.
-    """
-    step = FinetuneStep(net, loss, trainer, devices, split_f, precision=precision, graph=graph)
-    return train_epochs(step, train_iter, test_iter, num_epochs, sync="epoch", devices=str(step.devices),
-                        verbose=verbose, on_epoch=on_epoch)
-
-
-def predict_proba(net: gluon.Block, token_ids, segments, valid_lens, devices: Sequence[mx.Context],
-                  batch_size: int = 512) -> onp.ndarray:
-    """Class probabilities (N, net.num_classes) for packed examples, on devices[0], `batch_size` rows at a time.
-
-    Inputs are numpy or MXNet arrays shaped as `pack_pairs` returns them; one unbatched example
-    (1-D ids and segments, a scalar length) is treated as a batch of one.
-    """
-    token_ids, segments = onp.atleast_2d(_as_numpy(token_ids)), onp.atleast_2d(_as_numpy(segments))
-    valid_lens = onp.atleast_1d(_as_numpy(valid_lens))
-    if not (len(token_ids) == len(segments) == len(valid_lens)):
-        raise ValueError(f"row counts differ: token_ids {len(token_ids)}, segments {len(segments)}, "
-                         f"valid_lens {len(valid_lens)}")
-    ctx = require_devices(devices)[0]
-    out = []
-    for i in range(0, len(token_ids), batch_size):  # outside autograd.record: dropout is off
-        X, _ = _to_batch((token_ids[i:i + batch_size], segments[i:i + batch_size],
-                          valid_lens[i:i + batch_size]), onp.zeros(0), ctx)
-        out.append(npx.softmax(net(X).astype("float32"), axis=-1).asnumpy())
-    return onp.concatenate(out) if out else onp.zeros((0, net.num_classes), dtype=onp.float32)
+train_ch13 = bind(book.train_ch13, FinetuneStep)
+train_fast = bind(book.train_fast, FinetuneStep)
 
 
 def _as_numpy(x) -> onp.ndarray:
     return x.asnumpy() if isinstance(x, np.ndarray) else onp.asarray(x)
+
+
+def _probabilities(net: gluon.Block, token_ids: onp.ndarray, segments: onp.ndarray, valid_lens: onp.ndarray,
+                   device: mx.Context) -> onp.ndarray:
+    """One batch's class probabilities, outside autograd.record (dropout off)."""
+    X, _ = _to_batch((token_ids, segments, valid_lens), onp.zeros(0), device)
+    return npx.softmax(net(X).astype("float32"), axis=-1).asnumpy()
+
+
+predict_proba = bind(book.predict_proba, _probabilities, _as_numpy)

@@ -13,17 +13,18 @@ cancel. `start_step`, `seed` and `on_step` let a job checkpoint and resume.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nlibert.core import book
+from nlibert.core.book import bind
 from nlibert.core.distributed import World
 from nlibert.core.io import atomic_write
-from nlibert.core.pretraining import (BatchTotals, StepRecord, check_init, check_mlm_loss, format_pretrain_summary,
-                                      scheduled_lr, share_of, train_steps)
+from nlibert.core.pretraining import (BatchTotals, check_init, check_mlm_loss, share_of)
 from nlibert.core.resume import step_file
 from nlibert.core.training import require_devices
 
@@ -128,30 +129,7 @@ class PretrainStep:
         torch.manual_seed(seed)
 
 
-def train_bert(train_iter: Iterable, net: nn.Module, loss: nn.Module, vocab_size: int,
-               devices: Sequence[torch.device], num_steps: int, *, trainer: torch.optim.Optimizer | None = None,
-               lr: float = 0.01, mlm_loss: str = "masked", start_step: int = 0, seed: int | None = None,
-               on_step: Callable[[StepRecord], bool | None] | None = None, verbose: bool = True,
-               warmup_steps: int = 0, lr_decay: str = "none") -> list[StepRecord]:
-    """Pretrain `net` (a `BERTModel`) on batches of the book's 7-tuples until step `num_steps`
-    (core/pretraining.py `train_steps`).
-
-    Steps are numbered from `start_step + 1`; `train_iter` is passed over as often as needed.
-    `trainer` defaults to Adam(lr) as the book. With `seed`, torch's generators are re-seeded from
-    `(seed, step)` before every step (`core.pretraining.step_seed`), so dropout does not depend on
-    where a run was resumed. `on_step(record)` is called after each step; a true return stops.
-    With `warmup_steps` or `lr_decay='linear'`, the trainer's rate is set before every step to
-    `core.pretraining.learning_rate_at(step, lr, num_steps, ...)`; without, it is left alone (the book).
-    Returns the figures of the steps run here; prints the book's two lines if `verbose`.
-    """
-    lr_at = scheduled_lr(lr, num_steps, warmup_steps, lr_decay)
-    step = PretrainStep(net, loss, vocab_size, trainer if trainer is not None else make_trainer(net, lr),
-                        devices, mlm_loss)
-    records = train_steps(step, train_iter, num_steps, start_step=start_step, seed=seed, lr_at=lr_at,
-                          on_step=on_step)
-    if verbose and records:
-        print(format_pretrain_summary(records, str(step.devices)))
-    return records
+train_bert = bind(book.train_bert, PretrainStep, make_trainer)
 
 
 def save_training_state(folder: str | os.PathLike, net: nn.Module, trainer: torch.optim.Optimizer,

@@ -17,9 +17,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nlibert.core import book
+from nlibert.core.book import bind
 from nlibert.core.batching import chunk_bounds, rows
 from nlibert.core.distributed import World
-from nlibert.core.training import EpochRecord, require_devices, train_epochs
+from nlibert.core.training import require_devices
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -200,63 +202,23 @@ class FinetuneStep:
         torch.manual_seed(seed)
 
 
-def train_ch13(net: nn.Module, train_iter: Iterable, test_iter: Iterable | None, loss: nn.Module,
-               trainer: torch.optim.Optimizer, num_epochs: int, devices: Sequence[torch.device],
-               split_f: Callable | None = None, *, verbose: bool = True,
-               on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
-    """Train for `num_epochs`, testing after each; print the book's two lines; return per-epoch records.
-
-    With more than one CUDA device the net is wrapped in `nn.DataParallel` (the batch is split
-    across them, as the book); the caller's `net` keeps the trained weights either way.
-    `on_epoch`, if given, is called with each epoch's record as soon as it is known.
-    """
-    step = FinetuneStep(net, loss, trainer, devices, split_f)
-    return train_epochs(step, train_iter, test_iter, num_epochs, sync="batch", devices=str(step.devices),
-                        verbose=verbose, on_epoch=on_epoch)
-
-
-def train_fast(net: nn.Module, train_iter: Iterable, test_iter: Iterable | None, loss: nn.Module,
-               trainer: torch.optim.Optimizer, num_epochs: int, devices: Sequence[torch.device],
-               split_f: Callable | None = None, *, precision: str = "float32", graph: bool = False,
-               verbose: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
-    """`train_ch13` for the fast path: the same optimisation and records, with the sums read once per
-    epoch (the timer then covers the whole pass, batching included). Feed it length-bucketed, trimmed
-    batches (`core.batching.bucket_batch_indices`, `trim=True`) and a net with fused attention
-    (`set_fused_attention`) for the speed.
-
-    `precision='bfloat16'` runs the forward pass under bfloat16 autocast (the loss and the weights
-    stay float32); `graph=True` runs the net through `torch.compile` (one device only). Neither pays
-    on a CPU without AMX (see the README's Performance section); both are for GPUs.
-    """
-    step = FinetuneStep(net, loss, trainer, devices, split_f, precision=precision, graph=graph)
-    return train_epochs(step, train_iter, test_iter, num_epochs, sync="epoch", devices=str(step.devices),
-                        verbose=verbose, on_epoch=on_epoch)
-
-
-def predict_proba(net: nn.Module, token_ids, segments, valid_lens, devices: Sequence[torch.device],
-                  batch_size: int = 512) -> np.ndarray:
-    """Class probabilities (N, net.num_classes) for packed examples, in eval mode, `batch_size` rows at a time.
-
-    Inputs are numpy arrays or tensors shaped as `pack_pairs` returns them; one unbatched example
-    (1-D ids and segments, a scalar length) is treated as a batch of one.
-    """
-    token_ids, segments = np.atleast_2d(_as_numpy(token_ids)), np.atleast_2d(_as_numpy(segments))
-    valid_lens = np.atleast_1d(_as_numpy(valid_lens))
-    if not (len(token_ids) == len(segments) == len(valid_lens)):
-        raise ValueError(f"row counts differ: token_ids {len(token_ids)}, segments {len(segments)}, "
-                         f"valid_lens {len(valid_lens)}")
-    device = require_devices(devices)[0]
-    was_training = net.training
-    net.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(token_ids), batch_size):
-            X = _to_device((token_ids[i:i + batch_size], segments[i:i + batch_size],
-                            valid_lens[i:i + batch_size]), device)
-            out.append(torch.softmax(net(X).float(), dim=-1).cpu().numpy())
-    net.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, net.num_classes), dtype=np.float32)
+train_ch13 = bind(book.train_ch13, FinetuneStep)
+train_fast = bind(book.train_fast, FinetuneStep)
 
 
 def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _probabilities(net: nn.Module, token_ids: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray,
+                   device: torch.device) -> np.ndarray:
+    """One batch's class probabilities, in eval mode (dropout off), without building a graph."""
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        probabilities = torch.softmax(net(_to_device((token_ids, segments, valid_lens), device)).float(), dim=-1)
+    net.train(was_training)
+    return probabilities.cpu().numpy()
+
+
+predict_proba = bind(book.predict_proba, _probabilities, _as_numpy)
