@@ -20,6 +20,9 @@ class BackendInfo:
     framework: str  # the framework's import name, to tell whether it is installed
     requirement: str  # what to install when it is not
     fused_adam: bool = False  # `make_trainer(fused=True)` has a fused kernel (metrics.json's fast_path records it)
+    # `--precision` values its FinetuneStep takes (torch: bfloat16 autocast of the forward pass);
+    # FinetuneSettings checks them before any data or checkpoint is read.
+    precisions: tuple[str, ...] = ("float32",)
     # Fast mode trains a `--device` list of GPUs as one process per GPU (DistributedDataParallel),
     # not one process driving them all (the book's DataParallel, which `--mode book` keeps).
     process_per_device: bool = False
@@ -32,6 +35,7 @@ class BackendInfo:
 
 REGISTRY = (
     BackendInfo("torch", "nlibert.backends.torch", "torch", "torch==2.13.0", fused_adam=True,
+                precisions=("float32", "bfloat16"),
                 process_per_device=True, job_env="WORLD_SIZE"),
     BackendInfo("mxnet", "nlibert.backends.mxnet", "mxnet", "mxnet==1.9.1", job_env="DMLC_ROLE"),
     BackendInfo("jax", "nlibert.backends.jax", "jax", "jax==0.4.23 jaxlib==0.4.23 flax==0.8.4 optax==0.2.1",

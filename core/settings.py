@@ -141,6 +141,16 @@ class FinetuneSettings:
                              f"got {self.checkpoint_every}")
         self._check_recipe()
         self._check_data_options()
+        self._check_backend_capabilities()
+
+    def _check_backend_capabilities(self) -> None:
+        """What the registry says the backend can do, before any data or checkpoint is read."""
+        from ..backends import REGISTRY  # the registry imports no framework
+        info = next((i for i in REGISTRY if i.name == self.backend), None)
+        if info is not None and self.precision not in info.precisions:
+            raise ValueError(f"--precision {self.precision}: the {self.backend} backend trains in "
+                             f"{', '.join(info.precisions)}; use --backend "
+                             f"{' or '.join(i.name for i in REGISTRY if self.precision in i.precisions)} for it")
 
     def _check_recipe(self) -> None:
         """The fine-tuning recipe's options (weight decay, warm-up, clipping, accumulation)."""

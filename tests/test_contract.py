@@ -148,3 +148,19 @@ def test_the_registry_is_the_one_place_that_names_the_frameworks():
                      if isinstance(n, ast.Constant) and isinstance(n.value, str)}
         assert not constants & set(BACKENDS), f"{path.name} names {constants & set(BACKENDS)}"
         assert not any(m.split(".")[0] in FRAMEWORKS for m, level in _imports(path) if level == 0), path.name
+
+
+def test_backend_capabilities_live_in_the_registry_and_are_checked_with_the_settings():
+    """`--precision` is checked against the registry's list for the backend when the settings are
+    built (before any data or checkpoint is read); each backend's PRECISIONS is the registry's."""
+    from nlibert.core.settings import FinetuneSettings
+    for info in REGISTRY:
+        for precision in ("float32", "bfloat16"):
+            if precision in info.precisions:
+                assert FinetuneSettings(backend=info.name, precision=precision).precision == precision
+            else:
+                with pytest.raises(ValueError, match=f"--precision {precision}: the {info.name} backend trains in"):
+                    FinetuneSettings(backend=info.name, precision=precision)
+    for info in REGISTRY:
+        if info.name in installed_backends():
+            assert importlib.import_module(f"{info.module}.train").PRECISIONS == info.precisions

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from nlibert.backends import backend_info
 from nlibert.core import book
 from nlibert.core.book import bind
 from nlibert.core.batching import rows
@@ -39,7 +40,7 @@ from nlibert.core.training import require_devices
 from .model import _Bound
 from .runtime import _next_key
 
-PRECISIONS = ("float32",)  # bfloat16 autocast is the torch backend's; here every step is float32
+PRECISIONS = backend_info("jax").precisions  # the registry lists each backend's
 
 
 def try_all_gpus() -> list[jax.Device]:

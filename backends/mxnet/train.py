@@ -19,6 +19,7 @@ import mxnet as mx
 import numpy as onp
 from mxnet import autograd, gluon, np, npx
 
+from nlibert.backends import backend_info
 from nlibert.core import book
 from nlibert.core.book import bind
 from nlibert.core.batching import chunk_bounds, rows
@@ -27,7 +28,7 @@ from nlibert.core.training import require_devices
 
 npx.set_np()
 
-PRECISIONS = ("float32",)  # MXNet 1.9 has no bfloat16 training on these operators
+PRECISIONS = backend_info("mxnet").precisions  # the registry lists each backend's
 
 
 def try_all_gpus() -> list[mx.Context]:

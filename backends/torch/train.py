@@ -17,13 +17,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nlibert.backends import backend_info
 from nlibert.core import book
 from nlibert.core.book import bind
 from nlibert.core.batching import chunk_bounds, rows
 from nlibert.core.distributed import World
 from nlibert.core.training import require_devices
 
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = backend_info("torch").precisions  # the registry lists each backend's
 
 
 def try_all_gpus() -> list[torch.device]:
