@@ -79,6 +79,7 @@ def test_finetune_records_its_mode_and_reuses_the_packed_cache(tmp_path, capsys)
     assert not (book / "packed").exists()
 
 
+@pytest.mark.backends("mxnet")
 def test_mxnet_fast_finetune_with_a_graph(tmp_path):
     out = tmp_path / "mx"
     cache = tmp_path / "cache"

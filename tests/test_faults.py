@@ -96,6 +96,7 @@ def test_an_unreadable_checkpoint_is_an_error_naming_it(tmp_path, capsys):
     assert cli.main(argv + ["--no-resume"]) == 0
 
 
+@pytest.mark.backends("mxnet")
 def test_convert_never_destroys_a_model(model, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in model.iterdir()}
     err = error_of(capsys, ["convert", str(model), str(model), "--to", "mxnet"])
