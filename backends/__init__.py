@@ -40,8 +40,10 @@ class BackendInfo:
 
 
 REGISTRY = (
-    BackendInfo("torch", "nlibert.backends.torch", "torch", "PyTorch 2.13", fused_adam=True,
-                process_per_device=True, job_env="WORLD_SIZE"),
+    BackendInfo("torch", "nlibert.backends.torch", "torch", "PyTorch 2.13",
+                marker='platform_system != "Darwin" or platform_machine != "x86_64"',
+                where="Linux, Windows and Apple-silicon macOS", fused_adam=True, process_per_device=True,
+                job_env="WORLD_SIZE"),
     BackendInfo("mxnet", "nlibert.backends.mxnet", "mxnet", "MXNet 1.9.1",
                 marker='platform_system == "Linux" and platform_machine == "x86_64" and python_version < "3.12"',
                 where="Linux x86_64 with Python 3.10 or 3.11", job_env="DMLC_ROLE"),
@@ -89,9 +91,10 @@ def install_hint(name: str) -> str:
     from packaging.markers import Marker  # pip's own reading of setup.cfg's marker
 
     info = backend_info(name)
-    if not info.marker or Marker(info.marker).evaluate():
+    system, machine = platform.system(), platform.machine()
+    if not info.marker or Marker(info.marker).evaluate({"platform_system": system, "platform_machine": machine}):
         return f"pip install 'nlibert[{info.name}]'"
-    here = f"Python {sys.version_info[0]}.{sys.version_info[1]} on {platform.system()} {platform.machine()}"
+    here = f"Python {sys.version_info[0]}.{sys.version_info[1]} on {system} {machine}"
     return f"{info.label} exists for {info.where} only, not for {here}: its extra 'nlibert[{info.name}]' installs nothing here"
 
 

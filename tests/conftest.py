@@ -52,6 +52,11 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "backends(*names): the test needs these backends (skipped, naming the extra, "
+                                       "where one is not installed)")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A test needs the backends it is parametrized with (a parameter whose value is a backend's
