@@ -5,7 +5,7 @@ same signatures (a test holds every registered backend to it). Its `name` is als
 checkpoint folders record in config.json, and the key of its rename table in core/names.py.
 Importing this module imports no framework: `load_backend` does, on demand. Each backend is an
 extra of the package (`pip install 'nlibert[mxnet]'`, setup.cfg), so any of them may be missing:
-`installed_backends()` are those that are not, and `load_backend` says which extra to install.
+`installed_backends()` are those present, and `load_backend` names the extra of one that is not.
 """
 from __future__ import annotations
 
