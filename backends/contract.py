@@ -22,9 +22,10 @@ saying what it returns. `__all__` is every backend's `__all__`.
 
 How to add a backend (JAX, say):
 1. `nlibert/backends/jax/` with the five files and an `__init__.py` exporting `__all__` below.
-2. One line in `nlibert/backends/__init__.py`'s `REGISTRY` (name, module, framework, requirement).
+2. One line in `nlibert/backends/__init__.py`'s `REGISTRY` (name, module, framework, label, marker).
 3. One rename table in `core/names.py` (`FORMAT_NAMES["jax"]`: canonical -> its names; empty if
    it uses the canonical names).
+4. Its extra in setup.cfg and its pins in .ci/constraints.txt (DESIGN.md, "How to add a backend").
 The CLI's `--backend`, `convert --to` and `parity` pick it up from the registry; tests/test_contract.py
 holds it to this file.
 """

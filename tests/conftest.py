@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 import nlibert  # noqa: F401  before any test module imports mxnet: it keeps every core (nlibert/__init__.py)
+from nlibert.backends import BACKENDS
+from needs import require_backend
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,3 +50,21 @@ def ag_news_folder() -> pathlib.Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "backends(*names): the test needs these backends (skipped, naming the extra, "
+                                       "where one is not installed)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test needs the backends it is parametrized with (a parameter whose value is a backend's
+    name: `backend`, `name`, `to`, ...) and those its `@pytest.mark.backends(...)` names; where one
+    is not installed it skips, naming the extra (tests/needs.py), before its fixtures run."""
+    params = getattr(item, "callspec", None)
+    needed = [value for value in (params.params.values() if params else ()) if isinstance(value, str) and value in BACKENDS]
+    for mark in item.iter_markers("backends"):
+        needed += mark.args
+    for name in dict.fromkeys(needed):
+        require_backend(name)

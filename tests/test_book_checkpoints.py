@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from nlibert import jobs
-from nlibert.backends import BACKENDS, installed_backends, load_backend, read_params_in
+from nlibert.backends import BACKENDS, load_backend, read_params_in
 from nlibert.core import data_hub
 from nlibert.core.folders import read_checkpoint_config
 from nlibert.core.settings import FinetuneSettings
@@ -29,9 +29,7 @@ from nlibert.core.vocab import RESERVED_TOKENS
 
 from test_data_hub import server  # noqa: F401  the loopback HTTP server fixture
 
-INSTALLED = installed_backends()
-needs_all = pytest.mark.skipif(len(INSTALLED) < len(BACKENDS), reason="needs every backend installed")
-pytestmark = needs_all
+pytestmark = pytest.mark.backends(*BACKENDS)  # each source through every backend (tests/conftest.py)
 
 # A small model of the book's architecture: 64-dimensional heads (what a folder without config.json
 # is read with), 2 blocks as bert.small.
@@ -276,7 +274,8 @@ def test_a_format_whose_framework_is_missing_is_one_line_naming_the_install(sour
     monkeypatch.setattr(registry, "is_installed", lambda name: name != "mxnet")
     path = os.path.join(sources["book-mxnet"], "pretrained.params")
     with pytest.raises(ModuleNotFoundError, match=r"pretrained.params: a mxnet-format parameter file; reading it "
-                                                  r"needs mxnet==1.9.1: pip install mxnet==1.9.1"):
+                                                  r"needs the mxnet backend \(MXNet 1.9.1\): pip install "
+                                                  r"'nlibert\[mxnet\]'"):
         load_backend("torch").load_pretrained_model(sources["book-mxnet"], None, None, None, None, 0.0, None,
                                                     ["cpu"])
     assert read_params_in(os.path.join(sources["book-torch"], "pretrained.params"), "torch")

@@ -13,8 +13,12 @@ import re
 import numpy as onp
 import pytest
 
-torch = pytest.importorskip("torch")
-mx = pytest.importorskip("mxnet")
+from needs import require_backend
+
+require_backend("torch")
+require_backend("mxnet")
+import torch  # noqa: E402
+import mxnet as mx  # noqa: E402
 
 import nlibert.backends.mxnet as mb  # noqa: E402
 import nlibert.backends.torch as tb  # noqa: E402

@@ -79,6 +79,7 @@ def test_finetune_records_its_mode_and_reuses_the_packed_cache(tmp_path, capsys)
     assert not (book / "packed").exists()
 
 
+@pytest.mark.backends("mxnet")
 def test_mxnet_fast_finetune_with_a_graph(tmp_path):
     out = tmp_path / "mx"
     cache = tmp_path / "cache"
@@ -95,6 +96,10 @@ def test_unknown_mode_and_precision_are_refused(tmp_path, capsys):
         cli.main(["finetune", "--mode", "turbo"])
     with pytest.raises(ValueError, match="--mode 'turbo'"):
         FinetuneSettings(mode="turbo", out=str(tmp_path))
+
+
+@pytest.mark.backends("mxnet")
+def test_mxnet_refuses_bfloat16(tmp_path, capsys):
     assert cli.main(["finetune", "--backend", "mxnet", "--precision", "bfloat16", "--out", str(tmp_path / "o"),
                      *SMALL]) == 2
     assert "bfloat16" in capsys.readouterr().err

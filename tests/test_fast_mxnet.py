@@ -6,7 +6,10 @@ import time
 import numpy as onp
 import pytest
 
-mx = pytest.importorskip("mxnet")
+from needs import require_backend
+
+require_backend("mxnet")
+import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon, init, np, npx  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
 

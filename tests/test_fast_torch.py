@@ -4,14 +4,17 @@ import re
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
+from needs import require_backend
 
-from nlibert.backends.torch import (BERTClassifier, BERTModel, evaluate_accuracy, set_fused_attention, train_ch13,
+require_backend("torch")
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from nlibert.backends.torch import (BERTClassifier, BERTModel, evaluate_accuracy, set_fused_attention, train_ch13,  # noqa: E402
                                     train_fast)
-from nlibert.backends.torch.model import MultiHeadAttention
-from nlibert.backends.torch.train import FinetuneStep, train_batch_ch13
-from nlibert.core.batching import BatchIterator, bucket_batch_indices
+from nlibert.backends.torch.model import MultiHeadAttention  # noqa: E402
+from nlibert.backends.torch.train import FinetuneStep, train_batch_ch13  # noqa: E402
+from nlibert.core.batching import BatchIterator, bucket_batch_indices  # noqa: E402
 
 torch.set_num_threads(1)  # tests run two workers on shared cores
 

@@ -146,8 +146,8 @@ def test_a_hugging_face_folder_without_weights_says_so(tmp_path):
 def test_tests_needing_the_real_data_skip_without_it_and_fail_in_ci(require, outcome, tmp_path):
     """A lone clone passes the README's test command; CI (NLIBERT_REQUIRE_SHARED_DATA=1) cannot
     pass with those tests skipped."""
-    conftest = os.path.join(os.path.dirname(__file__), "conftest.py")
-    (tmp_path / "conftest.py").write_text(open(conftest).read())
+    for helper in ("conftest.py", "needs.py"):
+        (tmp_path / helper).write_text(open(os.path.join(os.path.dirname(__file__), helper)).read())
     (tmp_path / "test_needs_data.py").write_text(textwrap.dedent("""
         def test_reads_it(shared_data):
             assert shared_data.exists()

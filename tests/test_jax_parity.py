@@ -21,9 +21,14 @@ import pytest
 
 import nlibert  # noqa: F401  first: importing mxnet before it would drop torch to one thread
 
-torch = pytest.importorskip("torch")
-mx = pytest.importorskip("mxnet")
-jax = pytest.importorskip("jax")
+from needs import require_backend
+
+require_backend("torch")
+require_backend("mxnet")
+require_backend("jax")
+import torch  # noqa: E402
+import mxnet as mx  # noqa: E402
+import jax  # noqa: E402
 import optax  # noqa: E402
 
 import nlibert.backends.jax as jb  # noqa: E402

@@ -10,7 +10,10 @@ import types
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
+from needs import require_backend
+
+require_backend("jax")
+import jax  # noqa: E402
 import optax  # noqa: E402
 
 from nlibert.backends.jax import (BERTClassifier, BERTModel, FinetuneStep, evaluate_accuracy,  # noqa: E402

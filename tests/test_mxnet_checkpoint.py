@@ -5,7 +5,10 @@ import os
 import numpy as onp
 import pytest
 
-mx = pytest.importorskip("mxnet")
+from needs import require_backend
+
+require_backend("mxnet")
+import mxnet as mx  # noqa: E402
 from mxnet import init, np, npx  # noqa: E402
 
 from nlibert.backends.mxnet import (BERTClassifier, BERTModel, load_classifier,  # noqa: E402

@@ -4,7 +4,10 @@ gradients reaching the positional embedding, and the MLM gather."""
 import numpy as onp
 import pytest
 
-mx = pytest.importorskip("mxnet")
+from needs import require_backend
+
+require_backend("mxnet")
+import mxnet as mx  # noqa: E402
 from mxnet import autograd, init, np, npx  # noqa: E402
 
 from nlibert.backends.mxnet.model import (BERTClassifier, BERTModel, MultiHeadAttention,  # noqa: E402

@@ -4,7 +4,10 @@ import re
 import numpy as onp
 import pytest
 
-mx = pytest.importorskip("mxnet")
+from needs import require_backend
+
+require_backend("mxnet")
+import mxnet as mx  # noqa: E402
 from mxnet import gluon, init, np, npx  # noqa: E402
 
 from nlibert.backends.mxnet import (BERTClassifier, BERTModel, evaluate_accuracy, predict_proba,  # noqa: E402

@@ -80,6 +80,7 @@ def test_expected_shapes_size_the_output_layer_by_the_number_of_classes():
     assert shapes["output.weight"] == (5, 16) and shapes["output.bias"] == (5,)
 
 
+@pytest.mark.backends("mxnet", "jax")
 def test_parity_compares_a_four_class_classifier_across_every_backend(tmp_path):
     backend = load_backend(BACKENDS[0])
     net, _ = _classifier(backend, tmp_path / "bert", 4)

@@ -16,8 +16,12 @@ import math
 import numpy as onp
 import pytest
 
-torch = pytest.importorskip("torch")
-mx = pytest.importorskip("mxnet")
+from needs import require_backend
+
+require_backend("torch")
+require_backend("mxnet")
+import torch  # noqa: E402
+import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon  # noqa: E402
 from mxnet import np as mnp  # noqa: E402
 

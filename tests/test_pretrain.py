@@ -5,12 +5,15 @@ import re
 
 import numpy as np
 import pytest
-import torch
+from needs import require_backend
 
-from nlibert import cli, jobs
-from nlibert.backends import BACKENDS, load_backend
-from nlibert.core.settings import PretrainSettings
-from nlibert.core.wiki import WikiTextDataset, read_wiki
+require_backend("torch")
+import torch  # noqa: E402
+
+from nlibert import cli, jobs  # noqa: E402
+from nlibert.backends import BACKENDS, load_backend  # noqa: E402
+from nlibert.core.settings import PretrainSettings  # noqa: E402
+from nlibert.core.wiki import WikiTextDataset, read_wiki  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -133,6 +136,7 @@ def test_torch_book_loss_object_serves_book_mode_only(dataset):
         _get_batch_loss_bert(net, torch.nn.CrossEntropyLoss(), len(dataset.vocab), *X, mlm_loss="masked")
 
 
+@pytest.mark.backends("mxnet")
 def test_mxnet_pretrains_and_resumes_across_two_devices(dataset, tmp_path):
     import mxnet as mx
     backend = load_backend("mxnet")
@@ -223,6 +227,7 @@ def test_resuming_after_a_crash_ends_where_an_uninterrupted_run_ends(name, optio
     assert fresh["resumed_from_step"] is None and fresh["last_step"] == 2
 
 
+@pytest.mark.backends("mxnet")
 def test_cli_pretrain_stop_resume_then_finetune_in_both_backends(corpus, tmp_path, capsys):
     out = tmp_path / "bert"
     args = ["pretrain", "--backend", "torch", "--corpus", str(corpus), "--steps", "6", "--batch-size", "32",
@@ -316,6 +321,7 @@ def test_fast_mode_gives_the_book_modes_losses(name, corpus, tmp_path, monkeypat
     assert runs["fast"]["history"][-1]["mlm_loss"] < runs["fast"]["history"][0]["mlm_loss"]
 
 
+@pytest.mark.backends("mxnet")
 def test_mxnet_trainer_state_is_matched_by_parameter_name(dataset, tmp_path):
     """Gluon's trainer orders parameters by global names such as `dense98_weight`; a model built after
     the name counter passed a power of ten (`dense100_...` sorts before `dense99_...`) orders them
@@ -387,6 +393,7 @@ def test_cli_pretrain_passes_the_schedule_mode_and_masking(monkeypatch, capsys):
     assert "--warmup-steps must be >= 0" in capsys.readouterr().err
 
 
+@pytest.mark.backends("mxnet", "jax")
 def test_xavier_init_gives_torch_the_distribution_of_mxnets_book_init(tmp_path):
     """`--init xavier` in torch and JAX draws every tensor from the interval MXNet's `init.Xavier()`
     uses (the same fans for Dense weights, embeddings and the 3-d positional embedding), biases 0,

@@ -8,6 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from needs import require_backend
+
+require_backend("torch")
+require_backend("mxnet")
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

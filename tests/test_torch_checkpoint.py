@@ -4,12 +4,15 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+from needs import require_backend
 
-from nlibert.backends.torch import (BERTClassifier, BERTModel, load_classifier, load_pretrained_model,
+require_backend("torch")
+import torch  # noqa: E402
+
+from nlibert.backends.torch import (BERTClassifier, BERTModel, load_classifier, load_pretrained_model,  # noqa: E402
                                     read_params, save_classifier, save_pretrained, write_params)
-from nlibert.core.io import read_json
-from nlibert.core.vocab import Vocab
+from nlibert.core.io import read_json  # noqa: E402
+from nlibert.core.vocab import Vocab  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -1,9 +1,12 @@
 """The PyTorch BERT: masking, parameter names and counts (the book's state_dict keys), shapes, invariances, gradients."""
-import torch
-from torch.nn import functional as F
+from needs import require_backend
 
-from nlibert.backends.torch import BERTClassifier, BERTModel
-from nlibert.backends.torch.model import AddNorm, MultiHeadAttention, masked_softmax
+require_backend("torch")
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from nlibert.backends.torch import BERTClassifier, BERTModel  # noqa: E402
+from nlibert.backends.torch.model import AddNorm, MultiHeadAttention, masked_softmax  # noqa: E402
 
 torch.set_num_threads(1)  # tests run two workers on shared cores
 

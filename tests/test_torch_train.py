@@ -3,14 +3,17 @@ import re
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
+from needs import require_backend
 
-from nlibert.backends.torch import (BERTClassifier, BERTModel, evaluate_accuracy, predict_proba,
+require_backend("torch")
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from nlibert.backends.torch import (BERTClassifier, BERTModel, evaluate_accuracy, predict_proba,  # noqa: E402
                                     train_ch13, try_all_gpus)
-from nlibert.backends.torch.train import train_batch_ch13
-from nlibert.core.batching import BatchIterator
-from nlibert.core.training import EpochRecord
+from nlibert.backends.torch.train import train_batch_ch13  # noqa: E402
+from nlibert.core.batching import BatchIterator  # noqa: E402
+from nlibert.core.training import EpochRecord  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,6 @@
+"""`python -m nlibert ...` is `nlibert ...`."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
