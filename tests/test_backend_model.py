@@ -49,16 +49,24 @@ class BackendTester:
     def logits(self, net, tokens, segments, valid_lens) -> np.ndarray:
         return self.backend.classifier_logits(net, tokens, segments, valid_lens, self.device)
 
-    def saved_params(self, model, folder, kind: str = "pretrained") -> dict[str, np.ndarray]:
-        """What the backend's saver writes, read back under canonical names, in file order."""
+    def save(self, model, folder, kind: str = "pretrained") -> Vocab:
+        """The backend's saver of `kind`, with a vocabulary of the model's size; returns the vocabulary."""
         vocab = Vocab.from_idx_to_token(["<unk>"] + RESERVED_TOKENS +
                                         [f"w{i}" for i in range(model.config.vocab_size - 5)])
         if kind == "pretrained":
             self.backend.save_pretrained(model, vocab, folder)
         else:
             self.backend.save_classifier(model, vocab, None, folder)
-        path = os.path.join(folder, PRETRAINED_FILE if kind == "pretrained" else CLASSIFIER_FILE)
-        return to_canonical(read_params_in(path, self.name), self.name)
+        return vocab
+
+    def read(self, path) -> dict[str, np.ndarray]:
+        """A params file of this backend's format under canonical names, in file order."""
+        return to_canonical(read_params_in(str(path), self.name), self.name)
+
+    def saved_params(self, model, folder, kind: str = "pretrained") -> dict[str, np.ndarray]:
+        """What the backend's saver writes, read back under canonical names, in file order."""
+        self.save(model, folder, kind)
+        return self.read(os.path.join(folder, PRETRAINED_FILE if kind == "pretrained" else CLASSIFIER_FILE))
 
 
 @pytest.fixture(scope="module", params=installed_backends())

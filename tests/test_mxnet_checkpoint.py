@@ -9,12 +9,11 @@ from needs import require_backend
 
 require_backend("mxnet")
 import mxnet as mx  # noqa: E402
-from mxnet import init, np, npx  # noqa: E402
+from mxnet import np, npx  # noqa: E402
 
-from nlibert.backends.mxnet import (BERTClassifier, BERTModel, load_classifier,  # noqa: E402
-                                    load_pretrained_model, predict_proba, read_params, save_classifier,
-                                    save_pretrained, set_seed, write_params)
-from nlibert.core.vocab import Vocab, save_vocab  # noqa: E402
+from nlibert.backends.mxnet import (BERTClassifier, BERTModel, load_pretrained_model,  # noqa: E402
+                                    read_params, save_classifier, save_pretrained, set_seed, write_params)
+from nlibert.core.vocab import Vocab  # noqa: E402
 
 npx.set_np()
 
@@ -87,28 +86,6 @@ def test_load_on_two_devices_places_every_parameter_on_both(pretrained):
     for param in bert.collect_params().values():
         assert param.list_ctx() == devices
         onp.testing.assert_array_equal(param.data(devices[0]).asnumpy(), param.data(devices[1]).asnumpy())
-
-
-def test_contradicting_size_names_the_key_and_both_shapes(pretrained):
-    _, folder = pretrained
-    with pytest.raises(ValueError) as e:
-        load_pretrained_model(folder, 32, None, None, None, 0.0, None, [mx.cpu()])
-    msg = str(e.value)
-    assert "pretrained.params" in msg
-    assert "encoder.pos_embedding: file has (1, 20, 16), model expects (1, 20, 32)" in msg
-    with pytest.raises(ValueError,
-                       match=r"encoder\.pos_embedding: file has \(1, 20, 16\), model expects \(1, 10, 16\)"):
-        load_pretrained_model(folder, None, None, None, None, 0.0, 10, [mx.cpu()])
-    with pytest.raises(ValueError, match=r"missing keys: \['encoder\.blks\.2\."):
-        load_pretrained_model(folder, None, None, None, 3, 0.0, None, [mx.cpu()])
-
-
-def test_vocab_that_does_not_match_the_embedding_is_refused(pretrained, vocab):
-    _, folder = pretrained
-    save_vocab(Vocab.from_idx_to_token(vocab.idx_to_token + ["extra"]), folder / "vocab.json")
-    with pytest.raises(ValueError, match=r"encoder\.token_embedding\.weight: file has \(12, 16\), "
-                                         r"model expects \(13, 16\)"):
-        load_pretrained_model(folder, None, None, None, None, 0.0, None, [mx.cpu()])
 
 
 def test_other_files_are_refused_with_the_file_name(tmp_path, pretrained):
@@ -184,33 +161,10 @@ def test_write_params_round_trip_and_atomicity(tmp_path, rng):
     onp.testing.assert_array_equal(read_params(path)["a.weight"], params["a.weight"])
 
 
-def test_classifier_round_trip(tmp_path, pretrained):
+def test_save_classifier_refuses_an_uninitialised_head(tmp_path, pretrained):
+    """Gluon's deferred initialisation: a head never initialised is named, and nothing is written."""
     _, folder = pretrained
     bert, vocab = load_pretrained_model(folder, None, None, None, None, 0.1, None, [mx.cpu()])
-    net = BERTClassifier(bert)
     with pytest.raises(ValueError, match=r"uninitialised parameters \['output\.weight', 'output\.bias'\]"):
-        save_classifier(net, vocab, bert.config, tmp_path / "clf")
-    net.output.initialize(ctx=[mx.cpu()])
-    save_classifier(net, vocab, None, tmp_path / "clf")  # None: the config the classifier carries
-    assert len(read_params(tmp_path / "clf" / "classifier.params")) == 39
-    config = json.loads((tmp_path / "clf" / "config.json").read_text())
-    assert config["kind"] == "classifier" and config["format"] == "mxnet" and config["dropout"] == 0.1
-    loaded, vocab2, cfg = load_classifier(tmp_path / "clf", [mx.cpu()])
-    assert cfg == bert.config and vocab2.idx_to_token == vocab.idx_to_token
-    a = predict_proba(net, TOKENS.asnumpy(), SEGMENTS.asnumpy(), VALID_LENS.asnumpy(), [mx.cpu()])
-    b = predict_proba(loaded, TOKENS.asnumpy(), SEGMENTS.asnumpy(), VALID_LENS.asnumpy(), [mx.cpu()])
-    onp.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="kind 'pretrained'"):
-        load_classifier(folder, [mx.cpu()])
-
-
-def test_bert_small_sizes_are_read_off_the_file(tmp_path, vocab):
-    """No sizes given: all read from the tensors; the head count from config.json, else H/64."""
-    bert = BERTModel(len(vocab), 128, 64, 4, 1, 0.0, 12)
-    bert.initialize(init.Xavier())
-    save_pretrained(bert, vocab, tmp_path)
-    loaded, _ = load_pretrained_model(tmp_path, None, None, None, None, None, None, mx.cpu())
-    assert loaded.config == bert.config
-    os.remove(tmp_path / "config.json")  # the book's own folders have none
-    loaded, _ = load_pretrained_model(tmp_path, None, None, None, None, None, None, mx.cpu())
-    assert loaded.config.num_heads == 2 and loaded.config.dropout == 0.1
+        save_classifier(BERTClassifier(bert), vocab, bert.config, tmp_path / "clf")
+    assert not os.path.exists(tmp_path / "clf" / "classifier.params")
