@@ -1,10 +1,9 @@
 """The JAX training loop: devices, padding to a few compiled shapes, data parallelism over two host
-devices, micro-batches, the mean gradient, learning a tiny task, printing, predicting.
+devices, micro-batches, the mean gradient (the loop in every backend: tests/test_backend_train.py).
 
 tests/conftest.py asks XLA for two host devices (`--xla_force_host_platform_device_count=2`), so
 `cpu:0,cpu:1` is the code path `--device cuda:0,cuda:1` takes with GPUs."""
 import functools
-import re
 import types
 
 import numpy as np
@@ -17,8 +16,8 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 
 from nlibert.backends.jax import (BERTClassifier, BERTModel, FinetuneStep, evaluate_accuracy,  # noqa: E402
-                                  make_loss, make_trainer, parse_devices, predict_proba, set_seed,
-                                  split_batch_multi_inputs, train_ch13, try_all_gpus)
+                                  make_loss, parse_devices, set_seed, split_batch_multi_inputs,
+                                  try_all_gpus)
 from nlibert.backends.jax.checkpoint import _flatten  # noqa: E402
 from nlibert.backends.jax.train import _padded_size, _Sums, train_batch_ch13  # noqa: E402
 
@@ -171,44 +170,3 @@ def test_step_sums_stay_on_the_device_until_read():
     sums = _Sums([jax.numpy.float32(1.5)]) + _Sums([jax.numpy.float32(2.25)])
     total = sum([sums, _Sums([jax.numpy.float32(0.25)])])  # sum() starts from 0
     assert len(total.parts) == 3 and total.total() == 4.0
-
-
-def test_train_ch13_learns_a_tiny_task_and_prints_the_books_lines(capsys):
-    net = _classifier(dropout=0.1)
-    train, test = _batches(_task(48, seed=5), 12), _batches(_task(24, seed=6), 12)
-    seen = []
-    records = train_ch13(net, train, test, make_loss(), make_trainer(net, 1e-2), 8, parse_devices("cpu"),
-                         on_epoch=seen.append)
-    assert [r.epoch for r in records] == list(range(1, 9)) and seen == records
-    assert records[-1].loss < 0.5 * records[0].loss
-    assert records[-1].train_acc >= 0.8 and records[-1].test_acc >= 0.8
-    assert all(r.num_examples == 48 and r.examples_per_sec > 0 for r in records)
-    out = capsys.readouterr().out
-    assert re.fullmatch(r"loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}\n"
-                        r"\d+\.\d examples/sec on \[CpuDevice\(id=0\)\]\n", out), out
-    with pytest.raises(ValueError, match="no batches"):
-        train_ch13(net, [], test, make_loss(), make_trainer(net, 1e-2), 1, parse_devices("cpu"))
-
-
-def test_predict_proba_batches_and_single_examples():
-    net = _classifier()
-    device = parse_devices("cpu")
-    tokens, segments, valid_lens, _ = _task(5, seed=7)
-    probs = predict_proba(net, tokens, segments, valid_lens, device)
-    assert probs.shape == (5, 3) and isinstance(probs, np.ndarray)
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
-    logits = np.asarray(net((tokens, segments, valid_lens.astype(np.float32))))
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    np.testing.assert_allclose(probs, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(predict_proba(net, tokens, segments, valid_lens, device, batch_size=2), probs,
-                               rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(predict_proba(net, tokens[3], segments[3], valid_lens[3], device), probs[3:4],
-                               rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="row counts differ"):
-        predict_proba(net, tokens, segments[:4], valid_lens, device)
-
-
-def test_an_unsupported_precision_is_refused():
-    net = _classifier()
-    with pytest.raises(ValueError, match="bfloat16.*float32"):
-        FinetuneStep(net, make_loss(), make_trainer(net, 1e-3), parse_devices("cpu"), precision="bfloat16")

@@ -1,6 +1,5 @@
-"""The MXNet training loop: device splitting, multi-device equivalence, learning a tiny task, printing."""
-import re
-
+"""The MXNet training loop: device splitting, multi-device equivalence, the mean gradient (the loop in
+every backend: tests/test_backend_train.py)."""
 import numpy as onp
 import pytest
 
@@ -10,8 +9,8 @@ require_backend("mxnet")
 import mxnet as mx  # noqa: E402
 from mxnet import gluon, init, np, npx  # noqa: E402
 
-from nlibert.backends.mxnet import (BERTClassifier, BERTModel, evaluate_accuracy, predict_proba,  # noqa: E402
-                                    split_batch_multi_inputs, train_ch13, try_all_gpus)
+from nlibert.backends.mxnet import (BERTClassifier, BERTModel, evaluate_accuracy,  # noqa: E402
+                                    split_batch_multi_inputs)
 from nlibert.backends.mxnet.train import train_batch_ch13  # noqa: E402
 
 npx.set_np()
@@ -49,11 +48,6 @@ def _classifier(devices, dropout=0.0, seed=0):
     net = BERTClassifier(bert)
     net.output.initialize(ctx=devices)
     return net
-
-
-def test_try_all_gpus_falls_back_to_the_cpu():
-    assert mx.context.num_gpus() == 0  # this test machine
-    assert try_all_gpus() == [mx.cpu(0)]
 
 
 def test_split_batch_multi_inputs_splits_every_input_across_devices():
@@ -129,39 +123,3 @@ def test_a_training_batch_smaller_than_the_device_count_is_refused():
     (X, y), = _batches(_task(1, seed=4), 1)
     with pytest.raises(ValueError, match="batch of 1 examples cannot be split across 2 devices"):
         train_batch_ch13(net, X, y, gluon.loss.SoftmaxCrossEntropyLoss(), trainer, TWO_CPUS)
-
-
-def test_train_ch13_learns_a_tiny_task_and_prints_the_books_lines(capsys):
-    net = _classifier([mx.cpu()], dropout=0.1)
-    train, test = _batches(_task(48, seed=5), 12), _batches(_task(24, seed=6), 12)  # 4 batches: < 5
-    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": 1e-2})
-    seen = []
-    records = train_ch13(net, train, test, gluon.loss.SoftmaxCrossEntropyLoss(), trainer, 8, [mx.cpu()],
-                         on_epoch=seen.append)
-    assert [r.epoch for r in records] == list(range(1, 9)) and seen == records
-    assert records[-1].loss < 0.5 * records[0].loss
-    assert records[-1].train_acc >= 0.8 and records[-1].test_acc >= 0.8
-    assert all(r.num_examples == 48 and r.examples_per_sec > 0 for r in records)
-    out = capsys.readouterr().out
-    assert re.fullmatch(r"loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}\n"
-                        r"\d+\.\d examples/sec on \[cpu\(0\)\]\n", out), out
-    assert f"loss {records[-1].loss:.3f}, train acc {records[-1].train_acc:.3f}" in out
-    with pytest.raises(ValueError, match="no batches"):
-        train_ch13(net, [], test, gluon.loss.SoftmaxCrossEntropyLoss(), trainer, 1, [mx.cpu()])
-
-
-def test_predict_proba_batches_and_single_examples():
-    net = _classifier([mx.cpu()])
-    tokens, segments, valid_lens, _ = _task(5, seed=7)
-    probs = predict_proba(net, tokens, segments, valid_lens, [mx.cpu()])
-    assert probs.shape == (5, 3) and isinstance(probs, onp.ndarray)
-    onp.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
-    logits = net((np.array(tokens), np.array(segments), np.array(valid_lens, dtype="float32"))).asnumpy()
-    e = onp.exp(logits - logits.max(axis=1, keepdims=True))
-    onp.testing.assert_allclose(probs, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-7)
-    onp.testing.assert_allclose(predict_proba(net, tokens, segments, valid_lens, [mx.cpu()], batch_size=2),
-                                probs, rtol=1e-6, atol=1e-7)
-    onp.testing.assert_allclose(predict_proba(net, tokens[3], segments[3], valid_lens[3], [mx.cpu()]),
-                                probs[3:4], rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="row counts differ"):
-        predict_proba(net, tokens, segments[:4], valid_lens, [mx.cpu()])

@@ -1,6 +1,5 @@
-"""The PyTorch fine-tuning loop: devices, one step, accuracy, train_ch13 end to end, predictions."""
-import re
-
+"""The PyTorch fine-tuning loop: one step, the summed gradient, accuracy, train_ch13 on tensors and
+the core batch iterator (the loop in every backend: tests/test_backend_train.py)."""
 import numpy as np
 import pytest
 from needs import require_backend
@@ -9,11 +8,9 @@ require_backend("torch")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from nlibert.backends.torch import (BERTClassifier, BERTModel, evaluate_accuracy, predict_proba,  # noqa: E402
-                                    train_ch13, try_all_gpus)
+from nlibert.backends.torch import BERTClassifier, BERTModel, evaluate_accuracy, train_ch13  # noqa: E402
 from nlibert.backends.torch.train import train_batch_ch13  # noqa: E402
 from nlibert.core.batching import BatchIterator  # noqa: E402
-from nlibert.core.training import EpochRecord  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -40,14 +37,6 @@ def separable_batches(num_batches: int, batch_size: int = 16, seed: int = 0):
 def tiny_classifier(dropout: float = 0.1, seed: int = 0) -> BERTClassifier:
     torch.manual_seed(seed)
     return BERTClassifier(BERTModel(V, 16, 32, 2, 2, dropout, max_len=16))
-
-
-def test_try_all_gpus_falls_back_to_the_cpu():
-    devices = try_all_gpus()
-    if torch.cuda.is_available():
-        assert devices == [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
-    else:
-        assert devices == [torch.device("cpu")]
 
 
 def test_train_batch_returns_the_loss_sum_and_correct_count_before_the_step():
@@ -95,30 +84,6 @@ def test_evaluate_accuracy_counts_exactly_and_restores_the_mode():
     assert net.training
 
 
-def test_train_ch13_learns_with_fewer_than_five_batches_and_prints_the_book_lines(capsys):
-    net = tiny_classifier()
-    train_iter, test_iter = separable_batches(3, seed=0), separable_batches(2, seed=1)
-    trainer = torch.optim.Adam(net.parameters(), lr=5e-3)
-    seen = []
-    records = train_ch13(net, train_iter, test_iter, nn.CrossEntropyLoss(reduction="none"), trainer,
-                         10, CPU, on_epoch=seen.append)
-    assert len(records) == 10 and all(isinstance(r, EpochRecord) for r in records)
-    assert seen == records
-    assert [r.epoch for r in records] == list(range(1, 11))
-    assert all(r.num_examples == 48 and r.examples_per_sec > 0 for r in records)
-    assert records[0].loss > 1.0  # chance level is ln 3 = 1.10
-    assert records[-1].loss < 0.5 * records[0].loss
-    assert records[-1].train_acc > records[0].train_acc
-    assert records[-1].test_acc >= 0.8
-
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2
-    assert re.fullmatch(r"loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}", lines[0])
-    assert re.fullmatch(r"\d+\.\d examples/sec on \[device\(type='cpu'\)\]", lines[1])
-    last = records[-1]
-    assert lines[0] == f"loss {last.loss:.3f}, train acc {last.train_acc:.3f}, test acc {last.test_acc:.3f}"
-
-
 def test_train_ch13_quiet_and_with_tensor_batches(capsys):
     net = tiny_classifier()
     batches = [(tuple(torch.as_tensor(a) for a in X), torch.as_tensor(y)) for X, y in separable_batches(2)]
@@ -139,29 +104,3 @@ def test_train_ch13_takes_the_core_batch_iterator_trimmed_or_not(capsys):
         records = train_ch13(net, train_iter, test_iter, nn.CrossEntropyLoss(reduction="none"), trainer,
                              2, CPU, verbose=False)
         assert [r.num_examples for r in records] == [40, 40]  # 3 batches, the last one short
-
-
-def test_train_ch13_rejects_an_empty_iterator_and_no_devices():
-    net = tiny_classifier()
-    trainer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    loss = nn.CrossEntropyLoss(reduction="none")
-    with pytest.raises(ValueError, match="no batches"):
-        train_ch13(net, [], [], loss, trainer, 1, CPU)
-    with pytest.raises(ValueError, match="devices"):
-        train_ch13(net, separable_batches(1), [], loss, trainer, 1, [])
-
-
-def test_predict_proba_is_the_eval_mode_softmax_in_any_batch_size():
-    net = tiny_classifier(dropout=0.5).train()
-    (ids, segments, lens), _ = separable_batches(1, batch_size=7)[0]
-    probs = predict_proba(net, ids, segments, lens, CPU)
-    assert probs.shape == (7, 3) and probs.dtype == np.float32
-    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
-    net.eval()
-    with torch.no_grad():
-        expected = torch.softmax(net(tuple(torch.as_tensor(a) for a in (ids, segments, lens))), -1).numpy()
-    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(predict_proba(net, ids, segments, lens, CPU, batch_size=3), probs,
-                               rtol=1e-5, atol=1e-6)
-    one = predict_proba(net, ids[2], segments[2], lens[2], CPU)  # one unbatched example
-    np.testing.assert_allclose(one, probs[2:3], rtol=1e-5, atol=1e-6)
