@@ -21,26 +21,7 @@ from nlibert.backends.jax import (BERTClassifier, BERTModel, FinetuneStep, evalu
 from nlibert.backends.jax.checkpoint import _flatten  # noqa: E402
 from nlibert.backends.jax.train import _padded_size, _Sums, train_batch_ch13  # noqa: E402
 
-V, T = 12, 6
-
-
-def _task(n, seed):
-    """A separable toy NLI: the label is which of three 'verb' tokens (5, 6, 7) sits at position 2."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 3, size=n)
-    tokens = rng.integers(8, V, size=(n, T)).astype("int32")
-    tokens[:, 0], tokens[:, 2], tokens[:, 3] = 2, 5 + labels, 3  # <cls> x verb <sep> ...
-    valid_lens = rng.integers(4, T + 1, size=n).astype("int32")
-    segments = (np.arange(T)[None, :] >= 4).astype("int32").repeat(n, axis=0)
-    for i, n_valid in enumerate(valid_lens):
-        tokens[i, n_valid:], segments[i, n_valid:] = 1, 0  # <pad>
-    return tokens, segments, valid_lens, labels.astype("int64")
-
-
-def _batches(arrays, batch_size):
-    tokens, segments, valid_lens, labels = arrays
-    return [((tokens[i:i + batch_size], segments[i:i + batch_size], valid_lens[i:i + batch_size]),
-             labels[i:i + batch_size]) for i in range(0, len(labels), batch_size)]
+from test_backend_train import V, batches, task  # noqa: E402  the toy task every backend learns
 
 
 def _classifier(dropout=0.0, seed=0, max_len=16):
@@ -83,7 +64,7 @@ def test_padded_sizes_are_a_short_ladder():
 
 def test_split_batch_multi_inputs_splits_every_input_across_devices():
     devices = parse_devices("cpu:0,cpu:1")
-    tokens, segments, valid_lens, labels = _task(5, seed=1)
+    tokens, segments, valid_lens, labels = task(5, seed=1)
     X_shards, y_shards = split_batch_multi_inputs((tokens, segments, valid_lens), labels, devices)
     assert [len(y) for y in y_shards] == [3, 2]
     for shard, y, device in zip(X_shards, y_shards, devices):
@@ -97,7 +78,7 @@ def test_split_batch_multi_inputs_splits_every_input_across_devices():
 def test_a_step_follows_the_mean_gradient_of_the_batch():
     """The JAX book differentiates `softmax_cross_entropy_with_integer_labels(...).mean()`."""
     net, lr = _classifier(), 0.5
-    (X, y), = _batches(_task(8, seed=8), 8)
+    (X, y), = batches(task(8, seed=8), 8)
     before = net.params
 
     def mean_loss(params):
@@ -117,7 +98,7 @@ def test_padding_rows_and_columns_changes_neither_the_step_nor_the_sums():
     """A batch the caller padded to the full width, or one the step pads to its compiled shape
     (7 rows -> 8, width 6 -> 8), trains exactly like the tight batch would: padded columns are
     masked keys, padded rows have weight 0."""
-    (X, y), = _batches(_task(7, seed=9), 7)
+    (X, y), = batches(task(7, seed=9), 7)
     wide = (np.pad(X[0], ((0, 0), (0, 10)), constant_values=1), np.pad(X[1], ((0, 0), (0, 10))), X[2])
     results = []
     for batch in (X, wide):
@@ -134,11 +115,11 @@ def test_two_devices_train_like_one():
     across the devices by XLA: the same steps as one device, up to the summation order."""
     one, two = _classifier(), _classifier()
     start = _params(one)
-    batches = _batches(_task(21, seed=2), 7)  # 7 rows: padded to 8, 4 per device
+    steps = batches(task(21, seed=2), 7)  # 7 rows: padded to 8, 4 per device
     results = []
     for net, devices in ((one, parse_devices("cpu")), (two, parse_devices("cpu:0,cpu:1"))):
         step = FinetuneStep(net, make_loss(), _sgd(net), devices)
-        results.append([step.read(step(X, y)) for X, y in batches])
+        results.append([step.read(step(X, y)) for X, y in steps])
         assert all(len(leaf.devices()) == len(devices) for leaf in jax.tree_util.tree_leaves(net.params))
     for (l1, c1), (l2, c2) in zip(*results):
         assert l1 == pytest.approx(l2, rel=1e-5) and c1 == c2
@@ -146,7 +127,7 @@ def test_two_devices_train_like_one():
     assert max(np.abs(after_one[k] - start[k]).max() for k in start) > 1e-3  # they did train
     for k in start:
         np.testing.assert_allclose(after_two[k], after_one[k], rtol=1e-5, atol=1e-5, err_msg=k)
-    test = _batches(_task(9, seed=3), 4)  # 4, 4, 1: a last batch smaller than the device count
+    test = batches(task(9, seed=3), 4)  # 4, 4, 1: a last batch smaller than the device count
     assert evaluate_accuracy(two, test, parse_devices("cpu:0,cpu:1")) == \
         pytest.approx(evaluate_accuracy(one, test, parse_devices("cpu")))
 
@@ -154,7 +135,7 @@ def test_two_devices_train_like_one():
 def test_micro_batches_give_the_whole_batch_update():
     """`micro_batch` 3 computes 8 rows in chunks (3, 3, 2 padded to 3) under `lax.scan` and adds
     their gradients: the same step as the whole batch at once."""
-    (X, y), = _batches(_task(8, seed=4), 8)
+    (X, y), = batches(task(8, seed=4), 8)
     results = []
     for micro_batch in (None, 3):
         net = _classifier()

@@ -19,26 +19,7 @@ npx.set_np()
 pytestmark = pytest.mark.filterwarnings("ignore:ndarray.as_in_context:DeprecationWarning")
 
 TWO_CPUS = [mx.cpu(0), mx.cpu(1)]
-V, T = 12, 6
-
-
-def _task(n, seed):
-    """A separable toy NLI: the label is which of three 'verb' tokens (5, 6, 7) sits at position 2."""
-    rng = onp.random.default_rng(seed)
-    labels = rng.integers(0, 3, size=n)
-    tokens = rng.integers(8, V, size=(n, T)).astype("int32")
-    tokens[:, 0], tokens[:, 2], tokens[:, 3] = 2, 5 + labels, 3  # <cls> x verb <sep> ...
-    valid_lens = rng.integers(4, T + 1, size=n).astype("int32")
-    segments = (onp.arange(T)[None, :] >= 4).astype("int32").repeat(n, axis=0)
-    for i, n_valid in enumerate(valid_lens):
-        tokens[i, n_valid:], segments[i, n_valid:] = 1, 0  # <pad>
-    return tokens, segments, valid_lens, labels.astype("int64")
-
-
-def _batches(arrays, batch_size):
-    tokens, segments, valid_lens, labels = arrays
-    return [((tokens[i:i + batch_size], segments[i:i + batch_size], valid_lens[i:i + batch_size]),
-             labels[i:i + batch_size]) for i in range(0, len(labels), batch_size)]
+from test_backend_train import V, batches, task  # noqa: E402  the toy task every backend learns
 
 
 def _classifier(devices, dropout=0.0, seed=0):
@@ -51,7 +32,7 @@ def _classifier(devices, dropout=0.0, seed=0):
 
 
 def test_split_batch_multi_inputs_splits_every_input_across_devices():
-    tokens, segments, valid_lens, labels = _task(5, seed=1)
+    tokens, segments, valid_lens, labels = task(5, seed=1)
     X = tuple(np.array(a) for a in (tokens, segments, valid_lens))
     X_shards, y_shards = split_batch_multi_inputs(X, np.array(labels), TWO_CPUS)
     assert len(X_shards) == len(y_shards) == 2
@@ -77,12 +58,12 @@ def test_two_devices_train_like_one(tmp_path):
     one, two = _classifier([mx.cpu(0)]), _classifier(TWO_CPUS)
     start = _params(one)
     assert all(onp.array_equal(start[k], v) for k, v in _params(two).items())  # same seed, same init
-    batches = _batches(_task(21, seed=2), 7)  # shards of 4 and 3
+    steps = batches(task(21, seed=2), 7)  # shards of 4 and 3
     loss = gluon.loss.SoftmaxCrossEntropyLoss()
     results = []
     for net, devices in ((one, [mx.cpu(0)]), (two, TWO_CPUS)):
         trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.5})
-        results.append([train_batch_ch13(net, X, y, loss, trainer, devices) for X, y in batches])
+        results.append([train_batch_ch13(net, X, y, loss, trainer, devices) for X, y in steps])
     for (l1, c1), (l2, c2) in zip(*results):
         assert l1 == pytest.approx(l2, rel=1e-5) and c1 == c2
     after_one, after_two = _params(one), _params(two)
@@ -93,7 +74,7 @@ def test_two_devices_train_like_one(tmp_path):
     for p in two.collect_params().values():
         onp.testing.assert_array_equal(p.data(mx.cpu(0)).asnumpy(), p.data(mx.cpu(1)).asnumpy())
     # Evaluation splits too, including a last batch smaller than the device count.
-    test = _batches(_task(9, seed=3), 4)  # 4, 4, 1
+    test = batches(task(9, seed=3), 4)  # 4, 4, 1
     assert evaluate_accuracy(two, test, TWO_CPUS) == pytest.approx(evaluate_accuracy(one, test, [mx.cpu(0)]))
 
 
@@ -102,7 +83,7 @@ def test_a_step_follows_the_mean_gradient_of_the_batch():
     `train_batch_ch13` calls `trainer.step(labels.shape[0])`)."""
     from mxnet import autograd
     net, reference = _classifier([mx.cpu()]), _classifier([mx.cpu()])
-    (X, y), = _batches(_task(8, seed=8), 8)
+    (X, y), = batches(task(8, seed=8), 8)
     Xm = (np.array(X[0]), np.array(X[1]), np.array(X[2], dtype="float32"))
     loss = gluon.loss.SoftmaxCrossEntropyLoss()
     with autograd.record():
@@ -120,6 +101,6 @@ def test_a_step_follows_the_mean_gradient_of_the_batch():
 def test_a_training_batch_smaller_than_the_device_count_is_refused():
     net = _classifier(TWO_CPUS)
     trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": 1e-3})
-    (X, y), = _batches(_task(1, seed=4), 1)
+    (X, y), = batches(task(1, seed=4), 1)
     with pytest.raises(ValueError, match="batch of 1 examples cannot be split across 2 devices"):
         train_batch_ch13(net, X, y, gluon.loss.SoftmaxCrossEntropyLoss(), trainer, TWO_CPUS)
