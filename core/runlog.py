@@ -41,7 +41,7 @@ def epoch_line(entry: dict) -> str:
     accs = [f"train acc {entry['train_acc']:.3f}"]
     if entry.get("validation_acc") is not None:
         accs.append(f"valid acc {entry['validation_acc']:.4f}")
-    if entry.get("test_acc") is not None:
+    if _number(entry.get("test_acc")) is not None:  # NaN: a loop given no test data
         accs.append(f"test acc {entry['test_acc']:.4f}")
     return (f"epoch {entry['epoch']}, loss {entry['loss']:.4f}, {', '.join(accs)}, "
             f"{entry['examples_per_sec']:.1f} examples/sec, {entry['seconds']:.1f} sec, "
