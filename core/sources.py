@@ -187,11 +187,23 @@ def validation_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, 
 
 def validation_file_examples(settings: FinetuneSettings, source: FinetuneSource) -> tuple[list, ...]:
     """The examples of `--validation-file`: an SNLI-format file for SNLI, else a file in
-    `--train-file`'s layout whose labels must be the training file's."""
+    `--train-file`'s layout whose labels must be the training file's. It may not be a file the run
+    trains or tests on."""
+    _check_validation_file(settings, source)
     if source.name == "snli":
         return read_snli_file(settings.validation_file, verbose=True)
     data = read_texts(settings.validation_file, settings.columns())
     return (*data.texts, encode_labels(data, source.label_names))
+
+
+def _check_validation_file(settings: FinetuneSettings, source: FinetuneSource) -> None:
+    path = settings.validation_file
+    used = (source.train_file, source.test_file) if source.name == "snli" else (settings.train_file, settings.test_file)
+    for file in used:
+        if file is not None and os.path.exists(path) and os.path.exists(file) and os.path.samefile(path, file):
+            role = "trains" if file == used[0] else "tests"
+            raise ValueError(f"--validation-file {path}: is the file this run {role} on; validate on other data "
+                             "(or hold out a share of the training data with --validation-split F)")
 
 
 def book_validation(settings: FinetuneSettings, source: FinetuneSource, train: tuple[list, ...]
@@ -216,6 +228,7 @@ def packed_validation(settings: FinetuneSettings, source: FinetuneSource, train_
     if settings.validation_file is None:
         return train_set, None
     if source.name == "snli":
+        _check_validation_file(settings, source)
         return train_set, load_packed_snli(settings.validation_file, vocab, settings.max_len, cache_dir=cache_dir,
                                            verbose=True)
     return train_set, load_packed_examples(validation_file_examples(settings, source), f"{source.name}-validation",

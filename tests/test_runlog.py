@@ -210,8 +210,15 @@ def test_save_best_chooses_on_validation_and_reports_that_models_test_accuracy(s
 
 
 def test_validation_files_of_snli_and_of_the_users_own_files(sample, tmp_path):
+    test_file = os.path.join(sample, "snli_1.0_test.txt")
+    for mode in ("fast", "book"):  # validating on the test file would be choosing on it
+        with pytest.raises(ValueError, match="--validation-file .*: is the file this run tests on"):
+            jobs.run_finetune(settings("torch", sample, tmp_path / mode, mode=mode, validation_split=None,
+                                       validation_file=test_file))
+    copy = tmp_path / "snli_1.0_dev.txt"
+    copy.write_bytes(open(test_file, "rb").read())
     snli = jobs.run_finetune(settings("torch", sample, tmp_path / "snli", epochs=1, validation_split=None,
-                                      validation_file=os.path.join(sample, "snli_1.0_test.txt"), save_best=True))
+                                      validation_file=str(copy), save_best=True))
     assert snli["num_validation"] == snli["num_test"] == 16 and snli["best_epoch"] == 1
     assert snli["epochs"][0]["validation_acc"] == snli["epochs"][0]["test_acc"]  # the same examples, both paths
     train = write_csv(tmp_path / "train.csv", topic_rows(60, seed=1))
