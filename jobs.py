@@ -110,8 +110,10 @@ def _book_batches(source: FinetuneSource, settings: FinetuneSettings, vocab) -> 
 
 def _eval_batches(dataset, batch_size: int, multiple: int | None = None) -> BatchIterator | None:
     """Batches of evaluation data in order (`multiple`: the fast path's, in length buckets, trimmed)."""
-    if dataset is None or multiple is None:
-        return dataset and BatchIterator.from_dataset(dataset, batch_size, shuffle=False)
+    if dataset is None:
+        return None
+    if multiple is None:
+        return BatchIterator.from_dataset(dataset, batch_size, shuffle=False)
     return BatchIterator.from_dataset(dataset, batch_size, shuffle=False, trim=True, pad_multiple=multiple,
                                       sampler=bucket_batch_indices(dataset.valid_lens, multiple))
 

@@ -245,6 +245,9 @@ class FinetuneSettings:
         signature = _without(self, self.RUN_ONLY)
         if self.lr_schedule == "linear" or self.warmup_ratio is not None:
             signature["schedule_epochs"] = self.epochs
+        for name in ("validation_split", "validation_file"):  # unset: as before these options existed,
+            if signature[name] is None:  # so that a checkpoint written then still resumes
+                del signature[name]
         return signature
 
     def replace(self, **changes: Any) -> "FinetuneSettings":

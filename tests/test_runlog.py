@@ -165,6 +165,12 @@ def test_save_best_is_refused_without_validation_data(tmp_path, capsys):
         FinetuneSettings(validation_split=0.1, validation_file="dev.txt")
     with pytest.raises(ValueError, match="--validation-file: .*--validation-split"):
         FinetuneSettings(task="ag_news", data="x", validation_file="dev.csv")
+    # the validation options are in a resumed run's signature when set (absent otherwise, as in
+    # checkpoints written before they existed)
+    assert "validation_split" not in FinetuneSettings().signature()
+    assert FinetuneSettings(validation_split=0.1).signature()["validation_split"] == 0.1
+    assert FinetuneSettings(validation_file="d.txt").signature()["validation_file"] == "d.txt"
+    assert "log_every" not in FinetuneSettings().signature() and "log_every" not in PretrainSettings().signature([])
     with pytest.raises(ValueError, match="--log-every must be >= 0"):
         PretrainSettings(log_every=-1)
 
