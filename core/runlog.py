@@ -104,8 +104,8 @@ class RunLog:
         return self.log_every > 0 and step % self.log_every == 0
 
     def mark(self, examples: float) -> None:
-        """Start the next throughput's interval now, `examples` (the count so far) seen (an epoch's
-        start: its evaluation and checkpoint are not training time)."""
+        """Start the next throughput's interval now, `examples` (the count so far) seen: at an
+        epoch's start, so that the last epoch's evaluation and checkpoint do not count as training."""
         self._mark = (time.perf_counter(), examples)
 
     def throughput(self, examples: float) -> float:
