@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from OUT/resume (default: when it holds a checkpoint); --no-resume starts over")
     ft.add_argument("--stop-after", type=_limit, default=FINETUNE.stop_after,
                     help="end this run after N steps, as if interrupted (the same command resumes)")
-    _add_log_every(ft, FINETUNE.log_every)
+    _add_log_every(ft, FINETUNE.log_every, "a line (step, epoch, loss, learning rate, speed) when standard "
+                   "output is not a terminal, which shows a progress bar instead",
+                   ". Each epoch's line and entry come regardless")
 
     pr = sub.add_parser("predict", parents=[common],
                         help="label a text, a pair (premise and hypothesis for SNLI) or every row of a file "
@@ -226,17 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from OUT/resume (default: when it holds a checkpoint); --no-resume starts over")
     pt.add_argument("--stop-after", type=_limit, default=None,
                     help="end this run after N steps, as if interrupted (the same command resumes)")
-    _add_log_every(pt, PRETRAIN.log_every)
+    _add_log_every(pt, PRETRAIN.log_every, "a line (step, MLM and NSP losses, learning rate, speed)")
     pt.add_argument("--out", default=PRETRAIN.out,
                     help="folder for vocab.json + pretrained.params + config.json, metrics.json and resume/")
     return parser
 
 
-def _add_log_every(parser: argparse.ArgumentParser, default: int) -> None:
+def _add_log_every(parser: argparse.ArgumentParser, default: int, line: str, after: str = "") -> None:
     parser.add_argument("--log-every", type=int, default=default, metavar="N",
-                        help="every N steps, a line (step, loss, learning rate, speed) when standard output is "
-                             "not a terminal (a terminal shows a progress bar) and an entry in OUT/log.jsonl; "
-                             f"0: none (default {default}). Fine-tuning prints and logs each epoch regardless")
+                        help=f"every N steps, an entry in OUT/log.jsonl and {line}; 0: none (default {default})"
+                             + after)
 
 
 def _add_nproc(parser: argparse.ArgumentParser) -> None:

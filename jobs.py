@@ -362,7 +362,8 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
 
     step = backend.PretrainStep(bert, backend.make_loss(), len(vocab), trainer, devices, settings.mlm_loss,
                                 world=world)
-    log = RunLog(settings.out if world.main else None, settings.log_every)
+    # Step lines on a terminal too: pretraining draws no progress bar.
+    log = RunLog(settings.out if world.main else None, settings.log_every, step_lines=True)
     log.begin(start_step if state is not None else None)
     try:
         records = train_steps(step, train_iter, settings.steps, start_step=start_step, seed=settings.seed,

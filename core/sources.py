@@ -7,7 +7,8 @@ examples two ways, `texts` for the book path (which packs them) and `packed` for
 (arrays reloaded from the disk cache, `core/packed_cache.py`), the same examples in the same order:
 the same seeded 90/10 split of a file without a test split and the same seeded subsets
 (`subset_indices`). Validation data (`book_validation`, `packed_validation`) is a seeded share of
-the training examples, disjoint from the rest, or a file. Each also says what its labels are called and whether an example is a pair.
+the training examples, disjoint from the rest, or a file. Each also says what its labels are called
+and whether an example is a pair.
 """
 from __future__ import annotations
 
