@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from nlibert import cli, jobs
-from nlibert.backends import BACKENDS, load_backend
+from nlibert.backends import BACKENDS
 from nlibert.core.runlog import RunLog, epoch_line, read_log
 from nlibert.core.sample import write_sample_snli
 from nlibert.core.settings import FinetuneSettings, PretrainSettings
