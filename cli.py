@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_file_options(ft, "--train-file", "your own training data: a .csv, .tsv or .jsonl file (alone: split "
                       "90/10 with --seed); the labels are its label column's values, sorted")
     ft.add_argument("--test-file", default=None, help="your own test data, in --train-file's layout")
+    ft.add_argument("--validation-split", type=float, default=FINETUNE.validation_split, metavar="F",
+                    help="hold out a seeded share F (e.g. 0.1) of the training examples (after --train-limit) as "
+                         "validation data, evaluated after each epoch; --save-best chooses on it")
+    ft.add_argument("--validation-file", default=FINETUNE.validation_file, metavar="PATH",
+                    help="validation data from a file instead: SNLI's layout for SNLI (e.g. the folder's "
+                         "snli_1.0_dev.txt), --train-file's layout for your own files")
     ft.add_argument("--max-len", type=int, default=FINETUNE.max_len)
     ft.add_argument("--batch-size", type=int, default=FINETUNE.batch_size)
     ft.add_argument("--lr", type=float, default=FINETUNE.lr)
@@ -121,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="clip the global norm of the batch's mean gradient to G before each update (the same "
                          "G in every backend, whether it differentiates the sum or the mean of the losses)")
     ft.add_argument("--save-best", action="store_true",
-                    help="keep the epoch of best test accuracy in OUT/model instead of the last "
-                         "(metrics.json: best_epoch)")
+                    help="keep the epoch of best validation accuracy in OUT/model instead of the last "
+                         "(needs --validation-split or --validation-file; metrics.json: best_epoch, and the "
+                         "test accuracy of that epoch's model)")
     ft.add_argument("--bucketing", action=argparse.BooleanOptionalAction, default=FINETUNE.bucketing,
                     help="fast mode: length-bucketed training batches (default); --no-bucketing trains on the book "
                          "path's batches, trimmed (for accuracy checks: with --dropout 0 the modes differ by rounding)")
@@ -136,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from OUT/resume (default: when it holds a checkpoint); --no-resume starts over")
     ft.add_argument("--stop-after", type=_limit, default=FINETUNE.stop_after,
                     help="end this run after N steps, as if interrupted (the same command resumes)")
+    _add_log_every(ft, FINETUNE.log_every, "a line (step, epoch, loss, learning rate, speed) when standard "
+                   "output is not a terminal, which shows a progress bar instead",
+                   ". Each epoch's line and entry come regardless")
 
     pr = sub.add_parser("predict", parents=[common],
                         help="label a text, a pair (premise and hypothesis for SNLI) or every row of a file "
@@ -232,9 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from OUT/resume (default: when it holds a checkpoint); --no-resume starts over")
     pt.add_argument("--stop-after", type=_limit, default=None,
                     help="end this run after N steps, as if interrupted (the same command resumes)")
+    _add_log_every(pt, PRETRAIN.log_every, "a line (step, MLM and NSP losses, learning rate, speed)")
     pt.add_argument("--out", default=PRETRAIN.out,
                     help="folder for vocab.json + pretrained.params + config.json, metrics.json and resume/")
     return parser
+
+
+def _add_log_every(parser: argparse.ArgumentParser, default: int, line: str, after: str = "") -> None:
+    parser.add_argument("--log-every", type=int, default=default, metavar="N",
+                        help=f"every N steps, an entry in OUT/log.jsonl and {line}; 0: none (default {default})"
+                             + after)
 
 
 def _add_nproc(parser: argparse.ArgumentParser) -> None:

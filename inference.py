@@ -173,11 +173,12 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
     texts, labels, description = _test_examples(model, settings)
     probs = model.probabilities(texts, settings.batch_size)
     result = evaluate(labels, probs.argmax(axis=1), model.task.label_names)
-    print(f"evaluated {settings.model} on {result.num_examples} examples: {description}")
+    split = "test file" if settings.test_file is not None else "test split"  # what every figure is from
+    print(f"evaluated {settings.model} on {result.num_examples} examples of the {split}: {description}")
     print(result.table())
     out = settings.out_dir()
     with output_lock(out):
-        report = {"model": os.path.abspath(settings.model), "data": description, **result.to_dict()}
+        report = {"model": os.path.abspath(settings.model), "split": split, "data": description, **result.to_dict()}
         write_json(os.path.join(out, "evaluation.json"), report)
         plot_confusion_matrix(result, os.path.join(out, "confusion.png"))
     return {**report, "out": out}

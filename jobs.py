@@ -29,11 +29,13 @@ from .core.io import write_json
 from .core.packing import SNLIBERTDataset
 from .core.plot import plot_training
 from .core.pretraining import StepRecord, format_pretrain_summary, scheduled_lr, summarize, train_steps
+from .core.runlog import LOG_FILE, RunLog
 from .core.resume import ResumeFolder, open_resume, output_lock
 from .core.progress import Progress
 from .core.settings import FinetuneSettings, PretrainSettings
-from .core.sources import FinetuneSource, finetune_source, packed_cache_dir, wiki_source
-from .core.training import LoopState, TrainingDiverged, purpose_seed, train_epochs
+from .core.sources import (FinetuneSource, book_validation, finetune_source, packed_cache_dir, packed_validation,
+                           validation_description, wiki_source)
+from .core.training import EpochRecord, LoopState, TrainingDiverged, purpose_seed, train_epochs
 from .core.vocab import RESERVED_TOKENS, Vocab, tokenize
 from .core.wiki import WikiBatchIterator, WikiTextDataset, read_wiki_files
 from .convert import run_convert, run_parity  # noqa: F401  the CLI's and the tests' jobs.run_convert / run_parity
@@ -95,12 +97,25 @@ def _pretrained_spec(backend: ModuleType, settings: FinetuneSettings, source: Fi
 
 
 def _book_batches(source: FinetuneSource, settings: FinetuneSettings, vocab) -> tuple:
-    """The chapter's data: every example packed here, padded to `max_len`, batches in seeded shuffle order."""
+    """The chapter's data: every example packed here, padded to `max_len`, batches in seeded shuffle order;
+    and the validation data's batches (None without)."""
     train_data, test_data = source.texts(settings.seed, settings.train_limit, settings.test_limit)
+    train_data, valid_data = book_validation(settings, source, train_data)
     train_set, test_set = (SNLIBERTDataset(d, settings.max_len, vocab) for d in (train_data, test_data))
+    valid_set = SNLIBERTDataset(valid_data, settings.max_len, vocab) if valid_data is not None else None
     return (BatchIterator.from_dataset(train_set, settings.batch_size, shuffle=True, seed=settings.seed),
             BatchIterator.from_dataset(test_set, settings.batch_size, shuffle=False), len(train_set),
-            len(test_set), {})
+            len(test_set), {}, _eval_batches(valid_set, settings.batch_size))
+
+
+def _eval_batches(dataset, batch_size: int, multiple: int | None = None) -> BatchIterator | None:
+    """Batches of evaluation data in order (`multiple`: the fast path's, in length buckets, trimmed)."""
+    if dataset is None:
+        return None
+    if multiple is None:
+        return BatchIterator.from_dataset(dataset, batch_size, shuffle=False)
+    return BatchIterator.from_dataset(dataset, batch_size, shuffle=False, trim=True, pad_multiple=multiple,
+                                      sampler=bucket_batch_indices(dataset.valid_lens, multiple))
 
 
 def _fast_batches(source: FinetuneSource, settings: FinetuneSettings, vocab) -> tuple:
@@ -108,19 +123,19 @@ def _fast_batches(source: FinetuneSource, settings: FinetuneSettings, vocab) -> 
     cache_dir = packed_cache_dir(settings.cache_dir, source.embedded, settings.out)
     train_set, test_set, cache_hit = source.packed(settings.seed, vocab, settings.max_len, settings.train_limit,
                                                    settings.test_limit, cache_dir)
+    train_set, valid_set = packed_validation(settings, source, train_set, vocab, cache_dir)
     multiple = 8 if settings.graph else 1  # a compiled graph then sees only a few widths
     sampler = bucket_batch_indices(train_set.valid_lens, multiple) if settings.bucketing else batch_indices
     train_iter = BatchIterator.from_dataset(train_set, settings.batch_size, shuffle=True, seed=settings.seed,
                                             trim=True, sampler=sampler, pad_multiple=multiple)
-    test_iter = BatchIterator.from_dataset(test_set, settings.batch_size, shuffle=False, trim=True,
-                                           sampler=bucket_batch_indices(test_set.valid_lens, multiple),
-                                           pad_multiple=multiple)
+    test_iter = _eval_batches(test_set, settings.batch_size, multiple)
     fast_path = {"precision": settings.precision, "graph": settings.graph, "fused_attention": True,
                  "last_block_cls_only": True, "fused_adam": backend_info(settings.backend).fused_adam,
                  "bucketing": {"sampler": "bucket_batch_indices" if settings.bucketing else "batch_indices",
                                "pad_multiple": multiple},
                  "packed_cache": {"dir": cache_dir, "hit": cache_hit}}
-    return train_iter, test_iter, len(train_set), len(test_set), {"fast_path": fast_path}
+    return (train_iter, test_iter, len(train_set), len(test_set), {"fast_path": fast_path},
+            _eval_batches(valid_set, settings.batch_size, multiple))
 
 
 def run_finetune(settings: FinetuneSettings) -> dict:
@@ -165,13 +180,14 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
     bert, vocab = backend.load_pretrained_model(pretrained, None, None, None, None, settings.dropout, None, devices)
     fast = settings.mode == "fast"
     start = time.perf_counter()
-    train_iter, test_iter, num_train, num_test, extra = (_fast_batches if fast else _book_batches)(
+    train_iter, test_iter, num_train, num_test, extra, valid_iter = (_fast_batches if fast else _book_batches)(
         source, settings, vocab)
     packing_seconds = time.perf_counter() - start
     if world.main:
         world.barrier()
     print(f"read {num_train} training and {num_test} test examples: {source.description}")
     _check_examples(source, num_train, num_test)
+    splits = _splits(settings, source, num_train, num_test, valid_iter)
 
     if fast:
         backend.set_fused_attention(bert, True)
@@ -198,6 +214,14 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
     task = TaskRecord(source.name, tuple(source.label_names), source.paired, settings.max_len,
                       settings.data_options())
     keep_best = _keep_best(backend, net, vocab, bert.config, model_dir, task, loop) if settings.save_best else None
+    log = RunLog(settings.out if world.main else None, settings.log_every)
+    log.begin(loop.step if state is not None else None, len(loop.records))
+
+    def on_epoch(record) -> None:  # rank 0: the model of the best epoch so far, the plot redrawn
+        if keep_best is not None:
+            keep_best(record)
+        plot_training([EpochRecord(**r) for r in loop.records], os.path.join(settings.out, "training.png"),
+                      settings.epochs)
 
     def checkpoint(loop_state: LoopState) -> None:  # every rank reaches it (its sums are summed over them)
         if world.main:
@@ -210,7 +234,7 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
                                state=loop, seed=settings.seed, checkpoint=checkpoint, rank=world.rank,
                                checkpoint_every=settings.checkpoint_every, stop_after=settings.stop_after,
                                lr_at=scheduled_lr(settings.lr, *settings.schedule(len(train_iter))),
-                               on_epoch=keep_best if world.main else None)
+                               on_epoch=on_epoch if world.main else None, valid_iter=valid_iter, log=log)
     except TrainingDiverged as e:
         raise _diverged(e, settings.lr, resume_dir) from None
     if len(records) < settings.epochs:
@@ -220,13 +244,21 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
         return {"completed": True, "rank": world.rank, "model_dir": model_dir}
     if not settings.save_best:
         backend.save_classifier(net, vocab, bert.config, model_dir, task=task)
+    chosen = records[_best_epoch(records) - 1] if settings.save_best else records[-1]
+    if settings.save_best:
+        print(f"chose epoch {chosen.epoch} on validation accuracy {chosen.validation_acc:.4f}: its test acc "
+              f"{chosen.test_acc:.4f} (last epoch's: {records[-1].test_acc:.4f})")
     metrics = {"backend": settings.backend, "mode": settings.mode, "pretrained": str(pretrained),
                "data": source.description, "num_train": num_train, "num_test": num_test,
-               "hyperparameters": settings.hyperparameters(), **extra,
-               "epochs": [r.to_dict() for r in records], "test_acc": records[-1].test_acc,
+               "num_validation": splits["validation"]["examples"] if splits["validation"] else 0,
+               "splits": splits, "hyperparameters": settings.hyperparameters(), **extra,
+               "epochs": [r.to_dict() for r in records], "test_acc": chosen.test_acc,
+               "validation_acc": chosen.validation_acc, "model_epoch": chosen.epoch,
+               "chosen_on": "validation accuracy" if settings.save_best else "the last epoch",
+               "last_epoch_test_acc": records[-1].test_acc,
                "packing_seconds": packing_seconds, "devices": [str(d) for d in devices], "processes": world.size,
-               "model_dir": model_dir,
-               "best_epoch": _best_epoch(records) if settings.save_best else None,
+               "model_dir": model_dir, "log": os.path.join(settings.out, LOG_FILE),
+               "best_epoch": chosen.epoch if settings.save_best else None,
                "completed": True, "steps": loop.step, "resumed_from_step": resumed_from,
                "versions": _versions(backend)}
     write_json(os.path.join(settings.out, "metrics.json"), metrics)
@@ -247,18 +279,31 @@ def launch_job(backend_name: str, nproc: int, argv: list[str]) -> int:
 
 
 def _best_epoch(records) -> int:
-    """The epoch of highest test accuracy (the first of equals)."""
-    return max(records, key=lambda r: r.test_acc).epoch
+    """The epoch of highest validation accuracy (the first of equals)."""
+    return max(records, key=lambda r: r.validation_acc).epoch
+
+
+def _splits(settings: FinetuneSettings, source: FinetuneSource, num_train: int, num_test: int, valid_iter) -> dict:
+    """Which data each figure is from (metrics.json `splits`); prints the validation data's line."""
+    validation = None
+    if valid_iter is not None:
+        num_valid = valid_iter.num_examples
+        if not num_valid:
+            raise ValueError(f"--validation-file {settings.validation_file}: holds no labelled examples")
+        validation = {"examples": num_valid, "data": validation_description(settings)}
+        print(f"validating on {num_valid} examples: {validation['data']}")
+    return {"train": {"examples": num_train, "data": source.description}, "validation": validation,
+            "test": {"examples": num_test, "data": f"the test split of {source.description}"}}
 
 
 def _keep_best(backend: ModuleType, net, vocab, config, model_dir: str, task: TaskRecord, loop: LoopState
                ) -> Callable:
     """`train_epochs`' `on_epoch` for `save_best`: the model into `model_dir` whenever an epoch's
-    test accuracy beats every earlier one's (those of a resumed run's finished epochs too). It runs
-    before the epoch's checkpoint, so a run stopped in between redoes the epoch and the write."""
+    validation accuracy beats every earlier one's (those of a resumed run's finished epochs too). It
+    runs before the epoch's checkpoint, so a run stopped in between redoes the epoch and the write."""
     def keep(record) -> None:
-        earlier = [r["test_acc"] for r in loop.records[:-1]]  # loop.records ends with this epoch's
-        if all(record.test_acc > acc for acc in earlier):
+        earlier = [r["validation_acc"] for r in loop.records[:-1]]  # loop.records ends with this epoch's
+        if all(record.validation_acc > acc for acc in earlier):
             backend.save_classifier(net, vocab, config, model_dir, task=task)
     return keep
 
@@ -321,12 +366,15 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
 
     step = backend.PretrainStep(bert, backend.make_loss(), len(vocab), trainer, devices, settings.mlm_loss,
                                 world=world)
+    # Step lines on a terminal too: pretraining draws no progress bar.
+    log = RunLog(settings.out if world.main else None, settings.log_every, step_lines=True)
+    log.begin(start_step if state is not None else None)
     try:
         records = train_steps(step, train_iter, settings.steps, start_step=start_step, seed=settings.seed,
                               lr_at=scheduled_lr(settings.lr, settings.steps, settings.warmup_steps,
                                                  settings.lr_decay),
                               on_step=on_step, checkpoint=checkpoint, checkpoint_every=settings.checkpoint_every,
-                              stop_after=settings.stop_after, rank=world.rank)
+                              stop_after=settings.stop_after, rank=world.rank, log=log)
     except TrainingDiverged as e:
         raise _diverged(e, settings.lr, resume_dir) from None
     last_step = records[-1].step if records else start_step
@@ -344,6 +392,7 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
         "this_run": summarize(records), "all_steps": summarize(history),
         "history": [r.to_dict() for r in history], "data_seconds": data_seconds,
         "devices": [str(d) for d in devices], "processes": world.size, "out_dir": settings.out,
+        "log": os.path.join(settings.out, LOG_FILE),
         "versions": _versions(backend),
     }
     if metrics["completed"]:

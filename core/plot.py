@@ -5,7 +5,8 @@ line styles '-', 'm--', 'g-.', a grid and a legend, a 3.5 x 2.5 inch figure).
 The book adds a training point every fifth of an epoch; the loop records epochs only
 (`core.training.EpochRecord`), so the lines join one point per epoch, each marked so that a
 one-epoch run still shows its points. Where the loss is above 1 the y axis grows to show it (the
-book's figure cuts it off).
+book's figure cuts it off). A run with validation data gets a fourth line, its validation accuracy.
+Jobs redraw it at each epoch's end, so a user can watch a long run.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from .training import EpochRecord
 
 # d2l's Animator: its default fmts and the legend train_ch13 gives it.
 SERIES = (("loss", "train loss", "-"), ("train_acc", "train acc", "m--"), ("test_acc", "test acc", "g-."))
+# A run with validation data adds its line in the Animator's fourth style.
+VALIDATION = ("validation_acc", "valid acc", "r:")
 
 
 def plot_training(records: Sequence[EpochRecord], path: str | os.PathLike, num_epochs: int | None = None) -> None:
@@ -33,7 +36,8 @@ def plot_training(records: Sequence[EpochRecord], path: str | os.PathLike, num_e
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     epochs = [r.epoch for r in records]
-    for field, label, fmt in SERIES:
+    series = SERIES + ((VALIDATION,) if any(r.validation_acc is not None for r in records) else ())
+    for field, label, fmt in series:
         axes.plot(epochs, [getattr(r, field) for r in records], fmt, label=label, marker=".")
     if num_epochs > 1:
         axes.set_xlim(1, num_epochs)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
+from .runlog import RunLog, pretrain_step_line
 from .settings import INIT_SCHEMES, LR_DECAYS, MLM_LOSSES
 from .training import Timer, TrainingDiverged, step_seed
 
@@ -150,7 +151,7 @@ def train_steps(step: PretrainStep, train_iter: Iterable, num_steps: int, *, sta
                 seed: int | None = None, lr_at: Callable[[int], float] | None = None,
                 on_step: Callable[[StepRecord], bool | None] | None = None,
                 checkpoint: Callable[[int, list[StepRecord]], None] | None = None, checkpoint_every: int = 0,
-                stop_after: int | None = None, rank: int = 0) -> list[StepRecord]:
+                stop_after: int | None = None, rank: int = 0, log: RunLog | None = None) -> list[StepRecord]:
     """Run steps `start_step + 1` .. `num_steps`, passing over `train_iter` as often as needed;
     return their records.
 
@@ -160,9 +161,12 @@ def train_steps(step: PretrainStep, train_iter: Iterable, num_steps: int, *, sta
     each step's learning rate (None: the trainer's own, the book's constant rate). `checkpoint(step,
     records)` runs every `checkpoint_every` steps before the last; the loop ends early when
     `on_step(record)` returns true or after `stop_after` steps of this call, as if interrupted.
-    `rank`: this process's in a distributed job (its dropout seeds, `step_seed`).
+    `rank`: this process's in a distributed job (its dropout seeds, `step_seed`). `log`: every
+    `log.log_every` steps, the step's losses, rate and speed as a line and a log.jsonl entry.
     """
     step_no, timer, records = start_step, Timer(), []
+    pairs_here = 0  # sentence pairs of this call (a logged step's throughput)
+    per_pass = len(train_iter) if hasattr(train_iter, "__len__") else None
     while step_no < num_steps:
         num_batches = 0
         for batch in train_iter:
@@ -182,6 +186,12 @@ def train_steps(step: PretrainStep, train_iter: Iterable, num_steps: int, *, sta
             record = StepRecord(step_no, mlm_value, nsp_value, int(len(batch[0])), seconds,
                                 float(step.learning_rate))
             records.append(record)
+            pairs_here += record.num_pairs
+            if log is not None and log.due(step_no):
+                entry = {"step": step_no, "epoch": (step_no - 1) // per_pass + 1 if per_pass else None,
+                         "mlm_loss": mlm_value, "nsp_loss": nsp_value, "lr": record.lr,
+                         "examples_per_sec": log.throughput(pairs_here), "elapsed": log.elapsed()}
+                log.step(entry, pretrain_step_line(entry))
             if checkpoint is not None and checkpoint_every and step_no % checkpoint_every == 0 \
                     and step_no < num_steps:
                 checkpoint(step_no, records)

@@ -85,6 +85,8 @@ class FinetuneSettings:
     text_columns: str | None = None  # 'A' (single texts) or 'A,B' (pairs): the columns of train_file
     label_column: str | None = None
     no_header: bool = False  # train_file has no header line: columns are 0-based indices
+    validation_split: float | None = None  # hold out this seeded share of the training examples ...
+    validation_file: str | None = None  # ... or validate on this file (SNLI's layout, or train_file's)
     max_len: int = 128
     batch_size: int = 512
     lr: float = 1e-4
@@ -105,7 +107,7 @@ class FinetuneSettings:
     warmup_steps: int | None = None  # ... or over N steps
     lr_schedule: str = "constant"
     max_grad_norm: float | None = None  # clip the global norm of the batch's mean gradient
-    save_best: bool = False  # OUT/model: the epoch of best test accuracy, not the last
+    save_best: bool = False  # OUT/model: the epoch of best validation accuracy, not the last
     device: str | None = None
     nproc: int = 1  # processes of a data-parallel job on this machine (core/distributed.py)
     out: str = "nlibert-out"
@@ -113,20 +115,21 @@ class FinetuneSettings:
     checkpoint_every: int = 50  # steps; a checkpoint also ends every epoch (0: only those)
     resume: bool | None = None  # None: when OUT/resume holds a checkpoint; True: insist; False: start over
     stop_after: int | None = None  # end this run after N steps, as if interrupted
+    log_every: int = 50  # steps between log lines and OUT/log.jsonl entries (0: epochs only)
 
     # Fields metrics.json records elsewhere (what was trained, the fast path's block) or that say
     # where a run happens rather than what it computes; the rest are its hyperparameters.
     NOT_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = (
         "backend", "pretrained", "task", "data", "train_file", "test_file", "text_columns", "label_column",
         "no_header", "train_limit", "test_limit", "mode", "precision", "graph", "bucketing", "device", "nproc",
-        "out", "cache_dir", "checkpoint_every", "resume", "stop_after")
+        "out", "cache_dir", "checkpoint_every", "resume", "stop_after", "validation_file", "log_every")
     # The options that choose a run's data (with `seed`, which splits a file without a test split).
     DATA_OPTIONS: ClassVar[tuple[str, ...]] = ("task", "data", "train_file", "test_file", "text_columns",
                                                "label_column", "no_header", "seed")
     # Fields a resumed run may change: where it runs and how it checkpoints, and `epochs` (more
     # epochs continue a finished run: no schedule depends on their number).
     RUN_ONLY: ClassVar[tuple[str, ...]] = ("epochs", "device", "nproc", "out", "cache_dir", "checkpoint_every",
-                                           "resume", "stop_after")
+                                           "resume", "stop_after", "log_every")
     POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size", "epochs", "train_limit", "test_limit", "stop_after",
                                            "micro_batch", "grad_accum", "nproc")
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"task": TASKS, "mode": FINETUNE_MODES, "precision": PRECISIONS,
@@ -139,8 +142,10 @@ class FinetuneSettings:
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0: at the end of each epoch only), "
                              f"got {self.checkpoint_every}")
+        _check_log_every(self.log_every)
         self._check_recipe()
         self._check_data_options()
+        self._check_validation()
         self._check_backend_capabilities()
 
     def _check_backend_capabilities(self) -> None:
@@ -189,6 +194,25 @@ class FinetuneSettings:
                              "separated by a comma for pairs) and --label-column (the column holding the label)")
         self.columns()  # its errors name --text-columns, --label-column or --no-header
 
+    def _check_validation(self) -> None:
+        """Validation data: a share of the training examples or a file, not both; `--save-best`
+        chooses on it, so it needs one (choosing on the test split would bias the test figure)."""
+        split = self.validation_split
+        if split is not None and not (_is_number(split) and 0 < split < 1):
+            raise ValueError(f"--validation-split must be a fraction between 0 and 1 (e.g. 0.1), got {split!r}")
+        if split is not None and self.validation_file is not None:
+            raise ValueError("--validation-split and --validation-file both name the validation data; give one of them")
+        if self.validation_file is not None and self.task == "ag_news":
+            raise ValueError("--validation-file: takes an SNLI-format file (--task snli) or a file in --train-file's "
+                             "layout; for AG News hold out a share of the training data with --validation-split F")
+        if self.save_best and not self.has_validation():
+            raise ValueError("--save-best chooses the epoch on validation data, never on the test split: add "
+                             "--validation-split F (a seeded share F of the training examples, e.g. 0.1) or "
+                             "--validation-file PATH (SNLI: e.g. the folder's snli_1.0_dev.txt)")
+
+    def has_validation(self) -> bool:
+        return self.validation_split is not None or self.validation_file is not None
+
     def columns(self) -> Columns:
         """Where the texts and labels are in `train_file` (and `test_file`)."""
         return Columns.parse(self.text_columns, self.label_column, self.no_header)
@@ -231,6 +255,9 @@ class FinetuneSettings:
         signature = _without(self, self.RUN_ONLY)
         if self.lr_schedule == "linear" or self.warmup_ratio is not None:
             signature["schedule_epochs"] = self.epochs
+        for name in ("validation_split", "validation_file"):  # unset: as before these options existed,
+            if signature[name] is None:  # so that a checkpoint written then still resumes
+                del signature[name]
         return signature
 
     def replace(self, **changes: Any) -> "FinetuneSettings":
@@ -264,12 +291,13 @@ class PretrainSettings:
     checkpoint_every: int = 100  # 0: only when the run ends
     resume: bool | None = None  # None: when OUT/resume holds a checkpoint; True: insist; False: start over
     stop_after: int | None = None  # end this run after N steps, as if interrupted
+    log_every: int = 10  # steps between log lines and OUT/log.jsonl entries (0: none)
     out: str = "nlibert-pretrain"
 
     # Fields that do not change what the steps compute, so a resumed run may differ in them
     # (`steps` matters only through a decaying schedule: `decay_steps` in the signature).
     RUN_ONLY: ClassVar[tuple[str, ...]] = ("corpus", "steps", "device", "nproc", "checkpoint_every", "resume",
-                                           "stop_after", "out")
+                                           "stop_after", "out", "log_every")
     POSITIVE: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "num_hiddens", "ffn_num_hiddens", "num_heads",
                                            "num_layers", "stop_after", "nproc")
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"lr_decay": LR_DECAYS, "init": INIT_SCHEMES,
@@ -283,6 +311,7 @@ class PretrainSettings:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0: only when the run ends), got {self.checkpoint_every}")
+        _check_log_every(self.log_every)
 
     def processes(self, process_per_device: bool) -> int:
         """The processes of this run's job on this machine (`FinetuneSettings.processes`)."""
@@ -306,6 +335,11 @@ def _processes(nproc: int, process_per_device: bool, device: str | None) -> int:
     if nproc > 1 or not (process_per_device and device):
         return nproc
     return max(1, sum(part.strip().startswith(("cuda:", "gpu:")) for part in device.split(",")))
+
+
+def _check_log_every(log_every: Any) -> None:
+    if not (isinstance(log_every, int) and not isinstance(log_every, bool) and log_every >= 0):
+        raise ValueError(f"--log-every must be >= 0 (0: no step lines), got {log_every!r}")
 
 
 def _only_with(settings: Any, names: Sequence[str], needed: str) -> None:

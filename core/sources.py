@@ -6,7 +6,9 @@ A fine-tuning source (`finetune_source`) is an `SNLISource` or a `TaskSource`; b
 examples two ways, `texts` for the book path (which packs them) and `packed` for the fast path
 (arrays reloaded from the disk cache, `core/packed_cache.py`), the same examples in the same order:
 the same seeded 90/10 split of a file without a test split and the same seeded subsets
-(`subset_indices`). Each also says what its labels are called and whether an example is a pair.
+(`subset_indices`). Validation data (`book_validation`, `packed_validation`) is a seeded share of
+the training examples, disjoint from the rest, or a file. Each also says what its labels are called
+and whether an example is a pair.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .packed_cache import default_cache_dir, load_packed_examples, load_packed_s
 from .packing import SNLIBERTDataset
 from .sample import write_sample_snli
 from .settings import HUB_DATA, FinetuneSettings
+from .tables import encode_labels, read_texts
 from .snli import LABEL_NAMES, SPLIT_FRACTION, read_snli_file, split_dataset
 from .tasks import Task, ag_news_task, download_ag_news, file_task
 from .vocab import Vocab
@@ -167,6 +170,79 @@ class TaskSource:
 
 
 FinetuneSource = Union[SNLISource, TaskSource]
+
+
+# --- validation data -----------------------------------------------------------------------------
+
+def validation_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(training rows, validation rows)` of `n` training examples: a seeded share `fraction` held
+    out (at least one example, never all), the rest kept in their order. The generator is seeded
+    apart from `subset_indices`' so that the two draws are independent."""
+    held = max(1, round(n * fraction))
+    if held >= n:
+        raise ValueError(f"--validation-split {fraction:g}: {n} training examples leave none to train on; "
+                         "use a smaller share or more data (--train-limit)")
+    order = np.random.default_rng([seed, 1]).permutation(n)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def validation_file_examples(settings: FinetuneSettings, source: FinetuneSource) -> tuple[list, ...]:
+    """The examples of `--validation-file`: an SNLI-format file for SNLI, else a file in
+    `--train-file`'s layout whose labels must be the training file's. It may not be a file the run
+    trains or tests on."""
+    _check_validation_file(settings, source)
+    if source.name == "snli":
+        return read_snli_file(settings.validation_file, verbose=True)
+    data = read_texts(settings.validation_file, settings.columns())
+    return (*data.texts, encode_labels(data, source.label_names))
+
+
+def _check_validation_file(settings: FinetuneSettings, source: FinetuneSource) -> None:
+    path = settings.validation_file
+    used = (source.train_file, source.test_file) if source.name == "snli" else (settings.train_file, settings.test_file)
+    for file in used:
+        if file is not None and os.path.exists(path) and os.path.exists(file) and os.path.samefile(path, file):
+            role = "trains" if file == used[0] else "tests"
+            raise ValueError(f"--validation-file {path}: is the file this run {role} on; validate on other data "
+                             "(or hold out a share of the training data with --validation-split F)")
+
+
+def book_validation(settings: FinetuneSettings, source: FinetuneSource, train: tuple[list, ...]
+                    ) -> tuple[tuple[list, ...], tuple[list, ...] | None]:
+    """`(train, validation)` column tuples for the book path: `train` less its held-out share
+    (`--validation-split`), or `train` and the validation file's examples; None without either."""
+    if settings.validation_split is not None:
+        keep, held = validation_indices(len(train[-1]), settings.validation_split, settings.seed)
+        return take(train, keep), take(train, held)
+    if settings.validation_file is not None:
+        return train, tuple(validation_file_examples(settings, source))
+    return train, None
+
+
+def packed_validation(settings: FinetuneSettings, source: FinetuneSource, train_set: SNLIBERTDataset,
+                      vocab: Vocab, cache_dir: str | None) -> tuple[SNLIBERTDataset, SNLIBERTDataset | None]:
+    """What `book_validation` gives, packed: the same examples in the same order (a validation file
+    through the disk cache, as the training data)."""
+    if settings.validation_split is not None:
+        keep, held = validation_indices(len(train_set), settings.validation_split, settings.seed)
+        return train_set.subset(keep), train_set.subset(held)
+    if settings.validation_file is None:
+        return train_set, None
+    if source.name == "snli":
+        _check_validation_file(settings, source)
+        return train_set, load_packed_snli(settings.validation_file, vocab, settings.max_len, cache_dir=cache_dir,
+                                           verbose=True)
+    return train_set, load_packed_examples(validation_file_examples(settings, source), f"{source.name}-validation",
+                                           vocab, settings.max_len, cache_dir=cache_dir, verbose=True)
+
+
+def validation_description(settings: FinetuneSettings) -> str | None:
+    """Where the validation data comes from, for the printed line and metrics.json."""
+    if settings.validation_split is not None:
+        return f"{settings.validation_split:g} of the training examples held out (seed {settings.seed})"
+    if settings.validation_file is not None:
+        return os.path.abspath(settings.validation_file)
+    return None
 
 
 def finetune_source(settings: FinetuneSettings) -> FinetuneSource:

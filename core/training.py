@@ -8,6 +8,10 @@ batches only (`sync='batch'`). The fast path keeps the sums on the device and re
 epoch, timing the whole pass, batching included (`sync='epoch'`). Either way an epoch's figures are
 the book's: mean loss and accuracy over its examples, test accuracy, examples/sec.
 
+A job passes a `RunLog` (core/runlog.py): a line and a log.jsonl entry per epoch, and every N steps
+one more host read for a step's line and entry (the only reads of the fast path besides
+checkpoints and epoch ends). The book's wrappers pass none and print only the book's lines.
+
 A run that checkpoints keeps its position in a `LoopState` (epoch, batch, the epoch's sums so far,
 finished epochs); a resumed run starts from one. Checkpoints read the sums (one host sync) and
 happen at the same steps in every run of the same settings, so a resumed run ends with the figures
@@ -22,6 +26,8 @@ import time
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
+
+from .runlog import RunLog, step_line
 
 SYNC_POLICIES = ("batch", "epoch")
 
@@ -71,6 +77,7 @@ class EpochRecord:
     examples_per_sec: float
     num_examples: int = 0
     seconds: float = 0.0
+    validation_acc: float | None = None  # with validation data (what --save-best chooses on)
 
     @classmethod
     def from_sums(cls, epoch: int, loss_sum: float, num_correct: float, num_examples: int,
@@ -171,7 +178,8 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
                  on_epoch: Callable[[EpochRecord], None] | None = None, state: LoopState | None = None,
                  seed: int | None = None, checkpoint: Callable[[LoopState], None] | None = None,
                  checkpoint_every: int = 0, stop_after: int | None = None,
-                 lr_at: Callable[[int], float] | None = None, rank: int = 0) -> list[EpochRecord]:
+                 lr_at: Callable[[int], float] | None = None, rank: int = 0, valid_iter: Iterable | None = None,
+                 log: RunLog | None = None) -> list[EpochRecord]:
     """Train until epoch `num_epochs` is done, testing after each; print the book's two lines
     (`verbose`); return the records of every finished epoch (those of `state` included).
 
@@ -184,13 +192,15 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
     (numbered from 1 over all epochs; None: the trainer's own), a function of the step alone, so a
     resumed run follows the schedule of an uninterrupted one. `on_epoch` runs before the epoch's
     checkpoint: what it writes is written again if the run stops in between and resumes. `rank` is
-    this process's in a distributed job (its dropout seeds: `step_seed`).
+    this process's in a distributed job (its dropout seeds: `step_seed`). `valid_iter`: validation
+    data, evaluated after each epoch before the test data (`EpochRecord.validation_acc`). `log`: where
+    each epoch's line and entry go, and every `log.log_every` steps a step's (one host read each).
     """
     if sync not in SYNC_POLICIES:
         raise ValueError(f"unknown sync policy {sync!r}: use one of {SYNC_POLICIES}")
     state = state if state is not None else LoopState()
     records = [EpochRecord(**r) for r in state.records]
-    steps_here = 0
+    steps_here, seen_here = 0, 0  # steps and examples of this call (a logged step's throughput)
     while state.epoch <= num_epochs:
         # Sum of training loss, no. of correct predictions, no. of examples, no. of predictions
         metric, timer = Accumulator(4), Timer()
@@ -217,6 +227,8 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
             checkpoint(state)
             timer.start()  # the write is not training time
 
+        if log is not None:
+            log.mark(seen_here)
         timer.start()
         for features, labels in train_iter:
             if seed is not None:
@@ -234,6 +246,11 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
                 pending = sums if pending is None else (pending[0] + sums[0], pending[1] + sums[1])
             metric.add(0, 0, len(labels), int(np.prod(np.shape(labels))))
             state.step, state.batch, steps_here = state.step + 1, state.batch + 1, steps_here + 1
+            seen_here += len(labels)
+            if log is not None and log.due(state.step):
+                read_sums()  # a logged step reads the device; the others do not
+                log.step(*_step_entry(state, metric, float(step.learning_rate), log.throughput(seen_here),
+                                      log.elapsed()))
             stopping = stop_after is not None and steps_here >= stop_after
             if checkpoint is not None and (stopping or (checkpoint_every and state.step % checkpoint_every == 0)):
                 save()
@@ -244,10 +261,17 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
         read_sums()  # the fast path's one host sync of the epoch
         if sync == "epoch":
             seconds += timer.stop()
+        validation_acc = step.evaluate(valid_iter) if valid_iter is not None else None
         test_acc = step.evaluate(test_iter) if test_iter is not None else math.nan
         record = EpochRecord.from_sums(state.epoch, metric[0], metric[1], int(metric[2]), test_acc, seconds)
+        record.validation_acc = validation_acc
         if sync == "batch":
             record.train_acc = metric[1] / metric[3]  # the book divides by predictions, not examples
+        if log is not None:  # before on_epoch and the checkpoint: a resumed run's log drops it if need be
+            log.epoch({"epoch": record.epoch, "step": state.step, "loss": record.loss, "train_acc": record.train_acc,
+                       "validation_acc": validation_acc, "test_acc": test_acc,
+                       "examples_per_sec": record.examples_per_sec, "seconds": record.seconds,
+                       "elapsed": log.elapsed()})
         records.append(record)
         state.records.append(record.to_dict())
         state.epoch, state.batch, state.sums, state.seconds = state.epoch + 1, 0, [0.0, 0.0, 0.0, 0.0], 0.0
@@ -258,3 +282,12 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
     if verbose and records:
         print(format_summary(records, devices))
     return records
+
+
+def _step_entry(state: LoopState, metric: Accumulator, lr: float, examples_per_sec: float, elapsed: float
+                ) -> tuple[dict, str]:
+    """A logged step's entry and line: the epoch's mean loss so far (the book's running figure, the
+    same in a resumed run as in an uninterrupted one), the step's rate, the speed since the last."""
+    entry = {"step": state.step, "epoch": state.epoch, "loss": metric[0] / metric[2], "lr": lr,
+             "examples_per_sec": examples_per_sec, "elapsed": elapsed}
+    return entry, step_line(entry)

@@ -5,6 +5,7 @@ and that a worker killed mid-run ends the whole job with a clear message and no 
 the same command resumes from the last checkpoint."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,14 +128,19 @@ def assert_same_training(one: dict, two: dict, backend: str) -> None:
 @pytest.mark.parametrize("backend", MULTI_PROCESS)
 def test_two_processes_train_what_one_process_trains_and_only_rank_0_writes(backend, sample, tmp_path):
     one = one_process(backend, sample, tmp_path / "one")
-    job = nlibert(*options(backend, sample, tmp_path / "two"), "--nproc=2")
+    job = nlibert(*options(backend, sample, tmp_path / "two"), "--nproc=2", "--log-every=4")
     out, err = job.communicate(timeout=300)
     assert job.returncode == 0, err
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1
     assert_same_training(one, two, backend)
-    # Rank 0 alone printed (one set of the book's lines) and wrote (no file of another rank).
+    # Rank 0 alone printed (one set of the book's lines, one line per epoch and per 4 steps) and
+    # wrote (no file of another rank; one log entry per logged step and epoch).
     assert out.count("examples/sec on") == 1 and out.count("wrote ") == 1, out
+    assert re.findall(r"^(epoch \d+|step \d+),", out, re.M) == ["step 4", "epoch 1", "step 8", "step 12", "epoch 2"]
+    log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["step"]) for e in log] == [("step", 4), ("epoch", 6), ("step", 8), ("step", 12),
+                                                     ("epoch", 12)]
     assert sorted(os.listdir(tmp_path / "two" / "resume")) == sorted(os.listdir(tmp_path / "one" / "resume"))
 
 

@@ -180,15 +180,16 @@ def sample(tmp_path_factory):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_save_best_keeps_the_best_epochs_model(name, sample, tmp_path):
-    """A run with a rate high enough to get worse: OUT/model is the model of its best epoch, the
-    same as a run stopped after that epoch; metrics.json says which."""
+    """A run with a rate high enough to get worse: OUT/model is the model of its epoch of best
+    validation accuracy, the same as a run stopped after that epoch; metrics.json says which."""
     def run(out, epochs, save_best):
         return jobs.run_finetune(FinetuneSettings(
             backend=name, pretrained="random", data=str(sample), max_len=24, batch_size=16, epochs=epochs,
-            lr=0.05, dropout=0.0, device="cpu", mode="book", out=str(tmp_path / out), save_best=save_best))
+            lr=0.05, dropout=0.0, device="cpu", mode="book", out=str(tmp_path / out), save_best=save_best,
+            validation_split=0.25))
 
     best = run("best", 4, True)
-    accuracies = [r["test_acc"] for r in best["epochs"]]
+    accuracies = [r["validation_acc"] for r in best["epochs"]]
     assert best["best_epoch"] == 1 + accuracies.index(max(accuracies))
     assert best["hyperparameters"]["save_best"] is True
     short = run("short", best["best_epoch"], False)
