@@ -22,7 +22,7 @@ import numpy as np
 
 from . import __version__
 from .backends import backend_info, load_backend
-from .core.batching import BatchIterator, batch_indices, bucket_batch_indices
+from .core.batching import BatchIterator, batch_indices, batch_shapes, bucket_batch_indices, plan_widths
 from .core.folders import PARAMS_FILES, TaskRecord
 from .core.distributed import World, free_port, launch, quiet_unless_main
 from .core.io import write_json
@@ -115,10 +115,16 @@ def _fast_batches(source: FinetuneSource, settings: FinetuneSettings, vocab) -> 
     test_iter = BatchIterator.from_dataset(test_set, settings.batch_size, shuffle=False, trim=True,
                                            sampler=bucket_batch_indices(test_set.valid_lens, multiple),
                                            pad_multiple=multiple)
+    compile_cost = backend_info(settings.backend).compile_cost
+    plans = {}
+    for name, batches in (("train", train_iter), ("test", test_iter)) if compile_cost else ():
+        # One program per width: the run's shapes, every epoch's, say which widths pay for a compile.
+        batches.widths = plans[name] = plan_widths(batch_shapes(batches) * settings.epochs, compile_cost,
+                                                   settings.max_len)
     fast_path = {"precision": settings.precision, "graph": settings.graph, "fused_attention": True,
                  "last_block_cls_only": True, "fused_adam": backend_info(settings.backend).fused_adam,
                  "bucketing": {"sampler": "bucket_batch_indices" if settings.bucketing else "batch_indices",
-                               "pad_multiple": multiple},
+                               "pad_multiple": multiple, "widths": plans},
                  "packed_cache": {"dir": cache_dir, "hit": cache_hit}}
     return train_iter, test_iter, len(train_set), len(test_set), {"fast_path": fast_path}
 
@@ -229,6 +235,9 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
                "best_epoch": _best_epoch(records) if settings.save_best else None,
                "completed": True, "steps": loop.step, "resumed_from_step": resumed_from,
                "versions": _versions(backend)}
+    if fast and hasattr(step, "compiles"):  # a backend that compiles per shape counts its programs (JAX)
+        metrics["fast_path"].update(step.compiles)
+        print(f"compiled {step.compiles['compiles']} programs in {step.compiles['compile_seconds']:.1f} s")
     write_json(os.path.join(settings.out, "metrics.json"), metrics)
     plot_training(records, os.path.join(settings.out, "training.png"), settings.epochs)
     return metrics
@@ -350,5 +359,8 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
         backend.save_pretrained(bert, vocab, settings.out)
     else:
         print(f"stopped after step {last_step} of {settings.steps}; run the same command again to resume")
+    if fast and hasattr(step, "compiles"):  # a backend that compiles per shape counts its programs (JAX)
+        metrics["fast_path"].update(step.compiles)
+        print(f"compiled {step.compiles['compiles']} programs in {step.compiles['compile_seconds']:.1f} s")
     write_json(os.path.join(settings.out, "metrics.json"), metrics)
     return metrics

@@ -28,6 +28,10 @@ class BackendInfo:
     job_env: str = ""
     # `nlibert pretrain --nproc N` runs as N processes (JAX's PretrainStep is one process's, so far).
     multi_process_pretraining: bool = True
+    # A backend that compiles one program per input shape (JAX): what one compile (trace, lower and
+    # XLA) costs, in the rows x positions of training steps the same time computes. The fast path's
+    # widths are then planned per run (`core.batching.plan_widths`); 0: any width is free.
+    compile_cost: int = 0
 
 
 REGISTRY = (
@@ -35,7 +39,10 @@ REGISTRY = (
                 process_per_device=True, job_env="WORLD_SIZE"),
     BackendInfo("mxnet", "nlibert.backends.mxnet", "mxnet", "mxnet==1.9.1", job_env="DMLC_ROLE"),
     BackendInfo("jax", "nlibert.backends.jax", "jax", "jax==0.4.23 jaxlib==0.4.23 flax==0.8.4 optax==0.2.1",
-                job_env="WORLD_SIZE", multi_process_pretraining=False),
+                job_env="WORLD_SIZE", multi_process_pretraining=False,
+                # Measured for MiniLM-L6 on a 2-core CPU: a train step's program ~100 s under load,
+                # as long as ~50 steps of 32 rows x 32 positions (bert.small: about the same ratio).
+                compile_cost=50_000),
 )
 BACKENDS = tuple(info.name for info in REGISTRY)
 _BY_NAME = {info.name: info for info in REGISTRY}
