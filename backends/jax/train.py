@@ -20,9 +20,9 @@ gradient the whole batch's, and the step's sums come out already summed over the
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,13 +52,25 @@ _padded_size = padded_size  # the ladder of compiled widths and rows (core's: th
 _MIN_ROWS = 32
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
-_compiled = [0, 0.0]  # XLA programs compiled in this process, and the seconds tracing, lowering and compiling
+# The training and evaluation programs compiled in this process (not the small ones of a key split
+# or a stack of sums), and the seconds spent tracing, lowering and compiling them.
+_compiled = {"compiles": 0, "compile_seconds": 0.0, "counting": False}
 
 
 def _count_compile(event: str, seconds: float, **kwargs) -> None:
-    if event in _COMPILE_EVENTS:
-        _compiled[0] += event == _COMPILE_EVENTS[-1]
-        _compiled[1] += seconds
+    if _compiled["counting"] and event in _COMPILE_EVENTS:
+        _compiled["compiles"] += event == _COMPILE_EVENTS[-1]
+        _compiled["compile_seconds"] += seconds
+
+
+@contextlib.contextmanager
+def _counted() -> Iterator[None]:
+    """Compiles inside (a call of a step's or evaluation's program) count in `_compiled`."""
+    _compiled["counting"] = True
+    try:
+        yield
+    finally:
+        _compiled["counting"] = False
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
@@ -196,8 +208,10 @@ def _count_correct(net: _Bound, params, data_iter: Iterable, devices: list[jax.D
     for features, labels in data_iter:
         start, stop = world.shard(len(labels))
         if stop > start:
-            correct.append(count(params, *_prepare(rows(features, start, stop), np.asarray(labels)[start:stop], devices,
-                                                   net.config.max_len, min_rows=_MIN_ROWS)))
+            batch = _prepare(rows(features, start, stop), np.asarray(labels)[start:stop], devices,
+                             net.config.max_len, min_rows=_MIN_ROWS)
+            with _counted():
+                correct.append(count(params, *batch))
             total += stop - start
     correct = float(np.sum(np.asarray(jnp.stack(correct), np.float64))) if correct else 0.0
     correct, total = world.all_sum(np.array([correct, total], dtype=np.float64))
@@ -315,14 +329,13 @@ class FinetuneStep:
         self.train = _train_function(net.module, loss, trainer.tx, donate, max_grad_norm,
                                      tuple(self.mesh_devices) if self.world.size > 1 else None)
         self.key = _next_key()  # dropout keys: from the backend's generator (`set_seed`), new for every step object
-        self._compiled_before = tuple(_compiled)
+        self._compiled_before = dict(_compiled)
 
     @property
     def compiles(self) -> dict:
-        """XLA programs this process compiled since the step was made (training's and evaluation's,
-        and small ones such as a key split's), and the seconds spent tracing, lowering and compiling."""
-        return {"compiles": _compiled[0] - self._compiled_before[0],
-                "compile_seconds": round(_compiled[1] - self._compiled_before[1], 2)}
+        """The training and evaluation programs this process compiled since the step was made, and
+        the seconds spent tracing, lowering and compiling them (metrics.json's fast_path records them)."""
+        return {key: round(_compiled[key] - self._compiled_before[key], 2) for key in ("compiles", "compile_seconds")}
 
     def __call__(self, features, labels) -> tuple[_Sums, _Sums]:
         batch = _prepare(features, labels, self.mesh_devices, self.net.config.max_len, self.micro_batch, self.world,
@@ -334,8 +347,9 @@ class FinetuneStep:
                 [jax.device_put(key[None], self.devices[0])])
             self.net.params = _replicate(self.net.params, self.mesh_devices)
             self.trainer.state = _replicate(self.trainer.state, self.mesh_devices)
-        self.net.params, self.trainer.state, loss_sum, correct = self.train(
-            self.net.params, self.trainer.state, key, *batch)
+        with _counted():
+            self.net.params, self.trainer.state, loss_sum, correct = self.train(
+                self.net.params, self.trainer.state, key, *batch)
         return _Sums([loss_sum]), _Sums([correct])
 
     learning_rate = _learning_rate
