@@ -359,8 +359,5 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
         backend.save_pretrained(bert, vocab, settings.out)
     else:
         print(f"stopped after step {last_step} of {settings.steps}; run the same command again to resume")
-    if fast and hasattr(step, "compiles"):  # a backend that compiles per shape counts its programs (JAX)
-        metrics["fast_path"].update(step.compiles)
-        print(f"compiled {step.compiles['compiles']} programs in {step.compiles['compile_seconds']:.1f} s")
     write_json(os.path.join(settings.out, "metrics.json"), metrics)
     return metrics
