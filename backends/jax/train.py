@@ -8,9 +8,10 @@ loop reads, in `train_ch13` after every batch (timer over training batches only)
 path once per epoch; the book's two printed lines; figures returned as `EpochRecord`s.
 
 `jit` compiles once per input shape, so batches are padded to a small set of shapes
-(`_padded_size`: two sizes per doubling) with weight-0 rows and
+(`_padded_size`: two sizes per doubling; rows at least `_MIN_ROWS`) with weight-0 rows and
 masked columns: the trimmed, length-bucketed batches of the fast path compile a handful of
-programs, not one per batch, and a padded row changes neither a loss, a gradient nor a count.
+programs, not one per batch (fewer still where the run planned its widths by cost,
+`core.batching.plan_widths`), and a padded row changes neither a loss, a gradient nor a count.
 Several devices are data parallel: parameters and optimizer state replicated, every batch
 sharded along its rows (`jax.sharding`), the gradient's mean reduced across devices by XLA.
 A job of several processes (`runtime.init_distributed`, core/distributed.py) is the same program
