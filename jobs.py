@@ -22,7 +22,7 @@ import numpy as np
 
 from . import __version__
 from .backends import backend_info, load_backend
-from .core.batching import BatchIterator, batch_indices, bucket_batch_indices
+from .core.batching import BatchIterator, batch_indices, batch_shapes, bucket_batch_indices, plan_widths
 from .core.folders import PARAMS_FILES, TaskRecord
 from .core.distributed import World, free_port, launch, quiet_unless_main
 from .core.io import write_json
@@ -129,13 +129,23 @@ def _fast_batches(source: FinetuneSource, settings: FinetuneSettings, vocab) -> 
     train_iter = BatchIterator.from_dataset(train_set, settings.batch_size, shuffle=True, seed=settings.seed,
                                             trim=True, sampler=sampler, pad_multiple=multiple)
     test_iter = _eval_batches(test_set, settings.batch_size, multiple)
+    valid_iter = _eval_batches(valid_set, settings.batch_size, multiple)
+    compile_cost = backend_info(settings.backend).compile_cost
+    plans = {}
+    if compile_cost:  # one program per width: the run's shapes, every epoch's, say which widths pay for a compile
+        train_iter.widths = plans["train"] = plan_widths(batch_shapes(train_iter) * settings.epochs, compile_cost,
+                                                         settings.max_len)
+        evaluated = [batches for batches in (test_iter, valid_iter) if batches is not None]  # one program serves both
+        plans["test"] = plan_widths([shape for batches in evaluated for shape in batch_shapes(batches)] * settings.epochs,
+                                    compile_cost, settings.max_len)
+        for batches in evaluated:
+            batches.widths = plans["test"]
     fast_path = {"precision": settings.precision, "graph": settings.graph, "fused_attention": True,
                  "last_block_cls_only": True, "fused_adam": backend_info(settings.backend).fused_adam,
                  "bucketing": {"sampler": "bucket_batch_indices" if settings.bucketing else "batch_indices",
-                               "pad_multiple": multiple},
+                               "pad_multiple": multiple, "widths": plans},
                  "packed_cache": {"dir": cache_dir, "hit": cache_hit}}
-    return (train_iter, test_iter, len(train_set), len(test_set), {"fast_path": fast_path},
-            _eval_batches(valid_set, settings.batch_size, multiple))
+    return train_iter, test_iter, len(train_set), len(test_set), {"fast_path": fast_path}, valid_iter
 
 
 def run_finetune(settings: FinetuneSettings) -> dict:
@@ -261,6 +271,9 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
                "best_epoch": chosen.epoch if settings.save_best else None,
                "completed": True, "steps": loop.step, "resumed_from_step": resumed_from,
                "versions": _versions(backend)}
+    if fast and hasattr(step, "compiles"):  # a backend that compiles per shape counts its programs (JAX)
+        metrics["fast_path"].update(step.compiles)
+        print(f"compiled {step.compiles['compiles']} programs in {step.compiles['compile_seconds']:.1f} s")
     write_json(os.path.join(settings.out, "metrics.json"), metrics)
     plot_training(records, os.path.join(settings.out, "training.png"), settings.epochs)
     return metrics

@@ -40,19 +40,25 @@ class BackendInfo:
     job_env: str = ""
     # `nlibert pretrain --nproc N` runs as N processes (JAX's PretrainStep is one process's, so far).
     multi_process_pretraining: bool = True
+    # A backend that compiles one program per input shape (JAX): what one compile (trace, lower and
+    # XLA) costs, in the rows x positions of training steps the same time computes. The fast path's
+    # widths are then planned per run (`core.batching.plan_widths`); 0: any width is free.
+    compile_cost: int = 0
 
 
 REGISTRY = (
     BackendInfo("torch", "nlibert.backends.torch", "torch", "PyTorch 2.13",
                 marker='platform_system != "Darwin" or platform_machine != "x86_64"',
                 where="Linux, Windows and Apple-silicon macOS", fused_adam=True, precisions=("float32", "bfloat16"),
-                process_per_device=True,
-                job_env="WORLD_SIZE"),
+                process_per_device=True, job_env="WORLD_SIZE"),
     BackendInfo("mxnet", "nlibert.backends.mxnet", "mxnet", "MXNet 1.9.1",
                 marker='platform_system == "Linux" and platform_machine == "x86_64" and python_version < "3.12"',
                 where="Linux x86_64 with Python 3.10 or 3.11", job_env="DMLC_ROLE"),
     BackendInfo("jax", "nlibert.backends.jax", "jax", "JAX 0.4.23", marker='python_version < "3.13"',
-                where="Python 3.10 to 3.12", job_env="WORLD_SIZE", multi_process_pretraining=False),
+                where="Python 3.10 to 3.12", job_env="WORLD_SIZE", multi_process_pretraining=False,
+                # Measured for MiniLM-L6 on a 2-core CPU: a train step's program ~100 s under load,
+                # as long as ~50 steps of 32 rows x 32 positions (bert.small: about the same ratio).
+                compile_cost=50_000),
 )  # in order of preference: the CLI's default --backend is the first one installed
 BACKENDS = tuple(info.name for info in REGISTRY)
 _BY_NAME = {info.name: info for info in REGISTRY}

@@ -51,11 +51,13 @@ def _timed_steps(step, finish, sync, batches, warmup, steps, cfg, cls_only, cuda
     rss = PeakRSS().start()
     if cuda_peak is not None:
         cuda_peak("reset")
+    warming = time.perf_counter()  # compiling (JAX, torch.compile) or hybridizing happens here
     before_figure = before() if before is not None else None
     for _ in range(warmup):
         step(*next(batches))
     finish()
     sync()
+    warmup_seconds = time.perf_counter() - warming
     lengths, widths, start = [], [], time.perf_counter()
     for _ in range(steps):
         features, labels = next(batches)
@@ -73,7 +75,8 @@ def _timed_steps(step, finish, sync, batches, warmup, steps, cfg, cls_only, cuda
     return {"examples": n, "seconds": seconds, "examples_per_sec": n / seconds,
             "mean_width": float(np.mean(widths)), "mean_valid_len": float(np.mean(np.concatenate(lengths))),
             "useful_flops": useful, "executed_flops": executed, "peak_mem_bytes": mem,
-            "cuda_peak_bytes": cuda_peak("read") if cuda_peak is not None else None, "before": before_figure}
+            "cuda_peak_bytes": cuda_peak("read") if cuda_peak is not None else None, "before": before_figure,
+            "warmup_seconds": warmup_seconds}
 
 
 def _step_and_finish(finetune_step, loop):
@@ -202,7 +205,7 @@ def child_jax(spec):
     import jax
 
     from nlibert.backends import jax as backend
-    from nlibert.backends.jax.train import _prepare  # pads a batch to the shape the step compiles for
+    from nlibert.backends.jax.train import _MIN_ROWS, _prepare  # pads a batch to the shape the step compiles for
     world = backend.init_distributed()  # --nproc: one rank of a jax.distributed job (before any JAX work)
     padding, fused, loop, precision, graph, cls_only = VARIANTS[spec["variant"]]
     if precision != "float32":
@@ -221,7 +224,8 @@ def child_jax(spec):
         timed steps will see, so that the figure is the steady state; returns the seconds it took."""
         start, seen = time.perf_counter(), set()
         for features, y in batch_list:
-            shape = _prepare(features, y, finetune_step.mesh_devices, BERT_SMALL["max_len"], None, world)[0].shape
+            shape = _prepare(features, y, finetune_step.mesh_devices, BERT_SMALL["max_len"], None, world,
+                             _MIN_ROWS)[0].shape
             if shape not in seen:
                 seen.add(shape)
                 finetune_step.read(finetune_step(features, y))

@@ -6,6 +6,7 @@
     python benchmarks/bench_finetune.py --ablation            # every lever on its own
     python benchmarks/bench_finetune.py --nproc 2             # also: each path as a job of 2 processes
     python benchmarks/bench_finetune.py --nproc 8 --device cuda:0,cuda:1,...,cuda:7   # 1 GPU vs 8, both ways
+    python benchmarks/bench_finetune.py --e2e 2000            # also: `nlibert finetune` on MiniLM, wall time
 
 Both paths train bert.small's shape (vocabulary 20,256, 256 hidden, 4 heads, 2 layers) on batches
 of 512 with max_len 128, drawn from SNLI's length distribution (the dev file tiled to the size of
@@ -38,6 +39,11 @@ on the CPU the issue's stated peaks (150 GFLOP/s float32, 410 bfloat16) give a s
 "executed" counts what a path computes: padded positions included, and the last block at <cls> only
 for `cls_only` (so it can fall below the useful FLOPs).
 
+"warm-up s" is the untimed time before the timer: the warm-up steps, and for JAX compiling the
+step for every padded shape the timed steps see. `--e2e N` also times the whole `nlibert finetune
+--pretrained minilm-l6` command on N training and N/4 test pairs of the dev file, each backend
+beside torch's wall time, with the programs JAX compiled and their seconds (metrics.json's fast_path).
+
 Peak memory is how far the process's resident set grew above its size before the first training
 step (model, optimizer and data already built), over the warm-up and timed steps (CPU); on CUDA the
 peak allocated device memory over those steps (torch, summed over devices), or the device memory in
@@ -50,6 +56,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 
@@ -127,6 +135,38 @@ def run_scaling(args, base: dict, backends: list[str], paths: list[str]) -> dict
     return report
 
 
+def run_end_to_end(backends: list[str], pairs: int, tmp: str) -> dict:
+    """`--e2e N`: the same `nlibert finetune` MiniLM command in every backend, one after the other;
+    wall seconds, the ratio to torch's, and what the run compiled (JAX's metrics.json records it)."""
+    report, command = {}, ["--pretrained", "minilm-l6", "--data", str(dev_file().parent), "--train-limit",
+                           str(pairs), "--test-limit", str(max(1, pairs // 4)), "--max-len", "128",
+                           "--batch-size", "32", "--lr", "5e-5", "--epochs", "1", "--seed", "0"]
+    print(f"\n== end to end: nlibert finetune {' '.join(command)} (load average {loadavg()}) ==")
+    print(f"{'backend':8s} {'wall s':>8s} {'x torch':>8s} {'examples/s':>10s} {'compiles':>8s} {'compile s':>9s}")
+    for backend in sorted(backends, key=lambda b: b != "torch"):  # torch first: the others' yardstick
+        out = os.path.join(tmp, f"e2e-{backend}")
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "nlibert.cli", "finetune", "--backend", backend, "--out", out,
+                               *command], capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            print(f"{backend:8s} failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
+            continue
+        with open(os.path.join(out, "metrics.json")) as f:
+            metrics = json.load(f)
+        fast = metrics.get("fast_path", {})
+        ratio = wall / report["torch"]["wall_seconds"] if "torch" in report else None
+        report[backend] = {"wall_seconds": wall, "ratio_to_torch": ratio,
+                           "examples_per_sec": metrics["epochs"][-1]["examples_per_sec"],
+                           "compiles": fast.get("compiles"), "compile_seconds": fast.get("compile_seconds")}
+        r = report[backend]
+        print(f"{backend:8s} {wall:8.1f} {f'{ratio:.2f}x' if ratio else 'n/a':>8s} {r['examples_per_sec']:10.1f} "
+              f"{r['compiles'] if r['compiles'] is not None else '-':>8} "
+              f"{r['compile_seconds'] if r['compile_seconds'] is not None else '-':>9}")
+    print(f"(load average now {loadavg()})")
+    return report
+
+
 def fmt_bytes(n):
     if n is None:
         return "n/a"
@@ -142,7 +182,7 @@ def print_overview(backends: dict, args) -> None:
     print()
     print(f"== summary: batch {args.batch_size}, max_len {args.max_len}, device {args.device} ==")
     header = (f"{'backend':8s} {'book ex/s':>10s} {'fast ex/s':>10s} {'fast/book':>10s} {'verdict':>7s} "
-              f"{'MFU book':>9s} {'MFU fast':>9s} {'mem book':>10s} {'mem fast':>10s}")
+              f"{'MFU book':>9s} {'MFU fast':>9s} {'mem book':>10s} {'mem fast':>10s} {'warm-up fast':>12s}")
     print(header)
     print("-" * len(header))
     for name, v in rows:
@@ -150,7 +190,8 @@ def print_overview(backends: dict, args) -> None:
         verdict = "PASS" if fast["ratio_to_book"] >= TARGET_RATIO else "FAIL"
         print(f"{name:8s} {book['examples_per_sec']:10.1f} {fast['examples_per_sec']:10.1f} "
               f"{fast['ratio_to_book']:9.2f}x {verdict:>7s} {book['mfu']:9.1%} {fast['mfu']:9.1%} "
-              f"{fmt_bytes(book['peak_mem_bytes']):>10s} {fmt_bytes(fast['peak_mem_bytes']):>10s}")
+              f"{fmt_bytes(book['peak_mem_bytes']):>10s} {fmt_bytes(fast['peak_mem_bytes']):>10s} "
+              f"{fast['warmup_seconds']:11.1f}s")
 
 
 def main(argv=None):
@@ -181,6 +222,8 @@ def main(argv=None):
     parser.add_argument("--nproc", type=int, default=None,
                         help="also time each path as a job of N processes (torch DDP, MXNet's kvstore) against one "
                              "process, and print the scaling efficiency")
+    parser.add_argument("--e2e", type=int, default=None, metavar="N",
+                        help="also time `nlibert finetune --pretrained minilm-l6` on N training pairs in every backend")
     args = parser.parse_args(argv)
 
     from nlibert.core.snli import read_snli_file
@@ -220,7 +263,7 @@ def main(argv=None):
             f"{p['flops_per_sec'] / 1e9:,.0f} GFLOP/s ({p['what']})" for p in peaks.values())
             + (f"; the issue's stated peaks: {stated}" if on_cpu else ""))
         header = (f"{'path':24s} {'examples/s':>10s} {'x book':>7s} {'width':>6s} {'useful GFLOP/s':>14s} "
-                  f"{'MFU':>6s} {'MFU@issue':>9s} {'executed GFLOP/s':>16s} {'peak mem':>10s}")
+                  f"{'MFU':>6s} {'MFU@issue':>9s} {'executed GFLOP/s':>16s} {'peak mem':>10s} {'warm-up s':>9s}")
         print(header)
         print("-" * len(header))
         book_rate = None
@@ -245,11 +288,13 @@ def main(argv=None):
             mem = max((r["cuda_peak_bytes"] if r["cuda_peak_bytes"] is not None else r["peak_mem_bytes"])
                       for r in runs)
             ratio = rate / book_rate if book_rate else None
+            warmup = float(np.mean([r["warmup_seconds"] for r in runs]))
             print(f"{variant:24s} {rate:10.1f} {f'{ratio:6.2f}x' if ratio else 'n/a':>7s} {width:6.1f} "
                   f"{useful / 1e9:14.1f} {useful / peak:6.1%} "
                   f"{f'{mfu_issue:.1%}' if mfu_issue is not None else 'n/a':>9s} {executed / 1e9:16.1f} "
-                  f"{fmt_bytes(mem):>10s}")
-            summary[variant] = {"examples_per_sec": rate, "ratio_to_book": ratio, "mean_width": width,
+                  f"{fmt_bytes(mem):>10s} {warmup:9.1f}")
+            summary[variant] = {"warmup_seconds": warmup, "examples_per_sec": rate, "ratio_to_book": ratio,
+                                "mean_width": width,
                                 "useful_flops_per_sec": useful, "mfu": useful / peak, "mfu_issue_peak": mfu_issue,
                                 "executed_flops_per_sec": executed, "peak_mem_bytes": mem, "runs": runs}
         valid = np.mean([r["mean_valid_len"] for rs in results.values() for r in rs if "mean_valid_len" in r])
@@ -264,6 +309,9 @@ def main(argv=None):
     print_overview(report["backends"], args)
     if args.nproc:
         report["scaling"] = run_scaling(args, base, backends, [v for v in ("book", "fast") if v in variants])
+    if args.e2e:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["end_to_end"] = run_end_to_end(backends, args.e2e, tmp)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -11,7 +11,10 @@ BERT masks every position at or beyond a sequence's valid length.
 trimmed batch carries little padding (SNLI pairs are about 27 of 128 positions), keeps every pass
 seeded and reproducible, covers every example exactly once per pass and shuffles the batch order.
 `pad_multiple` rounds a trimmed width up (to a multiple of 8, say) so a compiled or hybridized
-model sees only a few distinct shapes.
+model sees only a few distinct shapes. `widths` goes further for a backend that compiles one program
+per shape (JAX): `plan_widths` picks, from the run's own batch shapes (`batch_shapes`), the padded
+widths that minimise compile cost plus padded compute: a short run gets one or two coarse widths,
+a long one the fine ladder (`padded_size`: two sizes per doubling).
 """
 from __future__ import annotations
 
@@ -36,6 +39,51 @@ def batch_indices(num_examples: int, batch_size: int, shuffle: bool,
     else:
         order = np.arange(num_examples, dtype=np.int64)
     return [order[start:start + batch_size] for start in range(0, num_examples, batch_size)]
+
+
+def padded_size(n: int, minimum: int = 8) -> int:
+    """n rounded up to a multiple of half the power of two at or below it (at least `minimum`):
+    8, 12, 16, 24, 32, 48, 64, 96, 128, 192, ...: two sizes per doubling, at most 50% padding
+    (about 20% on SNLI's lengths). The finest ladder of widths (and rows) JAX compiles for."""
+    if n <= minimum:
+        return minimum
+    half = max(1, 2 ** (int(n).bit_length() - 2))  # half the power of two at or below n
+    return -(-n // half) * half
+
+
+def plan_widths(shapes: Sequence[tuple[int, int]], compile_cost: float, limit: int) -> tuple[int, ...]:
+    """The padded widths to compile for batches of these (rows, trimmed width) `shapes` (every batch
+    of the run, each pass counted), chosen from `padded_size`'s ladder (capped at `limit`, the
+    packed width) to minimise `compile_cost` x number of widths + the padded rows x positions all
+    batches compute, `compile_cost` being one compiled program's cost in such row-positions.
+    Exact, by dynamic programming over the ladder: a batch takes the smallest chosen width that
+    holds it, so the widest batch's ladder width is always chosen."""
+    if not shapes:
+        return ()
+    ladder = sorted({min(padded_size(w), limit) for w in range(1, limit + 1)})
+    rows_at = np.zeros(len(ladder))  # rows of the batches whose own ladder width is ladder[i]
+    for rows, width in shapes:
+        rows_at[ladder.index(min(padded_size(width), limit))] += rows
+    top = int(np.nonzero(rows_at)[0].max())
+    # best[j]: the cheapest plan for the batches up to ladder[j] whose widest width is ladder[j];
+    # cost[i, j]: the batches above ladder[i] and up to ladder[j], padded to ladder[j].
+    best, previous = [0.0] * (top + 1), [-1] * (top + 1)
+    for j in range(top + 1):
+        best[j], previous[j] = min((compile_cost + (best[i] if i >= 0 else 0.0)
+                                    + rows_at[i + 1:j + 1].sum() * ladder[j], i) for i in range(-1, j))
+    plan, j = [], top
+    while j >= 0:
+        plan.append(ladder[j])
+        j = previous[j]
+    return tuple(sorted(plan))
+
+
+def batch_shapes(iterator: "BatchIterator") -> list[tuple[int, int]]:
+    """(rows, trimmed width) of every batch of one pass of `iterator`, from a throwaway generator
+    (the iterator's own is not advanced): with whole-pass length buckets, every pass's shapes."""
+    order = iterator.sampler(iterator.num_examples, iterator.batch_size, iterator.shuffle, np.random.default_rng(0))
+    width = iterator.token_ids.shape[1]
+    return [(len(idx), int(iterator.valid_lens[idx].max()) if iterator.trim else width) for idx in order if len(idx)]
 
 
 def bucket_batch_indices(valid_lens: Sequence[int] | np.ndarray, multiple: int = 1,
@@ -115,7 +163,7 @@ class BatchIterator:
 
     def __init__(self, arrays: Sequence[np.ndarray], labels: np.ndarray, batch_size: int,
                  shuffle: bool = False, seed: int = 0, sampler: Sampler = batch_indices,
-                 trim: bool = False, pad_multiple: int = 1) -> None:
+                 trim: bool = False, pad_multiple: int = 1, widths: Sequence[int] | None = None) -> None:
         if len(arrays) != 3:
             raise ValueError(f"arrays must be (token_ids, segments, valid_lens), got {len(arrays)} arrays")
         token_ids, segments, valid_lens = (np.asarray(a) for a in arrays)
@@ -137,6 +185,9 @@ class BatchIterator:
         if pad_multiple < 1:
             raise ValueError(f"pad_multiple must be positive, got {pad_multiple}")
         self.pad_multiple = pad_multiple
+        # A trimmed width is rounded up to the first of these that holds it (`plan_widths`'), past
+        # them to `padded_size`'s ladder.
+        self.widths = tuple(sorted(widths)) if widths else ()
         self._rng = np.random.default_rng(seed)
         self._pass_start: dict | None = None  # the generator's state when the pass in progress began
         self._batch = 0  # batches of that pass handed out
@@ -175,7 +226,10 @@ class BatchIterator:
             if self.trim and len(idx):
                 width = int(valid_lens.max())
                 # Rounded up to a multiple (few distinct shapes), never past the packed width.
-                width = min(-(-width // self.pad_multiple) * self.pad_multiple, self.token_ids.shape[1])
+                width = -(-width // self.pad_multiple) * self.pad_multiple
+                if self.widths:
+                    width = next((w for w in self.widths if w >= width), padded_size(width))
+                width = min(width, self.token_ids.shape[1])
                 # Fancy index plus slice copies into a contiguous (batch, width) array.
                 token_ids, segments = self.token_ids[idx, :width], self.segments[idx, :width]
             else:

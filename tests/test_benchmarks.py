@@ -58,7 +58,7 @@ def test_bench_finetune_runs_both_paths_on_a_tiny_configuration(tmp_path, shared
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_finetune.py"), "--backend", backend, "--device", device,
          "--batch-size", "4", "--steps", "1", "--book-steps", "1", "--warmup", "0", "--pairs", "1",
-         "--peak-size", "128", "--json", str(out)],
+         "--peak-size", "128", "--json", str(out), *(["--e2e", "8"] if backend == "torch" else [])],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "NLIBERT_SHARED_DATA": str(shared_data)})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,6 +77,11 @@ def test_bench_finetune_runs_both_paths_on_a_tiny_configuration(tmp_path, shared
         runs = book["runs"] + fast["runs"]
         assert all(r["before"]["shapes"] >= 1 and r["before"]["compile_seconds"] > 0 for r in runs)
     assert f"== summary: batch 4, max_len 128, device {device} ==" in proc.stdout
+    assert fast["warmup_seconds"] >= 0 and "warm-up s" in proc.stdout
+    if backend == "torch":  # the MiniLM command end to end (JAX's beside it would compile for minutes here)
+        e2e = json.loads(out.read_text())["end_to_end"]["torch"]
+        assert e2e["wall_seconds"] > 0 and e2e["examples_per_sec"] > 0 and e2e["compiles"] is None
+        assert "== end to end: nlibert finetune --pretrained minilm-l6" in proc.stdout
 
 
 def test_paired_difference_on_a_hand_computed_example():
@@ -145,7 +150,7 @@ def test_bench_finetune_nproc_times_one_process_against_a_job_of_two(tmp_path, s
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_finetune.py"), "--backend", "torch", "--variants", "fast",
          "--nproc", "2", "--batch-size", "4", "--steps", "1", "--book-steps", "1", "--warmup", "0", "--pairs", "1",
-         "--peak-size", "128", "--json", str(out)],
+         "--peak-size", "128", "--json", str(out), *(["--e2e", "8"] if backend == "torch" else [])],
         capture_output=True, text=True, timeout=600, env={**os.environ, "NLIBERT_SHARED_DATA": str(shared_data)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "a smoke test of the distributed path, not a scaling result" in proc.stdout

@@ -1,8 +1,10 @@
-"""The fast path's batching: the length-bucketing sampler and trimming to a multiple."""
+"""The fast path's batching: the length-bucketing sampler, trimming to a multiple, and the widths planned by cost."""
+import itertools
+
 import numpy as np
 import pytest
 
-from nlibert.core.batching import BatchIterator, bucket_batch_indices
+from nlibert.core.batching import BatchIterator, batch_shapes, bucket_batch_indices, padded_size, plan_widths
 
 
 def make_arrays(n=203, max_len=40, seed=0):
@@ -115,3 +117,45 @@ def test_bad_arguments():
         list(BatchIterator(arrays, labels, 4, sampler=sampler))
     with pytest.raises(ValueError, match="rng"):
         sampler(5, 2, True, None)
+
+
+def plan_cost(plan, shapes, compile_cost, limit=40):
+    """What `plan_widths` minimises: a compile per width, and every batch padded to the first width that holds it."""
+    return compile_cost * len(plan) + sum(rows * next(w for w in plan if w >= min(padded_size(width), limit))
+                                          for rows, width in shapes)
+
+
+@pytest.mark.parametrize("compile_cost", [0, 50, 700, 5000, 10 ** 6])
+def test_the_planned_widths_cost_least_of_every_set_of_ladder_widths(compile_cost):
+    rng = np.random.default_rng(compile_cost)
+    shapes = [(int(rng.integers(1, 9)), int(rng.integers(3, 41))) for _ in range(30)]
+    plan = plan_widths(shapes, compile_cost, limit=40)
+    ladder = sorted({min(padded_size(w), 40) for w in range(1, 41)})
+    widest = min(padded_size(max(w for _, w in shapes)), 40)
+    assert max(plan) == widest and set(plan) <= set(ladder)
+    best = min(plan_cost(subset + (widest,), shapes, compile_cost)
+               for k in range(len(ladder)) for subset in itertools.combinations([w for w in ladder if w < widest], k))
+    assert plan_cost(plan, shapes, compile_cost) == best
+
+
+def test_a_short_run_gets_a_few_coarse_widths_and_a_long_one_the_fine_ladder():
+    shapes = [(32, w) for w in range(10, 60)]
+    free, costly = plan_widths(shapes, 0, 128), plan_widths(shapes, 10 ** 6, 128)
+    assert free == (12, 16, 24, 32, 48, 64) and costly == (64,)
+    assert len(plan_widths(shapes, 5000, 128)) < len(plan_widths(shapes * 20, 5000, 128)) <= len(free)
+    assert plan_widths([], 5000, 128) == () and plan_widths([(4, 100)], 0, 100) == (100,)
+
+
+def test_planned_widths_round_trimmed_batches_up_and_batch_shapes_leaves_the_order_alone():
+    arrays, labels = make_arrays(max_len=40)
+    make = lambda: BatchIterator(arrays, labels, 16, shuffle=True, seed=3, trim=True,  # noqa: E731
+                                 sampler=bucket_batch_indices(arrays[2]))
+    it, fresh = make(), make()
+    shapes = batch_shapes(it)
+    assert sorted(shapes) == sorted((len(y), int(X[2].max())) for X, y in fresh)
+    assert [y.tolist() for _, y in it] == [y.tolist() for _, y in make()]  # its generator was not advanced
+    it.widths = (16, 24)
+    for (tokens, segments, valid_lens), _ in it:
+        longest = int(valid_lens.max())
+        assert tokens.shape[1] == segments.shape[1] == (16 if longest <= 16 else 24 if longest <= 24 else
+                                                        min(padded_size(longest), 40))

@@ -124,3 +124,22 @@ def test_without_bucketing_and_dropout_the_fast_path_retraces_the_book_path(tmp_
         assert (f["train_acc"], f["test_acc"]) == (b["train_acc"], b["test_acc"])
     # bucketing changes which examples share a batch, hence the steps: the check above can tell
     assert any(abs(b["loss"] - f["loss"]) > 1e-3 for b, f in zip(book, bucketed))
+
+
+def test_jax_plans_its_widths_and_counts_its_compiles(tmp_path, capsys):
+    pytest.importorskip("jax")
+    out = tmp_path / "jax"
+    assert cli.main(["finetune", "--backend", "jax", "--out", str(out), *SMALL]) == 0
+    assert "compiled " in capsys.readouterr().out
+    fast = json.loads((out / "metrics.json").read_text())["fast_path"]
+    plans = fast["bucketing"]["widths"]
+    assert set(plans) == {"train", "test"} and all(1 <= len(widths) <= 2 for widths in plans.values())
+    # 64 + 32 examples of one epoch at 32 rows: each width one program for training, one for evaluation.
+    assert fast["compiles"] == len(plans["train"]) + len(plans["test"]) and fast["compile_seconds"] > 0
+
+
+def test_backends_that_compile_nothing_per_shape_plan_no_widths(tmp_path):
+    out = tmp_path / "torch"
+    assert cli.main(["finetune", "--backend", "torch", "--out", str(out), *SMALL]) == 0
+    fast = json.loads((out / "metrics.json").read_text())["fast_path"]
+    assert fast["bucketing"]["widths"] == {} and "compiles" not in fast

@@ -394,7 +394,7 @@ def test_one_adam_step_parity(tmp_path, sample_data):
 
 
 def test_one_step_on_a_padded_batch_parity(tmp_path):
-    """The JAX step pads a batch to a compiled shape (here 5 rows of width 20 to 8 x 24, `_padded_size`)
+    """The JAX step pads a batch to a compiled shape (here 5 rows of width 20 to 32 x 24: `_MIN_ROWS`, `_padded_size`)
     with weight-0 rows and masked columns: the loss sum, the gradient (divided by the 5 real rows) and
     the updated parameters are torch's on the unpadded batch (tiny shape, torch eps = B * 1e-8 as in
     the one-step test). Measured: loss sums 6e-8 apart (atol 1e-5); gradients <= 6.5e-6 of each

@@ -62,6 +62,21 @@ def test_padded_sizes_are_a_short_ladder():
     assert all(n <= _padded_size(n) <= max(8, 1.5 * n) for n in range(1, 600))
 
 
+def test_a_short_batch_shares_the_full_batches_program_and_compiles_are_counted():
+    net = _classifier(max_len=T + 1)  # a module no other test compiled (jit's caches are per module's fields)
+    step = FinetuneStep(net, make_loss(), _sgd(net), try_all_gpus())
+    full, short = _batches(_task(40, seed=5), 32)  # 32 rows and the run's last 8, both padded to 32 x 8
+    step.read(step(*full))
+    first = step.compiles
+    assert first["compiles"] >= 1 and first["compile_seconds"] > 0
+    step.read(step(*short))
+    assert step.evaluate([full, short]) >= 0
+    after_eval = step.compiles
+    step.evaluate([short])
+    assert step.compiles == after_eval  # evaluation's short batch, too, ran the program its full batch compiled
+    assert after_eval["compiles"] == first["compiles"] + 1  # one more: evaluation's
+
+
 def test_split_batch_multi_inputs_splits_every_input_across_devices():
     devices = parse_devices("cpu:0,cpu:1")
     tokens, segments, valid_lens, labels = task(5, seed=1)

@@ -8,9 +8,10 @@ loop reads, in `train_ch13` after every batch (timer over training batches only)
 path once per epoch; the book's two printed lines; figures returned as `EpochRecord`s.
 
 `jit` compiles once per input shape, so batches are padded to a small set of shapes
-(`_padded_size`: two sizes per doubling) with weight-0 rows and
+(`_padded_size`: two sizes per doubling; rows at least `_MIN_ROWS`) with weight-0 rows and
 masked columns: the trimmed, length-bucketed batches of the fast path compile a handful of
-programs, not one per batch, and a padded row changes neither a loss, a gradient nor a count.
+programs, not one per batch (fewer still where the run planned its widths by cost,
+`core.batching.plan_widths`), and a padded row changes neither a loss, a gradient nor a count.
 Several devices are data parallel: parameters and optimizer state replicated, every batch
 sharded along its rows (`jax.sharding`), the gradient's mean reduced across devices by XLA.
 A job of several processes (`runtime.init_distributed`, core/distributed.py) is the same program
@@ -20,9 +21,9 @@ gradient the whole batch's, and the step's sums come out already summed over the
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nlibert.backends import backend_info
 from nlibert.core import book
 from nlibert.core.book import bind
-from nlibert.core.batching import rows
+from nlibert.core.batching import padded_size, rows
 from nlibert.core.distributed import World
 from nlibert.core.training import require_devices
 
@@ -49,15 +50,34 @@ def try_all_gpus() -> list[jax.Device]:
     return _platform_devices("gpu") or [jax.devices("cpu")[0]]
 
 
-def _padded_size(n: int, minimum: int = 8) -> int:
-    """n rounded up to a multiple of half the power of two at or below it (at least `minimum`):
-    8, 12, 16, 24, 32, 48, 64, 96, 128, 192, ...: two sizes per doubling, at most 50% padding
-    (about 20% on SNLI's lengths). Each size is one more XLA compilation of the step (about 8 s
-    for bert.small on a 2-core CPU), so a finer ladder costs more in compiling than it saves."""
-    if n <= minimum:
-        return minimum
-    half = max(1, 2 ** (math.floor(math.log2(n)) - 1))
-    return -(-n // half) * half
+_padded_size = padded_size  # the ladder of compiled widths and rows (core's: the fast path plans on it)
+# Rows of a training or evaluation batch are padded to at least this many: a run's last, short
+# batch then shares the full batches' program (at 32 rows, the default) instead of adding one.
+_MIN_ROWS = 32
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+# The training and evaluation programs compiled in this process (not the small ones of a key split
+# or a stack of sums), and the seconds spent tracing, lowering and compiling them.
+_compiled = {"compiles": 0, "compile_seconds": 0.0, "counting": False}
+
+
+def _count_compile(event: str, seconds: float, **kwargs) -> None:
+    if _compiled["counting"] and event in _COMPILE_EVENTS:
+        _compiled["compiles"] += event == _COMPILE_EVENTS[-1]
+        _compiled["compile_seconds"] += seconds
+
+
+@contextlib.contextmanager
+def _counted() -> Iterator[None]:
+    """Compiles inside (a call of a step's or evaluation's program) count in `_compiled`."""
+    _compiled["counting"] = True
+    try:
+        yield
+    finally:
+        _compiled["counting"] = False
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 def _pad(a: np.ndarray, rows: int, width: int | None = None) -> np.ndarray:
@@ -69,11 +89,12 @@ def _pad(a: np.ndarray, rows: int, width: int | None = None) -> np.ndarray:
 
 
 def _prepare(features: Sequence, labels, devices: list[jax.Device], max_len: int,
-             micro_batch: int | None = None, world: World = World()) -> tuple[jax.Array, ...]:
+             micro_batch: int | None = None, world: World = World(), min_rows: int = 1) -> tuple[jax.Array, ...]:
     """A batch as (chunks, rows, ...) arrays on the devices, sharded along the rows: tokens,
     segments, valid lengths (float32, as the book), labels, and weights (1 real, 0 padding).
-    Rows are padded to a size from `_padded_size`, a multiple of the device count (of
-    `micro_batch` rows per device, with it); columns up to `_padded_size` (at most `max_len`).
+    Rows are padded to a size from `_padded_size` (at least `min_rows`), a multiple of the device
+    count (of `micro_batch` rows per device, with it); columns up to `_padded_size` (at most
+    `max_len`), which leaves a width the fast path planned (`core.batching.plan_widths`) as it is.
     In a `world` of several processes, `devices` are the job's, one per rank, and this process
     places its rank's rows alone (`World.training_shard`), padded to the per-device rows every
     rank computes alike from the global batch: the same shapes, and programs, on every rank."""
@@ -82,7 +103,7 @@ def _prepare(features: Sequence, labels, devices: list[jax.Device], max_len: int
     n, width = len(labels), tokens.shape[1]
     width = min(_padded_size(width), max_len) if width <= max_len else width  # too wide: the model says so
     ndev = len(devices)
-    per_device = micro_batch if micro_batch is not None else -(-_padded_size(n) // ndev)
+    per_device = micro_batch if micro_batch is not None else -(-_padded_size(max(n, min_rows)) // ndev)
     chunks = -(-n // (ndev * per_device))
     start, stop = world.training_shard(n) if world.size > 1 else (0, n)
     placed = chunks * per_device * (ndev if world.size == 1 else 1)  # the rows this process places
@@ -191,8 +212,10 @@ def _count_correct(net: _Bound, params, data_iter: Iterable, devices: list[jax.D
     for features, labels in data_iter:
         start, stop = world.shard(len(labels))
         if stop > start:
-            correct.append(count(params, *_prepare(rows(features, start, stop), np.asarray(labels)[start:stop], devices,
-                                                   net.config.max_len)))
+            batch = _prepare(rows(features, start, stop), np.asarray(labels)[start:stop], devices,
+                             net.config.max_len, min_rows=_MIN_ROWS)
+            with _counted():
+                correct.append(count(params, *batch))
             total += stop - start
     correct = float(np.sum(np.asarray(jnp.stack(correct), np.float64))) if correct else 0.0
     correct, total = world.all_sum(np.array([correct, total], dtype=np.float64))
@@ -310,9 +333,17 @@ class FinetuneStep:
         self.train = _train_function(net.module, loss, trainer.tx, donate, max_grad_norm,
                                      tuple(self.mesh_devices) if self.world.size > 1 else None)
         self.key = _next_key()  # dropout keys: from the backend's generator (`set_seed`), new for every step object
+        self._compiled_before = dict(_compiled)
+
+    @property
+    def compiles(self) -> dict:
+        """The training and evaluation programs this process compiled since the step was made, and
+        the seconds spent tracing, lowering and compiling them (metrics.json's fast_path records them)."""
+        return {key: round(_compiled[key] - self._compiled_before[key], 2) for key in ("compiles", "compile_seconds")}
 
     def __call__(self, features, labels) -> tuple[_Sums, _Sums]:
-        batch = _prepare(features, labels, self.mesh_devices, self.net.config.max_len, self.micro_batch, self.world)
+        batch = _prepare(features, labels, self.mesh_devices, self.net.config.max_len, self.micro_batch, self.world,
+                         _MIN_ROWS)
         self.key, key = jax.random.split(self.key)
         if self.world.size > 1:  # each rank's key, one row each; what a restore or a new rate left on this device
             key = jax.make_array_from_single_device_arrays(
@@ -320,8 +351,9 @@ class FinetuneStep:
                 [jax.device_put(key[None], self.devices[0])])
             self.net.params = _replicate(self.net.params, self.mesh_devices)
             self.trainer.state = _replicate(self.trainer.state, self.mesh_devices)
-        self.net.params, self.trainer.state, loss_sum, correct = self.train(
-            self.net.params, self.trainer.state, key, *batch)
+        with _counted():
+            self.net.params, self.trainer.state, loss_sum, correct = self.train(
+                self.net.params, self.trainer.state, key, *batch)
         return _Sums([loss_sum]), _Sums([correct])
 
     learning_rate = _learning_rate
