@@ -21,7 +21,7 @@ from nlibert.backends.jax import (BERTClassifier, BERTModel, FinetuneStep, evalu
 from nlibert.backends.jax.checkpoint import _flatten  # noqa: E402
 from nlibert.backends.jax.train import _padded_size, _Sums, train_batch_ch13  # noqa: E402
 
-from test_backend_train import V, batches, task  # noqa: E402  the toy task every backend learns
+from test_backend_train import T, V, batches, task  # noqa: E402  the toy task every backend learns
 
 
 def _classifier(dropout=0.0, seed=0, max_len=16):
@@ -65,7 +65,7 @@ def test_padded_sizes_are_a_short_ladder():
 def test_a_short_batch_shares_the_full_batches_program_and_compiles_are_counted():
     net = _classifier(max_len=T + 1)  # a module no other test compiled (jit's caches are per module's fields)
     step = FinetuneStep(net, make_loss(), _sgd(net), try_all_gpus())
-    full, short = _batches(_task(40, seed=5), 32)  # 32 rows and the run's last 8, both padded to 32 x 8
+    full, short = batches(task(40, seed=5), 32)  # 32 rows and the run's last 8, both padded to 32 x 8
     step.read(step(*full))
     first = step.compiles
     assert first["compiles"] >= 1 and first["compile_seconds"] > 0
