@@ -162,7 +162,8 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
                  on_epoch: Callable[[EpochRecord], None] | None = None, state: LoopState | None = None,
                  seed: int | None = None, checkpoint: Callable[[LoopState], None] | None = None,
                  checkpoint_every: int = 0, stop_after: int | None = None,
-                 lr_at: Callable[[int], float] | None = None, rank: int = 0) -> list[EpochRecord]:
+                 lr_at: Callable[[int], float] | None = None, rank: int = 0,
+                 should_stop: Callable[[], bool] | None = None) -> list[EpochRecord]:
     """Train until epoch `num_epochs` is done, testing after each; print the book's two lines
     (`verbose`); return the records of every finished epoch (those of `state` included).
 
@@ -175,7 +176,8 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
     (numbered from 1 over all epochs; None: the trainer's own), a function of the step alone, so a
     resumed run follows the schedule of an uninterrupted one. `on_epoch` runs before the epoch's
     checkpoint: what it writes is written again if the run stops in between and resumes. `rank` is
-    this process's in a distributed job (its dropout seeds: `step_seed`).
+    this process's in a distributed job (its dropout seeds: `step_seed`). `should_stop()`, asked
+    after every step, ends this call there as `stop_after` does (a SIGTERM: core/signals.py).
     """
     if sync not in SYNC_POLICIES:
         raise ValueError(f"unknown sync policy {sync!r}: use one of {SYNC_POLICIES}")
@@ -225,7 +227,8 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
                 pending = sums if pending is None else (pending[0] + sums[0], pending[1] + sums[1])
             metric.add(0, 0, len(labels), int(np.prod(np.shape(labels))))
             state.step, state.batch, steps_here = state.step + 1, state.batch + 1, steps_here + 1
-            stopping = stop_after is not None and steps_here >= stop_after
+            stopping = (stop_after is not None and steps_here >= stop_after) or \
+                (should_stop is not None and should_stop())
             if checkpoint is not None and (stopping or (checkpoint_every and state.step % checkpoint_every == 0)):
                 save()
             if stopping:
