@@ -26,7 +26,7 @@ from . import __version__
 from .backends import backend_info, load_backend
 from .core.batching import BatchIterator, batch_indices, bucket_batch_indices
 from .core.folders import PARAMS_FILES, TaskRecord
-from .core.distributed import World, free_port, launch, quiet_unless_main
+from .core.distributed import World, check_job, free_port, launch, quiet_unless_main
 from .core import signals
 from .core.io import check_output, remove_leftovers, replace_folder, temp_folder_beside, write_json
 from .core.packing import SNLIBERTDataset
@@ -176,22 +176,6 @@ def _data_fingerprint(*iterators: BatchIterator) -> str:
     return digest.hexdigest()
 
 
-class _StopCheck:
-    """`train_epochs`' `should_stop` (and pretraining's): whether a SIGTERM asks the run to stop after
-    this step (core/signals.py). In a job of several processes the ranks agree (one tiny sum per
-    step), so all stop after the same step and reach the same checkpoint."""
-
-    def __init__(self, world: World) -> None:
-        self.world, self.stopped = world, False
-
-    def __call__(self) -> bool:
-        asked = float(signals.requested() is not None)
-        if self.world.size > 1:
-            asked = float(self.world.all_sum(np.array([asked], dtype=np.float64))[0])
-        self.stopped = asked > 0
-        return self.stopped
-
-
 @contextlib.contextmanager
 def _as_rank(world: World, out: str) -> Iterator[None]:
     """Rank 0 holds OUT's lock (one run per output folder); the other ranks print nothing."""
@@ -246,7 +230,7 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
         if world.main:
             resume.save(loop_state.step, {"loop": loop_state.to_dict()})
 
-    stop_check = _StopCheck(world)
+    stop_check = signals.StopCheck(world)
     try:
         bar = Progress(train_iter, "train", enabled=None if world.main else False)  # one bar per job
         with signals.step_boundaries():
@@ -294,30 +278,6 @@ def launch_job(settings: FinetuneSettings | PretrainSettings, nproc: int, argv: 
     backend = load_backend(settings.backend)
     check_job(nproc, settings.batch_size, backend.parse_devices(settings.device), oversubscribe)
     return launch([sys.executable, "-m", "nlibert.cli", *argv], backend.launch_processes(nproc, free_port()))
-
-
-def check_job(nproc: int, batch_size: int, devices: list, oversubscribe: bool = False) -> None:
-    """Refuse a job of `nproc` processes that cannot work, or would crawl, before starting it: more
-    processes than the rows of a batch (each computes a share of every batch), than the GPUs listed
-    (one each), or than this machine's CPU cores (each process's threads would fight for them, and
-    each holds a copy of the model in memory) unless `oversubscribe`."""
-    if nproc > batch_size:
-        raise ValueError(f"--nproc {nproc}: more processes than the {batch_size} examples of a batch "
-                         f"(--batch-size); use --nproc {batch_size} or fewer, or a larger --batch-size")
-    gpus = [d for d in devices if "cpu" not in str(d).lower()]
-    if len(gpus) > 1 and nproc > len(gpus):
-        raise ValueError(f"--nproc {nproc}: more processes than the {len(gpus)} GPUs of --device (one each); "
-                         f"use --nproc {len(gpus)} or list more GPUs")
-    if oversubscribe:
-        return
-    if len(gpus) == 1 and len(devices) == 1:
-        raise ValueError(f"--nproc {nproc}: more processes than the one GPU ({gpus[0]}); list one GPU per "
-                         "process in --device, or pass --oversubscribe to share it")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if not gpus and nproc > cores:
-        raise ValueError(f"--nproc {nproc}: more processes than this machine's {cores} CPU cores; they would "
-                         "fight for the cores and each hold a copy of the model in memory. Use --nproc "
-                         f"{cores} or fewer, or pass --oversubscribe to start them anyway")
 
 
 def _best_epoch(records) -> int:
@@ -426,7 +386,7 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
 
     step = backend.PretrainStep(bert, backend.make_loss(), len(vocab), trainer, devices, settings.mlm_loss,
                                 world=world)
-    stop_check = _StopCheck(world)
+    stop_check = signals.StopCheck(world)
 
     def after_step(record: StepRecord) -> bool:
         stop = stop_check()  # on every step of every rank: in a job it is a collective

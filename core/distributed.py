@@ -145,6 +145,30 @@ def worker_threads(nproc: int) -> int:
     return max(1, (os.cpu_count() or 1) // nproc)
 
 
+def check_job(nproc: int, batch_size: int, devices: list, oversubscribe: bool = False) -> None:
+    """Refuse a job of `nproc` processes that cannot work, or would crawl, before starting it: more
+    processes than the rows of a batch (each computes a share of every batch), than the GPUs listed
+    (one each), or than this machine's CPU cores (each process's threads would fight for them, and
+    each holds a copy of the model in memory) unless `oversubscribe`."""
+    if nproc > batch_size:
+        raise ValueError(f"--nproc {nproc}: more processes than the {batch_size} examples of a batch "
+                         f"(--batch-size); use --nproc {batch_size} or fewer, or a larger --batch-size")
+    gpus = [d for d in devices if "cpu" not in str(d).lower()]
+    if len(gpus) > 1 and nproc > len(gpus):
+        raise ValueError(f"--nproc {nproc}: more processes than the {len(gpus)} GPUs of --device (one each); "
+                         f"use --nproc {len(gpus)} or list more GPUs")
+    if oversubscribe:
+        return
+    if len(gpus) == 1 and len(devices) == 1:
+        raise ValueError(f"--nproc {nproc}: more processes than the one GPU ({gpus[0]}); list one GPU per "
+                         "process in --device, or pass --oversubscribe to share it")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not gpus and nproc > cores:
+        raise ValueError(f"--nproc {nproc}: more processes than this machine's {cores} CPU cores; they would "
+                         "fight for the cores and each hold a copy of the model in memory. Use --nproc "
+                         f"{cores} or fewer, or pass --oversubscribe to start them anyway")
+
+
 def _die_with(launcher: int) -> Callable[[], None]:
     """What a started process runs before its command (`preexec_fn`): a process group of its own (the
     terminal's Ctrl-C reaches the launcher alone, which passes it on once), and death with the

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from typing import Any, Iterator
+
+import numpy as np
 
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
@@ -58,3 +60,19 @@ def step_boundaries() -> Iterator[None]:
         yield
     finally:
         _in_loop[0] = False
+
+
+class StopCheck:
+    """`train_epochs`' `should_stop` (and pretraining's): whether a SIGTERM asks the run to stop after
+    this step. In a job of several processes (`world`, a core.distributed.World) the ranks agree,
+    one tiny sum per step, so all stop after the same step and reach the same checkpoint."""
+
+    def __init__(self, world: Any) -> None:
+        self.world, self.stopped = world, False
+
+    def __call__(self) -> bool:
+        asked = float(requested() is not None)
+        if self.world.size > 1:
+            asked = float(self.world.all_sum(np.array([asked], dtype=np.float64))[0])
+        self.stopped = asked > 0
+        return self.stopped

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from nlibert.jobs import check_job
+from nlibert.core.distributed import check_job
 
 TRAIN = ["--pretrained", "random", "--max-len", "16", "--batch-size", "8", "--device", "cpu", "--mode", "book"]
 
