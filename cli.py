@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     started writes its error to its report file instead of the terminal: the launcher prints the
     cause's alone, once. SIGINT and SIGTERM end a command with 130 / 143 and one line (`_stopped`)."""
     in_job = LAUNCHED_ENV in os.environ or any(info.job_env in os.environ for info in REGISTRY if info.job_env)
-    signals.install()
     try:
-        code = _main(argv)
+        with signals.handled():
+            code = _main(argv)
     except SystemExit as e:  # argparse's errors and --help
         code = e.code if isinstance(e.code, int) else 1
         if not in_job:

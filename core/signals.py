@@ -40,10 +40,18 @@ def _on_sigterm(signum: int, frame) -> None:
     raise Stopped(signum)
 
 
-def install() -> None:
-    """SIGTERM ends the command as `Stopped` (the CLI calls this; only the main thread can)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """Inside, SIGTERM ends the command as `Stopped` (the CLI's commands run inside; only the main
+    thread can handle signals, elsewhere this does nothing). The old handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def requested() -> int | None:
