@@ -81,13 +81,12 @@ def test_finetune_pretrain_and_convert_refuse_outputs_on_what_they_read(model, t
     train = write_rows(tmp_path / "train.csv", labelled())
     assert "--out" in error_of(capsys, ["finetune", *TINY, "--train-file", train, "--text-columns", "text",
                                         "--label-column", "label", "--out", train])
-    pretrained = model.parent / "seeded"
     assert "inside the model folder" in error_of(capsys, ["finetune", *TINY[2:], "--pretrained", str(model.parent),
                                                            "--out", str(model.parent / "again")])
     assert "is a file, not a folder" in error_of(capsys, ["pretrain", "--corpus", str(tmp_path),
                                                            "--out", str(tmp_path / "train.csv" / "out")])
     err = error_of(capsys, ["convert", str(model), str(model / "inside"), "--to", "torch"])
-    assert "inside" in err and not (model / "inside").exists() and not pretrained.exists()
+    assert "inside" in err and not (model / "inside").exists()
 
 
 def test_check_output_names_the_option_and_the_input(tmp_path):
@@ -162,6 +161,40 @@ def test_a_kill_at_the_first_change_leaves_the_old_model_or_the_new_one_whole(tm
     assert not [name for name in os.listdir(out / "model") if name.startswith(".")]
     finetune(out, new_train, "--no-resume")  # the next run clears what the killed one left beside
     assert not [name for name in os.listdir(out) if name.startswith(".model.")]
+
+
+def test_a_pretraining_run_killed_at_the_first_change_of_its_model_files_leaves_no_mix(tmp_path):
+    """pretrain's OUT holds more than the model, so its files are moved in one by one, the old
+    pretrained.params removed first: a kill at the first change leaves the old model whole, none
+    (refused by name by every loader), or the new one; never new files beside old parameters."""
+    from test_pretrain import write_wiki
+    from nlibert.core.folders import describe_checkpoint
+    out, model_files = tmp_path / "out", ("vocab.json", "config.json", "pretrained.params")
+
+    def pretrain(corpus, target, *extra):
+        return [sys.executable, "-m", "nlibert.cli", "pretrain", "--corpus", str(corpus), "--out", str(target),
+                "--steps", "2", "--batch-size", "16", "--max-len", "24", "--num-hiddens", "32",
+                "--ffn-num-hiddens", "64", "--num-heads", "2", "--num-layers", "1", "--device", "cpu", *extra]
+
+    old_corpus, new_corpus = write_wiki(tmp_path / "old", seed=0), write_wiki(tmp_path / "new", seed=1)
+    subprocess.run(pretrain(old_corpus, out), check=True, capture_output=True)
+    old = {name: (out / name).read_bytes() for name in model_files}
+    job = subprocess.Popen(pretrain(new_corpus, out, "--no-resume"), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    before = {name: _contents(out).get(name) for name in model_files}
+    deadline = time.monotonic() + 120
+    while {name: _contents(out).get(name) for name in model_files} == before:
+        assert job.poll() is None and time.monotonic() < deadline, "the run ended without changing the model"
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    if not (out / "pretrained.params").exists():
+        with pytest.raises(FileNotFoundError, match="pretrained.params is missing|no pretrained.params"):
+            describe_checkpoint(str(out))
+    else:
+        assert {name: (out / name).read_bytes() for name in model_files} == old
+    subprocess.run(pretrain(new_corpus, out, "--no-resume"), check=True, capture_output=True)
+    assert all((out / name).exists() for name in model_files)
+    assert not [name for name in os.listdir(out) if name.startswith(".pretrained.params.")]
 
 
 # --- resume refused on other data --------------------------------------------------------------------------
