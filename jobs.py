@@ -242,7 +242,7 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
                                    on_epoch=keep_best if world.main else None, should_stop=stop_check)
     except TrainingDiverged as e:
         raise _diverged(e, settings.lr, resume_dir) from None
-    if stop_check.stopped:  # after the checkpoint of the step it stopped at
+    if stop_check.stopped or signals.requested():  # after the checkpoint of the step it stopped at (or the last)
         raise signals.Stopped(signal.SIGTERM)
     if len(records) < settings.epochs:
         print(f"stopped after step {loop.step} (epoch {loop.epoch}); run the same command again to resume")
@@ -406,7 +406,7 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
     if records:
         print(format_pretrain_summary(records, _devices_text(devices, world)))
         checkpoint(last_step, records)  # always resumable from where this run ended
-    if stop_check.stopped:
+    if stop_check.stopped or signals.requested():  # the checkpoint above is where the same command resumes
         raise signals.Stopped(signal.SIGTERM)
     if not world.main:
         return {"completed": last_step >= settings.steps, "rank": world.rank}

@@ -204,8 +204,8 @@ class FinetuneSettings:
         all its steps are epochs x batches per epoch."""
         num_steps = self.epochs * steps_per_epoch
         if self.warmup_steps is not None and self.warmup_steps > num_steps:
-            raise ValueError(f"--warmup-steps {self.warmup_steps}: more than the run's {num_steps} steps ({self.epochs} "
-                             f"epochs x {steps_per_epoch} batches); use fewer, or --warmup-ratio")
+            raise ValueError(f"--warmup-steps {self.warmup_steps}: more than the run's {num_steps} steps "
+                             f"({self.epochs} epochs x {steps_per_epoch} batches); use fewer, or --warmup-ratio")
         warmup = self.warmup_steps if self.warmup_ratio is None else math.ceil(self.warmup_ratio * num_steps)
         return num_steps, min(warmup or 0, num_steps), "linear" if self.lr_schedule == "linear" else "none"
 

@@ -63,6 +63,7 @@ def requested() -> int | None:
 def step_boundaries() -> Iterator[None]:
     """Inside, a first SIGTERM is only noted (`requested`) for the training loop to stop at a step
     boundary, after its checkpoint."""
+    _requested.clear()  # a signal noted by an earlier loop of this process was acted on there
     _in_loop[0] = True
     try:
         yield

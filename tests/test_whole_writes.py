@@ -3,7 +3,6 @@ at the first change of its contents leaves the old model or the new one; a resum
 when its data changed; the header choice a model recorded is followed; CSV cells of any size are
 read, and what nlibert writes it reads back."""
 import csv
-import json
 import os
 import signal
 import subprocess
@@ -62,7 +61,8 @@ def test_predict_refuses_an_output_inside_its_model_or_onto_its_input_before_any
     before = {name: (model / name).read_bytes() for name in os.listdir(model)}
     monkeypatch.setattr(inference, "load_model", lambda *a: pytest.fail("did work before refusing"))
     for output, named in ((model / "config.json", "inside the model folder"), (model / "sub" / "p.csv", "inside"),
-                          (test, "is the file --file names"), (tmp_path / "test.csv" / "p.csv", "is a file, not a folder")):
+                          (test, "is the file --file names"),
+                          (tmp_path / "test.csv" / "p.csv", "is a file, not a folder")):
         err = error_of(capsys, ["predict", "--model", str(model), "--file", test, "--output", str(output)])
         assert f"--output {output}" in err and named in err
     assert {name: (model / name).read_bytes() for name in os.listdir(model)} == before
