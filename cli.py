@@ -4,15 +4,20 @@ checkpoint from one backend's format to another's), parity (one checkpoint, ever
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import traceback
+from typing import Iterator
 
 from . import __version__
 from .backends import BACKENDS, REGISTRY, backend_info, default_backend, installed_versions
-from .core.distributed import LAUNCHED_ENV, USER_ERROR_EXIT
+from .core import signals
+from .core.distributed import LAUNCHED_ENV, REPORT_ENV, USER_ERROR_EXIT
+from .core.resume import read_resume_state
 from .core.data_hub import DownloadError
 from .core.settings import (FINETUNE_MODES, HUB_DATA, INIT_SCHEMES, LR_DECAYS, LR_SCHEDULES, MLM_LOSSES, OPTIMIZERS,
                             PARITY_TOLERANCE, PRECISIONS, PRETRAIN_MODES, TASKS, EvaluateSettings, FinetuneSettings, PredictSettings,
@@ -162,8 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text-columns", default=None, metavar="A[,B]",
                     help="with --file: the column holding the text, or two (A,B) for pairs (default: the columns "
                          "the model was fine-tuned on, when it was fine-tuned on your own files)")
-    pr.add_argument("--no-header", action="store_true",
-                    help="with --file: the file has no header line; columns are 0-based indices")
+    _add_header_choice(pr, "with --file: ")
     pr.add_argument("--batch-size", type=_limit, default=PredictSettings.batch_size)
 
     ev = sub.add_parser("evaluate", parents=[common],
@@ -174,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a folder in the model's task's layout (as finetune --data) whose test split to use "
                          "(default: the test split of the data the model was fine-tuned on)")
     _add_file_options(ev, "--test-file", "your own labelled test file (.csv, .tsv, .jsonl); its labels must be "
-                      "the model's. Columns default to the ones the model was fine-tuned on, if it records them")
+                      "the model's. Columns default to the ones the model was fine-tuned on, if it records them",
+                      header_choice=True)
     ev.add_argument("--out", default=None,
                     help="folder for evaluation.json and confusion.png (default: the model folder's parent, "
                          "i.e. the finetune run's OUT)")
@@ -261,17 +266,34 @@ def _add_nproc(parser: argparse.ArgumentParser) -> None:
                              "compiled step over every process's device; fine-tuning only), talking on 127.0.0.1; each "
                              "process takes one device of --device (or the one given). Several machines: see the "
                              "README (torchrun; MXNet's DMLC_* variables)")
+    parser.add_argument("--oversubscribe", action="store_true",
+                        help="--nproc: start more processes than this machine has CPU cores (or several on one "
+                             "GPU); refused otherwise, as they would fight for the cores and memory")
 
 
-def _add_file_options(parser: argparse.ArgumentParser, file_option: str, file_help: str) -> None:
-    """A data file option and the options that say where its texts and labels are."""
+def _add_file_options(parser: argparse.ArgumentParser, file_option: str, file_help: str,
+                      header_choice: bool = False) -> None:
+    """A data file option and the options that say where its texts and labels are (`header_choice`:
+    --header and --no-header, default as the model's training file)."""
     parser.add_argument(file_option, default=None, help=file_help)
     parser.add_argument("--text-columns", default=None, metavar="A[,B]",
                         help="the column holding the text, or two separated by a comma for pairs: header names, "
                              "JSON keys, or 0-based indices with --no-header")
     parser.add_argument("--label-column", default=None, metavar="L", help="the column holding the label")
+    if header_choice:
+        _add_header_choice(parser, "")
+        return
     parser.add_argument("--no-header", action="store_true",
                         help="the CSV/TSV files have no header line; columns are 0-based indices")
+
+
+def _add_header_choice(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """--no-header / --header for a file a model reads; neither: as the model's training file was read."""
+    parser.add_argument("--no-header", dest="no_header", action="store_const", const=True, default=None,
+                        help=f"{prefix}the file has no header line; columns are 0-based indices (default: as the "
+                             "model's training file, which the model records)")
+    parser.add_argument("--header", dest="no_header", action="store_const", const=False,
+                        help=f"{prefix}line 1 of the file is a header, whatever the model's training file had")
 
 
 def settings_from_args(cls: type, args: argparse.Namespace):
@@ -282,18 +304,24 @@ def settings_from_args(cls: type, args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     """`nlibert ARGV`; the exit code. A failing process of a distributed job leaves at once
     (`os._exit`): MXNet's ps-lite would otherwise keep it waiting at exit for peers that will never
-    come, and the job's launcher (core/distributed.py) could not see it fail."""
+    come, and the job's launcher (core/distributed.py) could not see it fail. A process the launcher
+    started writes its error to its report file instead of the terminal: the launcher prints the
+    cause's alone, once. SIGINT and SIGTERM end a command with 130 / 143 and one line (`_stopped`)."""
     in_job = LAUNCHED_ENV in os.environ or any(info.job_env in os.environ for info in REGISTRY if info.job_env)
     try:
-        code = _main(argv)
+        with signals.handled():
+            code = _main(argv)
     except SystemExit as e:  # argparse's errors and --help
         code = e.code if isinstance(e.code, int) else 1
         if not in_job:
             raise
+    except (KeyboardInterrupt, signals.Stopped) as e:  # outside a job's command (see _main)
+        code = _stopped(e, None)
     except BaseException:
         if not in_job:
             raise
-        traceback.print_exc()
+        with _errors() as stream:
+            traceback.print_exc(file=stream)
         code = 1
     if code and in_job:
         sys.stdout.flush()
@@ -319,7 +347,10 @@ def _main(argv: list[str] | None) -> int:
                 raise ValueError(f"--nproc: the {info.name} backend pretrains as one process, data-parallel over "
                                  "its devices (--device); use --backend torch or mxnet for a job of several")
             if nproc > 1 and not {LAUNCHED_ENV, info.job_env} & set(os.environ):  # this process starts the job
-                return jobs.launch_job(settings.backend, nproc, argv)
+                code = jobs.launch_job(settings, nproc, argv, oversubscribe=args.oversubscribe)
+                if code - 128 in signals.SIGNAL_NAMES:  # its workers stopped on the signal the launcher passed on
+                    return _stopped(signals.Stopped(code - 128), args, launcher=True)
+                return code
         if args.command == "finetune":
             metrics = jobs.run_finetune(settings)
             if metrics["completed"] and metrics.get("rank", 0) == 0:
@@ -357,13 +388,53 @@ def _main(argv: list[str] | None) -> int:
             metrics = jobs.run_pretrain(settings)
             if metrics["completed"] and metrics.get("rank", 0) == 0:
                 print(f"wrote the pretrained checkpoint and metrics.json to {args.out}")
+    except (KeyboardInterrupt, signals.Stopped) as e:
+        return _stopped(e, args)
     except USER_ERRORS as e:
         if args.debug or os.environ.get("NLIBERT_DEBUG"):
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
-        print(f"nlibert: error: {message}", file=sys.stderr)
+        with _errors() as stream:
+            print(f"nlibert: error: {message}", file=stream)
         return USER_ERROR_EXIT
     return 0
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator:
+    """Where this process writes an error: its report file in a job `launch` started (the launcher
+    prints the cause's once), else stderr."""
+    report = os.environ.get(REPORT_ENV)
+    if not report:
+        yield sys.stderr
+        return
+    with open(report, "a", encoding="utf-8") as f:
+        yield f
+
+
+def _stopped(stop: BaseException, args: argparse.Namespace | None, launcher: bool = False) -> int:
+    """The end of a command stopped by SIGINT (KeyboardInterrupt) or SIGTERM (`signals.Stopped`):
+    one line saying what was kept and how to go on, and 128 + the signal. In a job, the launcher
+    (or, under torchrun, rank 0) says it, once."""
+    signum = stop.signum if isinstance(stop, signals.Stopped) else signal.SIGINT
+    worker = not launcher and (LAUNCHED_ENV in os.environ or os.environ.get("RANK", "0") != "0")
+    if not worker:
+        print(f"nlibert: stopped by {signals.SIGNAL_NAMES[signum]}; {_kept(args)}", file=sys.stderr)
+    return 128 + signum
+
+
+def _kept(args: argparse.Namespace | None) -> str:
+    """What a stopped command leaves: a training run's last checkpoint, else nothing half written."""
+    if args is None or args.command not in ("finetune", "pretrain"):
+        return "nothing was written (outputs are written whole or not at all)"
+    resume_dir = os.path.join(args.out, "resume")
+    try:
+        state = read_resume_state(resume_dir)
+    except (OSError, ValueError):
+        state = None
+    if state is None:
+        return "no checkpoint was written yet; run the same command to start again"
+    return f"the checkpoint of step {state['step']} is kept in {resume_dir}; run the same command to resume"
 
 
 if __name__ == "__main__":

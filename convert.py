@@ -14,7 +14,7 @@ import numpy as np
 
 from .backends import installed_backends, load_backend, read_params_in
 from .core.folders import CONFIG_FILE, HUGGING_FACE, VOCAB_FILE, folder_config, resolve_checkpoint
-from .core.io import temp_folder_beside, write_json
+from .core.io import check_output, remove_leftovers, replace_folder, temp_folder_beside, write_json
 from .core.names import from_canonical, to_canonical
 from .core.packing import pack_pairs
 from .core.sample import write_sample_snli
@@ -43,12 +43,15 @@ def run_convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
         if os.listdir(dst) and not overwrite:
             raise ValueError(f"{dst}: already holds files (a model?); choose another folder, or pass "
                              "--overwrite to replace it")
+    check_output("DST", dst, folder=True, models={"SRC": source.folder})
+    if os.path.realpath(source.folder).startswith(os.path.realpath(dst) + os.sep):
+        raise ValueError(f"{dst}: holds the source checkpoint {source.folder}, which replacing it would delete; "
+                         "convert into another folder")
+    remove_leftovers(dst)  # of a convert killed while it replaced dst
     tmp = temp_folder_beside(dst)
     try:
         _convert_into(source, target, to, src, tmp)
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        replace_folder(tmp, dst)  # whole: a kill at any instant leaves the old dst or the new one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst

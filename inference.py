@@ -19,13 +19,13 @@ import numpy as np
 from .backends import load_backend
 from .core.evaluation import evaluate, plot_confusion_matrix
 from .core.folders import TaskRecord, read_checkpoint_config
-from .core.io import write_json
+from .core.io import check_output, write_json
 from .core.packing import pack_pairs, pack_singles
 from .core.progress import Progress
 from .core.resume import output_lock
 from .core.settings import EvaluateSettings, FinetuneSettings, PredictSettings
 from .core.sources import finetune_source
-from .core.tables import Columns, encode_labels, read_table, read_texts, table_records, write_table
+from .core.tables import Columns, encode_labels, file_format, read_table, read_texts, table_records, write_table
 
 PREDICTED_LABEL = "predicted_label"  # the column `predict --file` adds, then `prob_<label>` per label
 
@@ -97,18 +97,28 @@ def run_predict(model_dir: str, text: str, text_b: str | None = None, device: st
             "probabilities": {name: float(p) for name, p in zip(names, probs)}}
 
 
-def _columns(model: LoadedModel, text_columns: str | None, label_column: str | None, no_header: bool,
+def _columns(model: LoadedModel, text_columns: str | None, label_column: str | None, no_header: bool | None,
              file: str, need_label: bool) -> Columns:
     """The columns of a file to read: as given, else the ones the model was fine-tuned on (the user's
-    own files record them); an error names the option to give when neither says."""
+    own files record them); an error names the option to give when neither says. Whether line 1 is
+    a header: as given (`--header`, `--no-header`), else as the model's own files were read; a CSV/TSV
+    file's choice is printed, with how to change it."""
     recorded = model.task.data or {}
     if text_columns is None:
         if recorded.get("text_columns") is None:
             example = "premise,hypothesis" if model.task.paired else "text"
             raise ValueError(f"--text-columns: name the column{'s' if model.task.paired else ''} of {file} "
                              f"holding the text{'s' if model.task.paired else ''} (e.g. --text-columns {example})")
-        text_columns, no_header = recorded["text_columns"], recorded.get("no_header", False)
+        text_columns = recorded["text_columns"]
         label_column = label_column if label_column is not None else recorded.get("label_column")
+    delimited = file_format(file) != "jsonl"
+    if no_header is None:
+        no_header = delimited and model.task.name == "files" and bool(recorded.get("no_header"))
+        why = "as the model's training file was; --header or --no-header to override"
+    else:
+        why = "--no-header" if no_header else "--header"
+    if delimited:
+        print(f"reading {file} {'without a header line' if no_header else 'with a header line'} ({why})")
     if need_label and label_column is None:
         raise ValueError(f"--label-column: name the column of {file} holding the true labels")
     columns = Columns.parse(text_columns, label_column if need_label else None, no_header)
@@ -120,6 +130,7 @@ def run_predict_file(settings: PredictSettings) -> dict:
     """Label every row of `settings.file` (CSV, TSV or JSON Lines) and write the rows, each with
     `predicted_label` and `prob_<label>` per label added, to `settings.output` (its extension sets
     the format), atomically. Returns the row count, seconds and rows/sec of the labelling."""
+    check_output("--output", settings.output, models={"--model": settings.model}, inputs={"--file": settings.file})
     model = load_model(settings.model, settings.device)
     columns = _columns(model, settings.text_columns, None, settings.no_header, settings.file, need_label=False)
     table = read_table(settings.file, columns.no_header)
@@ -169,6 +180,9 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
     """Evaluate a fine-tuned model on a labelled test set (`_test_examples`): print accuracy,
     per-class precision, recall and F1, macro-F1 and the confusion matrix, and write them to
     OUT/evaluation.json and OUT/confusion.png (OUT: `settings.out_dir()`)."""
+    out = settings.out_dir()
+    check_output("--out", out, folder=True, models={"--model": settings.model},
+                 inputs={"--test-file": settings.test_file})
     model = load_model(settings.model, settings.device)
     texts, labels, description = _test_examples(model, settings)
     probs = model.probabilities(texts, settings.batch_size)
@@ -176,7 +190,6 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
     split = "test file" if settings.test_file is not None else "test split"  # what every figure is from
     print(f"evaluated {settings.model} on {result.num_examples} examples of the {split}: {description}")
     print(result.table())
-    out = settings.out_dir()
     with output_lock(out):
         report = {"model": os.path.abspath(settings.model), "split": split, "data": description, **result.to_dict()}
         write_json(os.path.join(out, "evaluation.json"), report)

@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import platform
+import shutil
+import signal
 import sys
 import time
 from types import ModuleType
@@ -24,8 +26,9 @@ from . import __version__
 from .backends import backend_info, load_backend
 from .core.batching import BatchIterator, batch_indices, batch_shapes, bucket_batch_indices, plan_widths
 from .core.folders import PARAMS_FILES, TaskRecord
-from .core.distributed import World, free_port, launch, quiet_unless_main
-from .core.io import write_json
+from .core.distributed import World, check_job, free_port, launch, quiet_unless_main
+from .core import signals
+from .core.io import check_output, remove_leftovers, replace_folder, temp_folder_beside, write_json
 from .core.packing import SNLIBERTDataset
 from .core.plot import plot_training
 from .core.pretraining import StepRecord, format_pretrain_summary, scheduled_lr, summarize, train_steps
@@ -167,10 +170,35 @@ def run_finetune(settings: FinetuneSettings) -> dict:
     In a job of several processes (`--nproc`, torchrun; core/distributed.py) every rank trains its
     shard of every batch and only rank 0 prints and writes.
     """
+    pretrained_folder = settings.pretrained if os.path.isdir(settings.pretrained) else None
+    check_output("--out", settings.out, folder=True, models={"--pretrained": pretrained_folder},
+                 inputs={"--train-file": settings.train_file, "--test-file": settings.test_file})
     backend = load_backend(settings.backend)
     world = backend.init_distributed()
     with _as_rank(world, settings.out):
         return _finetune(settings, backend, world)
+
+
+def _write_whole(save: Callable[[str], None], folder: str) -> None:
+    """`save(tmp)` writes a model into a new folder beside `folder`, which then replaces `folder`
+    whole (core/io.py `replace_folder`): a kill at any instant leaves the old model or the new one."""
+    tmp = temp_folder_beside(folder)
+    try:
+        save(tmp)
+        replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _data_fingerprint(*iterators: BatchIterator) -> str:
+    """A sha1 of the examples of a run (token ids, segments, lengths and labels of every split), so a
+    resumed run is refused when the data changed, even with the same rows and size."""
+    digest = hashlib.sha1()
+    for it in iterators:
+        for array in (it.token_ids, it.segments, it.valid_lens, it.labels):
+            digest.update(np.ascontiguousarray(array).tobytes())
+            digest.update(str(np.shape(array)).encode())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -213,7 +241,8 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
                                 graph=settings.graph and fast, micro_batch=settings.chunk_rows(),
                                 max_grad_norm=settings.max_grad_norm, world=world)
     resume_dir = os.path.join(settings.out, "resume")
-    signature = settings.signature()
+    signature = {**settings.signature(), "labels": list(source.label_names),
+                 "examples": _data_fingerprint(train_iter, test_iter)}
     state = open_resume(resume_dir, signature, settings.resume)
     resume = ResumeFolder(resume_dir, signature, backend, net, trainer, devices, train_iter, vocab, settings.seed)
     loop = LoopState(**resume.restore(state)["loop"]) if state is not None else LoopState()
@@ -221,6 +250,8 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
         print(f"resuming from {resume_dir} at epoch {loop.epoch}, step {loop.step + 1}")
     resumed_from = loop.step if state is not None else None
     model_dir = os.path.join(settings.out, "model")
+    if world.main:
+        remove_leftovers(model_dir)  # of a run killed while it replaced the model
     task = TaskRecord(source.name, tuple(source.label_names), source.paired, settings.max_len,
                       settings.data_options())
     keep_best = _keep_best(backend, net, vocab, bert.config, model_dir, task, loop) if settings.save_best else None
@@ -237,23 +268,28 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
         if world.main:
             resume.save(loop_state.step, {"loop": loop_state.to_dict()})
 
+    stop_check = signals.StopCheck(world)
     try:
         bar = Progress(train_iter, "train", enabled=None if world.main else False)  # one bar per job
-        records = train_epochs(step, bar, test_iter, settings.epochs,
-                               sync="epoch" if fast else "batch", devices=_devices_text(step.devices, world),
-                               state=loop, seed=settings.seed, checkpoint=checkpoint, rank=world.rank,
-                               checkpoint_every=settings.checkpoint_every, stop_after=settings.stop_after,
-                               lr_at=scheduled_lr(settings.lr, *settings.schedule(len(train_iter))),
-                               on_epoch=on_epoch if world.main else None, valid_iter=valid_iter, log=log)
+        with signals.step_boundaries():
+            records = train_epochs(step, bar, test_iter, settings.epochs,
+                                   sync="epoch" if fast else "batch", devices=_devices_text(step.devices, world),
+                                   state=loop, seed=settings.seed, checkpoint=checkpoint, rank=world.rank,
+                                   checkpoint_every=settings.checkpoint_every, stop_after=settings.stop_after,
+                                   lr_at=scheduled_lr(settings.lr, *settings.schedule(len(train_iter))),
+                                   on_epoch=on_epoch if world.main else None, valid_iter=valid_iter, log=log,
+                                   should_stop=stop_check)
     except TrainingDiverged as e:
         raise _diverged(e, settings.lr, resume_dir) from None
+    if stop_check.stopped or signals.requested():  # after the checkpoint of the step it stopped at (or the last)
+        raise signals.Stopped(signal.SIGTERM)
     if len(records) < settings.epochs:
         print(f"stopped after step {loop.step} (epoch {loop.epoch}); run the same command again to resume")
         return {"completed": False, "step": loop.step, "epoch": loop.epoch, "resume_dir": resume_dir}
     if not world.main:
         return {"completed": True, "rank": world.rank, "model_dir": model_dir}
     if not settings.save_best:
-        backend.save_classifier(net, vocab, bert.config, model_dir, task=task)
+        _write_whole(lambda folder: backend.save_classifier(net, vocab, bert.config, folder, task=task), model_dir)
     chosen = records[_best_epoch(records) - 1] if settings.save_best else records[-1]
     if settings.save_best:
         print(f"chose epoch {chosen.epoch} on validation accuracy {chosen.validation_acc:.4f}: its test acc "
@@ -284,11 +320,14 @@ def _devices_text(devices: list, world: World) -> str:
     return str(devices) if world.size == 1 else f"{devices} x {world.size} processes"
 
 
-def launch_job(backend_name: str, nproc: int, argv: list[str]) -> int:
+def launch_job(settings: FinetuneSettings | PretrainSettings, nproc: int, argv: list[str],
+               oversubscribe: bool = False) -> int:
     """Run `nlibert ARGV` as a job of `nproc` processes on this machine (core/distributed.py's
-    `launch`), with the processes the backend's engine needs, meeting on 127.0.0.1."""
-    processes = load_backend(backend_name).launch_processes(nproc, free_port())
-    return launch([sys.executable, "-m", "nlibert.cli", *argv], processes)
+    `launch`), with the processes the backend's engine needs, meeting on 127.0.0.1; a job that
+    cannot work is refused before any process starts (`check_job`)."""
+    backend = load_backend(settings.backend)
+    check_job(nproc, settings.batch_size, backend.parse_devices(settings.device), oversubscribe)
+    return launch([sys.executable, "-m", "nlibert.cli", *argv], backend.launch_processes(nproc, free_port()))
 
 
 def _best_epoch(records) -> int:
@@ -317,7 +356,7 @@ def _keep_best(backend: ModuleType, net, vocab, config, model_dir: str, task: Ta
     def keep(record) -> None:
         earlier = [r["validation_acc"] for r in loop.records[:-1]]  # loop.records ends with this epoch's
         if all(record.validation_acc > acc for acc in earlier):
-            backend.save_classifier(net, vocab, config, model_dir, task=task)
+            _write_whole(lambda folder: backend.save_classifier(net, vocab, config, folder, task=task), model_dir)
     return keep
 
 
@@ -336,17 +375,48 @@ def run_pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], boo
     A non-finite loss ends the run with an error, nothing written from it. One run at a time per OUT.
     In a job of several processes, every rank trains its shard of every batch; rank 0 alone writes.
     """
+    check_output("--out", settings.out, folder=True,
+                 models={"--corpus": settings.corpus if os.path.isdir(settings.corpus) else None})
     backend = load_backend(settings.backend)
     world = backend.init_distributed()
     with _as_rank(world, settings.out):
         return _pretrain(settings, on_step, backend, world)
 
 
+def _file_sha1(path: str) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_pretrained(backend: ModuleType, bert, vocab, out: str) -> None:
+    """The pretrained checkpoint into OUT, which holds more than the model (metrics.json, resume/),
+    so it cannot be swapped whole: the files are written in a folder beside, then the old
+    pretrained.params is removed (OUT then holds no model: a loader refuses it, never mixes), the
+    new vocab.json and config.json moved in, and pretrained.params last. A kill leaves the old
+    model, none, or the new one; the same command then resumes at the last step and writes it again."""
+    tmp = temp_folder_beside(os.path.join(out, PARAMS_FILES["pretrained"]))
+    try:
+        backend.save_pretrained(bert, vocab, tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, PARAMS_FILES["pretrained"]))
+        names = sorted(os.listdir(tmp), key=lambda name: name == PARAMS_FILES["pretrained"])  # params last
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool | None] | None,
               backend: ModuleType, world: World) -> dict:
     devices = world.local_devices(backend.parse_devices(settings.device))
     files, description = wiki_source(settings.corpus)
-    signature = settings.signature([(os.path.basename(f), os.path.getsize(f)) for f in files])
+    # Names, sizes and contents: a corpus edited in place (the same size) is other data.
+    signature = settings.signature([(os.path.basename(f), os.path.getsize(f), _file_sha1(f)) for f in files])
+    if world.main:
+        remove_leftovers(os.path.join(settings.out, PARAMS_FILES["pretrained"]))
     resume_dir = os.path.join(settings.out, "resume")
     state = open_resume(resume_dir, signature, settings.resume)
 
@@ -382,18 +452,28 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
     # Step lines on a terminal too: pretraining draws no progress bar.
     log = RunLog(settings.out if world.main else None, settings.log_every, step_lines=True)
     log.begin(start_step if state is not None else None)
+    stop_check = signals.StopCheck(world)
+
+    def after_step(record: StepRecord) -> bool:
+        stop = stop_check()  # on every step of every rank: in a job it is a collective
+        return bool(on_step is not None and on_step(record)) or stop
+
     try:
-        records = train_steps(step, train_iter, settings.steps, start_step=start_step, seed=settings.seed,
-                              lr_at=scheduled_lr(settings.lr, settings.steps, settings.warmup_steps,
-                                                 settings.lr_decay),
-                              on_step=on_step, checkpoint=checkpoint, checkpoint_every=settings.checkpoint_every,
-                              stop_after=settings.stop_after, rank=world.rank, log=log)
+        with signals.step_boundaries():
+            records = train_steps(step, train_iter, settings.steps, start_step=start_step, seed=settings.seed,
+                                  lr_at=scheduled_lr(settings.lr, settings.steps, settings.warmup_steps,
+                                                     settings.lr_decay),
+                                  on_step=after_step, checkpoint=checkpoint,
+                                  checkpoint_every=settings.checkpoint_every, stop_after=settings.stop_after,
+                                  rank=world.rank, log=log)
     except TrainingDiverged as e:
         raise _diverged(e, settings.lr, resume_dir) from None
     last_step = records[-1].step if records else start_step
     if records:
         print(format_pretrain_summary(records, _devices_text(devices, world)))
         checkpoint(last_step, records)  # always resumable from where this run ended
+    if stop_check.stopped or signals.requested():  # the checkpoint above is where the same command resumes
+        raise signals.Stopped(signal.SIGTERM)
     if not world.main:
         return {"completed": last_step >= settings.steps, "rank": world.rank}
     history = earlier + records
@@ -409,7 +489,7 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
         "versions": _versions(backend),
     }
     if metrics["completed"]:
-        backend.save_pretrained(bert, vocab, settings.out)
+        _write_pretrained(backend, bert, vocab, settings.out)
     else:
         print(f"stopped after step {last_step} of {settings.steps}; run the same command again to resume")
     write_json(os.path.join(settings.out, "metrics.json"), metrics)

@@ -17,13 +17,17 @@ The rules every backend keeps (so that N processes compute what one process comp
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Callable, Iterator, Sequence
@@ -32,6 +36,10 @@ import numpy as np
 
 # Set in the processes `launch` starts, so that their own `--nproc` does not launch again.
 LAUNCHED_ENV = "NLIBERT_LAUNCHED"
+# Where a process `launch` started writes its error (message or traceback), for the launcher to
+# print the cause's alone, once (cli.py).
+REPORT_ENV = "NLIBERT_REPORT_FILE"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # The exit code of a user's mistake (`nlibert: error: ...`, cli.py), passed on by `launch`.
 USER_ERROR_EXIT = 2
 # How long a process waits for the others to join (or for a collective) before it gives up.
@@ -137,41 +145,132 @@ def worker_threads(nproc: int) -> int:
     return max(1, (os.cpu_count() or 1) // nproc)
 
 
+def check_job(nproc: int, batch_size: int, devices: list, oversubscribe: bool = False) -> None:
+    """Refuse a job of `nproc` processes that cannot work, or would crawl, before starting it: more
+    processes than the rows of a batch (each computes a share of every batch), than the GPUs listed
+    (one each), or than this machine's CPU cores (each process's threads would fight for them, and
+    each holds a copy of the model in memory) unless `oversubscribe`."""
+    if nproc > batch_size:
+        raise ValueError(f"--nproc {nproc}: more processes than the {batch_size} examples of a batch "
+                         f"(--batch-size); use --nproc {batch_size} or fewer, or a larger --batch-size")
+    gpus = [d for d in devices if "cpu" not in str(d).lower()]
+    if len(gpus) > 1 and nproc > len(gpus):
+        raise ValueError(f"--nproc {nproc}: more processes than the {len(gpus)} GPUs of --device (one each); "
+                         f"use --nproc {len(gpus)} or list more GPUs")
+    if oversubscribe:
+        return
+    if len(gpus) == 1 and len(devices) == 1:
+        raise ValueError(f"--nproc {nproc}: more processes than the one GPU ({gpus[0]}); list one GPU per "
+                         "process in --device, or pass --oversubscribe to share it")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not gpus and nproc > cores:
+        raise ValueError(f"--nproc {nproc}: more processes than this machine's {cores} CPU cores; they would "
+                         "fight for the cores and each hold a copy of the model in memory. Use --nproc "
+                         f"{cores} or fewer, or pass --oversubscribe to start them anyway")
+
+
+def _die_with(launcher: int) -> Callable[[], None]:
+    """What a started process runs before its command (`preexec_fn`): a process group of its own (the
+    terminal's Ctrl-C reaches the launcher alone, which passes it on once), and death with the
+    launcher, even a SIGKILLed one (Linux `PR_SET_PDEATHSIG`); no orphan trains on."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+
+    def setup() -> None:
+        os.setpgid(0, 0)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != launcher:  # the launcher died before the line above
+            os._exit(1)
+    return setup
+
+
 def launch(command: Sequence[str], processes: Sequence[LaunchProcess], poll_s: float = 0.2,
-           grace_s: float = 10.0) -> int:
+           grace_s: float = 10.0, stop_grace_s: float = 120.0) -> int:
     """Run the job's `processes` on this machine, the workers running `command` (for instance
     `python -m nlibert.cli finetune ...`), until the workers end. When one exits with an error (or
     is killed), the others are stopped and the job ends with that error; nothing waits on a dead
     peer. The error named is the first process's to end (one waiting thread each): a peer that a
-    dead process's broken connection ends a moment later (JAX's workers abort then) is not taken
-    for the cause. Returns 0 when every worker succeeded; a process's `USER_ERROR_EXIT` (its own
-    message printed) is the job's, with every process stopped."""
+    dead process's broken connection ends a moment later (JAX's workers abort then, torch's raise
+    "Connection reset by peer") is not taken for the cause, and its message is never shown: each
+    process writes its error to a file of its own (`REPORT_ENV`), and only the cause's is printed,
+    once. Returns 0 when every worker succeeded; a process's `USER_ERROR_EXIT` is the job's.
+
+    SIGINT and SIGTERM to the launcher are passed on to the workers, which stop at a step boundary
+    with a checkpoint (core/signals.py); the launcher waits for them (at most `stop_grace_s`, then
+    kills them) and returns 128 + the signal. The processes die with the launcher even when it is
+    SIGKILLed (`_die_with`)."""
     procs: list[tuple[LaunchProcess, subprocess.Popen]] = []
     ended: queue.Queue = queue.Queue()  # (process, exit code), in the order they end
     workers = sum(p.argv is None for p in processes)
     threads = str(worker_threads(workers))
+    reports = tempfile.mkdtemp(prefix="nlibert-job-")
+    stop: list[int] = []  # the signal the launcher was sent
+
+    def forward(signum: int, frame) -> None:
+        if stop:  # a second signal: stop at once
+            for _, proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            return
+        stop.append(signum)
+        for p, proc in procs:
+            if p.argv is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
+
+    handlers = _handle({signal.SIGINT: forward, signal.SIGTERM: forward})
     try:
-        for p in processes:
+        for number, p in enumerate(processes):
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads), **p.env,
-                   LAUNCHED_ENV: "1"}
-            procs.append((p, subprocess.Popen(list(p.argv) if p.argv is not None else list(command), env=env)))
+                   LAUNCHED_ENV: "1", REPORT_ENV: os.path.join(reports, str(number))}
+            procs.append((p, subprocess.Popen(list(p.argv) if p.argv is not None else list(command), env=env,
+                                              preexec_fn=_die_with(os.getpid()))))
             threading.Thread(target=lambda p=p, proc=procs[-1][1]: ended.put((p, proc.wait())), daemon=True).start()
+        deadline = None
         while workers:
+            if stop and deadline is None:
+                deadline = time.monotonic() + stop_grace_s
+            if deadline is not None and time.monotonic() > deadline:
+                break  # _stop kills what is left
             try:
                 p, code = ended.get(timeout=poll_s)
             except queue.Empty:
                 continue
-            if code == USER_ERROR_EXIT:  # the process has printed the user's mistake (cli.py): the job's
-                return code
-            if code != 0:
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                print(f"nlibert: error: the {p.role} process {how}; stopped the job's other processes. "
-                      "Any checkpoint in OUT/resume is kept: run the same command to resume", file=sys.stderr)
-                return 1
             workers -= p.argv is None
-        return 0
+            if stop:  # every worker ends now; their ends are the stop's, not errors
+                continue
+            if code == 0:
+                continue
+            report = _read_report(os.path.join(reports, str(processes.index(p))))
+            if code == USER_ERROR_EXIT:  # the process's own message is the user's mistake (cli.py)
+                print(report, end="", file=sys.stderr)
+                return code
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            print(f"{report}nlibert: error: the {p.role} process {how}; stopped the job's other processes. "
+                  "Any checkpoint in OUT/resume is kept: run the same command to resume", file=sys.stderr)
+            return 1
+        return 128 + stop[0] if stop else 0
     finally:
         _stop(procs, grace_s)
+        _handle(handlers)
+        shutil.rmtree(reports, ignore_errors=True)
+
+
+def _handle(handlers: dict) -> dict:
+    """Install signal `handlers` (in the main thread only: elsewhere Python cannot); the old ones."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+
+
+def _read_report(path: str) -> str:
+    """What a process of the job wrote to its report file (its error message or traceback), or ''."""
+    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+    return ""
 
 
 def _stop(procs: Sequence[tuple[LaunchProcess, subprocess.Popen]], grace_s: float) -> None:

@@ -22,6 +22,8 @@ from .vocab import read_vocab_list, save_vocab
 
 STATE_FILE = "state.json"
 LOCK_FILE = ".nlibert.lock"
+# The signature's keys that describe a run's data rather than its settings (jobs.py adds them).
+DATA_KEYS = ("labels", "examples")
 _STEP_FILE = re.compile(r"^step-(\d+)\.[a-z]+$")
 
 
@@ -68,11 +70,24 @@ def open_resume(folder: str | os.PathLike, signature: dict, resume: bool | None)
     if state is None and resume:
         raise FileNotFoundError(f"{folder}: no checkpoint to resume from")
     if state is not None and state.get("signature") != signature:
-        differ = sorted(k for k in set(signature) | set(state.get("signature", {}))
-                        if state.get("signature", {}).get(k) != signature.get(k))
-        raise ValueError(f"{folder}: written by a run with other settings ({', '.join(differ)}); "
-                         "re-run with those settings, or pass --no-resume to start over")
+        raise ValueError(f"{folder}: written by a run with {_differences(state.get('signature', {}), signature)}; "
+                         "re-run with those settings and data, or pass --no-resume to start over")
     return state
+
+
+def _differences(written: dict, signature: dict) -> str:
+    """What differs between a checkpoint's signature and this run's: the settings by name, the data
+    (`DATA_KEYS`: the label list, the examples' fingerprint) by what changed."""
+    differ = sorted(k for k in set(signature) | set(written) if written.get(k) != signature.get(k))
+    parts = []
+    settings = [k for k in differ if k not in DATA_KEYS]
+    if settings:
+        parts.append(f"other settings ({', '.join(settings)})")
+    if "labels" in differ:
+        parts.append(f"other labels (its {written.get('labels')}, this run's {signature.get('labels')})")
+    if "examples" in differ:
+        parts.append("other training or test examples (the data changed since)")
+    return " and ".join(parts)
 
 
 class ResumeFolder:

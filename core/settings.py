@@ -237,6 +237,9 @@ class FinetuneSettings:
         """`(num_steps, warmup_steps, lr_decay)` of `core.pretraining.learning_rate_at` for this run:
         all its steps are epochs x batches per epoch."""
         num_steps = self.epochs * steps_per_epoch
+        if self.warmup_steps is not None and self.warmup_steps > num_steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps}: more than the run's {num_steps} steps "
+                             f"({self.epochs} epochs x {steps_per_epoch} batches); use fewer, or --warmup-ratio")
         warmup = self.warmup_steps if self.warmup_ratio is None else math.ceil(self.warmup_ratio * num_steps)
         return num_steps, min(warmup or 0, num_steps), "linear" if self.lr_schedule == "linear" else "none"
 
@@ -309,6 +312,9 @@ class PretrainSettings:
             raise ValueError(f"--max-len must be at least 4, got {self.max_len}")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps}: more than the run's {self.steps} steps (--steps); "
+                             "use fewer")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0: only when the run ends), got {self.checkpoint_every}")
         _check_log_every(self.log_every)
@@ -360,7 +366,7 @@ class PredictSettings:
     file: str | None = None
     output: str | None = None  # its extension (.csv, .tsv, .jsonl, .json) sets the format
     text_columns: str | None = None  # None: the columns the model was fine-tuned on, if it records them
-    no_header: bool = False
+    no_header: bool | None = None  # None: as the model's training file (a model fine-tuned on files records it)
     batch_size: int = 256
     device: str | None = None
 
@@ -395,7 +401,7 @@ class EvaluateSettings:
     test_file: str | None = None
     text_columns: str | None = None  # None: the columns the model was fine-tuned on, if it records them
     label_column: str | None = None
-    no_header: bool = False
+    no_header: bool | None = None  # None: as the model's training file (a model fine-tuned on files records it)
     out: str | None = None  # None: the model folder's parent (a finetune run's OUT)
     batch_size: int = 256
     device: str | None = None

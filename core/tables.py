@@ -20,9 +20,14 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Union
 
 from .io import atomic_write, first_non_utf8_line
+
+# Python's csv refuses a field over 128 KiB by default; a real text (a long document, a cell
+# nlibert wrote itself) may be larger. The limit is a C long: sys.maxsize overflows it on Windows.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 Column = Union[str, int]  # a header name or JSON key; a 0-based index in a file without a header
 
@@ -133,6 +138,8 @@ def read_table(path: str | os.PathLike, no_header: bool = False) -> Table:
     """Read a CSV, TSV or JSON Lines file (by extension): line 1 is the header of a CSV/TSV file
     unless `no_header`. A file with no rows is an error."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataFileError(f"{path}: is a folder; name a data file in it (.csv, .tsv, .jsonl or .json)")
     fmt = file_format(path)
     if fmt == "jsonl" and no_header:
         raise DataFileError(f"{path}: JSON Lines rows are objects whose columns are their keys; "

@@ -125,6 +125,15 @@ def download_ag_news(cache_dir: str | os.PathLike | None = None, timeout: float 
 
 # --- the user's own files --------------------------------------------------------------------------
 
+def _refuse_header_row(data) -> None:
+    """A file read with `--no-header` whose first row's label appears in no other row: that row is
+    most likely a header (a column named 'label' would become a class of one example)."""
+    first = data.labels[0]
+    if len(data.labels) > 1 and first not in data.labels[1:]:
+        raise DataFileError(f"{data.path}, line {data.lines[0]}: label {first!r} appears in no other row; is this "
+                            "line a header? Leave out --no-header and name the columns, or remove the line")
+
+
 def file_task(train_file: str | os.PathLike, test_file: str | os.PathLike | None, columns: Columns,
               seed: int) -> Task:
     """A task from the user's own files (`core/tables.py`): the label names are the training file's
@@ -133,6 +142,8 @@ def file_task(train_file: str | os.PathLike, test_file: str | os.PathLike | None
     if columns.label is None:
         raise ValueError("training needs labels: name the label column (--label-column)")
     train_data = read_texts(train_file, columns)
+    if columns.no_header:
+        _refuse_header_row(train_data)
     names = tuple(sorted(set(train_data.labels)))
     if len(names) < 2:
         raise DataFileError(f"{train_data.path}: every row has the label {names[0]!r}; a classifier "

@@ -179,7 +179,7 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
                  seed: int | None = None, checkpoint: Callable[[LoopState], None] | None = None,
                  checkpoint_every: int = 0, stop_after: int | None = None,
                  lr_at: Callable[[int], float] | None = None, rank: int = 0, valid_iter: Iterable | None = None,
-                 log: RunLog | None = None) -> list[EpochRecord]:
+                 log: RunLog | None = None, should_stop: Callable[[], bool] | None = None) -> list[EpochRecord]:
     """Train until epoch `num_epochs` is done, testing after each; print the book's two lines
     (`verbose`); return the records of every finished epoch (those of `state` included).
 
@@ -195,6 +195,8 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
     this process's in a distributed job (its dropout seeds: `step_seed`). `valid_iter`: validation
     data, evaluated after each epoch before the test data (`EpochRecord.validation_acc`). `log`: where
     each epoch's line and entry go, and every `log.log_every` steps a step's (one host read each).
+    `should_stop()`, asked after every step, ends this call there as `stop_after` does (a SIGTERM:
+    core/signals.py).
     """
     if sync not in SYNC_POLICIES:
         raise ValueError(f"unknown sync policy {sync!r}: use one of {SYNC_POLICIES}")
@@ -251,7 +253,8 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
                 read_sums()  # a logged step reads the device; the others do not
                 log.step(*_step_entry(state, metric, float(step.learning_rate), log.throughput(seen_here),
                                       log.elapsed()))
-            stopping = stop_after is not None and steps_here >= stop_after
+            stopping = (stop_after is not None and steps_here >= stop_after) or \
+                (should_stop is not None and should_stop())
             if checkpoint is not None and (stopping or (checkpoint_every and state.step % checkpoint_every == 0)):
                 save()
             if stopping:
