@@ -23,24 +23,22 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import __version__
-from .backends import backend_info, load_backend
-from .core.batching import BatchIterator, batch_indices, batch_shapes, bucket_batch_indices, plan_widths
+from .backends import load_backend
 from .core.folders import PARAMS_FILES, TaskRecord
 from .core.distributed import World, check_job, free_port, launch, quiet_unless_main
 from .core import signals
 from .core.io import check_output, remove_leftovers, replace_folder, temp_folder_beside, write_json
-from .core.packing import SNLIBERTDataset
 from .core.plot import plot_training
 from .core.pretraining import StepRecord, format_pretrain_summary, scheduled_lr, summarize, train_steps
 from .core.runlog import LOG_FILE, RunLog
 from .core.resume import ResumeFolder, open_resume, output_lock
 from .core.progress import Progress
 from .core.settings import FinetuneSettings, PretrainSettings
-from .core.sources import (FinetuneSource, book_validation, finetune_source, packed_cache_dir, packed_validation,
-                           validation_description, wiki_source)
+from .core.sources import FinetuneSource, finetune_source, wiki_source
 from .core.training import EpochRecord, LoopState, TrainingDiverged, purpose_seed, train_epochs
 from .core.vocab import RESERVED_TOKENS, Vocab, tokenize
 from .core.wiki import WikiBatchIterator, WikiTextDataset, read_wiki_files
+from .finetune_data import book_batches, data_fingerprint, fast_batches, splits_record
 from .convert import run_convert, run_parity  # noqa: F401  the CLI's and the tests' jobs.run_convert / run_parity
 from .inference import run_predict  # noqa: F401  the book's callers and the tests label a pair through jobs
 
@@ -99,58 +97,6 @@ def _pretrained_spec(backend: ModuleType, settings: FinetuneSettings, source: Fi
     return build_seeded_checkpoint(backend, folder, vocab, settings.seed)
 
 
-def _book_batches(source: FinetuneSource, settings: FinetuneSettings, vocab) -> tuple:
-    """The chapter's data: every example packed here, padded to `max_len`, batches in seeded shuffle order;
-    and the validation data's batches (None without)."""
-    train_data, test_data = source.texts(settings.seed, settings.train_limit, settings.test_limit)
-    train_data, valid_data = book_validation(settings, source, train_data)
-    train_set, test_set = (SNLIBERTDataset(d, settings.max_len, vocab) for d in (train_data, test_data))
-    valid_set = SNLIBERTDataset(valid_data, settings.max_len, vocab) if valid_data is not None else None
-    return (BatchIterator.from_dataset(train_set, settings.batch_size, shuffle=True, seed=settings.seed),
-            BatchIterator.from_dataset(test_set, settings.batch_size, shuffle=False), len(train_set),
-            len(test_set), {}, _eval_batches(valid_set, settings.batch_size))
-
-
-def _eval_batches(dataset, batch_size: int, multiple: int | None = None) -> BatchIterator | None:
-    """Batches of evaluation data in order (`multiple`: the fast path's, in length buckets, trimmed)."""
-    if dataset is None:
-        return None
-    if multiple is None:
-        return BatchIterator.from_dataset(dataset, batch_size, shuffle=False)
-    return BatchIterator.from_dataset(dataset, batch_size, shuffle=False, trim=True, pad_multiple=multiple,
-                                      sampler=bucket_batch_indices(dataset.valid_lens, multiple))
-
-
-def _fast_batches(source: FinetuneSource, settings: FinetuneSettings, vocab) -> tuple:
-    """The same examples from the packed cache, in length buckets, each batch trimmed to its longest example."""
-    cache_dir = packed_cache_dir(settings.cache_dir, source.embedded, settings.out)
-    train_set, test_set, cache_hit = source.packed(settings.seed, vocab, settings.max_len, settings.train_limit,
-                                                   settings.test_limit, cache_dir)
-    train_set, valid_set = packed_validation(settings, source, train_set, vocab, cache_dir)
-    multiple = 8 if settings.graph else 1  # a compiled graph then sees only a few widths
-    sampler = bucket_batch_indices(train_set.valid_lens, multiple) if settings.bucketing else batch_indices
-    train_iter = BatchIterator.from_dataset(train_set, settings.batch_size, shuffle=True, seed=settings.seed,
-                                            trim=True, sampler=sampler, pad_multiple=multiple)
-    test_iter = _eval_batches(test_set, settings.batch_size, multiple)
-    valid_iter = _eval_batches(valid_set, settings.batch_size, multiple)
-    compile_cost = backend_info(settings.backend).compile_cost
-    plans = {}
-    if compile_cost:  # one program per width: the run's shapes, every epoch's, say which widths pay for a compile
-        train_iter.widths = plans["train"] = plan_widths(batch_shapes(train_iter) * settings.epochs, compile_cost,
-                                                         settings.max_len)
-        evaluated = [batches for batches in (test_iter, valid_iter) if batches is not None]  # one program serves both
-        plans["test"] = plan_widths([shape for batches in evaluated for shape in batch_shapes(batches)] * settings.epochs,
-                                    compile_cost, settings.max_len)
-        for batches in evaluated:
-            batches.widths = plans["test"]
-    fast_path = {"precision": settings.precision, "graph": settings.graph, "fused_attention": True,
-                 "last_block_cls_only": True, "fused_adam": backend_info(settings.backend).fused_adam,
-                 "bucketing": {"sampler": "bucket_batch_indices" if settings.bucketing else "batch_indices",
-                               "pad_multiple": multiple, "widths": plans},
-                 "packed_cache": {"dir": cache_dir, "hit": cache_hit}}
-    return train_iter, test_iter, len(train_set), len(test_set), {"fast_path": fast_path}, valid_iter
-
-
 def run_finetune(settings: FinetuneSettings) -> dict:
     """Fine-tune BERT for SNLI as the chapter does, or for another task (`settings.task`, the user's
     files); write metrics.json, the book's training plot (training.png) and the model into `settings.out`.
@@ -190,17 +136,6 @@ def _write_whole(save: Callable[[str], None], folder: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _data_fingerprint(*iterators: BatchIterator) -> str:
-    """A sha1 of the examples of a run (token ids, segments, lengths and labels of every split), so a
-    resumed run is refused when the data changed, even with the same rows and size."""
-    digest = hashlib.sha1()
-    for it in iterators:
-        for array in (it.token_ids, it.segments, it.valid_lens, it.labels):
-            digest.update(np.ascontiguousarray(array).tobytes())
-            digest.update(str(np.shape(array)).encode())
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def _as_rank(world: World, out: str) -> Iterator[None]:
     """Rank 0 holds OUT's lock (one run per output folder); the other ranks print nothing."""
@@ -218,14 +153,14 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
     bert, vocab = backend.load_pretrained_model(pretrained, None, None, None, None, settings.dropout, None, devices)
     fast = settings.mode == "fast"
     start = time.perf_counter()
-    train_iter, test_iter, num_train, num_test, extra, valid_iter = (_fast_batches if fast else _book_batches)(
+    train_iter, test_iter, num_train, num_test, extra, valid_iter = (fast_batches if fast else book_batches)(
         source, settings, vocab)
     packing_seconds = time.perf_counter() - start
     if world.main:
         world.barrier()
     print(f"read {num_train} training and {num_test} test examples: {source.description}")
     _check_examples(source, num_train, num_test)
-    splits = _splits(settings, source, num_train, num_test, valid_iter)
+    splits = splits_record(settings, source, num_train, num_test, valid_iter)
 
     if fast:
         backend.set_fused_attention(bert, True)
@@ -242,7 +177,7 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
                                 max_grad_norm=settings.max_grad_norm, world=world)
     resume_dir = os.path.join(settings.out, "resume")
     signature = {**settings.signature(), "labels": list(source.label_names),
-                 "examples": _data_fingerprint(train_iter, test_iter)}
+                 "examples": data_fingerprint(train_iter, test_iter)}
     state = open_resume(resume_dir, signature, settings.resume)
     resume = ResumeFolder(resume_dir, signature, backend, net, trainer, devices, train_iter, vocab, settings.seed)
     loop = LoopState(**resume.restore(state)["loop"]) if state is not None else LoopState()
@@ -333,19 +268,6 @@ def launch_job(settings: FinetuneSettings | PretrainSettings, nproc: int, argv: 
 def _best_epoch(records) -> int:
     """The epoch of highest validation accuracy (the first of equals)."""
     return max(records, key=lambda r: r.validation_acc).epoch
-
-
-def _splits(settings: FinetuneSettings, source: FinetuneSource, num_train: int, num_test: int, valid_iter) -> dict:
-    """Which data each figure is from (metrics.json `splits`); prints the validation data's line."""
-    validation = None
-    if valid_iter is not None:
-        num_valid = valid_iter.num_examples
-        if not num_valid:
-            raise ValueError(f"--validation-file {settings.validation_file}: holds no labelled examples")
-        validation = {"examples": num_valid, "data": validation_description(settings)}
-        print(f"validating on {num_valid} examples: {validation['data']}")
-    return {"train": {"examples": num_train, "data": source.description}, "validation": validation,
-            "test": {"examples": num_test, "data": f"the test split of {source.description}"}}
 
 
 def _keep_best(backend: ModuleType, net, vocab, config, model_dir: str, task: TaskRecord, loop: LoopState

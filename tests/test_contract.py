@@ -143,7 +143,8 @@ def test_the_registry_is_the_one_place_that_names_the_frameworks():
         action = next(a for a in subparsers[command]._actions if a.dest == option)
         assert tuple(action.choices) == BACKENDS, (command, option)
     # orchestration names no framework: no string constant in jobs.py, convert.py, inference.py or cli.py is a backend's name
-    for path in (ROOT / "jobs.py", ROOT / "convert.py", ROOT / "inference.py", ROOT / "cli.py"):
+    for path in (ROOT / "jobs.py", ROOT / "finetune_data.py", ROOT / "convert.py", ROOT / "inference.py",
+                 ROOT / "cli.py"):
         constants = {n.value for n in ast.walk(ast.parse(path.read_text()))
                      if isinstance(n, ast.Constant) and isinstance(n.value, str)}
         assert not constants & set(BACKENDS), f"{path.name} names {constants & set(BACKENDS)}"
