@@ -32,8 +32,10 @@ def test_a_task_of_the_users_files_learns_above_chance(tmp_path, capsys, backend
     test = write_csv(tmp_path / "test.csv", topic_rows(60, seed=1, paired=paired))
     columns = "a,b" if paired else "text"
     metrics = _finetune(tmp_path, "--backend", backend, "--train-file", train, "--test-file", test,
-                        "--text-columns", columns, "--label-column", "topic", "--epochs", "8" if paired else "4",
+                        "--text-columns", columns, "--label-column", "topic", "--epochs", "8" if paired else "6",
                         "--max-len", "24" if paired else "16")  # pairs: the topic word in either text, slower
+    # Single texts, measured with the classifier head's own seed: test acc at epoch 4 / 6 was 0.600 /
+    # 0.900 (MXNet), 1.000 / 1.000 (torch), 0.817 / 1.000 (JAX); 4 epochs left MXNet on the bound.
     assert f"read 240 training and 60 test examples: {train} and {test}" in capsys.readouterr().out
     assert metrics["num_train"] == 240 and metrics["test_acc"] > 0.6  # chance: 1/3 (test rows per topic: 16-24)
     written = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
