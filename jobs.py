@@ -122,7 +122,9 @@ def run_finetune(settings: FinetuneSettings) -> dict:
     backend = load_backend(settings.backend)
     world = backend.init_distributed()
     with _as_rank(world, settings.out):
-        return _finetune(settings, backend, world)
+        result = _finetune(settings, backend, world)
+    world.close()  # a job's ranks leave together, once rank 0 has written
+    return result
 
 
 def _write_whole(save: Callable[[str], None], folder: str) -> None:
@@ -302,7 +304,9 @@ def run_pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], boo
     backend = load_backend(settings.backend)
     world = backend.init_distributed()
     with _as_rank(world, settings.out):
-        return _pretrain(settings, on_step, backend, world)
+        result = _pretrain(settings, on_step, backend, world)
+    world.close()  # a job's ranks leave together, once rank 0 has written
+    return result
 
 
 def _file_sha1(path: str) -> str:

@@ -66,6 +66,10 @@ class World:
     local_rank: int = 0
     all_sum: Callable[[np.ndarray], np.ndarray] = dataclasses.field(default=_identity, compare=False, repr=False)
     barrier: Callable[[], None] = dataclasses.field(default=_nothing, compare=False, repr=False)
+    # Leave a job that completed: every rank meets, then the backend tears its group down (torch's
+    # gloo can abort a process at exit, "terminate called without an active exception", when its
+    # group is left to the interpreter's finalisation while a peer is still inside its own).
+    close: Callable[[], None] = dataclasses.field(default=_nothing, compare=False, repr=False)
 
     @property
     def main(self) -> bool:

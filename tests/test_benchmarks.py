@@ -150,7 +150,7 @@ def test_bench_finetune_nproc_times_one_process_against_a_job_of_two(tmp_path, s
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_finetune.py"), "--backend", "torch", "--variants", "fast",
          "--nproc", "2", "--batch-size", "4", "--steps", "1", "--book-steps", "1", "--warmup", "0", "--pairs", "1",
-         "--peak-size", "128", "--json", str(out), *(["--e2e", "8"] if backend == "torch" else [])],
+         "--peak-size", "128", "--json", str(out)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "NLIBERT_SHARED_DATA": str(shared_data)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "a smoke test of the distributed path, not a scaling result" in proc.stdout

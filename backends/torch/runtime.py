@@ -50,8 +50,12 @@ def init_distributed(timeout: float = JOIN_TIMEOUT_S) -> World:
         dist.all_reduce(total)  # a CPU tensor: gloo, whatever the training devices are
         return total.numpy()
 
+    def close() -> None:
+        dist.barrier()
+        dist.destroy_process_group()
+
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                 all_sum=all_sum, barrier=dist.barrier)
+                 all_sum=all_sum, barrier=dist.barrier, close=close)
 
 
 def launch_processes(nproc: int, port: int) -> list[LaunchProcess]:
