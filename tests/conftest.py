@@ -55,6 +55,10 @@ def rng() -> np.random.Generator:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "backends(*names): the test needs these backends (skipped, naming the extra, "
                                        "where one is not installed)")
+    # The test tiers (README): `-m "not slow"` covers every module and backend in a few minutes;
+    # `slow` is end-to-end runs, jobs of several processes, kills and signals on real processes,
+    # MiniLM and transformers comparisons, the benchmarks' smoke runs.
+    config.addinivalue_line("markers", "slow: an end-to-end or multi-process test (the second tier: -m slow)")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -49,6 +49,7 @@ def test_peak_rss_sees_memory_touched_inside_the_window():
     assert probe.stop() >= 48 * 2**20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, device", [("torch", "cpu"), ("mxnet", "cpu:0,cpu:1"), ("jax", "cpu:0,cpu:1")])
 def test_bench_finetune_runs_both_paths_on_a_tiny_configuration(tmp_path, shared_data, backend, device):
     """Every backend once (a JAX child compiles bert.small's step for each shape, tens of seconds
@@ -110,6 +111,7 @@ def test_seed_interval_is_the_t_interval_of_the_mean_difference():
         seed_interval([1.0])
 
 
+@pytest.mark.slow
 def test_pretraining_worth_compares_against_the_pretrainings_own_init(tmp_path, monkeypatch):
     """End to end on a tiny checkpoint pretrained with --init xavier: both fine-tunes per seed, the
     random baseline drawn with the pretraining's init (Xavier: no N(0, 1) positional embedding),
@@ -143,6 +145,7 @@ def test_pretraining_worth_compares_against_the_pretrainings_own_init(tmp_path, 
         assert np.abs(pos).max() < 0.5  # Xavier's bound here; torch's own init draws N(0, 1)
 
 
+@pytest.mark.slow
 def test_bench_finetune_nproc_times_one_process_against_a_job_of_two(tmp_path, shared_data):
     """`--nproc 2`: the fast path on one process and as a DDP job of two (CPU: a smoke test), with the
     scaling efficiency = examples/sec / (2 x the one-process examples/sec)."""

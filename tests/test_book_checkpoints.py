@@ -192,6 +192,7 @@ def _classifier_params(folder, backend: str) -> dict[str, np.ndarray]:
     return to_canonical(read_params_in(os.path.join(folder, "classifier.params"), fmt), fmt)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_finetune_starts_from_every_folder_in_every_backend(sources, backend, tmp_path):
     """`nlibert finetune --backend B --pretrained SRC` for every kind of folder, no convert step; the
@@ -253,6 +254,7 @@ def test_bert_small_from_the_data_hub_in_every_backend(sources, server, monkeypa
         np.testing.assert_allclose(nsp, nsp_0, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_same_command_gives_the_same_model_whatever_out_holds(backend, tmp_path):
     """Rerun of one command: into a fresh OUT, then again into it (--no-resume: the seeded checkpoint

@@ -12,6 +12,7 @@ from nlibert.core.sample import write_sample_snli
 SMALL = ["--pretrained", "random", "--train-limit", "96", "--test-limit", "48", "--epochs", "2", "--batch-size", "32", "--max-len", "32"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_finetune_then_predict_end_to_end(tmp_path, capsys, backend):
     out = tmp_path / "out"

@@ -125,6 +125,7 @@ def assert_same_training(one: dict, two: dict, backend: str) -> None:
         np.testing.assert_allclose(pa[key], pb[key], rtol=0, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", MULTI_PROCESS)
 def test_two_processes_train_what_one_process_trains_and_only_rank_0_writes(backend, sample, tmp_path):
     one = one_process(backend, sample, tmp_path / "one")
@@ -159,6 +160,7 @@ def _workers(launcher_pid: int) -> list[int]:
     return workers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", MULTI_PROCESS)
 def test_a_killed_worker_ends_the_job_and_the_same_command_resumes(backend, sample, tmp_path):
     out = tmp_path / "two"
@@ -198,6 +200,7 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", MULTI_PROCESS_PRETRAINING)
 def test_two_processes_pretrain_what_one_process_pretrains(backend, tmp_path):
     """MLM + NSP means over the whole batch (each rank's share divides by the batch's totals):

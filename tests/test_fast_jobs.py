@@ -56,6 +56,7 @@ def test_the_fast_path_packs_exactly_the_book_paths_examples(tmp_path, dev_only,
                 np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
 
 
+@pytest.mark.slow
 def test_finetune_records_its_mode_and_reuses_the_packed_cache(tmp_path, capsys):
     out = tmp_path / "fast"
     assert cli.main(["finetune", "--out", str(out), *SMALL]) == 0
@@ -79,6 +80,7 @@ def test_finetune_records_its_mode_and_reuses_the_packed_cache(tmp_path, capsys)
     assert not (book / "packed").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.backends("mxnet")
 def test_mxnet_fast_finetune_with_a_graph(tmp_path):
     out = tmp_path / "mx"
@@ -105,6 +107,7 @@ def test_mxnet_refuses_bfloat16(tmp_path, capsys):
     assert "bfloat16" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_bucketing_and_dropout_the_fast_path_retraces_the_book_path(tmp_path, backend):
     """--no-bucketing: the book path's batches, the fast path's kernels. With dropout 0 the two modes
@@ -126,6 +129,7 @@ def test_without_bucketing_and_dropout_the_fast_path_retraces_the_book_path(tmp_
     assert any(abs(b["loss"] - f["loss"]) > 1e-3 for b, f in zip(book, bucketed))
 
 
+@pytest.mark.slow
 def test_jax_plans_its_widths_and_counts_its_compiles(tmp_path, capsys):
     pytest.importorskip("jax")
     out = tmp_path / "jax"

@@ -41,6 +41,7 @@ def assert_same_run(a: dict, b: dict, backend: str) -> None:
         np.testing.assert_array_equal(pa[key], pb[key], err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fast", "book"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_crash_between_checkpoints_resumes_to_the_uninterrupted_result(backend, mode, sample, tmp_path,
@@ -108,6 +109,7 @@ def test_other_settings_are_refused_and_no_resume_starts_over(sample, tmp_path, 
     assert metrics["resumed_from_step"] == 12 and len(metrics["epochs"]) == 3
 
 
+@pytest.mark.slow
 def test_sigkill_then_the_same_command_ends_with_the_uninterrupted_parameters(sample, tmp_path):
     """The real thing: the process is killed once a checkpoint exists, mid-run, and started again."""
     def command(out, *extra):
@@ -135,6 +137,7 @@ def test_sigkill_then_the_same_command_ends_with_the_uninterrupted_parameters(sa
     assert_same_run(a, b, "torch")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_run_with_the_recipe_resumes_to_the_uninterrupted_result(backend, sample, tmp_path):
     """The rate is a function of the step (warm-up, then linear decay over both epochs), AdamW's

@@ -86,6 +86,7 @@ def minilm_reference():
     return transformers.BertModel.from_pretrained(MINILM).eval()
 
 
+@pytest.mark.slow
 def test_minilm_hidden_states_match_transformers_in_torch(snli_batch, minilm_reference):
     bert, vocab = tb.load_pretrained_model("minilm-l6", **SIZES, devices=["cpu"])
     assert isinstance(vocab, WordPieceVocab) and len(vocab) == 30522
@@ -100,6 +101,7 @@ def test_minilm_hidden_states_match_transformers_in_torch(snli_batch, minilm_ref
     assert np.abs(pooled - ref.pooler_output.numpy()).max() <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.backends("mxnet")
 def test_minilm_hidden_states_match_transformers_in_mxnet(snli_batch, minilm_reference):
     bert, vocab = mxb.load_pretrained_model("minilm-l6", **SIZES, devices=[mx.cpu()])
@@ -109,6 +111,7 @@ def test_minilm_hidden_states_match_transformers_in_mxnet(snli_batch, minilm_ref
     assert np.abs(encoded - ref.last_hidden_state.numpy())[valid_mask(ids, valid_lens)].max() <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.backends("jax")
 def test_minilm_hidden_states_match_transformers_in_jax(snli_batch, minilm_reference):
     """Tolerance 1e-5 as torch's (measured here: 2.9e-6 on the 48 SNLI pairs)."""
@@ -253,6 +256,7 @@ def test_packaged_checkpoint_not_installed_names_the_install_command(monkeypatch
         hf.resolve_packaged_checkpoint("minilm-l6")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_finetune_minilm_then_predict_and_convert(tmp_path, backend_name):
     metrics = jobs.run_finetune(FinetuneSettings(backend_name, pretrained="minilm-l6", train_limit=64, test_limit=32,
@@ -273,6 +277,7 @@ def test_finetune_minilm_then_predict_and_convert(tmp_path, backend_name):
         assert report["kind"] == "classifier" and report["passed"], report
 
 
+@pytest.mark.slow
 @pytest.mark.backends("mxnet", "jax")
 def test_parity_command_accepts_a_hugging_face_checkpoint():
     report = jobs.run_parity("minilm-l6", num_pairs=16, max_len=64, tolerance=1e-4)

@@ -23,6 +23,7 @@ def sample(tmp_path_factory):
     return write_sample_snli(tmp_path_factory.mktemp("data") / "snli", num_train=64, num_test=16, seed=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_finetune_job_takes_micro_batch(backend, sample, tmp_path):
     """The job passes --micro-batch to the step and records it; with dropout off its first epoch's

@@ -182,6 +182,7 @@ def _pretrain_kwargs(name, corpus, **extra):
 SCHEDULED = dict(batch_size=64, warmup_steps=3, lr_decay="linear", mode="fast", remask=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, SCHEDULED], ids=["book", "scheduled"])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_resuming_after_a_crash_ends_where_an_uninterrupted_run_ends(name, options, corpus, tmp_path, capsys):
@@ -300,6 +301,7 @@ def test_warm_up_and_decay_set_the_rate_each_step_uses(name, dataset):
         backend.train_bert([batch], net, backend.make_loss(), vocab_size, devices, 1, lr_decay="cosine")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BACKENDS)
 def test_fast_mode_gives_the_book_modes_losses(name, corpus, tmp_path, monkeypatch):
     backend = load_backend(name)

@@ -178,6 +178,7 @@ def sample(tmp_path_factory):
     return write_sample_snli(tmp_path_factory.mktemp("data") / "snli", num_train=48, num_test=16, seed=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BACKENDS)
 def test_save_best_keeps_the_best_epochs_model(name, sample, tmp_path):
     """A run with a rate high enough to get worse: OUT/model is the model of its epoch of best

@@ -39,6 +39,7 @@ def settings(backend, sample, out, **extra):
                                       checkpoint_every=4, log_every=2, validation_split=0.2), **extra})
 
 
+@pytest.mark.slow
 def test_a_run_with_its_output_in_a_file_prints_epoch_and_step_lines(sample, tmp_path):
     out, log = tmp_path / "out", tmp_path / "run.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -60,6 +61,7 @@ def test_a_run_with_its_output_in_a_file_prints_epoch_and_step_lines(sample, tmp
     assert first_epoch < step_8  # each line as its moment comes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_log_jsonl_of_a_stopped_and_resumed_run_is_the_uninterrupted_runs(backend, sample, tmp_path, capsys):
     whole = jobs.run_finetune(settings(backend, sample, tmp_path / "whole"))

@@ -74,6 +74,7 @@ def finetune_args(train_file: str, out, *extra: str) -> list[str]:
 
 # --- one process -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_at_the_next_step_and_the_same_command_resumes(train_file, tmp_path):
     out = tmp_path / "out"
     args = finetune_args(train_file, out, "--epochs", "20", "--checkpoint-every", "2")
@@ -93,6 +94,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_same_command_resumes(train
     assert f"at epoch 1, step {step + 1}" in printed or f"step {step + 1}" in printed, printed
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_finetune_and_predict_with_one_line_and_130(train_file, tmp_path):
     out = tmp_path / "out"
     job = nlibert(*finetune_args(train_file, out, "--epochs", "20", "--checkpoint-every", "1000"))
@@ -228,6 +230,7 @@ def test_a_job_that_cannot_work_is_refused_before_it_starts(tmp_path):
 
 # --- a real job of two processes ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_stopping_the_nlibert_command_of_a_job_stops_its_workers(train_file, tmp_path, how):
     out = tmp_path / "out"

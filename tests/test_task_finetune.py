@@ -25,6 +25,7 @@ def _finetune(tmp_path, *args) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("paired", [False, True], ids=["single", "pair"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_task_of_the_users_files_learns_above_chance(tmp_path, capsys, backend, paired):

@@ -125,6 +125,7 @@ def _probabilities(folder, texts=("good great movie 3", "bad awful film 4")) -> 
     return model.task.label_names, model.probabilities([list(texts)], 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("watch", ["model", "out"], ids=["kill-at-the-swap", "kill-while-writing-beside"])
 def test_a_kill_at_the_first_change_leaves_the_old_model_or_the_new_one_whole(tmp_path, watch):
     """A run into an OUT that holds a model of other labels, SIGKILLed at the first change of
@@ -163,6 +164,7 @@ def test_a_kill_at_the_first_change_leaves_the_old_model_or_the_new_one_whole(tm
     assert not [name for name in os.listdir(out) if name.startswith(".model.")]
 
 
+@pytest.mark.slow
 def test_a_pretraining_run_killed_at_the_first_change_of_its_model_files_leaves_no_mix(tmp_path):
     """pretrain's OUT holds more than the model, so its files are moved in one by one, the old
     pretrained.params removed first: a kill at the first change leaves the old model whole, none
