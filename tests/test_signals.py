@@ -191,8 +191,12 @@ def test_an_error_is_printed_once_and_a_dead_peers_traceback_never(tmp_path):
     # rank 1 is killed; rank 0 then fails on the broken connection, as gloo's "Connection reset by peer".
     peer = textwrap.dedent("""
         import os, signal, sys, time, traceback
+        dying = os.path.join(os.environ["WORKER_DIR"], "dying-1")
         if os.environ["R"] == "1":
+            open(dying, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
+        while not os.path.exists(dying):  # rank 1 dies first, however slowly it started
+            time.sleep(0.02)
         time.sleep(1)
         try:
             raise RuntimeError("Connection reset by peer")
