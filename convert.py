@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import installed_backends, load_backend, read_params_in
+from .backends import BACKENDS, install_hint, installed_backends, load_backend, read_params_in
 from .core.folders import CONFIG_FILE, HUGGING_FACE, VOCAB_FILE, folder_config, resolve_checkpoint
 from .core.io import check_output, remove_leftovers, replace_folder, temp_folder_beside, write_json
 from .core.names import from_canonical, to_canonical
@@ -109,7 +109,9 @@ def run_parity(checkpoint: str, data_file: str | None = None, tolerance: float =
     config.json too); a Hugging Face folder (or 'minilm-l6') is compared on the encoder output only."""
     names = installed_backends()
     if len(names) < 2:
-        raise ValueError(f"parity needs two installed backends; installed: {', '.join(names) or 'none'}")
+        missing = [name for name in BACKENDS if name not in names]
+        raise ValueError(f"parity needs two installed backends; installed: {', '.join(names) or 'none'}; "
+                         f"add one: {'; '.join(install_hint(name) for name in missing)}")
     source = resolve_checkpoint(checkpoint, names[0])
     hugging_face = source.format == HUGGING_FACE
     reference = names[0] if hugging_face else source.format

@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from nlibert import __version__, backends, cli
-from nlibert.backends import BACKENDS, REGISTRY, installed_backends
+from nlibert.backends import BACKENDS, REGISTRY, install_hint, installed_backends
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -150,3 +150,15 @@ def test_tests_needing_a_missing_backend_skip_naming_the_extra_and_fail_in_ci(re
                              "--continue-on-collection-errors", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert outcome in result.stdout, result.stdout
     assert "the jax backend is not installed (pip install 'nlibert[jax]')" in result.stdout
+
+
+def test_parity_with_one_backend_names_the_extras_that_add_another(monkeypatch):
+    """A torch-only user asking for parity is told which extras install a second backend."""
+    import nlibert.convert as convert
+    monkeypatch.setattr(convert, "installed_backends", lambda: ["torch"])
+    with pytest.raises(ValueError) as error:
+        convert.run_parity("minilm-l6")
+    message = str(error.value)
+    assert message.startswith("parity needs two installed backends; installed: torch; add one: ")
+    for name in BACKENDS[1:]:
+        assert install_hint(name) in message
