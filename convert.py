@@ -14,7 +14,7 @@ import numpy as np
 
 from .backends import BACKENDS, install_hint, installed_backends, load_backend, read_params_in
 from .core.folders import CONFIG_FILE, HUGGING_FACE, VOCAB_FILE, folder_config, resolve_checkpoint
-from .core.io import check_output, remove_leftovers, replace_folder, temp_folder_beside, write_json
+from .core.io import check_output, remove_leftovers, write_folder_whole, write_json
 from .core.names import from_canonical, to_canonical
 from .core.packing import pack_pairs
 from .core.sample import write_sample_snli
@@ -48,12 +48,8 @@ def run_convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
         raise ValueError(f"{dst}: holds the source checkpoint {source.folder}, which replacing it would delete; "
                          "convert into another folder")
     remove_leftovers(dst)  # of a convert killed while it replaced dst
-    tmp = temp_folder_beside(dst)
-    try:
-        _convert_into(source, target, to, src, tmp)
-        replace_folder(tmp, dst)  # whole: a kill at any instant leaves the old dst or the new one
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Whole: a kill at any instant leaves the old dst or the new one.
+    write_folder_whole(lambda folder: _convert_into(source, target, to, src, folder), dst)
     return dst
 
 

@@ -27,7 +27,8 @@ from .backends import load_backend
 from .core.folders import PARAMS_FILES, TaskRecord
 from .core.distributed import World, check_job, free_port, launch, quiet_unless_main
 from .core import signals
-from .core.io import check_output, remove_leftovers, replace_folder, temp_folder_beside, write_json
+from .core.data_hub import sha1_of
+from .core.io import check_output, remove_leftovers, temp_folder_beside, write_folder_whole, write_json
 from .core.plot import plot_training
 from .core.pretraining import StepRecord, format_pretrain_summary, scheduled_lr, summarize, train_steps
 from .core.runlog import LOG_FILE, RunLog
@@ -127,17 +128,6 @@ def run_finetune(settings: FinetuneSettings) -> dict:
     return result
 
 
-def _write_whole(save: Callable[[str], None], folder: str) -> None:
-    """`save(tmp)` writes a model into a new folder beside `folder`, which then replaces `folder`
-    whole (core/io.py `replace_folder`): a kill at any instant leaves the old model or the new one."""
-    tmp = temp_folder_beside(folder)
-    try:
-        save(tmp)
-        replace_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def _as_rank(world: World, out: str) -> Iterator[None]:
     """Rank 0 holds OUT's lock (one run per output folder); the other ranks print nothing."""
@@ -226,7 +216,7 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
     if not world.main:
         return {"completed": True, "rank": world.rank, "model_dir": model_dir}
     if not settings.save_best:
-        _write_whole(lambda folder: backend.save_classifier(net, vocab, bert.config, folder, task=task), model_dir)
+        write_folder_whole(lambda folder: backend.save_classifier(net, vocab, bert.config, folder, task=task), model_dir)
     chosen = records[_best_epoch(records) - 1] if settings.save_best else records[-1]
     if settings.save_best:
         print(f"chose epoch {chosen.epoch} on validation accuracy {chosen.validation_acc:.4f}: its test acc "
@@ -280,7 +270,7 @@ def _keep_best(backend: ModuleType, net, vocab, config, model_dir: str, task: Ta
     def keep(record) -> None:
         earlier = [r["validation_acc"] for r in loop.records[:-1]]  # loop.records ends with this epoch's
         if all(record.validation_acc > acc for acc in earlier):
-            _write_whole(lambda folder: backend.save_classifier(net, vocab, config, folder, task=task), model_dir)
+            write_folder_whole(lambda folder: backend.save_classifier(net, vocab, config, folder, task=task), model_dir)
     return keep
 
 
@@ -309,14 +299,6 @@ def run_pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], boo
     return result
 
 
-def _file_sha1(path: str) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_pretrained(backend: ModuleType, bert, vocab, out: str) -> None:
     """The pretrained checkpoint into OUT, which holds more than the model (metrics.json, resume/),
     so it cannot be swapped whole: the files are written in a folder beside, then the old
@@ -340,7 +322,7 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
     devices = world.local_devices(backend.parse_devices(settings.device))
     files, description = wiki_source(settings.corpus)
     # Names, sizes and contents: a corpus edited in place (the same size) is other data.
-    signature = settings.signature([(os.path.basename(f), os.path.getsize(f), _file_sha1(f)) for f in files])
+    signature = settings.signature([(os.path.basename(f), os.path.getsize(f), sha1_of(f)) for f in files])
     if world.main:
         remove_leftovers(os.path.join(settings.out, PARAMS_FILES["pretrained"]))
     resume_dir = os.path.join(settings.out, "resume")

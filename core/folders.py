@@ -132,11 +132,19 @@ def describe_checkpoint(folder: str | os.PathLike) -> CheckpointSource:
         raise FileNotFoundError(f"{folder}: config.json says kind {kind!r} but {PARAMS_FILES[kind]} is missing")
     if not os.path.exists(os.path.join(folder, VOCAB_FILE)):
         raise FileNotFoundError(f"{folder}: no vocab.json")
+    return CheckpointSource(folder, _params_format(path, config), kind, path)
+
+
+def _params_format(path: str, written: Mapping) -> str:
+    """The format of a folder's params file: its first bytes say, and config.json's `format`, where
+    there is one, must agree."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing; the folder holds no complete checkpoint")
     found = sniff_params_format(path)
-    if config.get("format", found) != found:
-        raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: says format {config['format']!r} but "
-                         f"{PARAMS_FILES[kind]} is a {found} parameter file; set \"format\": \"{found}\" there")
-    return CheckpointSource(folder, found, kind, path)
+    if written.get("format", found) != found:
+        raise ValueError(f"{os.path.join(os.path.dirname(path), CONFIG_FILE)}: says format {written['format']!r} "
+                         f"but {os.path.basename(path)} is a {found} parameter file; set \"format\": \"{found}\" there")
+    return found
 
 
 def resolve_checkpoint(spec: str | os.PathLike, fmt: str) -> CheckpointSource:
@@ -290,5 +298,4 @@ def read_classifier_folder(folder: str | os.PathLike, fmt: str, read_params: Par
     if len(vocab) != cfg.vocab_size:
         raise ValueError(f"{folder}: vocab.json has {len(vocab)} tokens, config.json says {cfg.vocab_size}")
     task = TaskRecord.from_config(written, os.path.join(folder, CONFIG_FILE))
-    file_format = written.get("format") or sniff_params_format(params_path)
-    return cfg, vocab, read_params_as(params_path, file_format, fmt, read_params), task
+    return cfg, vocab, read_params_as(params_path, _params_format(params_path, written), fmt, read_params), task

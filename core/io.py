@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import IO, Any, Iterator, Mapping
+from typing import IO, Any, Callable, Iterator, Mapping
 
 
 def _umask() -> int:
@@ -98,6 +98,17 @@ def replace_folder(new: str | os.PathLike, dst: str | os.PathLike) -> None:
         _fsync_folder(parent)
         shutil.rmtree(aside)
     _fsync_folder(parent)
+
+
+def write_folder_whole(write: Callable[[str], None], folder: str | os.PathLike) -> None:
+    """`write(tmp)` fills a new folder beside `folder`, which then replaces `folder` whole
+    (`replace_folder`); the temporary folder is removed whatever happens."""
+    tmp = temp_folder_beside(folder)
+    try:
+        write(tmp)
+        replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_leftovers(dst: str | os.PathLike) -> None:
