@@ -18,8 +18,9 @@ from .backends import BACKENDS, REGISTRY, backend_info, default_backend, install
 from .core import signals
 from .core.distributed import LAUNCHED_ENV, REPORT_ENV, USER_ERROR_EXIT
 from .core.resume import read_resume_state
+from .core.schedule import lr_decay_as_schedule
 from .core.data_hub import DownloadError
-from .core.settings import (FINETUNE_MODES, HUB_DATA, INIT_SCHEMES, LR_DECAYS, LR_SCHEDULES, MLM_LOSSES, OPTIMIZERS,
+from .core.settings import (FINETUNE_MODES, HUB_DATA, INIT_SCHEMES, LR_SCHEDULES, MLM_LOSSES, OPTIMIZERS,
                             PARITY_TOLERANCE, PRECISIONS, PRETRAIN_MODES, TASKS, EvaluateSettings, FinetuneSettings, PredictSettings,
                             PretrainSettings)
 
@@ -34,6 +35,13 @@ def _limit(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _lr_decay(text: str) -> str:
+    try:
+        return lr_decay_as_schedule(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -224,8 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--warmup-steps", type=int, default=PRETRAIN.warmup_steps,
                     help="raise the learning rate linearly from lr/N to lr over the first N steps (default 0: "
                          "the book's constant lr)")
-    pt.add_argument("--lr-decay", choices=LR_DECAYS, default=PRETRAIN.lr_decay,
-                    help="after the warm-up: none (default, constant lr) or linear, down to 0 at the last step")
+    pt.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=PRETRAIN.lr_schedule,
+                    help="after the warm-up: constant (default, the book's) or linear (down to 0 at the last step)")
+    # The option's earlier name and words (none|linear), so that commands written for them still run.
+    pt.add_argument("--lr-decay", dest="lr_schedule", type=_lr_decay, help=argparse.SUPPRESS)
     pt.add_argument("--remask", action="store_true",
                     help="draw new MLM masks every pass over the data (dynamic masking); the book masks once")
     pt.add_argument("--init", choices=INIT_SCHEMES, default=PRETRAIN.init,

@@ -30,7 +30,7 @@ from .core import signals
 from .core.data_hub import sha1_of
 from .core.io import check_output, remove_leftovers, temp_folder_beside, write_folder_whole, write_json
 from .core.plot import plot_training
-from .core.pretraining import StepRecord, format_pretrain_summary, scheduled_lr, summarize, train_steps
+from .core.pretraining import StepRecord, format_pretrain_summary, summarize, train_steps
 from .core.runlog import LOG_FILE, RunLog
 from .core.resume import ResumeFolder, open_resume, output_lock
 from .core.progress import Progress
@@ -203,7 +203,7 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
                                    sync="epoch" if fast else "batch", devices=_devices_text(step.devices, world),
                                    state=loop, seed=settings.seed, checkpoint=checkpoint, rank=world.rank,
                                    checkpoint_every=settings.checkpoint_every, stop_after=settings.stop_after,
-                                   lr_at=scheduled_lr(settings.lr, *settings.schedule(len(train_iter))),
+                                   lr_at=settings.schedule(len(train_iter)).lr_at(),
                                    on_epoch=on_epoch if world.main else None, valid_iter=valid_iter, log=log,
                                    should_stop=stop_check)
     except TrainingDiverged as e:
@@ -369,8 +369,7 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
     try:
         with signals.step_boundaries():
             records = train_steps(step, train_iter, settings.steps, start_step=start_step, seed=settings.seed,
-                                  lr_at=scheduled_lr(settings.lr, settings.steps, settings.warmup_steps,
-                                                     settings.lr_decay),
+                                  lr_at=settings.schedule().lr_at(),
                                   on_step=after_step, checkpoint=checkpoint,
                                   checkpoint_every=settings.checkpoint_every, stop_after=settings.stop_after,
                                   rank=world.rank, log=log)

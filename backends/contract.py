@@ -249,7 +249,7 @@ class PretrainStep:
 
 
 def train_bert(train_iter, net, loss, vocab_size, devices, num_steps, *, trainer=None, lr=0.01, mlm_loss="masked",
-               start_step=0, seed=None, on_step=None, verbose=True, warmup_steps=0, lr_decay="none") -> list:
+               start_step=0, seed=None, on_step=None, verbose=True, warmup_steps=0, lr_schedule="constant") -> list:
     """The book's pretraining loop up to step `num_steps`; the book's two printed lines; returns
     one `core.pretraining.StepRecord` per step run."""
 

@@ -86,7 +86,7 @@ def main(argv=None):
     group.add_argument("--pretrain-max-len", type=int, default=64)
     group.add_argument("--pretrain-lr", type=float, default=1e-3)
     group.add_argument("--warmup-steps", type=int, default=60)
-    group.add_argument("--lr-decay", choices=("none", "linear"), default="linear")
+    group.add_argument("--lr-schedule", choices=("constant", "linear"), default="linear")
     group.add_argument("--init", choices=("book", "xavier"), default="xavier",
                        help="the pretraining's (and so the random baseline's) init; default xavier (MXNet's, in both)")
     args = parser.parse_args(argv)
@@ -105,7 +105,7 @@ def main(argv=None):
             backend=args.backend, corpus=corpus, steps=args.pretrain_steps, batch_size=args.pretrain_batch_size,
             max_len=args.pretrain_max_len, num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_layers=2,
             dropout=0.1, lr=args.pretrain_lr, device="cpu", out=pretrained, warmup_steps=args.warmup_steps,
-            lr_decay=args.lr_decay, mode="fast", remask=True, checkpoint_every=200, init=args.init))
+            lr_schedule=args.lr_schedule, mode="fast", remask=True, checkpoint_every=200, init=args.init))
         report["pretraining_wall_seconds"] = time.perf_counter() - start
     report["pretraining"] = pretraining_figures(pretrained)
     # the random baseline starts where the pretraining started (torch's defaults and Xavier differ by
@@ -149,7 +149,7 @@ def main(argv=None):
     if p is not None:
         h = p["hyperparameters"]
         print(f"pretraining ({p['backend']}): {p['steps']} steps, batch {h['batch_size']}, max_len {h['max_len']}, "
-              f"lr {h['lr']}, warm-up {h.get('warmup_steps', 0)}, decay {h.get('lr_decay', 'none')}, "
+              f"lr {h['lr']}, warm-up {h.get('warmup_steps', 0)}, schedule {h.get('lr_schedule', h.get('lr_decay', 'constant'))}, "
               f"mode {h.get('mode', 'book')}, remask {h.get('remask', False)}, {p['num_pairs']} pairs, "
               f"vocab {p['vocab_size']}")
         print(f"  MLM loss {p['mlm_loss_last_10pct']:.3f}, NSP loss {p['nsp_loss_last_10pct']:.3f} "

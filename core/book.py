@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .pretraining import StepRecord, format_pretrain_summary, scheduled_lr, train_steps
+from .pretraining import StepRecord, format_pretrain_summary, train_steps
+from .schedule import LRSchedule
 from .training import EpochRecord, require_devices, train_epochs
 
 
@@ -77,7 +78,7 @@ def train_bert(pretrain_step: Callable, make_trainer: Callable, train_iter: Iter
                devices: Sequence, num_steps: int, *, trainer=None, lr: float = 0.01, mlm_loss: str = "masked",
                start_step: int = 0, seed: int | None = None,
                on_step: Callable[[StepRecord], bool | None] | None = None, verbose: bool = True,
-               warmup_steps: int = 0, lr_decay: str = "none") -> list[StepRecord]:
+               warmup_steps: int = 0, lr_schedule: str = "constant") -> list[StepRecord]:
     """Pretrain `net` (a `BERTModel`; in MXNet initialised on every device) on batches of the book's
     7-tuples until step `num_steps` (core/pretraining.py `train_steps`).
 
@@ -85,10 +86,10 @@ def train_bert(pretrain_step: Callable, make_trainer: Callable, train_iter: Iter
     `trainer` defaults to Adam(lr) as the book. With `seed`, the framework's generators are re-seeded
     from `(seed, step)` before every step (`core.training.step_seed`), so dropout does not depend on
     where a run was resumed. `on_step(record)` is called after each step; a true return stops.
-    With `warmup_steps` or `lr_decay='linear'`, the rate is set before every step to
-    `core.pretraining.learning_rate_at(step, lr, num_steps, ...)`; without, it is left alone (the book).
+    With `warmup_steps` or `lr_schedule='linear'`, the rate is set before every step to
+    `core.schedule.LRSchedule(lr, num_steps, ...).at(step)`; without, it is left alone (the book).
     Returns the figures of the steps run here; prints the book's two lines if `verbose`."""
-    lr_at = scheduled_lr(lr, num_steps, warmup_steps, lr_decay)
+    lr_at = LRSchedule(lr, num_steps, warmup_steps, lr_schedule).lr_at()
     step = pretrain_step(net, loss, vocab_size, trainer if trainer is not None else make_trainer(net, lr),
                          devices, mlm_loss)
     records = train_steps(step, train_iter, num_steps, start_step=start_step, seed=seed, lr_at=lr_at,

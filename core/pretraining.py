@@ -1,5 +1,5 @@
 """BERT pretraining, once for every backend: the step loop (`train_steps`: per-step seeds, the
-learning-rate schedule, timing, checkpoints and stopping), its per-step figures and the book's two
+learning rate of each step (core/schedule.py's), timing, checkpoints and stopping), its per-step figures and the book's two
 printed lines. A backend supplies only a `PretrainStep` (backends/contract.py): its inputs on the
 device, one optimizer step, its RNG seed and learning rate.
 
@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import numpy as np
 
 from .runlog import RunLog, pretrain_step_line
-from .settings import INIT_SCHEMES, LR_DECAYS, MLM_LOSSES
+from .settings import INIT_SCHEMES, MLM_LOSSES
 from .training import Timer, TrainingDiverged, step_seed
 
 
@@ -33,31 +33,6 @@ def check_init(init: str) -> str:
     if init not in INIT_SCHEMES:
         raise ValueError(f"unknown init {init!r}: use one of {INIT_SCHEMES}")
     return init
-
-
-def check_lr_schedule(warmup_steps: int, lr_decay: str) -> None:
-    """Refuse a negative warm-up or an unknown decay (see `learning_rate_at`)."""
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if lr_decay not in LR_DECAYS:
-        raise ValueError(f"unknown lr_decay {lr_decay!r}: use one of {LR_DECAYS}")
-
-
-def learning_rate_at(step: int, lr: float, num_steps: int, warmup_steps: int = 0, lr_decay: str = "none") -> float:
-    """The learning rate of step `step` (numbered from 1) of a run of `num_steps` steps.
-
-    Warm-up: over steps 1..warmup_steps the rate rises linearly, lr * step / warmup_steps (lr/N
-    at step 1, lr at step N): Adam's first updates are full-sized whatever the gradient's scale,
-    and a small rate while its moment estimates settle keeps them from wrecking the random
-    initialisation. Then `lr_decay='none'` keeps lr (the book: a constant rate) and 'linear' falls
-    in a straight line to 0 at step `num_steps`. With neither, every step gets lr.
-    """
-    check_lr_schedule(warmup_steps, lr_decay)
-    if step <= warmup_steps:
-        return lr * step / warmup_steps
-    if lr_decay == "linear":
-        return lr * max(0, num_steps - step) / (num_steps - warmup_steps)
-    return lr
 
 
 @dataclasses.dataclass
@@ -202,12 +177,3 @@ def train_steps(step: PretrainStep, train_iter: Iterable, num_steps: int, *, sta
         if num_batches == 0:
             raise ValueError("train_iter yielded no batches")
     return records
-
-
-def scheduled_lr(lr: float, num_steps: int, warmup_steps: int = 0, lr_decay: str = "none"
-                 ) -> Callable[[int], float] | None:
-    """`train_steps`' `lr_at` for a schedule (`learning_rate_at`), or None for the book's constant rate."""
-    check_lr_schedule(warmup_steps, lr_decay)
-    if warmup_steps == 0 and lr_decay == "none":
-        return None
-    return lambda step: learning_rate_at(step, lr, num_steps, warmup_steps, lr_decay)

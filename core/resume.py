@@ -18,6 +18,7 @@ import shutil
 from typing import Any, Iterator
 
 from .io import read_json, write_json
+from .schedule import upgrade_signature
 from .vocab import read_vocab_list, save_vocab
 
 STATE_FILE = "state.json"
@@ -69,8 +70,9 @@ def open_resume(folder: str | os.PathLike, signature: dict, resume: bool | None)
     state = read_resume_state(folder)
     if state is None and resume:
         raise FileNotFoundError(f"{folder}: no checkpoint to resume from")
-    if state is not None and state.get("signature") != signature:
-        raise ValueError(f"{folder}: written by a run with {_differences(state.get('signature', {}), signature)}; "
+    written = upgrade_signature(state.get("signature", {})) if state is not None else None
+    if state is not None and written != signature:
+        raise ValueError(f"{folder}: written by a run with {_differences(written, signature)}; "
                          "re-run with those settings and data, or pass --no-resume to start over")
     return state
 

@@ -12,6 +12,7 @@ import math
 import os
 from typing import Any, ClassVar, Sequence
 
+from .schedule import LR_SCHEDULES, LRSchedule
 from .tables import FORMATS, Columns
 
 FINETUNE_MODES = ("fast", "book")
@@ -21,9 +22,7 @@ TASKS = ("snli", "ag_news")
 HUB_DATA = {"snli": "SNLI", "ag_news": "AG_NEWS"}
 PRECISIONS = ("float32", "bfloat16")
 MLM_LOSSES = ("masked", "book")
-LR_DECAYS = ("none", "linear")
 OPTIMIZERS = ("adam", "adamw")  # fine-tuning: the book's Adam, or AdamW's decoupled weight decay (BERT's)
-LR_SCHEDULES = ("constant", "linear")  # fine-tuning: after any warm-up, the book's constant rate or a decay to 0
 PRETRAIN_MODES = ("book", "fast")
 # 'book': each backend's own book init (torch: its layer defaults; MXNet: init.Xavier()).
 # 'xavier': MXNet's book init in every backend (every matrix Xavier-uniform, biases 0, LayerNorm 1/0),
@@ -233,15 +232,14 @@ class FinetuneSettings:
             return -(-self.batch_size // self.grad_accum)
         return self.micro_batch
 
-    def schedule(self, steps_per_epoch: int) -> tuple[int, int, str]:
-        """`(num_steps, warmup_steps, lr_decay)` of `core.pretraining.learning_rate_at` for this run:
-        all its steps are epochs x batches per epoch."""
+    def schedule(self, steps_per_epoch: int) -> LRSchedule:
+        """This run's learning-rate schedule: all its steps are epochs x batches per epoch."""
         num_steps = self.epochs * steps_per_epoch
         if self.warmup_steps is not None and self.warmup_steps > num_steps:
             raise ValueError(f"--warmup-steps {self.warmup_steps}: more than the run's {num_steps} steps "
                              f"({self.epochs} epochs x {steps_per_epoch} batches); use fewer, or --warmup-ratio")
         warmup = self.warmup_steps if self.warmup_ratio is None else math.ceil(self.warmup_ratio * num_steps)
-        return num_steps, min(warmup or 0, num_steps), "linear" if self.lr_schedule == "linear" else "none"
+        return LRSchedule(self.lr, num_steps, min(warmup or 0, num_steps), self.lr_schedule)
 
     def processes(self, process_per_device: bool) -> int:
         """The processes of this run's job on this machine: `--nproc`; else, in fast mode, one per
@@ -283,7 +281,7 @@ class PretrainSettings:
     dropout: float = 0.2
     lr: float = 0.01
     warmup_steps: int = 0
-    lr_decay: str = "none"
+    lr_schedule: str = "constant"
     remask: bool = False
     init: str = "book"
     mode: str = "book"
@@ -303,7 +301,7 @@ class PretrainSettings:
                                            "stop_after", "out", "log_every")
     POSITIVE: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "num_hiddens", "ffn_num_hiddens", "num_heads",
                                            "num_layers", "stop_after", "nproc")
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"lr_decay": LR_DECAYS, "init": INIT_SCHEMES,
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"lr_schedule": LR_SCHEDULES, "init": INIT_SCHEMES,
                                                      "mode": PRETRAIN_MODES, "mlm_loss": MLM_LOSSES}
 
     def __post_init__(self) -> None:
@@ -323,11 +321,15 @@ class PretrainSettings:
         """The processes of this run's job on this machine (`FinetuneSettings.processes`)."""
         return _processes(self.nproc, process_per_device and self.mode == "fast", self.device)
 
+    def schedule(self) -> LRSchedule:
+        """This run's learning-rate schedule."""
+        return LRSchedule(self.lr, self.steps, self.warmup_steps, self.lr_schedule)
+
     def signature(self, corpus_files: Sequence[tuple[str, int]]) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint: every field that
         changes what the steps compute, and the corpus files (names and sizes)."""
         return {**_without(self, self.RUN_ONLY), "corpus": [list(f) for f in corpus_files],
-                "decay_steps": self.steps if self.lr_decay != "none" else None}
+                "decay_steps": self.steps if self.lr_schedule != "constant" else None}
 
     def hyperparameters(self, corpus_files: Sequence[tuple[str, int]]) -> dict:
         return {k: v for k, v in self.signature(corpus_files).items() if k not in ("backend", "corpus")}

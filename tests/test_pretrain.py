@@ -179,7 +179,7 @@ def _pretrain_kwargs(name, corpus, **extra):
 
 # Warm-up, linear decay, fused attention and dynamic masking, with a checkpoint in the data's second
 # pass (4 batches of 64 per pass), so that resuming must also restore the schedule and the masks.
-SCHEDULED = dict(batch_size=64, warmup_steps=3, lr_decay="linear", mode="fast", remask=True)
+SCHEDULED = dict(batch_size=64, warmup_steps=3, lr_schedule="linear", mode="fast", remask=True)
 
 
 @pytest.mark.slow
@@ -204,6 +204,11 @@ def test_resuming_after_a_crash_ends_where_an_uninterrupted_run_ends(name, optio
     assert state["step"] == crash_step - 1 and not (out / "pretrained.params").exists()
     if options:
         assert state["data"]["epoch"] == 1 and state["data"]["remask"]  # inside the remasked second pass
+        # A checkpoint as the release before one schedule vocabulary wrote it (`lr_decay`: none|linear)
+        # resumes too.
+        signature = state["signature"]
+        signature["lr_decay"] = {"constant": "none", "linear": "linear"}[signature.pop("lr_schedule")]
+        (out / "resume" / "state.json").write_text(json.dumps(state))
     capsys.readouterr()
     resumed = pretrain(out_dir=str(out), **_pretrain_kwargs(name, corpus, **options))
     assert f"resuming from {out / 'resume'} at step {crash_step}" in capsys.readouterr().out
@@ -276,7 +281,7 @@ def test_warm_up_and_decay_set_the_rate_each_step_uses(name, dataset):
     vocab_size, batch = len(dataset.vocab), dataset[np.arange(16)]
     backend, net, devices = backend_and_model(name, vocab_size)
     records = backend.train_bert([batch], net, backend.make_loss(), vocab_size, devices, 8, lr=0.01,
-                                 warmup_steps=4, lr_decay="linear", verbose=False)
+                                 warmup_steps=4, lr_schedule="linear", verbose=False)
     assert [r.lr for r in records] == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.0075, 0.005, 0.0025, 0.0])
     backend, net, devices = backend_and_model(name, vocab_size)
     records = backend.train_bert([batch], net, backend.make_loss(), vocab_size, devices, 3, lr=0.01,
@@ -297,8 +302,8 @@ def test_warm_up_and_decay_set_the_rate_each_step_uses(name, dataset):
         np.testing.assert_array_equal(after["warm-up"][key], after["plain"][key], err_msg=key)
     with pytest.raises(ValueError, match="warmup_steps"):
         backend.train_bert([batch], net, backend.make_loss(), vocab_size, devices, 1, warmup_steps=-1)
-    with pytest.raises(ValueError, match="lr_decay"):
-        backend.train_bert([batch], net, backend.make_loss(), vocab_size, devices, 1, lr_decay="cosine")
+    with pytest.raises(ValueError, match="schedule 'cosine'"):
+        backend.train_bert([batch], net, backend.make_loss(), vocab_size, devices, 1, lr_schedule="cosine")
 
 
 @pytest.mark.slow
@@ -385,11 +390,20 @@ def test_cli_pretrain_passes_the_schedule_mode_and_masking(monkeypatch, capsys):
     real = jobs.run_pretrain
     monkeypatch.setattr(jobs, "run_pretrain", fake_run_pretrain)
     assert cli.main(["pretrain", "--corpus", "c", "--out", "o"]) == 0
-    assert (seen["warmup_steps"], seen["lr_decay"], seen["mode"], seen["remask"], seen["init"]) == (0, "none", "book", False, "book")
-    assert cli.main(["pretrain", "--corpus", "c", "--out", "o", "--warmup-steps", "20", "--lr-decay", "linear",
+    assert (seen["warmup_steps"], seen["lr_schedule"], seen["mode"], seen["remask"], seen["init"]) == (
+        0, "constant", "book", False, "book")
+    assert cli.main(["pretrain", "--corpus", "c", "--out", "o", "--warmup-steps", "20", "--lr-schedule", "linear",
                      "--mode", "fast", "--remask", "--init", "xavier"]) == 0
-    assert (seen["warmup_steps"], seen["lr_decay"], seen["mode"], seen["remask"], seen["init"]) == (
+    assert (seen["warmup_steps"], seen["lr_schedule"], seen["mode"], seen["remask"], seen["init"]) == (
         20, "linear", "fast", True, "xavier")
+    # The option's earlier name and words still run: --lr-decay none|linear.
+    for word, schedule in (("linear", "linear"), ("none", "constant")):
+        assert cli.main(["pretrain", "--corpus", "c", "--out", "o", "--lr-decay", word]) == 0
+        assert seen["lr_schedule"] == schedule
+    with pytest.raises(SystemExit) as exit_:  # argparse's error, in nlibert's one form
+        cli.main(["pretrain", "--corpus", "c", "--out", "o", "--lr-decay", "cosine"])
+    assert exit_.value.code == 2
+    assert "argument --lr-decay: use one of none, linear" in capsys.readouterr().err
     monkeypatch.setattr(jobs, "run_pretrain", real)
     assert cli.main(["pretrain", "--corpus", "c", "--out", "o", "--warmup-steps", "-1"]) == 2
     assert "--warmup-steps must be >= 0" in capsys.readouterr().err

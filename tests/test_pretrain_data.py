@@ -4,7 +4,9 @@ import re
 import numpy as np
 import pytest
 
-from nlibert.core.pretraining import StepRecord, format_pretrain_summary, learning_rate_at
+from nlibert.core.pretraining import StepRecord, format_pretrain_summary
+from nlibert.core.schedule import LRSchedule, upgrade_signature
+from nlibert.core.settings import PretrainSettings
 from nlibert.core.training import step_seed
 from nlibert.core.resume import commit_resume_state, read_resume_state
 from nlibert.core.wiki import (RESERVED_TOKENS, WikiBatchIterator, WikiTextDataset, load_data_wiki,
@@ -201,16 +203,32 @@ def test_remasking_draws_new_masks_each_pass_over_the_same_pairs(dataset):
 
 def test_learning_rate_warms_up_then_stays_or_decays_linearly():
     lr = 0.01
-    assert [learning_rate_at(s, lr, 4) for s in range(1, 5)] == [lr] * 4  # the book: constant
-    assert [learning_rate_at(s, lr, 10, 4) for s in range(1, 11)] == pytest.approx(
+    assert [LRSchedule(lr, 4).at(s) for s in range(1, 5)] == [lr] * 4  # the book: constant
+    assert [LRSchedule(lr, 10, 4).at(s) for s in range(1, 11)] == pytest.approx(
         [lr / 4, lr / 2, 3 * lr / 4] + [lr] * 7)
-    assert [learning_rate_at(s, lr, 10, 4, "linear") for s in range(1, 11)] == pytest.approx(
+    assert [LRSchedule(lr, 10, 4, "linear").at(s) for s in range(1, 11)] == pytest.approx(
         [lr / 4, lr / 2, 3 * lr / 4, lr] + [lr * k / 6 for k in (5, 4, 3, 2, 1, 0)])
-    assert [learning_rate_at(s, lr, 4, 0, "linear") for s in range(1, 5)] == pytest.approx([0.0075, 0.005, 0.0025, 0])
+    assert [LRSchedule(lr, 4, 0, "linear").at(s) for s in range(1, 5)] == pytest.approx([0.0075, 0.005, 0.0025, 0])
     with pytest.raises(ValueError, match="warmup_steps"):
-        learning_rate_at(1, lr, 4, -1)
-    with pytest.raises(ValueError, match="lr_decay"):
-        learning_rate_at(1, lr, 4, 0, "cosine")
+        LRSchedule(lr, 4, -1)
+    with pytest.raises(ValueError, match="schedule 'cosine'"):
+        LRSchedule(lr, 4, 0, "cosine")
+
+
+def test_pretraining_and_fine_tuning_share_one_schedule_and_its_words():
+    """`nlibert pretrain` schedules as finetune does (one LRSchedule, constant|linear): the same
+    warm-up and decay give the same rates, and the words pretraining used before (`lr_decay`
+    none|linear in a resume checkpoint's signature) read as today's."""
+    pretrain = PretrainSettings(lr=0.5, steps=8, warmup_steps=2, lr_schedule="linear").schedule()
+    from nlibert.core.settings import FinetuneSettings
+    finetune = FinetuneSettings(lr=0.5, epochs=2, warmup_steps=2, lr_schedule="linear").schedule(4)
+    assert pretrain == finetune and pretrain.lr_at() is not None
+    assert PretrainSettings().schedule().lr_at() is None  # the book's constant rate, the optimizer's own
+    old = {"lr": 0.01, "lr_decay": "none", "decay_steps": None}
+    assert upgrade_signature(old) == {"lr": 0.01, "lr_schedule": "constant", "decay_steps": None}
+    assert upgrade_signature({"lr_decay": "linear"}) == {"lr_schedule": "linear"}
+    new = {"lr": 0.01, "lr_schedule": "constant"}
+    assert upgrade_signature(new) is new
 
 
 def test_resume_state_names_its_files_and_prunes_older_ones(tmp_path):

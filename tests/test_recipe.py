@@ -8,7 +8,7 @@ import pytest
 from nlibert import jobs
 from nlibert.backends import BACKENDS, installed_backends, load_backend
 from nlibert.core.names import decays, to_canonical
-from nlibert.core.pretraining import scheduled_lr
+from nlibert.core.schedule import LRSchedule
 from nlibert.core.sample import write_sample_snli
 from nlibert.core.settings import FinetuneSettings
 from nlibert.core.training import train_epochs
@@ -132,11 +132,11 @@ def test_grad_accum_gives_the_whole_batch_update(name, folders, tmp_path):
 
 def test_the_schedule_warms_up_then_decays_to_zero():
     settings = FinetuneSettings(lr=1.0, epochs=2, warmup_ratio=0.25, lr_schedule="linear")
-    assert settings.schedule(4) == (8, 2, "linear")
-    lr_at = scheduled_lr(settings.lr, *settings.schedule(4))
+    assert settings.schedule(4) == LRSchedule(1.0, 8, 2, "linear")
+    lr_at = settings.schedule(4).lr_at()
     assert [lr_at(s) for s in range(1, 9)] == pytest.approx([0.5, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0])
-    assert scheduled_lr(1.0, *FinetuneSettings().schedule(4)) is None  # the book's constant rate
-    assert FinetuneSettings(warmup_steps=3, epochs=1).schedule(10) == (10, 3, "none")
+    assert FinetuneSettings().schedule(4).lr_at() is None  # the book's constant rate
+    assert FinetuneSettings(warmup_steps=3, epochs=1).schedule(10) == LRSchedule(1e-4, 10, 3, "constant")
     assert "schedule_epochs" in settings.signature() and "schedule_epochs" not in FinetuneSettings().signature()
 
 
@@ -163,7 +163,7 @@ def test_each_step_runs_at_its_scheduled_rate(name, folders, tmp_path):
             return getattr(step, attr)
 
     batches = [((IDS[i:i + 2], SEGMENTS[i:i + 2], VALID_LENS[i:i + 2]), LABELS[i:i + 2]) for i in (0, 2)]
-    lr_at = scheduled_lr(1e-3, 4, 2, "linear")
+    lr_at = LRSchedule(1e-3, 4, 2, "linear").lr_at()
     train_epochs(Recording(), batches, None, 2, verbose=False, lr_at=lr_at)
     assert used == pytest.approx([5e-4, 1e-3, 5e-4, 0.0])
     before = _params(backend, name, net, tmp_path / "before")
