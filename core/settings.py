@@ -1,4 +1,7 @@
-"""The settings of a run, as objects: the CLI builds one from its arguments, a job takes one.
+"""The settings of a run, as objects: the CLI builds one from its arguments, a job takes one. Each
+field is the command's option of its name, generated from the field (core/options.py): its default,
+its type, its choices (the class's CHOICES) and its help text (the field's metadata, `option(...)`)
+are written here once.
 
 Defaults are the chapter's (fine-tuning: batch 512, max_len 128, lr 1e-4, 5 epochs; pretraining:
 the book's `bert-pretraining` section: a 2-layer, 128-hidden BERT, batch 512, max_len 64, Adam at
@@ -12,7 +15,7 @@ import math
 import os
 from typing import Any, ClassVar, Sequence
 
-from .options import check_positive, only_with, option, option_name as _option
+from .options import check_positive, only_with, option, option_name
 from .tables import Columns
 
 FINETUNE_MODES = ("fast", "book")
@@ -45,7 +48,7 @@ def _check(settings: Any) -> None:
     check_positive(settings)
     for name, choices in settings.CHOICES.items():
         if getattr(settings, name) not in choices:
-            raise ValueError(f"{_option(name)} {getattr(settings, name)!r}: use one of {', '.join(choices)}")
+            raise ValueError(f"{option_name(name)} {getattr(settings, name)!r}: use one of {', '.join(choices)}")
     if not (isinstance(settings.lr, (int, float)) and math.isfinite(settings.lr) and settings.lr > 0):
         raise ValueError(f"--lr must be a positive finite number, got {settings.lr!r}")
     if not 0.0 <= settings.dropout < 1.0:
@@ -71,7 +74,7 @@ _NPROC_HELP = ("train as a data-parallel job of N processes on this machine (tor
 _RESUME_HELP = "continue from OUT/resume (default: when it holds a checkpoint); --no-resume starts over"
 _STOP_AFTER_HELP = "end this run after N steps, as if interrupted (the same command resumes)"
 TEXT_COLUMNS_HELP = ("the column holding the text, or two separated by a comma for pairs: header names, JSON keys, "
-                      "or 0-based indices with --no-header")
+                     "or 0-based indices with --no-header")
 
 
 def _log_every_help(line: str, after: str = "") -> str:
