@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="convert a checkpoint folder from one backend's format to another's")
     cv.add_argument("src", help="folder with vocab.json + pretrained.params (or a fine-tuned model folder), "
                                 "or a Hugging Face BERT folder / minilm-l6 (written in the book's format)")
-    cv.add_argument("dst")
-    cv.add_argument("--to", choices=BACKENDS, required=True)
+    cv.add_argument("dst", help="the folder to write (refused if it holds files, unless --overwrite)")
+    cv.add_argument("--to", choices=BACKENDS, required=True, help="the backend whose format DST is written in")
     cv.add_argument("--overwrite", action="store_true", help="replace DST if it already holds files")
 
     pa = sub.add_parser("parity", parents=[common],
@@ -86,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE,
                     help="largest allowed max |difference| as a fraction of the outputs' scale, max(1, max |value|) "
                          f"(default {PARITY_TOLERANCE:g})")
-    pa.add_argument("--num-pairs", type=positive_int, default=256)
+    pa.add_argument("--num-pairs", type=positive_int, default=256,
+                    help="compare on this many seeded pairs of the data (default %(default)s)")
     pa.add_argument("--max-len", type=int, default=128, help="pack pairs to this length (at most the model's max_len)")
-    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--seed", type=int, default=0,
+                    help="the seed that draws the pairs and their MLM positions (default %(default)s)")
     pt = sub.add_parser("pretrain", parents=[common],
                         help="pretrain BERT (masked LM + next sentence) on WikiText as the d2l book does")
     add_options(pt, PretrainSettings, after_nproc, backend=backend)
