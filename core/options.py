@@ -5,7 +5,9 @@ are written once. A field's `metadata` (`option(...)`) holds what an annotation 
 
     help        the help text (argparse's `%(default)s` and `%(choices)s` work in it)
     metavar     the name argparse shows for its value (default: the field's name, upper case)
-    aliases     more option names for the same field (e.g. an old name kept working)
+    aliases     more option names for the same field, shown with it in --help
+    hidden_aliases  option names it also answers to, left out of --help (e.g. an old name kept working)
+    type        the function that reads its value, when the annotation's type is not the one
     opposite    for a `bool | None` field: `(option, help)` of the option that sets it False
                 (`--no-header` / `--header`); without it, `--name` / `--no-name`
     positional  the field is the command's positional arguments (`nargs="*"`)
@@ -26,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 def option(default: Any = dataclasses.MISSING, help: str | None = None, **cli: Any) -> Any:
     """A settings field with its command-line option's help text and the other `metadata` keys
-    this module reads (`metavar`, `aliases`, `opposite`, `positional`)."""
+    this module reads (`metavar`, `aliases`, `hidden_aliases`, `type`, `opposite`, `positional`)."""
     return dataclasses.field(default=default, metadata={"help": help, **cli})
 
 
@@ -91,11 +93,16 @@ def add_options(parser: argparse.ArgumentParser, cls: type,
             kwargs["type"] = positive_int if field.name in positive else int
         elif kind is float:
             kwargs["type"] = float
+        if "type" in meta:
+            kwargs["type"] = meta["type"]
         kwargs.update(overrides.get(field.name, {}))
         if meta.get("positional"):
             parser.add_argument(field.name, nargs="*", **kwargs)
         else:
             parser.add_argument(option_name(field.name), *meta.get("aliases", ()), dest=field.name, **kwargs)
+        if meta.get("hidden_aliases"):  # the same option under other names; its default is the field's above
+            hidden = {**kwargs, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS, "required": False}
+            parser.add_argument(*meta["hidden_aliases"], dest=field.name, **hidden)
         if "opposite" in meta:
             name, help_text = meta["opposite"]
             parser.add_argument(name, dest=field.name, action="store_const", const=False, help=help_text)

@@ -171,24 +171,30 @@ def test_bool_fields_become_switches_by_their_default():
 
 
 def test_a_field_may_carry_aliases_a_hidden_option_and_a_required_one():
-    """What a renamed option needs: its old name kept working (`aliases`), hidden from --help
-    (argparse.SUPPRESS), and the generator's rules on a class of its own."""
+    """What a renamed option needs: its old name kept working, shown (`aliases`) or not
+    (`hidden_aliases`), a value read its own way (`type`), an option hidden from --help
+    (argparse.SUPPRESS); and the generator's rules on a class of its own."""
     @dataclasses.dataclass(frozen=True)
     class Toy:
         name: str = option(help="required: no default")
-        lr_schedule: str = option("none", "the schedule", aliases=("--lr-decay",))
+        lr_schedule: str = option("constant", "the schedule", aliases=("--schedule",), hidden_aliases=("--lr-decay",),
+                                  type=lambda text: {"none": "constant"}.get(text, text))
         steps: int = option(3, "steps")
         secret: float | None = option(None, argparse.SUPPRESS)
         POSITIVE: ClassVar[tuple[str, ...]] = ("steps",)
-        CHOICES: ClassVar[dict] = {"lr_schedule": ("none", "linear")}
+        CHOICES: ClassVar[dict] = {"lr_schedule": ("constant", "linear")}
 
     parser = cli._Parser(prog="toy")
     add_options(parser, Toy)
     args = parser.parse_args(["--name", "n", "--lr-decay", "linear", "--secret", "0.5"])
     assert cli.settings_from_args(Toy, args) == Toy("n", "linear", 3, 0.5)
-    assert parser.parse_args(["--name", "n", "--lr-schedule", "linear"]).lr_schedule == "linear"
+    assert cli.settings_from_args(Toy, parser.parse_args(["--name", "n"])) == Toy("n")
+    for argv in (["--lr-schedule", "linear"], ["--schedule", "linear"], ["--lr-decay", "linear"]):
+        assert parser.parse_args(["--name", "n", *argv]).lr_schedule == "linear"
+    assert parser.parse_args(["--name", "n", "--lr-decay", "none"]).lr_schedule == "constant"
     text = parser.format_help()
-    assert "--lr-schedule {none,linear}, --lr-decay {none,linear}" in text and "--secret" not in text
+    assert "--lr-schedule {constant,linear}, --schedule {constant,linear}" in text
+    assert "--lr-decay" not in text and "--secret" not in text
     for argv in (["--steps", "2"], ["--name", "n", "--steps", "-1"], ["--name", "n", "--lr-decay", "cosine"]):
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
