@@ -1,7 +1,9 @@
 """Command-line options generated from a settings dataclass's fields, as Hugging Face's
-`HfArgumentParser` does: each field of `core/settings.py` is the option of its name (`batch_size` is
-`--batch-size`), and its default, type, choices and help text are read off the field, so that they
-are written once. A field's `metadata` (`option(...)`) holds what an annotation cannot say:
+`HfArgumentParser` does: each field of a settings class (core/settings.py, core/inference_settings.py)
+is the option of its name (`batch_size` is `--batch-size`), and its default, type, choices and help
+text are read off the field, so that they are written once; the checks that refuse a value name that
+option (`check_positive`, `only_with`). A field's `metadata` (`option(...)`) holds what an annotation
+cannot say:
 
     help        the help text (argparse's `%(default)s` and `%(choices)s` work in it)
     metavar     the name argparse shows for its value (default: the field's name, upper case)
