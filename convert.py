@@ -55,8 +55,7 @@ def run_convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
 
 def _convert_into(source, target: ModuleType, to: str, src: str, folder: str) -> None:
     if source.format == HUGGING_FACE:
-        bert, vocab = target.load_pretrained_model(src, None, None, None, None, None, None,
-                                                   target.parse_devices("cpu"))
+        bert, vocab = target.load_pretrained_model(src, devices=target.parse_devices("cpu"))
         target.save_pretrained(bert, vocab, folder)
         return
     params = to_canonical(read_params_in(source.params_path, source.format), source.format, source.params_path)
@@ -86,7 +85,7 @@ def _outputs(backend: ModuleType, folder: str, kind: str, hugging_face: bool, ma
         model, vocab, config = backend.load_classifier(folder, [device])
         ids, segments, valid_lens, _ = make_inputs(vocab, config.max_len)
         return {"logits": backend.classifier_logits(model, ids, segments, valid_lens, device)}
-    model, vocab = backend.load_pretrained_model(folder, None, None, None, None, 0.0, None, [device])
+    model, vocab = backend.load_pretrained_model(folder, dropout=0.0, devices=[device])
     outputs = dict(zip(("encoded_X", "mlm_Y_hat", "nsp_Y_hat"),
                        backend.bert_outputs(model, *make_inputs(vocab, model.config.max_len), device)))
     # A Hugging Face file may lack the heads, which each backend then initialises its own way.

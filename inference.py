@@ -19,11 +19,12 @@ import numpy as np
 from .backends import load_backend
 from .core.evaluation import evaluate, plot_confusion_matrix
 from .core.folders import TaskRecord, read_checkpoint_config
+from .core.inference_settings import EvaluateSettings, PredictSettings
 from .core.io import check_output, write_json
 from .core.packing import pack_pairs, pack_singles
 from .core.progress import Progress
 from .core.resume import output_lock
-from .core.settings import EvaluateSettings, FinetuneSettings, PredictSettings
+from .core.settings import FinetuneSettings
 from .core.sources import finetune_source
 from .core.tables import Columns, encode_labels, file_format, read_table, read_texts, table_records, write_table
 

@@ -142,7 +142,7 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
         world.barrier()  # rank 0 first writes what every rank reads: the sample, a seeded checkpoint, the cache
     source = finetune_source(settings)
     pretrained = _pretrained_spec(backend, settings, source)
-    bert, vocab = backend.load_pretrained_model(pretrained, None, None, None, None, settings.dropout, None, devices)
+    bert, vocab = backend.load_pretrained_model(pretrained, dropout=settings.dropout, devices=devices)
     fast = settings.mode == "fast"
     start = time.perf_counter()
     train_iter, test_iter, num_train, num_test, extra, valid_iter = (fast_batches if fast else book_batches)(
@@ -171,7 +171,8 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
     signature = {**settings.signature(), "labels": list(source.label_names),
                  "examples": data_fingerprint(train_iter, test_iter)}
     state = open_resume(resume_dir, signature, settings.resume)
-    resume = ResumeFolder(resume_dir, signature, backend, net, trainer, devices, train_iter, vocab, settings.seed)
+    resume = ResumeFolder(resume_dir, signature=signature, backend=backend, net=net, trainer=trainer,
+                          devices=devices, train_iter=train_iter, vocab=vocab, seed=settings.seed)
     loop = LoopState(**resume.restore(state)["loop"]) if state is not None else LoopState()
     if state is not None:
         print(f"resuming from {resume_dir} at epoch {loop.epoch}, step {loop.step + 1}")
@@ -345,7 +346,8 @@ def _pretrain(settings: PretrainSettings, on_step: Callable[[StepRecord], bool |
     if fast:
         backend.set_fused_attention(bert, True)
     trainer = backend.make_trainer(bert, settings.lr, fused=fast)
-    resume = ResumeFolder(resume_dir, signature, backend, bert, trainer, devices, train_iter, vocab, settings.seed)
+    resume = ResumeFolder(resume_dir, signature=signature, backend=backend, net=bert, trainer=trainer,
+                          devices=devices, train_iter=train_iter, vocab=vocab, seed=settings.seed)
     earlier = [StepRecord(**r) for r in resume.restore(state)["history"]] if state is not None else []
     start_step = int(state["step"]) if state is not None else 0
     if state is not None:

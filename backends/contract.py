@@ -131,12 +131,13 @@ def write_params(params, path) -> None:
     """Write {name: array} as a params file of this backend's format, atomically, in order."""
 
 
-def load_pretrained_model(pretrained_model, num_hiddens, ffn_num_hiddens, num_heads, num_layers, dropout,
-                          max_len, devices) -> tuple:
+def load_pretrained_model(pretrained_model, num_hiddens=None, ffn_num_hiddens=None, num_heads=None, num_layers=None,
+                          dropout=None, max_len=None, devices=None) -> tuple:
     """The book's loader: `(bert, vocab)` from a data-hub name, a packaged checkpoint ('minilm-l6'), a
-    folder in the book's layout and this backend's format, or a Hugging Face BERT folder. Sizes passed
-    as None are read off the checkpoint; `dropout` is honoured. `bert(tokens, segments, valid_lens,
-    pred_positions)` returns `(encoded_X, mlm_Y_hat, nsp_Y_hat)`."""
+    folder in the book's layout and this backend's format, or a Hugging Face BERT folder. The book's
+    parameters in the book's order; sizes left out (None) are read off the checkpoint, `dropout` too
+    (config.json's, else 0.1) and is honoured when given; `devices` None is the CPU. `bert(tokens,
+    segments, valid_lens, pred_positions)` returns `(encoded_X, mlm_Y_hat, nsp_Y_hat)`."""
 
 
 def save_pretrained(bert, vocab, folder) -> None:

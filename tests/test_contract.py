@@ -69,6 +69,17 @@ def test_the_contract_checks_something():
     assert {"from_config", "forward"} <= set(_contract_members(contract.BERTModel))
 
 
+
+def test_load_pretrained_model_keeps_the_books_order_and_needs_only_the_checkpoint():
+    """The book calls it positionally (pretrained, num_hiddens, ffn_num_hiddens, num_heads, num_layers,
+    dropout, max_len, devices); nlibert names what it passes, the rest None: read off the checkpoint
+    (devices None: the CPU). The signature test above holds every backend to this one."""
+    parameters = inspect.signature(contract.load_pretrained_model).parameters.values()
+    assert [p.name for p in parameters] == ["pretrained_model", "num_hiddens", "ffn_num_hiddens", "num_heads",
+                                            "num_layers", "dropout", "max_len", "devices"]
+    assert [p.default for p in parameters][1:] == [None] * 7
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters)
+
 def _public_names(path: pathlib.Path) -> list[str]:
     """Top-level functions, classes and constants of a module that do not start with '_', in order."""
     names = []

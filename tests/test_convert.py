@@ -88,7 +88,7 @@ def test_round_trip_torch_mxnet_torch_is_bit_exact(tmp_path, kind):
 
     # The converted folder is what the MXNet loaders read.
     if kind == "pretrained":
-        bert, vocab = mb.load_pretrained_model(str(tmp_path / "mxnet"), None, None, None, None, None, None, [mx.cpu()])
+        bert, vocab = mb.load_pretrained_model(str(tmp_path / "mxnet"), devices=[mx.cpu()])
         assert bert.config.num_heads == SIZES["num_heads"] and len(vocab) == V
     else:
         _, _, cfg = mb.load_classifier(str(tmp_path / "mxnet"), [mx.cpu()])
@@ -104,7 +104,7 @@ def test_round_trip_mxnet_torch_mxnet_is_bit_exact(tmp_path):
     _assert_bit_equal(mb.read_params(tmp_path / "mxnet" / "pretrained.params"),
                       mb.read_params(tmp_path / "back" / "pretrained.params"))
     assert json.loads((tmp_path / "torch" / "config.json").read_text())["format"] == "torch"
-    tb.load_pretrained_model(str(tmp_path / "torch"), None, None, None, None, None, None, [torch.device("cpu")])
+    tb.load_pretrained_model(str(tmp_path / "torch"), devices=[torch.device("cpu")])
 
 
 def test_converting_to_the_same_format_copies_the_tensors(tmp_path):
@@ -125,7 +125,7 @@ def test_an_unknown_torch_key_is_named_by_convert_and_by_the_loader(tmp_path, ca
     assert cli.main(["convert", str(src), str(tmp_path / "mxnet"), "--to", "mxnet"]) == 2
     assert "encoder.bogus_scale" in capsys.readouterr().err
     with pytest.raises(KeyError, match=r"not torch-format BERT names: \['encoder.bogus_scale'\]"):
-        tb.load_pretrained_model(str(src), None, None, None, None, None, None, [torch.device("cpu")])
+        tb.load_pretrained_model(str(src), devices=[torch.device("cpu")])
 
 
 def test_an_unknown_mxnet_key_is_named_by_convert_and_by_the_loader(tmp_path):
@@ -139,7 +139,7 @@ def test_an_unknown_mxnet_key_is_named_by_convert_and_by_the_loader(tmp_path):
     with pytest.raises(KeyError, match=r"hidden\.0\.weight"):
         jobs.run_convert(str(tmp_path / "mxnet"), str(tmp_path / "torch"), to="torch")
     with pytest.raises(KeyError, match=r"not mxnet-format BERT names: \['hidden\.0\.weight'\]"):
-        mb.load_pretrained_model(str(tmp_path / "mxnet"), None, None, None, None, None, None, [mx.cpu()])
+        mb.load_pretrained_model(str(tmp_path / "mxnet"), devices=[mx.cpu()])
 
 
 def test_a_mis_shaped_key_converts_but_each_loader_names_it_with_both_shapes(tmp_path):
@@ -154,12 +154,12 @@ def test_a_mis_shaped_key_converts_but_each_loader_names_it_with_both_shapes(tmp
 
     expected = r"hidden\.weight: file has \(16, 17\), model expects \(16, 16\)"
     with pytest.raises(ValueError, match=expected):
-        mb.load_pretrained_model(str(tmp_path / "mxnet"), None, None, None, None, None, None, [mx.cpu()])
+        mb.load_pretrained_model(str(tmp_path / "mxnet"), devices=[mx.cpu()])
     with pytest.raises(ValueError, match=expected):  # explicit sizes: the same check
         mb.load_pretrained_model(str(tmp_path / "mxnet"), 16, 32, 2, 2, 0.1, 64, [mx.cpu()])
     for folder in (src, tmp_path / "back"):
         with pytest.raises(ValueError, match=r"hidden\.0\.weight: file has \(16, 17\), model expects \(16, 16\)"):
-            tb.load_pretrained_model(str(folder), None, None, None, None, None, None, [torch.device("cpu")])
+            tb.load_pretrained_model(str(folder), devices=[torch.device("cpu")])
 
 
 def test_a_mis_shaped_classifier_output_is_named_with_both_shapes(tmp_path):
@@ -203,7 +203,7 @@ def test_cli_convert_writes_a_loadable_checkpoint(sample_checkpoints, tmp_path, 
     assert cli.main(["convert", str(pretrained), str(dst), "--to", "mxnet"]) == 0
     assert f"wrote mxnet checkpoint to {dst}" in capsys.readouterr().out
     assert json.loads((dst / "config.json").read_text())["format"] == "mxnet"
-    _, vocab = mb.load_pretrained_model(str(dst), None, None, None, None, None, None, [mx.cpu()])
+    _, vocab = mb.load_pretrained_model(str(dst), devices=[mx.cpu()])
     assert vocab.idx_to_token == json.loads((pretrained / "vocab.json").read_text())
     assert cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "x"), "--to", "torch"]) == 2
 

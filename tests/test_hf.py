@@ -188,9 +188,9 @@ def test_size_arguments_must_agree_with_config_json(tmp_path):
     bert, _ = tb.load_pretrained_model(str(tmp_path / "hf"), 32, 48, 4, 2, 0.3, 40, devices=["cpu"])
     assert bert.config.dropout == 0.3  # dropout is not a size: the caller's wins
     with pytest.raises(ValueError, match=r"config\.json: num_hiddens=256 was passed but the checkpoint has num_hiddens=32"):
-        tb.load_pretrained_model(str(tmp_path / "hf"), 256, None, None, None, None, None, devices=["cpu"])
+        tb.load_pretrained_model(str(tmp_path / "hf"), num_hiddens=256, devices=["cpu"])
     with pytest.raises(ValueError, match="num_layers=12"):
-        mxb.load_pretrained_model(str(tmp_path / "hf"), None, None, None, 12, None, None, devices=[mx.cpu()])
+        mxb.load_pretrained_model(str(tmp_path / "hf"), num_layers=12, devices=[mx.cpu()])
 
 
 def _rewrite_safetensors(folder, edit):

@@ -10,7 +10,7 @@ from topic_data import topic_rows, write_csv
 from nlibert import cli, inference
 from nlibert.core.evaluation import evaluate
 from nlibert.core.sample import write_sample_snli
-from nlibert.core.settings import EvaluateSettings
+from nlibert.core.inference_settings import EvaluateSettings
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LABELS = ["money", "science", "sport"]

@@ -53,15 +53,15 @@ def _flatten(tree):
 
 
 def _load_jax(folder):
-    return jb.load_pretrained_model(str(folder), None, None, None, None, None, None, [CPU_J])[0]
+    return jb.load_pretrained_model(str(folder), devices=[CPU_J])[0]
 
 
 def _load_mxnet(folder):
-    return mb.load_pretrained_model(str(folder), None, None, None, None, None, None, [CPU_M])[0]
+    return mb.load_pretrained_model(str(folder), devices=[CPU_M])[0]
 
 
 def _load_torch(folder):
-    return tb.load_pretrained_model(str(folder), None, None, None, None, None, None, [CPU_T])[0]
+    return tb.load_pretrained_model(str(folder), devices=[CPU_T])[0]
 
 
 # ----------------------------------------------------------------------------------------------

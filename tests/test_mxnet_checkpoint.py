@@ -68,7 +68,7 @@ def test_save_pretrained_writes_the_books_folder_with_xavier_init(pretrained, vo
 
 def test_round_trip_gives_identical_outputs_and_the_books_loader_reads_it(pretrained):
     bert, folder = pretrained
-    loaded, vocab = load_pretrained_model(str(folder), None, None, None, None, 0.0, None, [mx.cpu()])
+    loaded, vocab = load_pretrained_model(str(folder), dropout=0.0, devices=[mx.cpu()])
     assert loaded.config == bert.config and len(vocab) == bert.config.vocab_size
     for a, b in zip(_outputs(bert), _outputs(loaded)):
         onp.testing.assert_array_equal(a, b)
@@ -102,7 +102,7 @@ def test_other_files_are_refused_with_the_file_name(tmp_path, pretrained):
     # every format, so the file's own bytes decide how it is read).
     with pytest.raises(ValueError, match="config.json: says format 'torch' but pretrained.params is a mxnet "
                                          "parameter file"):
-        load_pretrained_model(folder, None, None, None, None, 0.0, None, [mx.cpu()])
+        load_pretrained_model(folder, dropout=0.0, devices=[mx.cpu()])
 
 
 def _legacy_arrays(net):
@@ -120,7 +120,7 @@ def test_legacy_prefixed_names_are_mapped_and_loaded(pretrained):
     legacy = read_params(folder / "pretrained.params")
     assert list(legacy) == list(structured)
     assert all(onp.array_equal(legacy[k], structured[k]) for k in structured)
-    loaded, _ = load_pretrained_model(folder, None, None, None, None, 0.0, None, [mx.cpu()])
+    loaded, _ = load_pretrained_model(folder, dropout=0.0, devices=[mx.cpu()])
     for a, b in zip(_outputs(bert), _outputs(loaded)):
         onp.testing.assert_array_equal(a, b)
 
@@ -164,7 +164,7 @@ def test_write_params_round_trip_and_atomicity(tmp_path, rng):
 def test_save_classifier_refuses_an_uninitialised_head(tmp_path, pretrained):
     """Gluon's deferred initialisation: a head never initialised is named, and nothing is written."""
     _, folder = pretrained
-    bert, vocab = load_pretrained_model(folder, None, None, None, None, 0.1, None, [mx.cpu()])
+    bert, vocab = load_pretrained_model(folder, dropout=0.1, devices=[mx.cpu()])
     with pytest.raises(ValueError, match=r"uninitialised parameters \['output\.weight', 'output\.bias'\]"):
         save_classifier(BERTClassifier(bert), vocab, bert.config, tmp_path / "clf")
     assert not os.path.exists(tmp_path / "clf" / "classifier.params")

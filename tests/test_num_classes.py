@@ -23,7 +23,7 @@ def _classifier(backend, folder, num_classes: int):
     backend.set_seed(0)
     backend.save_pretrained(backend.BERTModel(len(VOCAB), **SIZES), VOCAB, folder)
     devices = backend.parse_devices("cpu")
-    bert, _ = backend.load_pretrained_model(str(folder), None, None, None, None, 0.1, None, devices)
+    bert, _ = backend.load_pretrained_model(str(folder), dropout=0.1, devices=devices)
     net = backend.BERTClassifier(bert, num_classes=num_classes)
     backend.initialize_classifier_head(net, devices)
     return net, devices
@@ -55,7 +55,7 @@ def test_the_chapters_classifier_stays_three_way_and_a_folder_without_labels_is_
     backend = load_backend(name)
     net, devices = _classifier(backend, tmp_path / "bert", 3)
     assert backend.BERTClassifier(backend.load_pretrained_model(
-        str(tmp_path / "bert"), None, None, None, None, 0.1, None, devices)[0]).num_classes == 3
+        str(tmp_path / "bert"), dropout=0.1, devices=devices)[0]).num_classes == 3
     backend.save_classifier(net, VOCAB, None, tmp_path / "clf")  # no task: the chapter's
     config_path = tmp_path / "clf" / "config.json"
     written = json.loads(config_path.read_text())

@@ -104,7 +104,7 @@ def torch_to_mxnet_pair(request, tmp_path_factory):
     bert_t = tb.BERTModel(V, H, F, heads, layers, 0.1, max_len)  # dropout 0.1: eval mode must switch it off
     tb.save_pretrained(bert_t, _vocab(V), folder / "torch")
     jobs.run_convert(str(folder / "torch"), str(folder / "mxnet"), to="mxnet")
-    bert_m, vocab = mb.load_pretrained_model(str(folder / "mxnet"), None, None, None, None, None, None, [CPU_M])
+    bert_m, vocab = mb.load_pretrained_model(str(folder / "mxnet"), devices=[CPU_M])
     assert len(vocab) == V and bert_m.config == bert_t.config  # sizes and head count read back
     return name, bert_t, bert_m
 
@@ -129,7 +129,7 @@ def test_forward_parity_mxnet_checkpoint_in_torch(tmp_path):
     bert_m = mb.BERTModel(V, H, F, heads, layers, 0.1, max_len)
     mb.save_pretrained(bert_m, _vocab(V), tmp_path / "mxnet")
     jobs.run_convert(str(tmp_path / "mxnet"), str(tmp_path / "torch"), to="torch")
-    bert_t, _ = tb.load_pretrained_model(str(tmp_path / "torch"), None, None, None, None, None, None, [CPU_T])
+    bert_t, _ = tb.load_pretrained_model(str(tmp_path / "torch"), devices=[CPU_T])
     assert bert_t.config == bert_m.config
     for batch in ("batch1", "batch5"):
         x = _inputs(V, max_len, _batches(max_len)[batch], seed=7)
@@ -238,7 +238,7 @@ def test_gradient_parity_pretraining_heads(tmp_path):
     bert_t = tb.BERTModel(V, H, F, heads, layers, 0.0, max_len)
     tb.save_pretrained(bert_t, _vocab(V), tmp_path / "torch")
     jobs.run_convert(str(tmp_path / "torch"), str(tmp_path / "mxnet"), to="mxnet")
-    bert_m, _ = mb.load_pretrained_model(str(tmp_path / "mxnet"), None, None, None, None, None, None, [CPU_M])
+    bert_m, _ = mb.load_pretrained_model(str(tmp_path / "mxnet"), devices=[CPU_M])
     ids, segments, valid_lens, positions = _inputs(V, 48, [48, 1, 30, 7, 48, 2], seed=2)
     rng = onp.random.default_rng(2)
     mlm_labels, nsp_labels = rng.integers(0, V, size=positions.shape), rng.integers(0, 2, size=len(ids))

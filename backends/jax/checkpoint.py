@@ -110,15 +110,15 @@ def _shapes(params: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(np.shape(v)) for k, v in params.items()}
 
 
-def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int | None,
-                          ffn_num_hiddens: int | None, num_heads: int | None, num_layers: int | None,
-                          dropout: float | None, max_len: int | None,
-                          devices: Sequence[jax.Device]) -> tuple[BERTModel, Vocab]:
+def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int | None = None,
+                          ffn_num_hiddens: int | None = None, num_heads: int | None = None,
+                          num_layers: int | None = None, dropout: float | None = None, max_len: int | None = None,
+                          devices: Sequence[jax.Device] | None = None) -> tuple[BERTModel, Vocab]:
     """The book's loader: `(bert, vocab)` from a data-hub name (after `nlibert convert`: the book
     published torch and MXNet checkpoints only), a packaged checkpoint ('minilm-l6'), a JAX-format
     folder or a Hugging Face BERT folder (core/folders.py `read_pretrained`).
 
-    Sizes passed as None are read off the checkpoint; `dropout` is honoured. Heads a Hugging Face
+    Sizes left out (None) are read off the checkpoint; `dropout` is honoured. Heads a Hugging Face
     file lacks (MiniLM has no MLM or NSP head) keep their fresh initialisation. `bert(tokens,
     segments, valid_lens, pred_positions)` returns `(encoded_X, mlm_Y_hat, nsp_Y_hat)`, dropout off.
     """

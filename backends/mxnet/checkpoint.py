@@ -158,18 +158,18 @@ def _load_strict(net: nn.Block, params: Mapping[str, onp.ndarray], file: str,
         param.set_data(np.array(params[name], dtype=params[name].dtype))
 
 
-def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int | None,
-                          ffn_num_hiddens: int | None, num_heads: int | None, num_layers: int | None,
-                          dropout: float | None, max_len: int | None,
-                          devices: Sequence[mx.Context]) -> tuple[BERTModel, Vocab]:
+def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int | None = None,
+                          ffn_num_hiddens: int | None = None, num_heads: int | None = None,
+                          num_layers: int | None = None, dropout: float | None = None, max_len: int | None = None,
+                          devices: Sequence[mx.Context] | None = None) -> tuple[BERTModel, Vocab]:
     """The book's loader: `(bert, vocab)` from a data-hub name ('bert.small', 'bert.base'), a
     packaged checkpoint ('minilm-l6'), an MXNet-format folder or a Hugging Face BERT folder
     (core/folders.py `read_pretrained`).
 
-    The vocabulary size comes from `vocab.json`. A size passed as None is read from the checkpoint
+    The vocabulary size comes from `vocab.json`. A size left out (None) is read from the checkpoint
     (the head count, which leaves no trace in the tensors, from config.json if there is one, else
-    64-dimensional heads). The parameters are placed on every device in `devices`. Heads a Hugging
-    Face file lacks (MiniLM has no MLM or NSP head) get the book's `init.Xavier()`.
+    64-dimensional heads). The parameters are placed on every device in `devices` (None: the CPU).
+    Heads a Hugging Face file lacks (MiniLM has no MLM or NSP head) get the book's `init.Xavier()`.
     """
     devices = _as_contexts(devices)
     cfg, vocab, params, missing_heads, path = read_pretrained(

@@ -87,15 +87,15 @@ def _load_strict(net: nn.Module, state: Mapping[str, torch.Tensor], file: str) -
     net.load_state_dict(state, strict=True)
 
 
-def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int | None,
-                          ffn_num_hiddens: int | None, num_heads: int | None, num_layers: int | None,
-                          dropout: float | None, max_len: int | None,
-                          devices: Sequence[torch.device]) -> tuple[BERTModel, Vocab]:
+def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int | None = None,
+                          ffn_num_hiddens: int | None = None, num_heads: int | None = None,
+                          num_layers: int | None = None, dropout: float | None = None, max_len: int | None = None,
+                          devices: Sequence[torch.device] | None = None) -> tuple[BERTModel, Vocab]:
     """The book's loader: `(bert, vocab)` from a data-hub name ('bert.small', 'bert.base'), a
     packaged checkpoint ('minilm-l6'), a torch-format folder or a Hugging Face BERT folder
     (core/folders.py `read_pretrained`).
 
-    The vocabulary size comes from `vocab.json`. A size passed as None is read from the checkpoint
+    The vocabulary size comes from `vocab.json`. A size left out (None) is read from the checkpoint
     (the head count, which leaves no trace in the tensors, from config.json if there is one, else
     64-dimensional heads); `dropout` is honoured (the book's torch code ignored it and used 0.2).
     Heads a Hugging Face file lacks (MiniLM has no MLM or NSP head) keep torch's initialisation.
