@@ -32,15 +32,16 @@ class BackendTester:
         self.name, self.backend = name, load_backend(name)
         self.device = self.backend.parse_devices("cpu")[0]
 
-    def bert(self, cfg: BERTConfig = TINY, seed: int = 0):
+    def bert(self, cfg: BERTConfig = TINY, seed: int = 0, devices: list | None = None, **options):
+        """A `BERTModel.from_config(cfg, **options)` initialised on `devices` (None: the CPU)."""
         self.backend.set_seed(seed)
-        bert = self.backend.BERTModel.from_config(cfg)
-        self.backend.initialize_bert(bert, [self.device])
+        bert = self.backend.BERTModel.from_config(cfg, **options)
+        self.backend.initialize_bert(bert, devices or [self.device])
         return bert
 
-    def classifier(self, bert, num_classes: int = 3):
-        net = self.backend.BERTClassifier(bert, num_classes=num_classes)
-        self.backend.initialize_classifier_head(net, [self.device])
+    def classifier(self, bert, num_classes: int = 3, devices: list | None = None, cls_only: bool = False):
+        net = self.backend.BERTClassifier(bert, cls_only=cls_only, num_classes=num_classes)
+        self.backend.initialize_classifier_head(net, devices or [self.device])
         return net
 
     def outputs(self, bert, tokens, segments, valid_lens, positions=None) -> tuple:
@@ -305,10 +306,7 @@ def _pos_embedding_step(tester, tmp_path, detach: bool) -> np.ndarray:
     """How one Adam step (lr 1e-3) of a classifier on 3 rows of width 10 moves `pos_embedding`.
     A first Adam step moves an entry by lr * g / (|g| + eps): by about lr where the gradient is not
     0, not at all where it is."""
-    tester.backend.set_seed(0)
-    bert = tester.backend.BERTModel.from_config(TINY, detach_pos_embedding=detach)
-    tester.backend.initialize_bert(bert, [tester.device])
-    net = tester.classifier(bert)
+    net = tester.classifier(tester.bert(TINY, detach_pos_embedding=detach))
     before = tester.params(net, tmp_path / "before")["encoder.pos_embedding"]
     tokens, segments, lens = batch()
     tester.backend.train_batch_ch13(net, (tokens, segments, lens), np.array([0, 1, 2]), tester.backend.make_loss(),
