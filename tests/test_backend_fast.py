@@ -71,14 +71,16 @@ def separable(num_batches, batch_size=16, seed=0):
     return (ids, segments, lens), labels
 
 
-def assert_same_step(tester, tmp_path, after: list, before: dict, lr: float, rtol=1e-4, atol=1e-5) -> None:
-    """Parameters (canonical names) that nets reached from the same `before`: equal within rtol/atol,
-    `W_k.bias` within 2 lr per step taken (the module docstring's reason); and they did move."""
+def assert_same_step(tester, tmp_path, after: list, before: dict, lr: float, steps: int = 3, rtol=1e-4,
+                     atol=1e-5) -> None:
+    """Parameters (canonical names) that two nets reached from the same `before` in `steps` steps:
+    equal within rtol/atol, `W_k.bias` within 2 lr a step (the module docstring's reason); and they
+    did move."""
     reached = [tester.params(net, tmp_path / f"after{i}") for i, net in enumerate(after)]
     assert max(np.abs(reached[0][k] - before[k]).max() for k in before) > 0.5 * lr  # they did train
     for k in before:
         if k.endswith("W_k.bias"):
-            assert np.abs(reached[1][k] - reached[0][k]).max() <= 2 * lr * 3 + 1e-6, k
+            assert np.abs(reached[1][k] - reached[0][k]).max() <= 2 * lr * steps + 1e-6, k
         else:
             np.testing.assert_allclose(reached[1][k], reached[0][k], rtol=rtol, atol=atol, err_msg=k)
 
@@ -244,6 +246,21 @@ def test_train_fast_follows_train_ch13_step_for_step_on_the_same_batches(tester,
                                                 verbose=False)
         histories.append([(r.loss, r.train_acc, r.test_acc) for r in records])
     np.testing.assert_allclose(histories[1], histories[0], rtol=1e-4, atol=1e-5)
+
+
+def test_train_fast_and_train_ch13_reach_the_same_weights_on_the_same_batches(tester, tmp_path):
+    """Dropout 0, the same batches, the fast model in the fast loop and the book's in the book's: the
+    same optimisation (3 batches, 2 epochs)."""
+    batches = [separable(1, seed=s) for s in range(3)]
+    lr, nets = 1e-3, []
+    for loop, fused in (("train_ch13", False), ("train_fast", True)):
+        net = classifier(tester, fused=fused)
+        if not fused:
+            before = tester.params(net, tmp_path / "before")
+        getattr(tester.backend, loop)(net, batches, None, tester.backend.make_loss(),
+                                      tester.backend.make_trainer(net, lr), 2, [tester.device], verbose=False)
+        nets.append(net)
+    assert_same_step(tester, tmp_path, nets, before, lr, steps=6)
 
 
 def test_train_fast_on_two_devices_equals_train_ch13(tester):

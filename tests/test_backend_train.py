@@ -234,10 +234,9 @@ def test_split_batch_multi_inputs_splits_every_input_across_devices(tester):
 def test_two_devices_train_like_one(tester, tmp_path):
     """The book's data parallelism: the shards' gradients are reduced, so a step on two devices is the
     step on one, up to the summation order: the same loss sums and counts, step by step, and the
-    same function after three steps (`predict_proba` within 1e-6). Compared through the outputs, not the
-    parameters: Adam turns the float noise of a gradient that is 0 in exact arithmetic (the key bias
-    W_k.bias, which the softmax cancels) into lr-sized steps that differ with the summation order
-    and change no output."""
+    function after three steps (`predict_proba` within 1e-6), the same parameters but the key bias
+    W_k.bias: Adam turns the float noise of its gradient, 0 in exact arithmetic (the softmax cancels
+    it), into lr-sized steps that differ with the summation order and change no output."""
     devices = two_cpus(tester)
     cfg = BERTConfig(**{**CONFIG.to_dict(), "dropout": 0.0})
     steps = batches(task(21, seed=2), 7)  # shards of 4 and 3
@@ -245,6 +244,7 @@ def test_two_devices_train_like_one(tester, tmp_path):
     nets, results = [], []
     for on in ([tester.device], devices):
         net = tester.classifier(tester.bert(cfg, devices=on), devices=on)
+        start = tester.params(net, tmp_path / f"start{len(on)}")
         step = tester.backend.FinetuneStep(net, tester.backend.make_loss(), tester.backend.make_trainer(net, 1e-2), on,
                                            tester.backend.split_batch_multi_inputs)
         results.append([step.read(step(X, y)) for X, y in steps])
@@ -260,3 +260,9 @@ def test_two_devices_train_like_one(tester, tmp_path):
                   - probs[0]).max() > 1e-2  # they did train
     assert tester.backend.evaluate_accuracy(two, test, devices) == \
         pytest.approx(tester.backend.evaluate_accuracy(one, test, [tester.device]))
+    after = [tester.params(net, tmp_path / f"after{len(on)}") for net, on in nets]
+    for k in start:
+        if k.endswith("W_k.bias"):
+            assert np.abs(after[1][k] - after[0][k]).max() <= 2 * 1e-2 * len(steps), k
+        else:
+            np.testing.assert_allclose(after[1][k], after[0][k], rtol=1e-4, atol=1e-5, err_msg=k)
