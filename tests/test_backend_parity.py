@@ -21,7 +21,10 @@ import pytest
 from nlibert import jobs
 from nlibert.backends import BACKENDS, installed_backends, load_backend
 from nlibert.core.names import expected_shapes, to_canonical
-from nlibert.core.vocab import RESERVED_TOKENS, Vocab
+from nlibert.core.packing import SNLIBERTDataset
+from nlibert.core.sample import write_sample_snli
+from nlibert.core.snli import read_snli_file
+from nlibert.core.vocab import RESERVED_TOKENS, Vocab, tokenize
 
 from needs import require_backend
 
@@ -43,6 +46,7 @@ SHAPES = {
     "tiny": (50, 16, 32, 2, 1, 32),
     "odd": (300, 48, 96, 3, 3, 100),  # 16-dim heads, an odd layer count
 }
+GRAD_BATCH_LENS = [64, 1, 40, 17, 3, 64, 50, 9]  # B = 8, T = 64: includes 1 and the full length
 PAIRS = [(a, b) for a in BACKENDS for b in BACKENDS if a != b]  # ordered: source, then where it goes
 
 
@@ -70,6 +74,16 @@ def _inputs(vocab_size: int, seq_len: int, valid_lens, seed: int, num_preds: int
 def _batches(max_len: int):
     """Batch size 1 at the full length, and a batch of 5 whose valid lengths include 1 and max_len."""
     return {"batch1": [max_len], "batch5": [max_len, 1, 2, max_len // 2 + 1, max_len - 1]}
+
+
+def _sample_classifier_data(folder, max_len):
+    """The generated SNLI sample's training split as the chapter's dataset, and its vocabulary (the
+    training parity files' fine-tunes)."""
+    data_dir = write_sample_snli(folder, num_train=400, num_test=10, seed=0)
+    train = read_snli_file(f"{data_dir}/snli_1.0_train.txt")
+    vocab = Vocab(tokenize([s.lower() for s in train[0] + train[1]]), min_freq=1,
+                  reserved_tokens=RESERVED_TOKENS)
+    return SNLIBERTDataset(train, max_len, vocab), vocab
 
 
 def _assert_outputs_close(out_a, out_b, atol=FORWARD_ATOL):
