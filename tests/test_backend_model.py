@@ -295,7 +295,7 @@ def test_the_positional_embedding_has_the_books_init(tester, tmp_path):
 
 def test_parameters_are_seeded(tester, tmp_path):
     # set_seed resets the generator parameters are drawn from: the same seed, the same arrays.
-    a, b, c = (tester.params(tester.bert(seed=seed), tmp_path / str(i)) for i, seed in enumerate((4, 4, 5)))
+    a, b, c = (tester.params(tester.bert(seed=seed), tmp_path / f"{i}") for i, seed in enumerate((4, 4, 5)))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["nsp.output.weight"], c["nsp.output.weight"])
 
