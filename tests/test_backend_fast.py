@@ -89,9 +89,10 @@ def assert_same_step(tester, tmp_path, after: list, before: dict, lr: float, ste
 
 def test_fused_attention_gives_the_book_paths_outputs_and_the_switch_goes_both_ways(tester):
     """set_fused_attention: the same scores, -1e6 fill and softmax, so every output equals the book
-    path's within atol 1e-5 (JAX measured 4.8e-7 on encoded_X, 3.6e-7 on mlm_Y_hat, 6e-8 on nsp_Y_hat,
-    7.5e-8 on the logits); switched back, the book path's outputs exactly; a model built fused gives
-    the switched model's."""
+    path's within atol 5e-6; measured (encoded_X, mlm_Y_hat, nsp_Y_hat, logits) torch 9.5e-7, 6.0e-7,
+    1.2e-7, 1.5e-7; mxnet 1.2e-6, 9.5e-7, 6.0e-7, 1.0e-7; jax 0 (XLA computes both layouts alike
+    here; it ran the fused branch). Switched back, the book path's outputs exactly; a model built
+    fused gives the switched model's."""
     bert = tester.bert(BERTConfig(**{**CONFIG.to_dict(), "dropout": 0.1}))  # evaluation: dropout off
     net = tester.classifier(bert)
     (tokens, segments, lens), _ = packed_batch()
@@ -104,7 +105,7 @@ def test_fused_attention_gives_the_book_paths_outputs_and_the_switch_goes_both_w
     assert tester.backend.set_fused_attention(net, True) is net
     fused = outputs()
     for name, a, b in zip(("encoded_X", "mlm_Y_hat", "nsp_Y_hat", "logits"), book, fused):
-        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(b, a, rtol=0, atol=5e-6, err_msg=name)
     tester.backend.set_fused_attention(bert, False)
     tester.backend.set_fused_attention(net, False)
     for name, a, b in zip(("encoded_X", "mlm_Y_hat", "nsp_Y_hat", "logits"), book, outputs()):
@@ -184,7 +185,8 @@ def test_a_fast_step_is_the_book_step(tester, tmp_path):
 
 def test_micro_batches_make_the_whole_batch_step(tester, tmp_path):
     """`micro_batch` 5: 16 rows as chunks of 5, 5, 5, 1, their gradients summed, give the loss, count
-    and parameters of the whole batch at once, three steps running."""
+    and parameters of the whole batch at once, three steps running. Measured: losses 2.4e-8 (torch),
+    1.0e-8 (mxnet), 1.1e-7 (jax) relative; parameters but W_k.bias 2.1e-6, 5.2e-7, 1.2e-7."""
     X, y = packed_batch(n=16)
     lr, results, nets = 1e-3, [], []
     for micro_batch in (None, 5):
@@ -195,13 +197,15 @@ def test_micro_batches_make_the_whole_batch_step(tester, tmp_path):
         results.append([step.read(step(X, y)) for _ in range(3)])
         nets.append(net)
     for (a_loss, a_correct), (b_loss, b_correct) in zip(*results):
-        assert b_loss == pytest.approx(a_loss, rel=1e-5) and b_correct == a_correct
+        assert b_loss == pytest.approx(a_loss, rel=1e-6) and b_correct == a_correct
     assert_same_step(tester, tmp_path, nets, before, lr)
 
 
 # --- train_fast ------------------------------------------------------------------------------------
 
 def test_train_fast_learns_and_prints_the_book_lines(tester, capsys):
+    """30 epochs of 4 batches sorted by length (this toy learns more slowly than with random
+    batches): measured final loss / first 0.14 torch, 0.29 mxnet, 0.23 jax; test acc 0.94, 0.97, 0.97."""
     (ids, segments, lens), labels = separable(4)
     test_X, test_y = separable(2, seed=1)
     train_iter = BatchIterator((ids, segments, lens), labels, 16, shuffle=True, seed=0,
@@ -210,13 +214,12 @@ def test_train_fast_learns_and_prints_the_book_lines(tester, capsys):
     net = classifier(tester, dropout=0.1, fused=True)
     seen = []
     records = tester.backend.train_fast(net, train_iter, test_iter, tester.backend.make_loss(),
-                                        tester.backend.make_trainer(net, 1e-2), 15, [tester.device],
+                                        tester.backend.make_trainer(net, 1e-2), 30, [tester.device],
                                         on_epoch=seen.append)
-    assert [r.epoch for r in records] == list(range(1, 16)) and seen == records
+    assert [r.epoch for r in records] == list(range(1, 31)) and seen == records
     assert all(r.num_examples == 64 and r.examples_per_sec > 0 and r.seconds > 0 for r in records)
-    # (On 4 batches sorted by length this toy learns more slowly than with random batches.)
-    assert records[-1].loss < 0.6 * records[0].loss
-    assert records[-1].test_acc >= 0.6  # chance is 1/3
+    assert records[-1].loss < 0.5 * records[0].loss
+    assert records[-1].test_acc >= 0.8  # chance is 1/3
     assert records[-1].test_acc == pytest.approx(tester.backend.evaluate_accuracy(net, test_iter, [tester.device]))
     out = capsys.readouterr().out
     assert re.fullmatch(r"loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}\n"
@@ -263,18 +266,23 @@ def test_train_fast_and_train_ch13_reach_the_same_weights_on_the_same_batches(te
     assert_same_step(tester, tmp_path, nets, before, lr, steps=6)
 
 
-def test_train_fast_on_two_devices_equals_train_ch13(tester):
-    """Same batches, dropout 0: both loops, each splitting batches across two CPU devices, compute the
-    same function (`predict_proba` within 1e-5; MXNet measured 1.6e-6)."""
+def test_train_fast_on_two_devices_equals_train_ch13(tester, tmp_path):
+    """Same batches, dropout 0: both loops, each splitting batches across two CPU devices, reach the
+    same weights (3 batches, 2 epochs) and compute the same function (`predict_proba` within 1e-5;
+    MXNet measured 1.6e-6)."""
     devices = two_cpus(tester)
     batches = [separable(1, seed=s) for s in range(3)]
-    probs = []
+    lr, probs, nets = 1e-2, [], []
     for loop, fused in (("train_ch13", False), ("train_fast", True)):
         net = classifier(tester, fused=fused, cls_only=False, devices=devices)
+        if not fused:
+            before = tester.params(net, tmp_path / "before")
         getattr(tester.backend, loop)(net, batches, None, tester.backend.make_loss(),
-                                      tester.backend.make_trainer(net, 1e-2), 2, devices, verbose=False)
+                                      tester.backend.make_trainer(net, lr), 2, devices, verbose=False)
         probs.append(tester.backend.predict_proba(net, *batches[0][0], devices))
+        nets.append(net)
     np.testing.assert_allclose(probs[1], probs[0], rtol=0, atol=1e-5)
+    assert_same_step(tester, tmp_path, nets, before, lr, steps=6)
 
 
 def test_bad_options_are_refused(tester):
