@@ -1,7 +1,7 @@
 """Cross-framework parity of training, PyTorch against MXNet: gradients through each framework's
 own autograd, one optimizer step of each book's (torch's summed gradient against MXNet's
-`trainer.step(batch_size)` and its eps folded into the learning rate), a short fine-tune. The forward
-passes, classifier logits and convert round trips of every pair of backends are
+`trainer.step(batch_size)` and its eps folded into the learning rate). The forward passes,
+classifier logits, convert round trips and a short fine-tune of every pair of backends are
 tests/test_backend_parity.py's.
 
 The weights are built in torch, written in its format, converted with `jobs.run_convert` and loaded
@@ -33,11 +33,9 @@ import nlibert.backends.torch as tb  # noqa: E402
 from nlibert import jobs  # noqa: E402
 from nlibert.backends.mxnet.train import train_batch_ch13 as mx_train_batch  # noqa: E402
 from nlibert.backends.torch.train import train_batch_ch13 as torch_train_batch  # noqa: E402
-from nlibert.core.batching import BatchIterator  # noqa: E402
 from nlibert.core.names import format_key  # noqa: E402
 
-from test_backend_parity import (GRAD_BATCH_LENS, SHAPES, _inputs, _sample_classifier_data,  # noqa: E402
-                                 _vocab)  # the shared shapes, inputs and sample data
+from test_backend_parity import GRAD_BATCH_LENS, SHAPES, _inputs, _vocab  # noqa: E402  the shared shapes, inputs
 
 # gluon.utils.split_and_load (used by the MXNet train_batch_ch13) calls MXNet's deprecated as_in_context.
 pytestmark = pytest.mark.filterwarnings("ignore:ndarray.as_in_context:DeprecationWarning")
@@ -45,7 +43,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:ndarray.as_in_context:Deprecatio
 CPU_T, CPU_M = torch.device("cpu"), mx.cpu()
 
 # ----------------------------------------------------------------------------------------------
-# Gradients, one optimizer step, a short fine-tune (dropout 0, so both frameworks compute the same
+# Gradients and one optimizer step (dropout 0, so both frameworks compute the same
 # deterministic function in training mode)
 
 
@@ -210,7 +208,9 @@ def test_one_adam_step_parity(tmp_path):
     torch_train_batch(net_t, X, y, tb.make_loss(), torch.optim.Adam(net_t.parameters(), lr=lr, eps=B * eps_eff),
                       [CPU_T])
     # The book's torch setting unchanged (make_trainer: Adam(lr), eps 1e-8 on the summed gradient).
-    torch_train_batch(naive, X, y, tb.make_loss(), tb.make_trainer(naive, lr), [CPU_T])
+    book_trainer = tb.make_trainer(naive, lr)
+    assert isinstance(book_trainer, torch.optim.Adam) and book_trainer.defaults["eps"] == 1e-8
+    torch_train_batch(naive, X, y, tb.make_loss(), book_trainer, [CPU_T])
     # Neither optimizer touches the gradients, so these are the ones the step used; MXNet's are the raw
     # sums (rescale_grad is applied inside the update), torch's too: divide both by B.
     grads_m = {k: p.grad().asnumpy().astype(onp.float64) / B for k, p in params_m.items()}
@@ -243,46 +243,3 @@ def test_one_adam_step_parity(tmp_path):
             # Every entry of a dense weight has a gradient >> eps': it moves by about lr.
             assert onp.median(onp.abs(d_m)) > 0.9 * lr, k
     assert naive_breaks > 0, "torch's default eps on the summed gradient should not match MXNet's step"
-
-
-def test_short_finetune_per_step_losses_agree(tmp_path):
-    """8 steps of each backend's own train_batch_ch13 with the book's loss and optimizer
-    (make_loss / make_trainer, lr 1e-4, the chapter's value), dropout 0, the same classifier weights
-    (output layer included, converted from torch) and the same batches (BatchIterator, same seed).
-
-    Unlike the one-step test, nothing is adjusted: torch keeps its summed loss and eps 1e-8, MXNet its
-    mean gradient and eps folded into lr, so the two runs differ by the Adam eps semantics (on
-    small-gradient entries) plus float32 noise, and the gap can grow with the steps.
-    Tolerance: |mean loss_torch - mean loss_mxnet| <= 5e-5 at every step. Measured here (H 64, 2 heads,
-    2 layers, batch 32, T 64): <= 3.3e-6 (3e-6 relative) over the 8 steps, so ~15x margin. For scale,
-    the same run with the full bert.small sizes (H 256, 4 heads) measured up to 3.3e-5 (2.6e-5
-    relative) by step 2: the eps-semantics drift grows with the number of small-gradient entries.
-    The test is sensitive: the untrained model's losses on the same batches differ from the trained
-    ones by up to 2.3e-2 (checked below to exceed 10x the tolerance), so a step missing or going
-    the wrong way in either backend fails it.
-    """
-    tol, steps, batch_size, lr = 5e-5, 8, 32, 1e-4
-    dataset, vocab = _sample_classifier_data(tmp_path / "data", max_len=64)
-    net_t, net_m = _classifier_pair(tmp_path, (len(vocab), 64, 128, 2, 2, 64), seed=2)
-    untrained = copy.deepcopy(net_t).eval()
-    iter_t = BatchIterator.from_dataset(dataset, batch_size, shuffle=True, seed=0)
-    iter_m = BatchIterator.from_dataset(dataset, batch_size, shuffle=True, seed=0)
-    loss_t, loss_m = tb.make_loss(), mb.make_loss()
-    trainer_t, trainer_m = tb.make_trainer(net_t, lr), mb.make_trainer(net_m, lr)
-    assert isinstance(trainer_t, torch.optim.Adam) and trainer_t.defaults["eps"] == 1e-8
-    diffs, moved = [], []
-    for step, ((X_t, y_t), (X_m, y_m)) in enumerate(zip(iter_t, iter_m)):
-        if step == steps:
-            break
-        assert all(onp.array_equal(a, b) for a, b in zip(X_t + (y_t,), X_m + (y_m,)))
-        l_t = torch_train_batch(net_t, X_t, y_t, loss_t, trainer_t, [CPU_T])[0] / len(y_t)
-        l_m = mx_train_batch(net_m, X_m, y_m, loss_m, trainer_m, [CPU_M])[0] / len(y_m)
-        diffs.append(abs(l_t - l_m))
-        with torch.no_grad():
-            l_0 = torch.nn.functional.cross_entropy(untrained(tuple(torch.as_tensor(a) for a in X_t)),
-                                                    torch.as_tensor(y_t)).item()
-        moved.append(abs(l_0 - l_t))
-    assert len(diffs) == steps
-    assert max(diffs) <= tol, f"per-step |loss_torch - loss_mxnet|: {['%.2e' % d for d in diffs]}"
-    assert moved[0] < 1e-5  # step 0's loss is computed before any update
-    assert max(moved) > 10 * tol, f"training moved the loss by only {max(moved):.2e}"
