@@ -1,8 +1,10 @@
 """Checkpoints in every installed backend, through the contract's names only (tests/test_backend_model.py's
 `BackendTester`): params files, pretrained folders (the book's files plus config.json), sizes read off
-a file, the errors that name a key and both shapes, classifier folders. What one format alone has
-(torch's zip check, MXNet's legacy prefixed names, several MXNet devices) stays in that backend's
-own file; the book's own folders are tests/test_book_checkpoints.py's.
+a file, the errors that name a key and both shapes, a config.json whose format contradicts the
+file, seeded files, classifier folders. What one format alone has (torch's state_dict read the
+book's way and DataParallel's keys, MXNet's legacy prefixed names, Gluon's deferred initialisation,
+several MXNet devices) stays in tests/test_{torch,mxnet}_only.py; the book's own folders are
+tests/test_book_checkpoints.py's.
 """
 from __future__ import annotations
 

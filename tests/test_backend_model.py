@@ -6,7 +6,7 @@ detached one), seeded parameters.
 
 One tiny-config tester (`BackendTester`) builds, runs and reads any backend's model; what one framework
 alone has (its head layout, how it keeps attention weights, its train/eval switch, MXNet's parameter
-collection) stays in that framework's own file (tests/test_{torch,mxnet,jax}_only_model.py).
+collection) stays in that framework's own file (tests/test_{torch,mxnet,jax}_only.py).
 """
 from __future__ import annotations
 
