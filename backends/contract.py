@@ -37,7 +37,7 @@ from ..core.distributed import JOIN_TIMEOUT_S
 
 __all__ = [
     # model.py
-    "BERTEncoder", "MaskLM", "NextSentencePred", "BERTModel", "BERTClassifier", "set_fused_attention",
+    "masked_softmax", "BERTEncoder", "MaskLM", "NextSentencePred", "BERTModel", "BERTClassifier", "set_fused_attention",
     # checkpoint.py
     "read_params", "write_params", "load_pretrained_model", "save_pretrained", "save_classifier",
     "load_classifier",
@@ -55,6 +55,12 @@ FILES = ("model", "checkpoint", "train", "pretrain", "runtime")
 
 
 # --- model.py ---------------------------------------------------------------------------------
+
+def masked_softmax(X, valid_lens):
+    """The book's: softmax over the last axis of the framework's `X` (B, T_q, T_k), the keys past
+    each length (`valid_lens` (B,) or per query (B, T_q), ints or floats) replaced by -1e6 first,
+    so a row of length 0 is uniform, never NaN; `valid_lens` None: a plain softmax."""
+
 
 class BERTEncoder:
     """Token + segment + learned position embeddings, summed (BERT's LayerNorm after them with

@@ -1,11 +1,14 @@
 """Checkpoints in every installed backend, through the contract's names only (tests/test_backend_model.py's
 `BackendTester`): params files, pretrained folders (the book's files plus config.json), sizes read off
-a file, the errors that name a key and both shapes, classifier folders. What one format alone has
-(torch's zip check, MXNet's legacy prefixed names, several MXNet devices) stays in that backend's
-own file; the book's own folders are tests/test_book_checkpoints.py's.
+a file, the errors that name a key and both shapes, a config.json whose format contradicts the
+file, seeded files, classifier folders. What one format alone has (torch's state_dict read the
+book's way and DataParallel's keys, MXNet's legacy prefixed names, Gluon's deferred initialisation,
+several MXNet devices) stays in tests/test_{torch,mxnet}_only.py; the book's own folders are
+tests/test_book_checkpoints.py's.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -52,13 +55,15 @@ def _same_outputs(tester, a, b) -> None:
 
 # --- params files --------------------------------------------------------------------------------
 
-def test_write_then_read_params_round_trips_in_order_and_leaves_no_temporary(tester, tmp_path):
-    params = {"b.w": np.arange(6, dtype=np.float32).reshape(2, 3), "a.b": np.ones(3, np.float32)}
+def test_write_then_read_params_round_trips_in_order_and_leaves_no_temporary(tester, tmp_path, rng):
+    params = {"b.w": rng.normal(size=(2, 3)).astype(np.float32), "a.b": np.ones(3, np.float32),
+              "c.ids": np.arange(5, dtype=np.int32)}
     path = tmp_path / "p.params"
     tester.backend.write_params(params, path)
     got = tester.backend.read_params(path)
     assert set(got) == set(params)
     for key, value in params.items():
+        assert got[key].dtype == value.dtype, key
         np.testing.assert_array_equal(got[key], value)
     assert sorted(os.listdir(tmp_path)) == ["p.params"]
 
@@ -80,6 +85,26 @@ def test_save_pretrained_writes_the_book_files_plus_config(tester, pretrained):
     assert read_json(folder / "vocab.json") == vocab.idx_to_token
     assert read_json(folder / "config.json") == {**bert.config.to_dict(), "format": tester.name, "kind": "pretrained"}
     assert list(tester.read(folder / "pretrained.params")) == list(expected_shapes(bert.config))
+
+
+def test_a_config_whose_format_contradicts_the_file_is_named_with_the_fix(tester, pretrained):
+    """Every backend reads every format, so the file's own bytes decide how it is read; a config.json
+    that says otherwise is named."""
+    folder, _, _ = pretrained
+    config = read_json(folder / "config.json")
+    other = next(name for name in ("torch", "mxnet") if name != tester.name)
+    (folder / "config.json").write_text(json.dumps({**config, "format": other}))
+    with pytest.raises(ValueError, match=f"config.json: says format '{other}' but pretrained.params is a "
+                                         f"{tester.name} parameter file"):
+        _load(tester, folder)
+
+
+def test_the_same_seed_writes_the_same_file(tester, pretrained, tmp_path):
+    folder, _, vocab = pretrained
+    again = tmp_path / "again"
+    tester.save(tester.bert(CONFIG), again)
+    first, second = tester.read(folder / "pretrained.params"), tester.read(again / "pretrained.params")
+    assert all(np.array_equal(first[k], second[k]) for k in first)
 
 
 def test_load_pretrained_round_trip_gives_identical_outputs(tester, pretrained):

@@ -1,10 +1,12 @@
-"""The BERT model of every installed backend, through the contract's names only: the canonical
-parameter names, shapes and counts (the book's formulas), config records, forward shapes, the
-max_len error, index and length dtypes, padding invariance, the positional embedding's init.
+"""The BERT model of every installed backend, through the contract's names only: the book's
+masked softmax, the forward pass against a numpy reference of the book's formulas, the canonical
+parameter names, shapes and counts, config records, forward shapes, the max_len error, index and
+length dtypes, padding invariance, the positional embedding's init and its training (and r0.17's
+detached one), seeded parameters.
 
 One tiny-config tester (`BackendTester`) builds, runs and reads any backend's model; what one framework
-alone has (its masked softmax, head layout, autograd, DataParallel, hybridize, the jit padding
-ladder) stays in that framework's own file (tests/test_{torch,mxnet,jax}_model.py).
+alone has (its head layout, how it keeps attention weights, its train/eval switch, MXNet's parameter
+collection) stays in that framework's own file (tests/test_{torch,mxnet,jax}_only.py).
 """
 from __future__ import annotations
 
@@ -30,15 +32,16 @@ class BackendTester:
         self.name, self.backend = name, load_backend(name)
         self.device = self.backend.parse_devices("cpu")[0]
 
-    def bert(self, cfg: BERTConfig = TINY, seed: int = 0):
+    def bert(self, cfg: BERTConfig = TINY, seed: int = 0, devices: list | None = None, **options):
+        """A `BERTModel.from_config(cfg, **options)` initialised on `devices` (None: the CPU)."""
         self.backend.set_seed(seed)
-        bert = self.backend.BERTModel.from_config(cfg)
-        self.backend.initialize_bert(bert, [self.device])
+        bert = self.backend.BERTModel.from_config(cfg, **options)
+        self.backend.initialize_bert(bert, devices or [self.device])
         return bert
 
-    def classifier(self, bert, num_classes: int = 3):
-        net = self.backend.BERTClassifier(bert, num_classes=num_classes)
-        self.backend.initialize_classifier_head(net, [self.device])
+    def classifier(self, bert, num_classes: int = 3, devices: list | None = None, cls_only: bool = False):
+        net = self.backend.BERTClassifier(bert, cls_only=cls_only, num_classes=num_classes)
+        self.backend.initialize_classifier_head(net, devices or [self.device])
         return net
 
     def outputs(self, bert, tokens, segments, valid_lens, positions=None) -> tuple:
@@ -48,6 +51,22 @@ class BackendTester:
 
     def logits(self, net, tokens, segments, valid_lens) -> np.ndarray:
         return self.backend.classifier_logits(net, tokens, segments, valid_lens, self.device)
+
+    def arrays(self, *arrays: np.ndarray) -> tuple:
+        """numpy arrays (of one batch size) as the framework's arrays on the device: the contract's
+        `split_batch_multi_inputs` over one device."""
+        shards, _ = self.backend.split_batch_multi_inputs(arrays, np.zeros(len(arrays[0])), [self.device])
+        return shards[0]
+
+    @staticmethod
+    def numpy(x) -> np.ndarray:
+        """A framework's array as numpy, whatever it is (`tolist` is every framework's; exact for float32)."""
+        return np.array(x.tolist(), dtype=np.float32)
+
+    def params(self, model, folder) -> dict[str, np.ndarray]:
+        """A model's or classifier's parameters under canonical names (its saver's file, read back)."""
+        kind = "classifier" if isinstance(model, self.backend.BERTClassifier) else "pretrained"
+        return self.saved_params(model, folder, kind)
 
     def save(self, model, folder, kind: str = "pretrained") -> Vocab:
         """The backend's saver of `kind`, with a vocabulary of the model's size; returns the vocabulary."""
@@ -81,6 +100,126 @@ def batch(B=3, T=10, valid_lens=(10, 6, 3), seed=0, vocab_size=TINY.vocab_size):
     segments = np.zeros((B, T), np.int32)
     segments[:, T // 2:] = 1
     return tokens, segments, np.array(valid_lens, np.int32)
+
+
+# --- masked_softmax ---------------------------------------------------------------------------
+
+def _softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _masked_softmax(tester, X, valid_lens):
+    """The backend's `masked_softmax` of numpy scores and lengths (None: none), back as numpy."""
+    if valid_lens is None:
+        return tester.numpy(tester.backend.masked_softmax(tester.arrays(X)[0], None))
+    return tester.numpy(tester.backend.masked_softmax(*tester.arrays(X, valid_lens)))
+
+
+# Softmax values are <= 1: rtol 1e-5 / atol 1e-6 against numpy's softmax of the kept keys;
+# measured 3e-8 (1-D and 2-D lengths) and 6e-8 (no lengths) in JAX.
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.float32])
+def test_masked_softmax_1d_lens_zero_exactly_the_keys_past_each_length(tester, rng, dtype):
+    X = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    out = _masked_softmax(tester, X, np.array([2, 4], dtype))
+    for b, n in enumerate([2, 4]):
+        assert np.all(out[b, :, n:] == 0) and np.all(out[b, :, :n] > 0)
+        np.testing.assert_allclose(out[b, :, :n], _softmax(X[b, :, :n]), rtol=1e-5, atol=1e-6)
+
+
+def test_masked_softmax_2d_lens_are_per_query(tester, rng):
+    X = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    lens = np.array([[1, 3, 5], [2, 2, 4]], np.int32)
+    out = _masked_softmax(tester, X, lens)
+    for b in range(2):
+        for q in range(3):
+            n = lens[b, q]
+            assert np.all(out[b, q, n:] == 0)
+            np.testing.assert_allclose(out[b, q, :n], _softmax(X[b, q, :n]), rtol=1e-5, atol=1e-6)
+
+
+def test_masked_softmax_none_is_plain_softmax_and_float_lens_equal_int_lens(tester, rng):
+    X = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    np.testing.assert_allclose(_masked_softmax(tester, X, None), _softmax(X), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(_masked_softmax(tester, X, np.array([2.0, 4.0], np.float32)),
+                                  _masked_softmax(tester, X, np.array([2, 4], np.int32)))
+
+
+def test_masked_softmax_sets_rather_than_adds_so_length_zero_is_uniform(tester, rng):
+    # The book replaces masked scores with -1e6: a fully masked row is uniform, never NaN, even for
+    # scores far from 0 (an additive mask would keep their differences).
+    X = rng.normal(size=(2, 2, 4)).astype(np.float32) * 100
+    out = _masked_softmax(tester, X, np.array([0, 4], np.int32))
+    np.testing.assert_array_equal(out[0], np.full((2, 4), 0.25, np.float32))
+    out2 = _masked_softmax(tester, X, np.array([[0, 2], [4, 0]], np.int32))
+    np.testing.assert_array_equal(out2[0, 0], np.full(4, 0.25, np.float32))
+    np.testing.assert_array_equal(out2[1, 1], np.full(4, 0.25, np.float32))
+    assert np.all(out2[0, 1, 2:] == 0)
+
+
+# --- the forward pass, in numpy ------------------------------------------------------------------
+
+def numpy_bert(p: dict, cfg: BERTConfig, tokens, segments, valid_lens, positions) -> tuple:
+    """The book's BERT written out in float64 numpy from canonical parameters: embeddings summed,
+    post-LN blocks (multi-head attention with the keys past each length set to -1e6, the ReLU
+    FFN), the tanh pooler of <cls>, the NSP layer, and the MLM MLP (Linear, ReLU, LayerNorm,
+    Linear) of the rows at `positions`. Returns (encoded_X, mlm_Y_hat, nsp_Y_hat)."""
+    p = {k: v.astype(np.float64) for k, v in p.items()}
+    B, T = tokens.shape
+    h, d = cfg.num_heads, cfg.num_hiddens // cfg.num_heads
+
+    def linear(x, name):  # torch's layout: x @ weight.T + bias
+        return x @ p[name + ".weight"].T + p[name + ".bias"]
+
+    def layer_norm(x, name):
+        return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * p[name + ".weight"] \
+            + p[name + ".bias"]
+
+    def heads(x):  # (B, T, H) -> (B, h, T, d)
+        return x.reshape(B, T, h, d).transpose(0, 2, 1, 3)
+
+    X = (p["encoder.token_embedding.weight"][tokens] + p["encoder.segment_embedding.weight"][segments]
+         + p["encoder.pos_embedding"][:, :T])
+    keep = np.arange(T)[None, None, None, :] < np.asarray(valid_lens)[:, None, None, None]
+    for i in range(cfg.num_layers):
+        blk = f"encoder.blks.{i}."
+        q, k, v = (heads(linear(X, blk + f"attention.W_{n}")) for n in "qkv")
+        scores = np.where(keep, q @ k.transpose(0, 1, 3, 2) / np.sqrt(d), -1e6)
+        attended = (_softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(B, T, h * d)
+        Y = layer_norm(X + linear(attended, blk + "attention.W_o"), blk + "addnorm1.ln")
+        ffn = linear(np.maximum(linear(Y, blk + "ffn.dense1"), 0), blk + "ffn.dense2")
+        X = layer_norm(Y + ffn, blk + "addnorm2.ln")
+    nsp = linear(np.tanh(linear(X[:, 0], "hidden.0")), "nsp.output")
+    gathered = np.stack([X[b, positions[b]] for b in range(B)])  # (B, P, H)
+    mlm = linear(layer_norm(np.maximum(linear(gathered, "mlm.mlp.0"), 0), "mlm.mlp.2"), "mlm.mlp.3")
+    return X, mlm, nsp
+
+
+def test_the_forward_pass_is_the_books_formulas(tester, tmp_path):
+    """encoded_X, the MLM logits at the requested positions and the NSP logits of `bert_outputs`
+    equal numpy_bert's on the saved parameters, every position (pads included), with lengths from
+    the full width down to 1 and 0 (a row of length 0 attends uniformly: the -1e6 is set, not
+    added). float32 against float64: atol 1e-5 on O(1) outputs; measured (encoded_X, mlm_Y_hat,
+    nsp_Y_hat) torch 4.8e-7, 3.8e-7, 3.3e-8; mxnet 6.6e-7, 8.6e-7, 3.7e-7; jax 4.2e-7, 4.1e-7, 6.2e-8."""
+    bert = tester.bert()
+    tokens, segments, lens = batch(B=4, T=10, valid_lens=(10, 6, 1, 0))
+    positions = np.array([[1, 5, 2], [6, 1, 5], [0, 0, 9], [3, 4, 3]], np.int32)
+    got = tester.outputs(bert, tokens, segments, lens, positions)
+    expected = numpy_bert(tester.params(bert, tmp_path / "bert"), TINY, tokens, segments, lens, positions)
+    for name, a, b in zip(("encoded_X", "mlm_Y_hat", "nsp_Y_hat"), got, expected):
+        assert np.isfinite(a).all(), name
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(got[1][2, 0], got[1][2, 1])  # the same position read twice
+
+
+def test_classifier_accepts_a_tuple_or_three_arguments(tester):
+    net = tester.classifier(tester.bert())
+    tokens, segments, lens = batch()
+    X = tester.arrays(tokens, segments, lens)
+    out = tester.numpy(net(X))
+    assert out.shape == (3, 3)
+    np.testing.assert_array_equal(tester.numpy(net(*X)), out)
+    np.testing.assert_allclose(tester.logits(net, tokens, segments, lens), out, rtol=0, atol=1e-6)
 
 
 # --- names, shapes and counts ------------------------------------------------------------------
@@ -152,6 +291,39 @@ def test_the_positional_embedding_has_the_books_init(tester, tmp_path):
         assert np.abs(pos).max() <= bound and np.abs(pos).max() > 0.9 * bound
     else:
         assert abs(pos.mean()) < 0.05 and abs(pos.std() - 1) < 0.04
+
+
+def test_parameters_are_seeded(tester, tmp_path):
+    # set_seed resets the generator parameters are drawn from: the same seed, the same arrays.
+    a, b, c = (tester.params(tester.bert(seed=seed), tmp_path / f"{i}") for i, seed in enumerate((4, 4, 5)))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["nsp.output.weight"], c["nsp.output.weight"])
+
+
+# --- the positional embedding's gradient ----------------------------------------------------------
+
+def _pos_embedding_step(tester, tmp_path, detach: bool) -> np.ndarray:
+    """How one Adam step (lr 1e-3) of a classifier on 3 rows of width 10 moves `pos_embedding`.
+    A first Adam step moves an entry by lr * g / (|g| + eps): by about lr where the gradient is not
+    0, not at all where it is."""
+    net = tester.classifier(tester.bert(TINY, detach_pos_embedding=detach))
+    before = tester.params(net, tmp_path / "before")["encoder.pos_embedding"]
+    tokens, segments, lens = batch()
+    tester.backend.train_batch_ch13(net, (tokens, segments, lens), np.array([0, 1, 2]), tester.backend.make_loss(),
+                                    tester.backend.make_trainer(net, 1e-3), [tester.device])
+    return tester.params(net, tmp_path / "after")["encoder.pos_embedding"] - before
+
+
+def test_pos_embedding_is_trained(tester, tmp_path):
+    moved = _pos_embedding_step(tester, tmp_path, detach=False)
+    assert moved.shape == (1, TINY.max_len, TINY.num_hiddens)
+    assert np.all(np.abs(moved[:, :10]).sum(-1) > 0)  # every used position (r0.17 torch's did not)
+    assert np.all(moved[:, 10:] == 0)  # positions past the sequence length are unused
+
+
+def test_detach_flag_reproduces_the_r017_bug(tester, tmp_path):
+    # The parameter stays in the files either way (it is read above), so r0.17 files load into both.
+    assert not _pos_embedding_step(tester, tmp_path, detach=True).any()
 
 
 # --- forward -----------------------------------------------------------------------------------

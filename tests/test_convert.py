@@ -215,7 +215,7 @@ def test_cli_parity_prints_the_diffs_and_passes_at_the_default_tolerance(sample_
     assert "pretrained checkpoint (torch format), 24 pairs, max_len 48" in out
     diffs = _printed_diffs(out)
     assert set(diffs) == {"encoded_X", "encoded_X (padding included)", "mlm_Y_hat", "nsp_Y_hat"}
-    # Default tolerance 1e-5 of the scale (see test_parity.py for why); these random weights are not
+    # Default tolerance 1e-5 of the scale (see test_backend_parity.py for why); these random weights are not
     # bit-equal across frameworks, so every figure is strictly positive: --tolerance 0 below must fail.
     assert all(v > 0 for v in diffs.values()), diffs
     assert "encoded_X (padding included)" in out and "(not judged)" in out

@@ -60,7 +60,7 @@ def _one_step(name, folders, tmp_path, rows=slice(None), lr=1e-3, optimizer="ada
 def _assert_same_step(params, expected, atol):
     """The same parameters but the attention key biases: their true gradient is exactly 0 (softmax
     ignores a shift shared by every key), float noise Adam normalises into steps of up to lr either
-    way (tests/test_parity.py's one-Adam-step test)."""
+    way (tests/test_torch_mxnet_gradient_parity.py's one-Adam-step test)."""
     for key, value in expected.items():
         if not key.endswith("W_k.bias"):
             np.testing.assert_allclose(params[key], value, atol=atol, err_msg=key)
@@ -108,7 +108,7 @@ def test_clipping_bounds_the_update_of_a_huge_rate_step(name, folders, tmp_path)
 @pytest.mark.backends("mxnet", "jax")
 def test_the_backends_take_the_same_recipe_step(folders, tmp_path):
     """AdamW with decay and clipping, one example (mean and sum gradients agree): torch and JAX give
-    the same parameters. MXNet's Adam adds eps before its bias correction (tests/test_parity.py's
+    the same parameters. MXNet's Adam adds eps before its bias correction (tests/test_torch_mxnet_gradient_parity.py's
     one-Adam-step test), which moves an entry whose gradient is near eps by up to lr more or less
     (measured here: 1.1% of entries, as many as with the book's Adam alone); the rest agree as closely."""
     lr = 1e-3

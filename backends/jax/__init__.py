@@ -5,7 +5,7 @@ The names are the book's (`d2l.BERTModel`, `d2l.train_ch13`, ...), so chapter co
 classes are linen modules bound to their parameters (`.module`, `.params`): calling one applies
 it in evaluation mode, as the other backends' modules are called.
 """
-from .model import (BERTEncoder, MaskLM, NextSentencePred, BERTModel, BERTClassifier,
+from .model import (masked_softmax, BERTEncoder, MaskLM, NextSentencePred, BERTModel, BERTClassifier,
                     set_fused_attention)
 from .checkpoint import (read_params, write_params, load_pretrained_model, save_pretrained,
                          save_classifier, load_classifier)

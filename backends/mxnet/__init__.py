@@ -18,7 +18,7 @@ from mxnet import npx  # noqa: E402
 
 npx.set_np()
 
-from .model import (BERTEncoder, MaskLM, NextSentencePred, BERTModel, BERTClassifier,  # noqa: E402
+from .model import (masked_softmax, BERTEncoder, MaskLM, NextSentencePred, BERTModel, BERTClassifier,  # noqa: E402
                     set_fused_attention)
 from .checkpoint import (read_params, write_params, load_pretrained_model, save_pretrained,  # noqa: E402
                          save_classifier, load_classifier)
