@@ -33,10 +33,12 @@ import math
 from typing import Sequence
 
 import mxnet as mx
-from mxnet import np, npx
+from mxnet import autograd, np, npx
 from mxnet.gluon import nn
 
 from nlibert.core.config import BERTConfig
+
+from . import _kernels
 
 npx.set_np()
 
@@ -210,16 +212,27 @@ class PositionWiseFFN(nn.HybridBlock):
         return self.dense2(self.dense1(X))  # (B, T, H)
 
 
-class AddNorm(nn.HybridBlock):
-    """Residual connection then LayerNorm (post-LN): ln(dropout(Y) + X)."""
+def _normalize(ln: nn.LayerNorm, X: np.ndarray, fast_backward: bool) -> np.ndarray:
+    """`ln(X)`; with `fast_backward`, while autograd records outside a hybridized graph, the same
+    LayerNorm with a faster backward (`_kernels.layer_norm`, the fast path's)."""
+    if fast_backward and not _is_symbol(X) and autograd.is_recording():
+        return _kernels.layer_norm(X, ln.gamma.data(X.ctx), ln.beta.data(X.ctx), ln._epsilon)
+    return ln(X)
 
-    def __init__(self, num_hiddens: int, dropout: float, layer_norm_eps: float = 1e-5) -> None:
+
+class AddNorm(nn.HybridBlock):
+    """Residual connection then LayerNorm (post-LN): ln(dropout(Y) + X). `fast_backward` (the fast
+    path's, set with the fused attention) differentiates the LayerNorm with `_kernels.layer_norm`."""
+
+    def __init__(self, num_hiddens: int, dropout: float, layer_norm_eps: float = 1e-5, *,
+                 fast_backward: bool = False) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.ln = nn.LayerNorm(epsilon=layer_norm_eps, in_channels=num_hiddens)  # params gamma / beta
+        self.fast_backward = fast_backward
 
     def hybrid_forward(self, F, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-        return self.ln(self.dropout(Y) + X)
+        return _normalize(self.ln, self.dropout(Y) + X, self.fast_backward)
 
 
 class EncoderBlock(nn.HybridBlock):
@@ -234,9 +247,9 @@ class EncoderBlock(nn.HybridBlock):
         attention_dropout = dropout if attention_dropout is None else attention_dropout
         self.attention = MultiHeadAttention(num_hiddens, num_heads, attention_dropout, bias=True,
                                             fused_attention=fused_attention)
-        self.addnorm1 = AddNorm(num_hiddens, dropout, layer_norm_eps)
+        self.addnorm1 = AddNorm(num_hiddens, dropout, layer_norm_eps, fast_backward=fused_attention)
         self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens, hidden_act)
-        self.addnorm2 = AddNorm(num_hiddens, dropout, layer_norm_eps)
+        self.addnorm2 = AddNorm(num_hiddens, dropout, layer_norm_eps, fast_backward=fused_attention)
 
     def hybrid_forward(self, F, X: np.ndarray, valid_lens: np.ndarray | None,
                        queries: np.ndarray | None = None) -> np.ndarray:
@@ -258,6 +271,8 @@ class BERTEncoder(nn.Block):
     `detach_pos_embedding=True` reproduces r0.17 torch's untrained embedding (as the torch twin).
 
     `embedding_norm=True` (BERT's, off in the book) adds `embedding_ln` and dropout after the sum.
+    `fast_backward` (the fast path's, set with the fused attention) differentiates the position
+    embedding's sum and `embedding_ln` with `_kernels`' faster backward.
     """
 
     def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
@@ -266,6 +281,7 @@ class BERTEncoder(nn.Block):
                  layer_norm_eps: float = 1e-5, embedding_norm: bool = False,
                  attention_dropout: float | None = None) -> None:
         super().__init__()
+        self.fast_backward = fused_attention
         self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
         self.segment_embedding = nn.Embedding(2, num_hiddens)
         if embedding_norm:
@@ -299,9 +315,11 @@ class BERTEncoder(nn.Block):
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
         pos = self.pos_embedding.data(ctx=X.ctx)
         pos = pos.detach() if self.detach_pos_embedding else pos  # r0.17 torch's untrained embedding
-        X = X + pos[:, :T, :]  # no sqrt(H) scaling, in the book as in BERT
+        # No sqrt(H) scaling, in the book as in BERT.
+        fast = self.fast_backward and autograd.is_recording()
+        X = _kernels.add_to_every_row(X, pos[:, :T, :]) if fast else X + pos[:, :T, :]
         if self.embedding_norm:
-            X = self.embedding_dropout(self.embedding_ln(X))
+            X = self.embedding_dropout(_normalize(self.embedding_ln, X, self.fast_backward))
         last = len(self.blks) - 1
         for i, blk in enumerate(self.blks):
             if i == last and getattr(blk, "_cls_only_graph", cls_only) != cls_only:
@@ -427,11 +445,14 @@ class BERTClassifier(nn.Block):
 
 def set_fused_attention(net: nn.Block, enabled: bool = True) -> nn.Block:
     """Switch every `MultiHeadAttention` in `net` (a BERTModel, BERTClassifier, encoder, ...) to the
-    fused path or back to the book's; returns `net`. Cached graphs of hybridized blocks are dropped,
-    so the next call rebuilds them with the new setting."""
+    fused path or back to the book's, and with it the faster backward of the LayerNorms and of the
+    position embedding's sum (`_kernels`); returns `net`. Cached graphs of hybridized blocks are
+    dropped, so the next call rebuilds them with the new setting."""
     def visit(block: nn.Block) -> None:
         if isinstance(block, MultiHeadAttention):
             block.fused_attention = enabled
+        if isinstance(block, (AddNorm, BERTEncoder)):
+            block.fast_backward = enabled
         if isinstance(block, nn.HybridBlock):
             block._clear_cached_op()
         for child in block._children.values():
