@@ -123,9 +123,9 @@ class MultiHeadAttention(nn.HybridBlock):
 
     `fused_attention=True` (the fast path; the same switch as the torch backend's) masks with the
     softmax operator's own length argument, one operator instead of the book's repeat, reshape,
-    sequence_mask, softmax and reshape. Same result for every valid_len >= 1 (BERT inputs have at
-    least 3): masked keys get weight exactly 0 either way. Needs 1-D `valid_lens`; attention
-    weights are not kept.
+    sequence_mask, softmax and reshape, and splits and merges the heads with `swapaxes`. Same result
+    for every valid_len >= 1 (BERT inputs have at least 3): masked keys get weight exactly 0 either
+    way. Needs 1-D `valid_lens`; attention weights are not kept.
     """
 
     def __init__(self, num_hiddens: int, num_heads: int, dropout: float, bias: bool = True, *,
@@ -147,7 +147,7 @@ class MultiHeadAttention(nn.HybridBlock):
         F = _namespace(X)
         # npx.reshape codes: -2 keeps an axis, -1 infers it, -5 merges two axes into one.
         X = F.npx.reshape(X, (-2, -2, self.num_heads, -1))  # (B, T, h, H/h)
-        X = X.transpose(0, 2, 1, 3)  # (B, h, T, H/h)
+        X = self._swap_axes(F, X)  # (B, h, T, H/h)
         return F.npx.reshape(X, (-5, -2, -2))  # (B*h, T, H/h)
 
     def merge_heads(self, X: np.ndarray) -> np.ndarray:
@@ -155,8 +155,14 @@ class MultiHeadAttention(nn.HybridBlock):
         F = _namespace(X)
         # -6 splits one axis in two (here into B inferred and h), -2 keeps, -5 merges.
         X = F.npx.reshape(X, (-6, -1, self.num_heads, -2, -2))  # (B, h, T, H/h)
-        X = X.transpose(0, 2, 1, 3)  # (B, T, h, H/h)
+        X = self._swap_axes(F, X)  # (B, T, h, H/h)
         return F.npx.reshape(X, (-2, -2, -5))  # (B, T, H)
+
+    def _swap_axes(self, F, X: np.ndarray) -> np.ndarray:
+        """Axes 1 and 2 of a 4-D array swapped: the book's `transpose(0, 2, 1, 3)`, or on the fused path
+        `swapaxes`, the same copy in about a quarter of the time on the CPU (MXNet 1.9.1's numpy
+        transpose moves element by element)."""
+        return F.np.swapaxes(X, 1, 2) if self.fused_attention else X.transpose(0, 2, 1, 3)
 
     def hybrid_forward(self, F, queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
                        valid_lens: np.ndarray | None = None) -> np.ndarray:
