@@ -159,9 +159,8 @@ class MultiHeadAttention(nn.HybridBlock):
         return F.npx.reshape(X, (-2, -2, -5))  # (B, T, H)
 
     def _swap_axes(self, F, X: np.ndarray) -> np.ndarray:
-        """Axes 1 and 2 of a 4-D array swapped: the book's `transpose(0, 2, 1, 3)`, or on the fused path
-        `swapaxes`, the same copy in about a quarter of the time on the CPU (MXNet 1.9.1's numpy
-        transpose moves element by element)."""
+        """Axes 1 and 2 swapped: the book's `transpose(0, 2, 1, 3)`, or on the fused path `swapaxes`, the
+        same copy in a quarter of the time on the CPU (MXNet 1.9.1's transpose goes element by element)."""
         return F.np.swapaxes(X, 1, 2) if self.fused_attention else X.transpose(0, 2, 1, 3)
 
     def hybrid_forward(self, F, queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
@@ -218,14 +217,6 @@ class PositionWiseFFN(nn.HybridBlock):
         return self.dense2(self.dense1(X))  # (B, T, H)
 
 
-def _normalize(ln: nn.LayerNorm, X: np.ndarray, fast_backward: bool) -> np.ndarray:
-    """`ln(X)`; with `fast_backward`, while autograd records outside a hybridized graph, the same
-    LayerNorm with a faster backward (`_kernels.layer_norm`, the fast path's)."""
-    if fast_backward and not _is_symbol(X) and autograd.is_recording():
-        return _kernels.layer_norm(X, ln.gamma.data(X.ctx), ln.beta.data(X.ctx), ln._epsilon)
-    return ln(X)
-
-
 class AddNorm(nn.HybridBlock):
     """Residual connection then LayerNorm (post-LN): ln(dropout(Y) + X). `fast_backward` (the fast
     path's, set with the fused attention) differentiates the LayerNorm with `_kernels.layer_norm`."""
@@ -238,7 +229,7 @@ class AddNorm(nn.HybridBlock):
         self.fast_backward = fast_backward
 
     def hybrid_forward(self, F, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-        return _normalize(self.ln, self.dropout(Y) + X, self.fast_backward)
+        return _kernels.normalize(self.ln, self.dropout(Y) + X, self.fast_backward)
 
 
 class EncoderBlock(nn.HybridBlock):
@@ -321,11 +312,10 @@ class BERTEncoder(nn.Block):
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
         pos = self.pos_embedding.data(ctx=X.ctx)
         pos = pos.detach() if self.detach_pos_embedding else pos  # r0.17 torch's untrained embedding
-        # No sqrt(H) scaling, in the book as in BERT.
-        fast = self.fast_backward and autograd.is_recording()
+        fast = self.fast_backward and autograd.is_recording()  # no sqrt(H) scaling, in the book as in BERT
         X = _kernels.add_to_every_row(X, pos[:, :T, :]) if fast else X + pos[:, :T, :]
         if self.embedding_norm:
-            X = self.embedding_dropout(_normalize(self.embedding_ln, X, self.fast_backward))
+            X = self.embedding_dropout(_kernels.normalize(self.embedding_ln, X, self.fast_backward))
         last = len(self.blks) - 1
         for i, blk in enumerate(self.blks):
             if i == last and getattr(blk, "_cls_only_graph", cls_only) != cls_only:
