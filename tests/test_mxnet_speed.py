@@ -1,6 +1,10 @@
 """The MXNet fast path's faster operators (backends/mxnet/_kernels.py, the fused attention's swapaxes)
 compute what MXNet's own compute: the same gradients to float32 rounding, accumulated with grad_req
 'add' too, the same training steps with clipping and AdamW, and the book's path untouched."""
+import os
+import subprocess
+import sys
+
 import numpy as onp
 import pytest
 
@@ -152,3 +156,23 @@ def test_set_fused_attention_switches_the_fast_backward_and_the_book_path_never_
     calls.clear()
     net((np.array(_batch()[0][0]), np.array(_batch()[0][1]), np.array(_batch()[0][2], dtype="float32")))
     assert calls == []  # outside autograd (evaluation, prediction) MXNet's own forward runs
+
+
+def test_under_the_shared_pool_engine_mxnets_own_operators_run(tmp_path):
+    """MXNET_ENGINE_TYPE=ThreadedEngine deadlocks a Python Function's backward once steps queue up:
+    there the fast path keeps MXNet's operators, and queued steps finish."""
+    script = tmp_path / "steps.py"
+    script.write_text(
+        "import nlibert, mxnet as mx\n"
+        "from nlibert.backends.mxnet import _kernels\n"
+        "import test_mxnet_speed as t\n"
+        "assert not _kernels.ENGINE_ALLOWS\n"
+        "net = t._classifier(True)\n"
+        "for _ in range(20):\n"
+        "    t._gradients(net)\n"
+        "mx.nd.waitall()\n"
+        "print('finished')\n")
+    env = {**os.environ, "MXNET_ENGINE_TYPE": "ThreadedEngine",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "finished" in proc.stdout, proc.stderr[-2000:]

@@ -11,9 +11,22 @@ ones), which run at memory speed.
 """
 from __future__ import annotations
 
+import os
+
 import mxnet as mx
 from mxnet import autograd, np, npx
 from mxnet.gluon import nn
+
+
+# Under MXNet's shared-pool engine (MXNET_ENGINE_TYPE=ThreadedEngine, not the default) a Python
+# Function's backward deadlocks once a few steps are queued (measured); there MXNet's own operators run.
+ENGINE_ALLOWS = os.environ.get("MXNET_ENGINE_TYPE", "ThreadedEnginePerDevice") != "ThreadedEngine"
+
+
+def in_use(fast_backward: bool) -> bool:
+    """Whether a block with `fast_backward` set differentiates with the operators here now: while
+    autograd records, under an engine that runs Python Functions."""
+    return fast_backward and ENGINE_ALLOWS and autograd.is_recording()
 
 
 def _column_sum(x: np.ndarray) -> np.ndarray:
@@ -62,7 +75,7 @@ def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
 def normalize(ln: nn.LayerNorm, X: np.ndarray, fast_backward: bool) -> np.ndarray:
     """`ln(X)`; with `fast_backward`, while autograd records outside a hybridized graph, the same
     LayerNorm with the faster backward (`layer_norm`)."""
-    if fast_backward and not isinstance(X, mx.sym.Symbol) and autograd.is_recording():
+    if in_use(fast_backward) and not isinstance(X, mx.sym.Symbol):
         return layer_norm(X, ln.gamma.data(X.ctx), ln.beta.data(X.ctx), ln._epsilon)
     return ln(X)
 

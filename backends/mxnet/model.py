@@ -33,7 +33,7 @@ import math
 from typing import Sequence
 
 import mxnet as mx
-from mxnet import autograd, np, npx
+from mxnet import np, npx
 from mxnet.gluon import nn
 
 from nlibert.core.config import BERTConfig
@@ -312,7 +312,7 @@ class BERTEncoder(nn.Block):
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
         pos = self.pos_embedding.data(ctx=X.ctx)
         pos = pos.detach() if self.detach_pos_embedding else pos  # r0.17 torch's untrained embedding
-        fast = self.fast_backward and autograd.is_recording()  # no sqrt(H) scaling, in the book as in BERT
+        fast = _kernels.in_use(self.fast_backward)  # no sqrt(H) scaling, in the book as in BERT
         X = _kernels.add_to_every_row(X, pos[:, :T, :]) if fast else X + pos[:, :T, :]
         if self.embedding_norm:
             X = self.embedding_dropout(_kernels.normalize(self.embedding_ln, X, self.fast_backward))
