@@ -312,8 +312,8 @@ class BERTEncoder(nn.Block):
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
         pos = self.pos_embedding.data(ctx=X.ctx)
         pos = pos.detach() if self.detach_pos_embedding else pos  # r0.17 torch's untrained embedding
-        fast = _kernels.in_use(self.fast_backward)  # no sqrt(H) scaling, in the book as in BERT
-        X = _kernels.add_to_every_row(X, pos[:, :T, :]) if fast else X + pos[:, :T, :]
+        pos = pos[:, :T, :]  # no sqrt(H) scaling, in the book as in BERT
+        X = _kernels.add_to_every_row(X, pos) if _kernels.in_use(self.fast_backward) else X + pos
         if self.embedding_norm:
             X = self.embedding_dropout(_kernels.normalize(self.embedding_ln, X, self.fast_backward))
         last = len(self.blks) - 1
