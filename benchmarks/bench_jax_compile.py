@@ -1,19 +1,21 @@
-"""What one JAX program costs to compile, and what its steps cost after: MiniLM's shape, in one run.
+"""What the JAX fine-tuning step costs to compile, and what its steps cost after: MiniLM's shape, one run.
 
-    python benchmarks/bench_jax_compile.py                    # (32, 64): before and after, back to back
-    python benchmarks/bench_jax_compile.py --width 128 --steps 10 --repeat 2
+    python benchmarks/bench_jax_compile.py                    # widths 64 then 32: before and after
+    python benchmarks/bench_jax_compile.py --widths 128,64,32 --steps 10 --repeat 2
+    python benchmarks/bench_jax_compile.py --variants before,staged,options,after
 
 Builds the classifier `nlibert finetune --pretrained minilm-l6` trains on the fast path (vocabulary
 30,522, H 384, F 1,536, 12 heads, 6 layers, GELU, BERT's embedding LayerNorm; fused attention, the
-last block at <cls> only) with random parameters, then for one padded (rows, width) shape times
-tracing + lowering (`.lower`) and XLA's compile (`.compile()`) of the training step and of
-evaluation's program, then `--steps` training steps of the compiled program. Each variant runs in a
-process of its own, one after the other (`--repeat` times over):
+last block at <cls> only) with random parameters and Adam, on one CPU device; then runs a first
+step of `--rows` x each of `--widths` (each compiles what that shape needs: tracing, lowering and
+XLA, as `FinetuneStep.compiles` counts them), evaluation at the first width, and `--steps` more
+steps at the first width. Each variant runs in a process of its own, one after the other
+(`--repeat` times over):
 
-- before: the blocks one by one (`model.SCAN_BLOCKS = False`), XLA's default compiler options;
-- scan: the blocks alike in shape as one `lax.scan` body, default options;
-- options: one by one, `train.CPU_COMPILER_OPTIONS`;
-- after: scan and options (what the backend does).
+- before: the step as one program (`train._train_function`, as before issue 28), XLA's default options;
+- staged: on one CPU device the step as staged programs (`_programs._staged_train_function`), default options;
+- options: the step as one program, `_programs.CPU_COMPILER_OPTIONS`;
+- after: staged and options (what the backend does on one CPU device).
 
 Seconds are wall time and CPU time of the process (all its threads); on a CPU shared with other
 work the CPU seconds move less. Step figures: the fastest step after the first, the median wall
@@ -48,19 +50,19 @@ def _batch(rows: int, width: int, seed: int = 0):
 
 def measure(rows: int, widths: list[int], steps: int, staged: bool, options: bool) -> dict:
     import jax
-    from nlibert.backends.jax import model, runtime, train
+    from nlibert.backends.jax import _programs, model, runtime, train
 
     from nlibert.core.config import BERTConfig
 
     if not options:
-        train.CPU_COMPILER_OPTIONS = None  # XLA's defaults
+        _programs.CPU_COMPILER_OPTIONS = None  # XLA's defaults
     runtime.set_seed(0)
     bert = model.BERTModel.from_config(BERTConfig(**MINILM), fused_attention=True)
     net = model.BERTClassifier(bert, cls_only=True, num_classes=3)
     trainer = runtime.make_trainer(net, 5e-5)
     step = train.FinetuneStep(net, runtime.make_loss(), trainer, [jax.devices("cpu")[0]])
     if not staged:  # the whole step as one program, as on several devices
-        step.train = train._PerShape(train._train_function(net.module, runtime.make_loss(), trainer.tx, False).jitted)
+        step.train = train._train_function(net.module, runtime.make_loss(), trainer.tx, False)
     figures: dict = {}
 
     def timed(name, f):

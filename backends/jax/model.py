@@ -14,7 +14,7 @@ P number of masked positions to predict.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -308,34 +308,6 @@ class _Classifier(nn.Module):
             tokens, segments, valid_lens, self.cls_only, training)  # (B, T, H) or (B, 1, H)
         pooled = _Pooler(dict(self.config)["num_hiddens"], name="hidden")(encoded_X[:, 0, :])
         return _Linear(self.num_classes, name="output")(pooled)  # (B, num_classes) logits
-
-
-def _classifier_stages(module: _Classifier) -> tuple[Callable, Callable, Callable]:
-    """`module`'s forward pass as three pure functions of parts of its parameter tree, which applied
-    in turn give its logits: `embed(encoder params but "blks", tokens, segments, training, key)` -> X
-    (B, T, H); `block(one block's params, X, valid_lens, queries, training, key)` -> X, once per block
-    (`queries` X[:, :1] for a `cls_only` last block, else None); `head({"hidden", "output"} params,
-    X)` -> logits. Each `key` is that part's dropout key. train.py compiles each part on its own."""
-    cfg = dict(module.config)
-    embedder = _Encoder(tuple(sorted({**cfg, "num_layers": 0}.items())), module.detach_pos_embedding,
-                        module.fused_attention)  # the embeddings alone
-    block_module = EncoderBlock(cfg["num_hiddens"], cfg["ffn_num_hiddens"], cfg["num_heads"], cfg["dropout"],
-                                module.fused_attention, cfg["hidden_act"], cfg["layer_norm_eps"],
-                                cfg["attention_dropout"])
-    pooler, output = _Pooler(cfg["num_hiddens"]), _Linear(module.num_classes)
-
-    def embed(params: _Params, tokens: jax.Array, segments: jax.Array, training: bool, key: jax.Array) -> jax.Array:
-        return embedder.apply({"params": params}, tokens, segments, None, training=training, rngs={"dropout": key})
-
-    def block(params: _Params, X: jax.Array, valid_lens: jax.Array, queries: jax.Array | None, training: bool,
-              key: jax.Array) -> jax.Array:
-        return block_module.apply({"params": params}, X, valid_lens, queries, training, rngs={"dropout": key})
-
-    def head(params: _Params, X: jax.Array) -> jax.Array:
-        pooled = pooler.apply({"params": params["hidden"]}, X[:, 0, :])
-        return output.apply({"params": params["output"]}, pooled)  # (B, num_classes)
-
-    return embed, block, head
 
 
 # --- the book's classes: linen modules bound to their parameters --------------------------------

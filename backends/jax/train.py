@@ -21,9 +21,8 @@ gradient the whole batch's, and the step's sums come out already summed over the
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +37,8 @@ from nlibert.core.batching import padded_size, rows
 from nlibert.core.distributed import World
 from nlibert.core.training import require_devices
 
-from .model import _Bound, _Classifier, _classifier_stages
+from ._programs import _PerShape, _compiled, _counted, _staged_train_function
+from .model import _Bound, _Classifier
 from .runtime import _next_key
 
 PRECISIONS = backend_info("jax").precisions  # the registry lists each backend's
@@ -54,58 +54,6 @@ _padded_size = padded_size  # the ladder of compiled widths and rows (core's: th
 # Rows of a training or evaluation batch are padded to at least this many: a run's last, short
 # batch then shares the full batches' program (at 32 rows, the default) instead of adding one.
 _MIN_ROWS = 32
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-# The training and evaluation programs compiled in this process (not the small ones of a key split
-# or a stack of sums), and the seconds spent tracing, lowering and compiling them.
-_compiled = {"compiles": 0, "compile_seconds": 0.0, "counting": False}
-
-
-def _count_compile(event: str, seconds: float, **kwargs) -> None:
-    if _compiled["counting"] and event in _COMPILE_EVENTS:
-        _compiled["compiles"] += event == _COMPILE_EVENTS[-1]
-        _compiled["compile_seconds"] += seconds
-
-
-@contextlib.contextmanager
-def _counted() -> Iterator[None]:
-    """Compiles inside (a call of a step's or evaluation's program) count in `_compiled`."""
-    _compiled["counting"] = True
-    try:
-        yield
-    finally:
-        _compiled["counting"] = False
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compile)
-
-# What XLA's CPU backend compiles the training and evaluation programs with: LLVM at -O1, without its
-# expensive passes. The matrix products are calls into Eigen that these leave as they are; what they
-# make cheaper to compile is the element-wise fusions around them (measured on MiniLM's step, one
-# program: about a quarter less compile time, the same step time; benchmarks/bench_jax_compile.py).
-CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1, "xla_llvm_disable_expensive_passes": True}
-
-
-class _PerShape:
-    """A `jax.jit` function compiled once per shape of its arguments, as `jit` itself does, but with
-    `CPU_COMPILER_OPTIONS` where the arguments live on the CPU (`jit` takes no compiler options in
-    jax 0.4.23; `.lower(...).compile(options)` does). The programs are kept by the shapes, dtypes and
-    placements of the arguments; each call runs through the compiled program's own fast dispatch."""
-
-    def __init__(self, jitted: Callable) -> None:
-        self.jitted, self.programs = jitted, {}
-
-    def __call__(self, *args):
-        leaves = jax.tree_util.tree_leaves(args)
-        key = (jax.tree_util.tree_structure(args),  # a Python number is traced as a scalar: its type counts
-               tuple((np.shape(a), np.result_type(a), getattr(a, "sharding", None)) for a in leaves))
-        program = self.programs.get(key)
-        if program is None:
-            on_cpu = all(d.platform == "cpu" for a in leaves if isinstance(a, jax.Array) for d in a.devices())
-            program = self.programs[key] = self.jitted.lower(*args).compile(CPU_COMPILER_OPTIONS if on_cpu else None)
-        return program(*args)
-
-
 def _pad(a: np.ndarray, rows: int, width: int | None = None) -> np.ndarray:
     """`a` with zero rows (and columns) appended up to `rows` (and `width`)."""
     pad = [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
@@ -292,79 +240,6 @@ def _train_function(module, loss: Callable, tx: optax.GradientTransformation, do
         return _PerShape(jax.jit(step, donate_argnums=(0, 1) if donate else ()))
     replicated = NamedSharding(_mesh(job), PartitionSpec())
     return _PerShape(jax.jit(step, donate_argnums=(0, 1) if donate else (), out_shardings=replicated))
-
-
-@functools.lru_cache(maxsize=None)
-def _staged_train_function(module, loss: Callable, tx: optax.GradientTransformation,
-                           max_grad_norm: float | None = None) -> Callable:
-    """`_train_function`'s step (one device, one process, the same arguments, math and results) as a
-    few programs driven in turn: the embeddings, one encoder block, and the last block with the head
-    and the loss, each compiled forward (keeping what its backward needs, `jax.vjp`) and backward;
-    then the update (clip, `tx`), compiled once per run since its shapes are the parameters'. The
-    blocks but the last are alike in shape, so one block's programs serve them all: a new batch
-    shape compiles one block, not all of them, and not the optimizer again. (XLA's CPU backend
-    compiles a 6-layer step in ~10 s; run as a `lax.scan` loop the blocks would compile once too,
-    but XLA's CPU runtime runs a loop's body on one thread.) Each part's dropout key is split from
-    the chunk's."""
-    embed, block, head = _classifier_stages(module)
-    cfg, cls_only = dict(module.config), module.cls_only
-    clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm is not None else None
-    last = str(cfg["num_layers"] - 1)
-
-    def embed_forward(params, tokens, segments, c, keys):
-        return jax.vjp(lambda p: embed(p, tokens[c], segments[c], True, keys[0]), params)
-
-    def block_forward(params, X, valid_lens, c, keys, i):
-        return jax.vjp(lambda p, X: block(p, X, valid_lens[c], None, True, keys[i + 1]), params, X)
-
-    def top_forward(params, X, valid_lens, labels, weights, c, keys):
-        """The last block, the head and the loss: (loss sum, its backward, number correct)."""
-        def summed_loss(p, X):
-            X = block(p["block"], X, valid_lens[c], X[:, :1, :] if cls_only else None, True, keys[-1])
-            logits = head(p["head"], X)
-            losses = loss(logits, labels[c]) * weights[c]
-            return losses.sum(), ((logits.argmax(axis=-1) == labels[c]) * weights[c]).sum()
-        return jax.vjp(summed_loss, params, X, has_aux=True)
-
-    def update(params, opt_state, grads, count):
-        grads = jax.tree_util.tree_map(lambda g: g / count, grads)
-        if clip is not None:
-            grads, _ = clip.update(grads, clip.init(params))
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    programs = [_PerShape(jax.jit(f)) for f in (embed_forward, block_forward, top_forward, update)]
-    embed_forward, block_forward, top_forward, update = programs
-    backward = _PerShape(jax.jit(lambda pullback, g: pullback(g)))
-    add = _PerShape(jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)))
-
-    def step(params, opt_state, key, tokens, segments, valid_lens, labels, weights):
-        encoder = params["encoder"]
-        embedding = {k: v for k, v in encoder.items() if k != "blks"}
-        top = {"block": encoder["blks"][last], "head": {"hidden": params["hidden"], "output": params["output"]}}
-        chunk_keys = jax.random.split(key, tokens.shape[0])
-        grads, loss_sum, correct = None, [], []
-        for c in range(tokens.shape[0]):
-            keys = jax.random.split(chunk_keys[c], cfg["num_layers"] + 1)
-            X, embed_backward = embed_forward(embedding, tokens, segments, c, keys)
-            pullbacks = []
-            for i in range(cfg["num_layers"] - 1):
-                X, pullback = block_forward(encoder["blks"][str(i)], X, valid_lens, c, keys, i)
-                pullbacks.append(pullback)
-            chunk_loss, top_backward, chunk_correct = top_forward(top, X, valid_lens, labels, weights, c, keys)
-            g_top, g_X = backward(top_backward, jnp.ones((), jnp.float32))
-            g_blocks = {last: g_top["block"]}
-            for i in reversed(range(cfg["num_layers"] - 1)):
-                g_blocks[str(i)], g_X = backward(pullbacks[i], g_X)
-            (g_embedding,) = backward(embed_backward, g_X)
-            chunk_grads = {"encoder": {**g_embedding, "blks": g_blocks}, **g_top["head"]}
-            grads = chunk_grads if grads is None else add(grads, chunk_grads)
-            loss_sum.append(chunk_loss)
-            correct.append(chunk_correct)
-        params, opt_state = update(params, opt_state, grads, float(np.asarray(weights).sum()))  # the real rows
-        return params, opt_state, functools.reduce(add, loss_sum), functools.reduce(add, correct)
-
-    return step
 
 
 class _Sums:
