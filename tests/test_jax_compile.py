@@ -23,7 +23,7 @@ def _step(num_layers=3, cls_only=True, dropout=0.0, staged=True, seed=0, max_len
     set_seed(seed)
     net = BERTClassifier(BERTModel(V, 16, 32, 2, num_layers, dropout, max_len, fused_attention=True), cls_only=cls_only)
     step = FinetuneStep(net, make_loss(), make_trainer(net, 1e-2), CPU, **options)
-    assert step.train.__name__ == "step" if staged else True  # the staged step is what one CPU device gets
+    assert not isinstance(step.train, _programs._PerShape)  # one CPU device: the staged step, not one program
     if not staged:  # the whole step as one program (several devices, a job, a GPU)
         step.train = train._train_function(net.module, make_loss(), step.trainer.tx, False,
                                            options.get("max_grad_norm"))
