@@ -12,6 +12,8 @@ path once per epoch; the book's two printed lines; figures returned as `EpochRec
 masked columns: the trimmed, length-bucketed batches of the fast path compile a handful of
 programs, not one per batch (fewer still where the run planned its widths by cost,
 `core.batching.plan_widths`), and a padded row changes neither a loss, a gradient nor a count.
+On one CPU device the step runs as staged programs that compile a new shape several times faster
+(`_programs._staged_train_function`: one encoder block's programs serve every block alike in shape).
 Several devices are data parallel: parameters and optimizer state replicated, every batch
 sharded along its rows (`jax.sharding`), the gradient's mean reduced across devices by XLA.
 A job of several processes (`runtime.init_distributed`, core/distributed.py) is the same program
