@@ -79,7 +79,7 @@ def _classifier_stages(module: _Classifier) -> tuple[Callable, Callable, Callabl
     in turn give its logits: `embed(encoder params but "blks", tokens, segments, training, key)` -> X
     (B, T, H); `block(one block's params, X, valid_lens, queries, training, key)` -> X, once per block
     (`queries` X[:, :1] for a `cls_only` last block, else None); `head({"hidden", "output"} params,
-    X)` -> logits. Each `key` is that part's dropout key. train.py compiles each part on its own."""
+    X)` -> logits. Each `key` is that part's dropout key. `_staged_train_function` compiles each part alone."""
     cfg = dict(module.config)
     embedder = _Encoder(tuple(sorted({**cfg, "num_layers": 0}.items())), module.detach_pos_embedding,
                         module.fused_attention)  # the embeddings alone
