@@ -56,9 +56,10 @@ REGISTRY = (
                 where="Linux x86_64 with Python 3.10 or 3.11", job_env="DMLC_ROLE"),
     BackendInfo("jax", "nlibert.backends.jax", "jax", "JAX 0.4.23", marker='python_version < "3.13"',
                 where="Python 3.10 to 3.12", job_env="WORLD_SIZE", multi_process_pretraining=False,
-                # Measured for MiniLM-L6 on a 2-core CPU: a train step's program ~100 s under load,
-                # as long as ~50 steps of 32 rows x 32 positions (bert.small: about the same ratio).
-                compile_cost=50_000),
+                # Measured for MiniLM-L6 on a 2-core CPU (benchmarks/bench_jax_compile.py): a new
+                # width's training programs ~2.4 s, as long as ~12,000 rows x positions of steps take
+                # beyond a step's fixed cost (0.41 s at 32 x 32, 0.61 s at 32 x 64).
+                compile_cost=12_000),
 )  # in order of preference: the CLI's default --backend is the first one installed
 BACKENDS = tuple(info.name for info in REGISTRY)
 _BY_NAME = {info.name: info for info in REGISTRY}

@@ -7,6 +7,7 @@
     python benchmarks/bench_finetune.py --nproc 2             # also: each path as a job of 2 processes
     python benchmarks/bench_finetune.py --nproc 8 --device cuda:0,cuda:1,...,cuda:7   # 1 GPU vs 8, both ways
     python benchmarks/bench_finetune.py --e2e 2000            # also: `nlibert finetune` on MiniLM, wall time
+    python benchmarks/bench_finetune.py --e2e-only --backend jax   # only that, JAX beside torch (~3 min here)
 
 Both paths train bert.small's shape (vocabulary 20,256, 256 hidden, 4 heads, 2 layers) on batches
 of 512 with max_len 128, drawn from SNLI's length distribution (the dev file tiled to the size of
@@ -224,12 +225,22 @@ def main(argv=None):
                              "process, and print the scaling efficiency")
     parser.add_argument("--e2e", type=int, default=None, metavar="N",
                         help="also time `nlibert finetune --pretrained minilm-l6` on N training pairs in every backend")
+    parser.add_argument("--e2e-only", action="store_true",
+                        help="time only that command (N from --e2e, else 2,000), in --backend and torch; no throughput runs")
     args = parser.parse_args(argv)
 
     from nlibert.core.snli import read_snli_file
     num_dev = len(read_snli_file(dev_file())[2])
     tile = max(1, round(args.pairs / num_dev))
     backends = list(BACKENDS) if args.backend == "all" else [args.backend]
+    if args.e2e_only:  # torch as the yardstick, then the backend asked for
+        with tempfile.TemporaryDirectory() as tmp:
+            report = {"args": vars(args), "backends": {},
+                      "end_to_end": run_end_to_end(sorted(set(backends) | {"torch"}), args.e2e or 2000, tmp)}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+        return report
     variants = args.variants or (ABLATION_VARIANTS if args.ablation else DEFAULT_VARIANTS)
     base = dict(device=args.device, batch_size=args.batch_size, max_len=args.max_len, tile=tile,
                 threads=args.threads, seed=args.seed, warmup=args.warmup, omp_wait_policy=args.omp_wait_policy,

@@ -1,0 +1,178 @@
+"""What the JAX backend compiles, and how (a private helper of backends/jax/train.py).
+
+- `_compiled` / `_counted`: the training and evaluation programs compiled in this process and the
+  seconds spent on them, from `jax.monitoring`'s compile events (metrics.json's `fast_path`).
+- `_PerShape`: a `jax.jit` function compiled once per argument shapes with `CPU_COMPILER_OPTIONS`.
+- `_staged_train_function`: on one CPU device, the fine-tuning step as a few programs (embeddings,
+  one encoder block for every block alike in shape, the last block with the head and the loss, the
+  update), so that a new batch shape compiles one block and not the optimizer again. XLA's CPU
+  backend spends most of a short run compiling otherwise (issue 28; benchmarks/bench_jax_compile.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .model import EncoderBlock, _Classifier, _Encoder, _Params, _Pooler
+from ._layers import _Linear
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+# The programs compiled in this process inside `_counted` (a step's or evaluation's call: the staged
+# step's parts), and the seconds spent tracing, lowering and compiling them.
+_compiled = {"compiles": 0, "compile_seconds": 0.0, "counting": False}
+
+
+def _count_compile(event: str, seconds: float, **kwargs) -> None:
+    if _compiled["counting"] and event in _COMPILE_EVENTS:
+        _compiled["compiles"] += event == _COMPILE_EVENTS[-1]
+        _compiled["compile_seconds"] += seconds
+
+
+@contextlib.contextmanager
+def _counted() -> Iterator[None]:
+    """Compiles inside (a call of a step's or evaluation's program) count in `_compiled`."""
+    _compiled["counting"] = True
+    try:
+        yield
+    finally:
+        _compiled["counting"] = False
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+# What XLA's CPU backend compiles the training and evaluation programs with: LLVM at -O1, without its
+# expensive passes. The matrix products are calls into Eigen that these leave as they are; what they
+# make cheaper to compile is the element-wise fusions around them (measured on MiniLM's staged step:
+# about a fifth less compile time, the same step time; benchmarks/bench_jax_compile.py).
+CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1, "xla_llvm_disable_expensive_passes": True}
+
+
+class _PerShape:
+    """A `jax.jit` function compiled once per shape of its arguments, as `jit` itself does, but with
+    `CPU_COMPILER_OPTIONS` where the arguments live on the CPU (`jit` takes no compiler options in
+    jax 0.4.23; `.lower(...).compile(options)` does). The programs are kept by the shapes, dtypes and
+    placements of the arguments; each call runs through the compiled program's own fast dispatch."""
+
+    def __init__(self, jitted: Callable) -> None:
+        self.jitted, self.programs = jitted, {}
+
+    def __call__(self, *args):
+        leaves = jax.tree_util.tree_leaves(args)
+        key = (jax.tree_util.tree_structure(args),  # a Python number is traced as a scalar: its type counts
+               tuple((np.shape(a), np.result_type(a), getattr(a, "sharding", None)) for a in leaves))
+        program = self.programs.get(key)
+        if program is None:
+            on_cpu = all(d.platform == "cpu" for a in leaves if isinstance(a, jax.Array) for d in a.devices())
+            program = self.programs[key] = self.jitted.lower(*args).compile(CPU_COMPILER_OPTIONS if on_cpu else None)
+        return program(*args)
+
+
+def _classifier_stages(module: _Classifier) -> tuple[Callable, Callable, Callable]:
+    """`module`'s forward pass as three pure functions of parts of its parameter tree, which applied
+    in turn give its logits: `embed(encoder params but "blks", tokens, segments, training, key)` -> X
+    (B, T, H); `block(one block's params, X, valid_lens, queries, training, key)` -> X, once per block
+    (`queries` X[:, :1] for a `cls_only` last block, else None); `head({"hidden", "output"} params,
+    X)` -> logits. Each `key` is that part's dropout key. `_staged_train_function` compiles each part alone."""
+    cfg = dict(module.config)
+    embedder = _Encoder(tuple(sorted({**cfg, "num_layers": 0}.items())), module.detach_pos_embedding,
+                        module.fused_attention)  # the embeddings alone
+    block_module = EncoderBlock(cfg["num_hiddens"], cfg["ffn_num_hiddens"], cfg["num_heads"], cfg["dropout"],
+                                module.fused_attention, cfg["hidden_act"], cfg["layer_norm_eps"],
+                                cfg["attention_dropout"])
+    pooler, output = _Pooler(cfg["num_hiddens"]), _Linear(module.num_classes)
+
+    def embed(params: _Params, tokens: jax.Array, segments: jax.Array, training: bool, key: jax.Array) -> jax.Array:
+        return embedder.apply({"params": params}, tokens, segments, None, training=training, rngs={"dropout": key})
+
+    def block(params: _Params, X: jax.Array, valid_lens: jax.Array, queries: jax.Array | None, training: bool,
+              key: jax.Array) -> jax.Array:
+        return block_module.apply({"params": params}, X, valid_lens, queries, training, rngs={"dropout": key})
+
+    def head(params: _Params, X: jax.Array) -> jax.Array:
+        pooled = pooler.apply({"params": params["hidden"]}, X[:, 0, :])
+        return output.apply({"params": params["output"]}, pooled)  # (B, num_classes)
+
+    return embed, block, head
+
+
+@functools.lru_cache(maxsize=None)
+def _staged_train_function(module, loss: Callable, tx: optax.GradientTransformation,
+                           max_grad_norm: float | None = None) -> Callable:
+    """`_train_function`'s step (one device, one process, the same arguments, math and results) as a
+    few programs driven in turn: the embeddings, one encoder block, and the last block with the head
+    and the loss, each compiled forward (keeping what its backward needs, `jax.vjp`) and backward;
+    then the update (clip, `tx`), compiled once per run since its shapes are the parameters'. The
+    blocks but the last are alike in shape, so one block's programs serve them all: a new batch
+    shape compiles one block, not all of them, and not the optimizer again. (XLA's CPU backend
+    compiles a 6-layer step in ~10 s; run as a `lax.scan` loop the blocks would compile once too,
+    but XLA's CPU runtime runs a loop's body on one thread, and slower.) Each part's dropout key is
+    the step's with the chunk's and the part's index folded in, inside the programs: no program of
+    its own."""
+    embed, block, head = _classifier_stages(module)
+    cfg, cls_only = dict(module.config), module.cls_only
+    clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm is not None else None
+    last = str(cfg["num_layers"] - 1)
+
+    def part_key(key, c, part):  # chunk c's key for part 0 (embeddings), i + 1 (block i) or num_layers (top)
+        return jax.random.fold_in(jax.random.fold_in(key, c), part)
+
+    def embed_forward(params, tokens, segments, c, key):
+        return jax.vjp(lambda p: embed(p, tokens[c], segments[c], True, part_key(key, c, 0)), params)
+
+    def block_forward(params, X, valid_lens, c, key, i):
+        return jax.vjp(lambda p, X: block(p, X, valid_lens[c], None, True, part_key(key, c, i + 1)), params, X)
+
+    def top_forward(params, X, valid_lens, labels, weights, c, key):
+        """The last block, the head and the loss: (loss sum, its backward, number correct)."""
+        def summed_loss(p, X):
+            X = block(p["block"], X, valid_lens[c], X[:, :1, :] if cls_only else None, True,
+                      part_key(key, c, cfg["num_layers"]))
+            logits = head(p["head"], X)
+            losses = loss(logits, labels[c]) * weights[c]
+            return losses.sum(), ((logits.argmax(axis=-1) == labels[c]) * weights[c]).sum()
+        return jax.vjp(summed_loss, params, X, has_aux=True)
+
+    def update(params, opt_state, grads, count):
+        grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+        if clip is not None:
+            grads, _ = clip.update(grads, clip.init(params))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    programs = [_PerShape(jax.jit(f)) for f in (embed_forward, block_forward, top_forward, update)]
+    embed_forward, block_forward, top_forward, update = programs
+    backward = _PerShape(jax.jit(lambda pullback, g: pullback(g)))
+    add = _PerShape(jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)))
+
+    def step(params, opt_state, key, tokens, segments, valid_lens, labels, weights):
+        encoder = params["encoder"]
+        embedding = {k: v for k, v in encoder.items() if k != "blks"}
+        top = {"block": encoder["blks"][last], "head": {"hidden": params["hidden"], "output": params["output"]}}
+        grads, loss_sum, correct = None, [], []
+        for c in range(tokens.shape[0]):
+            X, embed_backward = embed_forward(embedding, tokens, segments, c, key)
+            pullbacks = []
+            for i in range(cfg["num_layers"] - 1):
+                X, pullback = block_forward(encoder["blks"][str(i)], X, valid_lens, c, key, i)
+                pullbacks.append(pullback)
+            chunk_loss, top_backward, chunk_correct = top_forward(top, X, valid_lens, labels, weights, c, key)
+            g_top, g_X = backward(top_backward, np.float32(1.0))
+            g_blocks = {last: g_top["block"]}
+            for i in reversed(range(cfg["num_layers"] - 1)):
+                g_blocks[str(i)], g_X = backward(pullbacks[i], g_X)
+            (g_embedding,) = backward(embed_backward, g_X)
+            chunk_grads = {"encoder": {**g_embedding, "blks": g_blocks}, **g_top["head"]}
+            grads = chunk_grads if grads is None else add(grads, chunk_grads)
+            loss_sum.append(chunk_loss)
+            correct.append(chunk_correct)
+        params, opt_state = update(params, opt_state, grads, float(np.asarray(weights).sum()))  # the real rows
+        return params, opt_state, functools.reduce(add, loss_sum), functools.reduce(add, correct)
+
+    return step
