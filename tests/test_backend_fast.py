@@ -75,14 +75,19 @@ def assert_same_step(tester, tmp_path, after: list, before: dict, lr: float, ste
                      atol=1e-5) -> None:
     """Parameters (canonical names) that two nets reached from the same `before` in `steps` steps:
     equal within rtol/atol, `W_k.bias` within 2 lr a step (the module docstring's reason); and they
-    did move."""
+    did move. Adam's step is about lr whatever a gradient's size, so an entry whose gradient sits at
+    float rounding level moves by rounding noise times lr/|gradient|: a few such entries (at most
+    0.5% of a tensor) may differ up to 2 lr a step too (measured: JAX's staged step, 1 of 1,024
+    entries of `hidden.0.weight` 4.8e-5 off after 6 steps at lr 1e-3)."""
     reached = [tester.params(net, tmp_path / f"after{i}") for i, net in enumerate(after)]
     assert max(np.abs(reached[0][k] - before[k]).max() for k in before) > 0.5 * lr  # they did train
     for k in before:
+        diff = np.abs(reached[1][k] - reached[0][k])
+        assert diff.max() <= 2 * lr * steps + 1e-6, k
         if k.endswith("W_k.bias"):
-            assert np.abs(reached[1][k] - reached[0][k]).max() <= 2 * lr * steps + 1e-6, k
-        else:
-            np.testing.assert_allclose(reached[1][k], reached[0][k], rtol=rtol, atol=atol, err_msg=k)
+            continue
+        off = diff > atol + rtol * np.abs(reached[0][k])
+        assert off.sum() <= max(1, 0.005 * off.size), (k, int(off.sum()), float(diff.max()))
 
 
 # --- the model -----------------------------------------------------------------------------------
