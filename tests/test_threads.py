@@ -37,7 +37,7 @@ def cpu_ticks():
 x = np.ones((768, 768))
 npx.waitall()
 before = cpu_ticks()
-for _ in range(60):
+for _ in range(240):  # ~1 s: enough 10 ms ticks that a thread's share is not lost to sampling
     x = npx.fully_connected(x, np.ones((768, 768)) / 768, num_hidden=768, no_bias=True)
 npx.waitall()
 after = cpu_ticks()
@@ -62,6 +62,8 @@ pytestmark = [pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="c
 
 def test_mxnet_and_torch_use_every_core_when_nlibert_comes_first():
     result = probe("nlibert-first")
+    if result["busy_threads"] < 2:  # once more: on cores other jobs share (CI's -n 2), a thread may have
+        result = probe("nlibert-first")  # waited out the loop (measured once in a fresh-clone CI run)
     assert result["busy_threads"] >= 2, result  # MXNet's operators ran on more than one thread
     assert result["torch_threads"] == CORES, result
     assert result["warnings"] == []
