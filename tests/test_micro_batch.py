@@ -27,7 +27,7 @@ def sample(tmp_path_factory):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_finetune_job_takes_micro_batch(backend, sample, tmp_path):
     """The job passes --micro-batch to the step and records it; with dropout off its first epoch's
-    loss is the whole-batch run's (the exact step is tested in tests/test_fast_*.py; later epochs
+    loss is the whole-batch run's (the exact step is tested in tests/test_backend_fast.py; later epochs
     drift apart by Adam's amplification of rounding where gradients are near 0)."""
     def run(name, micro_batch):
         return jobs.run_finetune(FinetuneSettings(

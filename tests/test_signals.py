@@ -154,6 +154,13 @@ def launcher(worker: str, tmp_path) -> subprocess.Popen:
                             text=True, env=env, start_new_session=True)
 
 
+def _has_pid(tmp_path, rank: int) -> bool:
+    """Worker `rank` wrote its pid: its ready file exists and is no longer empty (the worker opens the
+    file, then writes; seen between the two once in a CI run)."""
+    path = tmp_path / f"ready-{rank}"
+    return path.exists() and path.read_text().strip() != ""
+
+
 def ready(tmp_path) -> list[int]:
     return [int((tmp_path / f"ready-{r}").read_text()) for r in range(2)]
 
@@ -161,7 +168,7 @@ def ready(tmp_path) -> list[int]:
 @pytest.mark.parametrize("how", ["sigterm-to-the-launcher", "ctrl-c-to-its-group"])
 def test_the_launcher_passes_a_signal_on_once_and_waits_for_its_workers(tmp_path, how):
     job = launcher(NOTING_WORKER, tmp_path)
-    wait_for(lambda: all((tmp_path / f"ready-{r}").exists() for r in range(2)), "workers", 60, job)
+    wait_for(lambda: all(_has_pid(tmp_path, r) for r in range(2)), "workers", 60, job)
     signum = signal.SIGTERM if how.startswith("sigterm") else signal.SIGINT
     if signum == signal.SIGTERM:
         job.send_signal(signum)
@@ -175,7 +182,7 @@ def test_the_launcher_passes_a_signal_on_once_and_waits_for_its_workers(tmp_path
 def test_workers_die_with_a_sigkilled_launcher(tmp_path):
     job = launcher("import os, time; open(os.path.join(os.environ['WORKER_DIR'], 'ready-' + os.environ['R']), 'w')"
                    ".write(str(os.getpid())); time.sleep(120)", tmp_path)
-    wait_for(lambda: all((tmp_path / f"ready-{r}").exists() for r in range(2)), "workers", 60, job)
+    wait_for(lambda: all(_has_pid(tmp_path, r) for r in range(2)), "workers", 60, job)
     workers = ready(tmp_path)
     job.kill()
     job.wait()
