@@ -16,3 +16,17 @@ def require_backend(name: str) -> None:
     if os.environ.get("NLIBERT_REQUIRE_BACKENDS") == "1":
         pytest.fail(reason + "; NLIBERT_REQUIRE_BACKENDS=1 asks for it", pytrace=False)
     pytest.skip(reason, allow_module_level=True)
+
+
+def other_backends(source: str) -> list[str]:
+    """The installed backends beside `source`, for a test that compares backends: skip when there is
+    none, naming the extras that add one (a failure under NLIBERT_REQUIRE_BACKENDS=1, as above)."""
+    from nlibert.backends import BACKENDS, installed_backends
+    others = [name for name in installed_backends() if name != source]
+    if others:
+        return others
+    hints = "; ".join(install_hint(name) for name in BACKENDS if name != source)
+    reason = f"compares {source} with another backend, and none is installed ({hints})"
+    if os.environ.get("NLIBERT_REQUIRE_BACKENDS") == "1":
+        pytest.fail(reason + "; NLIBERT_REQUIRE_BACKENDS=1 asks for it", pytrace=False)
+    pytest.skip(reason)
