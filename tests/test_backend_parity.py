@@ -77,6 +77,17 @@ def _batches(max_len: int):
     return {"batch1": [max_len], "batch5": [max_len, 1, 2, max_len // 2 + 1, max_len - 1]}
 
 
+def torch_pretraining_backward(bert, ids, segments, valid_lens, positions, mlm_labels, nsp_labels) -> None:
+    """The gradient-parity files' torch reference: the summed MLM and NSP cross-entropy of `bert` (a
+    torch BERTModel, put in train mode) on numpy inputs, differentiated into its parameters' `.grad`."""
+    import torch
+    bert.train()
+    _, mlm, nsp = bert(*(torch.as_tensor(a) for a in (ids, segments, valid_lens, positions)))
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    (ce(mlm.reshape(-1, mlm.shape[-1]), torch.as_tensor(mlm_labels).reshape(-1)).sum()
+     + ce(nsp, torch.as_tensor(nsp_labels)).sum()).backward()
+
+
 def _sample_classifier_data(folder, max_len):
     """The generated SNLI sample's training split as the chapter's dataset, and its vocabulary (the
     training parity files' fine-tunes)."""

@@ -197,20 +197,23 @@ def test_hybridized_equals_imperative_forward_and_backward(fused):
     for T in (20, 12, 20):  # a second width, then the first again: the graph follows the shape
         (X, y) = packed_batch(T=T, seed=T)
         X, y = as_mx(X), np.array(y)
-        out = []
-        for net in (imperative, hybrid):
-            with autograd.record():
-                logits = net(X)
-                l = loss(logits, y).sum()
-            l.backward()
-            grads = {k: p.grad().asnumpy() for k, p in net._collect_params_with_prefix().items()}
-            out.append((logits.asnumpy(), grads))
+        out = [logits_and_grads(net, X, y, loss) for net in (imperative, hybrid)]
         onp.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
         for k in out[0][1]:
             onp.testing.assert_allclose(out[1][1][k], out[0][1][k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert hybrid.encoder.blks[0]._cached_op is not None  # it really ran as a graph
 
 
+
+
+def logits_and_grads(net, X, y, loss):
+    """One forward and backward of `net` on (X, y) under `loss` summed: the logits and every
+    parameter's gradient, as numpy."""
+    with autograd.record():
+        logits = net(X)
+        l = loss(logits, y).sum()
+    l.backward()
+    return logits.asnumpy(), {k: p.grad().asnumpy() for k, p in net._collect_params_with_prefix().items()}
 
 
 def test_fused_logits_equal_book_logits_and_the_switch_drops_stale_graphs():
@@ -234,13 +237,7 @@ def test_the_last_block_at_cls_only_hybridized_gives_the_same_logits_and_gradien
     X, y = packed_batch()
     X, y = as_mx(X), np.array(y)
     loss = gluon.loss.SoftmaxCrossEntropyLoss()
-    outs = []
-    for net in (full, cls):
-        with autograd.record():
-            logits = net(X)
-            l = loss(logits, y).sum()
-        l.backward()
-        outs.append((logits.asnumpy(), {k: p.grad().asnumpy() for k, p in net._collect_params_with_prefix().items()}))
+    outs = [logits_and_grads(net, X, y, loss) for net in (full, cls)]
     onp.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
     for k in outs[0][1]:
         onp.testing.assert_allclose(outs[1][1][k], outs[0][1][k], rtol=1e-4, atol=1e-6, err_msg=k)

@@ -32,7 +32,8 @@ from nlibert import jobs  # noqa: E402
 from nlibert.backends.torch.train import train_batch_ch13 as torch_train_batch  # noqa: E402
 # tests/ is on sys.path (rootdir conftest, prepend import mode): the shapes, inputs and sample data
 # are shared, not copied.
-from test_backend_parity import GRAD_BATCH_LENS, SHAPES, _inputs, _sample_classifier_data, _vocab  # noqa: E402
+from test_backend_parity import (GRAD_BATCH_LENS, SHAPES, _inputs, _sample_classifier_data, _vocab,  # noqa: E402
+                                 torch_pretraining_backward)
 
 CPU_T, CPU_J = torch.device("cpu"), jb.parse_devices("cpu")[0]
 
@@ -133,11 +134,7 @@ def test_gradient_parity_pretraining_heads(tmp_path):
     rng = onp.random.default_rng(2)
     mlm_labels, nsp_labels = rng.integers(0, V, size=positions.shape), rng.integers(0, 2, size=len(ids))
 
-    bert_t.train()
-    _, mlm_t, nsp_t = bert_t(*(torch.as_tensor(a) for a in (ids, segments, valid_lens, positions)))
-    ce = torch.nn.CrossEntropyLoss(reduction="none")
-    (ce(mlm_t.reshape(-1, V), torch.as_tensor(mlm_labels).reshape(-1)).sum()
-     + ce(nsp_t, torch.as_tensor(nsp_labels)).sum()).backward()
+    torch_pretraining_backward(bert_t, ids, segments, valid_lens, positions, mlm_labels, nsp_labels)
     grads_t = {k: p.grad.numpy().astype(onp.float64) for k, p in bert_t.named_parameters()}
 
     def total(params):

@@ -35,7 +35,7 @@ from nlibert.backends.mxnet.train import train_batch_ch13 as mx_train_batch  # n
 from nlibert.backends.torch.train import train_batch_ch13 as torch_train_batch  # noqa: E402
 from nlibert.core.names import format_key  # noqa: E402
 
-from test_backend_parity import GRAD_BATCH_LENS, SHAPES, _inputs, _vocab  # noqa: E402  the shared shapes, inputs
+from test_backend_parity import GRAD_BATCH_LENS, SHAPES, _inputs, _vocab, torch_pretraining_backward  # noqa: E402  the shared shapes, inputs
 
 # gluon.utils.split_and_load (used by the MXNet train_batch_ch13) calls MXNet's deprecated as_in_context.
 pytestmark = pytest.mark.filterwarnings("ignore:ndarray.as_in_context:DeprecationWarning")
@@ -128,11 +128,7 @@ def test_gradient_parity_pretraining_heads(tmp_path):
     rng = onp.random.default_rng(2)
     mlm_labels, nsp_labels = rng.integers(0, V, size=positions.shape), rng.integers(0, 2, size=len(ids))
 
-    bert_t.train()
-    _, mlm_t, nsp_t = bert_t(*(torch.as_tensor(a) for a in (ids, segments, valid_lens, positions)))
-    ce = torch.nn.CrossEntropyLoss(reduction="none")
-    (ce(mlm_t.reshape(-1, V), torch.as_tensor(mlm_labels).reshape(-1)).sum()
-     + ce(nsp_t, torch.as_tensor(nsp_labels)).sum()).backward()
+    torch_pretraining_backward(bert_t, ids, segments, valid_lens, positions, mlm_labels, nsp_labels)
     loss = gluon.loss.SoftmaxCrossEntropyLoss()
     with autograd.record():
         _, mlm_m, nsp_m = bert_m(mnp.array(ids, dtype="int32"), mnp.array(segments, dtype="int32"),
