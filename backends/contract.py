@@ -211,6 +211,11 @@ class FinetuneStep:
     def reseed(self, seed):
         """Seed the framework's RNG (dropout)."""
 
+    def compile_ahead(self, train_batches, eval_batches=()):
+        """Make ready what batches like these will need (core/training.py calls it before the first
+        step with `core.batching.template_batches`): JAX compiles their programs on a thread of its
+        own; torch and MXNet compile nothing per shape ahead, and do nothing."""
+
 
 def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices, split_f=None, *, verbose=True,
                on_epoch=None) -> list:

@@ -86,6 +86,21 @@ def batch_shapes(iterator: "BatchIterator") -> list[tuple[int, int]]:
     return [(len(idx), int(iterator.valid_lens[idx].max()) if iterator.trim else width) for idx in order if len(idx)]
 
 
+def template_batches(iterator: Any) -> list[Batch]:
+    """A batch of zeros of each (rows, width) the next pass of `iterator` (a `BatchIterator`) yields,
+    in the order they first come, with its arrays' types: what a backend that compiles a program per
+    shape (JAX) can compile before the batches come (`FinetuneStep.compile_ahead`). Another
+    iterator (the book's DataLoader) gives none. A wrapper that keeps what it wraps in `iterable`
+    (core.progress.Progress, tqdm) is looked through."""
+    while not isinstance(iterator, BatchIterator) and hasattr(iterator, "iterable"):
+        iterator = iterator.iterable
+    if not isinstance(iterator, BatchIterator):
+        return []
+    return [((np.zeros((rows, width), iterator.token_ids.dtype), np.zeros((rows, width), iterator.segments.dtype),
+              np.ones(rows, iterator.valid_lens.dtype)), np.zeros(rows, iterator.labels.dtype))
+            for rows, width in dict.fromkeys(iterator.next_pass_shapes())]
+
+
 def bucket_batch_indices(valid_lens: Sequence[int] | np.ndarray, multiple: int = 1,
                          window: int | None = None) -> Sampler:
     """A length-bucketing sampler over examples with these valid lengths, for `BatchIterator(sampler=...)`.
@@ -224,18 +239,32 @@ class BatchIterator:
             self._batch = i + 1
             valid_lens = self.valid_lens[idx]
             if self.trim and len(idx):
-                width = int(valid_lens.max())
-                # Rounded up to a multiple (few distinct shapes), never past the packed width.
-                width = -(-width // self.pad_multiple) * self.pad_multiple
-                if self.widths:
-                    width = next((w for w in self.widths if w >= width), padded_size(width))
-                width = min(width, self.token_ids.shape[1])
+                width = self.padded_width(int(valid_lens.max()))
                 # Fancy index plus slice copies into a contiguous (batch, width) array.
                 token_ids, segments = self.token_ids[idx, :width], self.segments[idx, :width]
             else:
                 token_ids, segments = self.token_ids[idx], self.segments[idx]
             yield (token_ids, segments, valid_lens), self.labels[idx]
         self._pass_start, self._batch = None, 0
+
+    def next_pass_shapes(self) -> list[tuple[int, int]]:
+        """(rows, width) of every batch the next pass yields, in order, from a copy of the
+        iterator's generator (its own is not advanced)."""
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self._rng.bit_generator.state
+        order = self.sampler(self.num_examples, self.batch_size, self.shuffle, rng)
+        width = self.token_ids.shape[1]
+        return [(len(idx), self.padded_width(int(self.valid_lens[idx].max())) if self.trim else width)
+                for idx in order if len(idx)]
+
+    def padded_width(self, longest: int) -> int:
+        """The width of a trimmed batch whose longest example is `longest` positions: rounded up to
+        `pad_multiple` (few distinct shapes), then to the first planned width that holds it (past
+        them, `padded_size`'s ladder), never past the packed width."""
+        width = -(-longest // self.pad_multiple) * self.pad_multiple
+        if self.widths:
+            width = next((w for w in self.widths if w >= width), padded_size(width))
+        return min(width, self.token_ids.shape[1])
 
     def state_dict(self) -> dict:
         """Where the iterator is, as JSON: the generator's state at the start of the pass in progress

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
+from .batching import template_batches
 from .runlog import RunLog, step_line
 
 SYNC_POLICIES = ("batch", "epoch")
@@ -157,6 +158,10 @@ class FinetuneStep(Protocol):
     def reseed(self, seed: int) -> None:
         """Seed the framework's RNG (dropout draws)."""
 
+    def compile_ahead(self, train_batches: Sequence, eval_batches: Sequence) -> None:
+        """Make ready, while the first steps run, what batches like these (`template_batches`: only
+        their shapes and types count) will need; a backend without programs per shape does nothing."""
+
 
 @dataclasses.dataclass
 class LoopState:
@@ -203,6 +208,9 @@ def train_epochs(step: FinetuneStep, train_iter: Iterable, test_iter: Iterable |
     state = state if state is not None else LoopState()
     records = [EpochRecord(**r) for r in state.records]
     steps_here, seen_here = 0, 0  # steps and examples of this call (a logged step's throughput)
+    if state.epoch <= num_epochs:  # a backend that compiles per shape starts on the run's shapes now
+        step.compile_ahead(template_batches(train_iter),
+                           [b for it in (valid_iter, test_iter) if it is not None for b in template_batches(it)])
     while state.epoch <= num_epochs:
         # Sum of training loss, no. of correct predictions, no. of examples, no. of predictions
         metric, timer = Accumulator(4), Timer()

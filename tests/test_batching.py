@@ -255,3 +255,70 @@ def test_planned_widths_round_trimmed_batches_up_and_batch_shapes_leaves_the_ord
         longest = int(valid_lens.max())
         assert tokens.shape[1] == segments.shape[1] == (16 if longest <= 16 else 24 if longest <= 24 else
                                                         min(padded_size(longest), 40))
+
+
+
+def test_template_batches_are_the_next_passs_shapes_in_order_with_the_arrays_types():
+    """`template_batches`: a zero batch of each shape the next pass yields, in the order they first
+    come, typed as the iterator's arrays; asking advances nothing; a Progress bar around the
+    iterator is looked through; any other iterable gives none."""
+    from nlibert.core.batching import template_batches
+    from nlibert.core.progress import Progress
+    arrays, labels = make_arrays(203, 40)
+    make = lambda: BatchIterator(arrays, labels, 16, shuffle=True, seed=5, trim=True,  # noqa: E731
+                                 sampler=bucket_batch_indices(arrays[2]), widths=(16, 24))
+    it, twin = make(), make()
+    for iterator in (it, twin):
+        next(iter(iterator))  # a pass under way: the templates are of the next one
+    templates = template_batches(Progress(it, enabled=False))
+    passed = [(X[0].shape, y.tolist()) for X, y in it]
+    shapes = [shape for shape, _ in passed]
+    assert [X[0].shape for X, _ in templates] == list(dict.fromkeys(shapes))  # first-come order, no repeats
+    assert len(templates) > 2 and len(shapes) > len(templates)
+    assert [(X[0].shape, y.tolist()) for X, y in twin] == passed  # the twin, never asked: nothing was advanced
+    (tokens, segments, valid_lens), y = templates[0]
+    assert (tokens.dtype, segments.dtype, valid_lens.dtype, y.dtype) == \
+        (arrays[0].dtype, arrays[1].dtype, arrays[2].dtype, labels.dtype)
+    assert not tokens.any() and len(valid_lens) == len(y) == tokens.shape[0]
+    assert template_batches([((arrays[0][:2], arrays[1][:2], arrays[2][:2]), labels[:2])]) == []
+
+
+def test_the_epoch_loop_hands_the_step_its_templates_once_before_the_first_step():
+    """`train_epochs` calls `step.compile_ahead` with the templates of the training iterator (seen
+    through its Progress bar) and of the validation and test iterators, before the first step and
+    only then; a run with no epoch left asks for nothing."""
+    from nlibert.core.batching import template_batches
+    from nlibert.core.progress import Progress
+    from nlibert.core.training import LoopState, train_epochs
+    arrays, labels = make_arrays(40, 12)
+    make = lambda shuffle: BatchIterator(arrays, labels, 8, shuffle=shuffle, seed=1, trim=True,  # noqa: E731
+                                         sampler=bucket_batch_indices(arrays[2]))
+    events = []
+
+    class Step:
+        learning_rate = 0.1
+
+        def compile_ahead(self, train_batches, eval_batches):
+            events.append(("ahead", [X[0].shape for X, _ in train_batches], [X[0].shape for X, _ in eval_batches]))
+
+        def __call__(self, features, labels):
+            events.append("step")
+            return 0.0, 0.0
+
+        def read(self, sums):
+            return 1.0, 1.0
+
+        def evaluate(self, data_iter):
+            return 0.5
+
+        def reseed(self, seed):
+            pass
+
+    train, test, valid = make(True), make(False), make(False)
+    expected = ("ahead", [X[0].shape for X, _ in template_batches(train)],
+                [X[0].shape for it in (valid, test) for X, _ in template_batches(it)])
+    train_epochs(Step(), Progress(train, enabled=False), test, 2, verbose=False, valid_iter=valid)
+    assert events[0] == expected and events[1:] == ["step"] * (2 * len(train))
+    events.clear()
+    train_epochs(Step(), train, test, 2, verbose=False, state=LoopState(epoch=3))
+    assert events == []

@@ -116,6 +116,137 @@ def test_programs_compile_once_per_shape_with_the_cpu_options(monkeypatch):
         programs(np.ones(3, np.float32), 2)
 
 
+def _join_compiling_ahead():
+    """Wait for the compile-ahead threads, the steps' thread idle meanwhile (as if it waited for a program)."""
+    _programs._step_thread_idle.set()
+    try:
+        for thread in list(_programs._ahead_threads):
+            thread.join(timeout=300)
+            assert not thread.is_alive()
+    finally:
+        _programs._step_thread_idle.clear()
+
+
+def _zeros_like(batch):
+    (tokens, segments, valid_lens), labels = batch
+    return (np.zeros_like(tokens), np.zeros_like(segments), np.ones_like(valid_lens)), np.zeros_like(labels)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_compile_ahead_compiles_on_a_thread_what_the_steps_and_evaluation_then_run(devices):
+    """`compile_ahead` on zero batches shaped as a run's (two widths) and its test batches: the
+    programs compile on a thread of their own, counted in `compiles`, and the steps and evaluation
+    then compile nothing, with the losses of a step that compiled as it went. On one device the
+    staged step's (the update first, then each width's six); on two, the one program per width."""
+    data = batches(task(16, seed=4), 8)
+    narrow = data[0]
+    wide = ((np.pad(narrow[0][0], ((0, 0), (0, 10))), np.pad(narrow[0][1], ((0, 0), (0, 10))), narrow[0][2]),
+            narrow[1])  # width 6 -> 16: a second shape
+    losses = []
+    for ahead in (True, False):
+        net, step = _step(max_len=50 + devices)  # a module no other test compiled
+        if devices == 2:
+            step = FinetuneStep(net, make_loss(), make_trainer(net, 1e-2), jax.devices("cpu")[:2])
+        start = step.compiles["compiles"]
+        if ahead:
+            step.compile_ahead([_zeros_like(narrow), _zeros_like(wide)], [_zeros_like(data[1])])
+            _join_compiling_ahead()
+            compiled_ahead = step.compiles["compiles"] - start
+            assert compiled_ahead == (1 + 6 + 6 + 1 if devices == 1 else 1 + 1 + 1)
+        losses.append([step.read(step(X, y))[0] for X, y in (narrow, wide, data[1])])
+        accuracy = step.evaluate(data[1:])
+        if ahead:
+            assert step.compiles["compiles"] - start == compiled_ahead  # nothing more on the way
+            assert 0.0 <= accuracy <= 1.0
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_on_the_cpu_compiling_ahead_waits_for_the_steps_thread_to_compile_or_wait():
+    """A step on the CPU keeps every core busy: the compile-ahead thread compiles only while the
+    steps' thread compiles (or waits for a program) itself."""
+    import time
+    net, step = _step(max_len=70)  # a module no other test compiled
+    X, y = batches(task(8, seed=6), 8)[0]
+    wide = ((np.zeros((8, 16), X[0].dtype), np.zeros((8, 16), X[1].dtype), X[2]), y)
+    start = step.compiles["compiles"]
+    step.compile_ahead([_zeros_like((X, y)), wide], [])
+    time.sleep(1.0)
+    assert step.compiles["compiles"] == start  # the steps' thread is neither compiling nor waiting
+    step.read(step(X, y))  # compiles the first width's 7; the thread meanwhile starts on the second width's
+    _join_compiling_ahead()
+    assert step.compiles["compiles"] - start == 7 + 6
+
+
+def test_a_program_asked_for_on_several_threads_compiles_once_and_a_failure_reaches_them_all():
+    """`_PerShape`: threads that need a program another is compiling wait for it; a compile that
+    fails raises on every waiting thread, and the next call compiles afresh. `ahead` returns the
+    shapes of a call's result without running it."""
+    import threading
+    import time
+    lowered = []
+
+    class Slow:  # `jax.jit`'s function, its lowering counted and slow enough for the threads to meet
+        def __init__(self, jitted):
+            self.jitted, self.fail = jitted, True
+
+        def __call__(self, *args):
+            return self.jitted(*args)
+
+        def lower(self, *args):
+            lowered.append(args)
+            time.sleep(0.3)
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("no compile this time")
+            return self.jitted.lower(*args)
+
+    programs = _programs._PerShape(Slow(jax.jit(lambda a: a * 2)))
+    results = []
+
+    def call():
+        try:
+            results.append(float(programs(np.float32(3))))
+        except RuntimeError as error:
+            results.append(str(error))
+
+    for expected in ("no compile this time", 6.0):
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results == [expected] * 4
+        results.clear()
+    assert len(lowered) == 2  # once failed, once compiled: never once per thread
+    shape = programs.ahead(jax.ShapeDtypeStruct((2, 3), np.float32))
+    assert (shape.shape, shape.dtype) == ((2, 3), np.float32) and len(lowered) == 3
+
+
+def test_a_process_that_ends_while_compiling_ahead_exits_cleanly_without_finishing():
+    """The thread stops between programs at exit and the exit waits for the one in progress: exit
+    code 0, no fatal error, and far fewer programs compiled than were asked for."""
+    script = f"""
+import atexit, sys
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+counts = {{}}
+atexit.register(lambda: print("compiled", counts["step"].compiles["compiles"]))  # runs after the stop: LIFO
+import numpy as np
+from test_jax_compile import _step, _zeros_like, batches, task
+net, step = _step(num_layers=4, max_len=64)
+counts["step"] = step
+X, y = batches(task(8, seed=5), 8)[0]
+wide = [((np.zeros((8, w), X[0].dtype), np.zeros((8, w), X[1].dtype), X[2]), y) for w in (12, 16, 24, 32, 48, 64)]
+step.compile_ahead(wide, [])
+sys.exit(0)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=str(pathlib.Path(__file__).parent))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Fatal" not in proc.stderr
+    compiled = int(proc.stdout.split("compiled")[-1])
+    assert compiled < 1 + 6 * 6  # the update and six widths' programs were asked for
+
+
 @pytest.mark.slow
 def test_bench_finetune_times_the_minilm_command_in_jax_beside_torch(tmp_path, shared_data):
     """`--e2e-only`: the MiniLM command alone, torch first, JAX's programs and seconds beside it."""

@@ -10,8 +10,11 @@
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import threading
+from concurrent.futures import Future
 from typing import Callable, Iterator
 
 import jax
@@ -24,28 +27,80 @@ from ._layers import _Linear
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
-# The programs compiled in this process inside `_counted` (a step's or evaluation's call: the staged
-# step's parts), and the seconds spent tracing, lowering and compiling them.
-_compiled = {"compiles": 0, "compile_seconds": 0.0, "counting": False}
+# The programs compiled in this process inside `_counted` (a step's or evaluation's call, the staged
+# step's parts, or compiling them ahead), and the seconds spent tracing, lowering and compiling them.
+_compiled = {"compiles": 0, "compile_seconds": 0.0}
+_counting = threading.local()  # per thread: a step's compiles and those made ahead on another thread
+_count_lock = threading.Lock()
 
 
 def _count_compile(event: str, seconds: float, **kwargs) -> None:
-    if _compiled["counting"] and event in _COMPILE_EVENTS:
-        _compiled["compiles"] += event == _COMPILE_EVENTS[-1]
-        _compiled["compile_seconds"] += seconds
+    if getattr(_counting, "on", False) and event in _COMPILE_EVENTS:
+        with _count_lock:
+            _compiled["compiles"] += event == _COMPILE_EVENTS[-1]
+            _compiled["compile_seconds"] += seconds
 
 
 @contextlib.contextmanager
 def _counted() -> Iterator[None]:
-    """Compiles inside (a call of a step's or evaluation's program) count in `_compiled`."""
-    _compiled["counting"] = True
+    """Compiles inside (on this thread) count in `_compiled`."""
+    _counting.on = True
     try:
         yield
     finally:
-        _compiled["counting"] = False
+        _counting.on = False
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+# Compiling ahead (`_compile_ahead`): the thread stops between programs at exit, and the exit waits
+# for the one in progress (the process's teardown never runs under a compile). Where the steps run on
+# the CPU, which they keep busy on every core, it compiles only while the steps' thread itself
+# compiles or waits for a program (`_step_thread_idle`): it takes a core no step is using.
+_ahead_stop, _ahead_threads = threading.Event(), []
+_step_thread_idle = threading.Event()
+_ahead_thread = threading.local()  # `.gated` on a compile-ahead thread that waits for `_step_thread_idle`
+
+
+class _Stopped(Exception):
+    """The process is exiting: a compile-ahead thread gives up the program it waited to compile."""
+
+
+@atexit.register
+def _stop_compiling_ahead() -> None:
+    _ahead_stop.set()
+    for thread in _ahead_threads:
+        thread.join()
+
+
+def _compile_ahead(jobs: list[tuple[Callable, tuple]], gated: bool) -> threading.Thread:
+    """`ahead(*args)` for every (ahead, args) of `jobs` in turn, on a thread of its own (compiles
+    counted), while the caller goes on: a program a step needs meanwhile is waited for, not compiled
+    twice (`_PerShape`). `gated`: each program waits for the steps' thread to be compiling or
+    waiting itself. A failure ends the thread quietly: the step that needs that program compiles it
+    itself, and raises there."""
+    def work() -> None:
+        _ahead_thread.gated = gated
+        with _counted():
+            for ahead, args in jobs:
+                if _ahead_stop.is_set():
+                    return
+                try:
+                    ahead(*args)
+                except Exception:  # noqa: BLE001 - see the docstring
+                    return
+    thread = threading.Thread(target=work, name="nlibert-compile-ahead", daemon=True)
+    _ahead_threads.append(thread)
+    thread.start()
+    return thread
+
+
+def _wait_for_a_free_core() -> None:
+    if getattr(_ahead_thread, "gated", False):
+        while not _step_thread_idle.wait(0.05):
+            if _ahead_stop.is_set():
+                raise _Stopped()
+
 
 # What XLA's CPU backend compiles the training and evaluation programs with: LLVM at -O1, without its
 # expensive passes. The matrix products are calls into Eigen that these leave as they are; what they
@@ -58,20 +113,52 @@ class _PerShape:
     """A `jax.jit` function compiled once per shape of its arguments, as `jit` itself does, but with
     `CPU_COMPILER_OPTIONS` where the arguments live on the CPU (`jit` takes no compiler options in
     jax 0.4.23; `.lower(...).compile(options)` does). The programs are kept by the shapes, dtypes and
-    placements of the arguments; each call runs through the compiled program's own fast dispatch."""
+    (`by_placement`) placements of the arguments; each call runs through the compiled program's own
+    fast dispatch. `ahead` compiles without running, on any thread: a call that needs a program
+    another thread is compiling waits for it instead of compiling it again."""
 
-    def __init__(self, jitted: Callable) -> None:
-        self.jitted, self.programs = jitted, {}
+    def __init__(self, jitted: Callable, by_placement: bool = True) -> None:
+        self.jitted, self.by_placement, self.programs, self.lock = jitted, by_placement, {}, threading.Lock()
 
-    def __call__(self, *args):
+    def _program(self, args: tuple) -> Callable:
         leaves = jax.tree_util.tree_leaves(args)
         key = (jax.tree_util.tree_structure(args),  # a Python number is traced as a scalar: its type counts
-               tuple((np.shape(a), np.result_type(a), getattr(a, "sharding", None)) for a in leaves))
-        program = self.programs.get(key)
-        if program is None:
-            on_cpu = all(d.platform == "cpu" for a in leaves if isinstance(a, jax.Array) for d in a.devices())
-            program = self.programs[key] = self.jitted.lower(*args).compile(CPU_COMPILER_OPTIONS if on_cpu else None)
-        return program(*args)
+               tuple((np.shape(a), a.dtype if hasattr(a, "dtype") else np.result_type(a),
+                      getattr(a, "sharding", None) if self.by_placement else None) for a in leaves))
+        with self.lock:
+            program, mine = self.programs.get(key), False
+            if program is None:
+                program, mine = self.programs.setdefault(key, Future()), True
+        if program.done():
+            return program.result()
+        step_thread = not hasattr(_ahead_thread, "gated")
+        if step_thread:
+            _step_thread_idle.set()  # compiling or waiting: a core for the compile-ahead thread
+        try:
+            if mine:
+                try:  # (abstract arguments, `jax.ShapeDtypeStruct`s, may carry a sharding too)
+                    _wait_for_a_free_core()
+                    on_cpu = all(d.platform == "cpu" for a in leaves if getattr(a, "sharding", None) is not None
+                                 for d in a.sharding.device_set)
+                    program.set_result(self.jitted.lower(*args).compile(CPU_COMPILER_OPTIONS if on_cpu else None))
+                except BaseException as error:  # the waiting callers see it; the next call compiles afresh
+                    with self.lock:
+                        del self.programs[key]
+                    program.set_exception(error)
+                    raise
+            return program.result()
+        finally:
+            if step_thread:
+                _step_thread_idle.clear()
+
+    def __call__(self, *args):
+        return self._program(args)(*args)
+
+    def ahead(self, *args):
+        """Compile for arguments like `args` (arrays or `jax.ShapeDtypeStruct`s) without running;
+        returns the shapes of what a call would return (`jax.eval_shape`)."""
+        self._program(args)
+        return jax.eval_shape(self.jitted, *args)
 
 
 def _classifier_stages(module: _Classifier) -> tuple[Callable, Callable, Callable]:
@@ -146,33 +233,47 @@ def _staged_train_function(module, loss: Callable, tx: optax.GradientTransformat
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    programs = [_PerShape(jax.jit(f)) for f in (embed_forward, block_forward, top_forward, update)]
+    programs = [_PerShape(jax.jit(f), by_placement=False) for f in (embed_forward, block_forward, top_forward, update)]
     embed_forward, block_forward, top_forward, update = programs
-    backward = _PerShape(jax.jit(lambda pullback, g: pullback(g)))
-    add = _PerShape(jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)))
+    backward = _PerShape(jax.jit(lambda pullback, g: pullback(g)), by_placement=False)
+    add = _PerShape(jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)), by_placement=False)
 
-    def step(params, opt_state, key, tokens, segments, valid_lens, labels, weights):
+    def drive(call, params, opt_state, key, tokens, segments, valid_lens, labels, weights, count):
+        """The step's programs in turn, each run by `call(program, *args)`; `count`: the real rows."""
         encoder = params["encoder"]
         embedding = {k: v for k, v in encoder.items() if k != "blks"}
         top = {"block": encoder["blks"][last], "head": {"hidden": params["hidden"], "output": params["output"]}}
         grads, loss_sum, correct = None, [], []
         for c in range(tokens.shape[0]):
-            X, embed_backward = embed_forward(embedding, tokens, segments, c, key)
+            X, embed_backward = call(embed_forward, embedding, tokens, segments, c, key)
             pullbacks = []
             for i in range(cfg["num_layers"] - 1):
-                X, pullback = block_forward(encoder["blks"][str(i)], X, valid_lens, c, key, i)
+                X, pullback = call(block_forward, encoder["blks"][str(i)], X, valid_lens, c, key, i)
                 pullbacks.append(pullback)
-            chunk_loss, top_backward, chunk_correct = top_forward(top, X, valid_lens, labels, weights, c, key)
-            g_top, g_X = backward(top_backward, np.float32(1.0))
+            chunk_loss, top_backward, chunk_correct = call(top_forward, top, X, valid_lens, labels, weights, c, key)
+            g_top, g_X = call(backward, top_backward, np.float32(1.0))
             g_blocks = {last: g_top["block"]}
             for i in reversed(range(cfg["num_layers"] - 1)):
-                g_blocks[str(i)], g_X = backward(pullbacks[i], g_X)
-            (g_embedding,) = backward(embed_backward, g_X)
+                g_blocks[str(i)], g_X = call(backward, pullbacks[i], g_X)
+            (g_embedding,) = call(backward, embed_backward, g_X)
             chunk_grads = {"encoder": {**g_embedding, "blks": g_blocks}, **g_top["head"]}
-            grads = chunk_grads if grads is None else add(grads, chunk_grads)
+            grads = chunk_grads if grads is None else call(add, grads, chunk_grads)
             loss_sum.append(chunk_loss)
             correct.append(chunk_correct)
-        params, opt_state = update(params, opt_state, grads, float(np.asarray(weights).sum()))  # the real rows
-        return params, opt_state, functools.reduce(add, loss_sum), functools.reduce(add, correct)
+        params, opt_state = call(update, params, opt_state, grads, count)
+        sums = [functools.reduce(lambda a, b: call(add, a, b), parts) for parts in (loss_sum, correct)]
+        return params, opt_state, *sums
 
+    def step(params, opt_state, key, tokens, segments, valid_lens, labels, weights):
+        return drive(lambda program, *args: program(*args), params, opt_state, key, tokens, segments, valid_lens,
+                     labels, weights, float(np.asarray(weights).sum()))  # the real rows
+
+    def ahead(params, opt_state, key, tokens, segments, valid_lens, labels, weights) -> None:
+        """Compile every program a step on such a batch runs, running none (`_PerShape.ahead`)."""
+        drive(lambda program, *args: program.ahead(*args), params, opt_state, key, tokens, segments, valid_lens,
+              labels, weights, 1.0)
+
+    step.ahead = ahead
+    # The update's shapes are the parameters': it can compile before any batch's programs.
+    step.ahead_update = lambda params, opt_state: update.ahead(params, opt_state, params, 1.0)
     return step

@@ -39,7 +39,7 @@ from nlibert.core.batching import padded_size, rows
 from nlibert.core.distributed import World
 from nlibert.core.training import require_devices
 
-from ._programs import _PerShape, _compiled, _counted, _staged_train_function
+from ._programs import _PerShape, _compile_ahead, _compiled, _counted, _staged_train_function
 from .model import _Bound, _Classifier
 from .runtime import _next_key
 
@@ -327,9 +327,12 @@ class FinetuneStep:
         the seconds spent tracing, lowering and compiling them (metrics.json's fast_path records them)."""
         return {key: round(_compiled[key] - self._compiled_before[key], 2) for key in ("compiles", "compile_seconds")}
 
+    def _prepared(self, features, labels) -> tuple[jax.Array, ...]:
+        return _prepare(features, labels, self.mesh_devices, self.net.config.max_len, self.micro_batch, self.world,
+                        _MIN_ROWS)
+
     def __call__(self, features, labels) -> tuple[_Sums, _Sums]:
-        batch = _prepare(features, labels, self.mesh_devices, self.net.config.max_len, self.micro_batch, self.world,
-                         _MIN_ROWS)
+        batch = self._prepared(features, labels)
         self.key, key = jax.random.split(self.key)
         if self.world.size > 1:  # each rank's key, one row each; what a restore or a new rate left on this device
             key = jax.make_array_from_single_device_arrays(
@@ -355,6 +358,27 @@ class FinetuneStep:
 
     def reseed(self, seed: int) -> None:
         self.key = jax.random.PRNGKey(seed)
+
+    def compile_ahead(self, train_batches: Sequence, eval_batches: Sequence = ()) -> None:
+        """Compile the step's and evaluation's programs for batches like these, on a thread of its
+        own, while the first steps run (a short run spent most of its time waiting for compiles:
+        issue 28). One process only: a job's ranks compile as they reach a shape."""
+        if self.world.size > 1:
+            return
+        def abstract(tree):  # shapes and placements: what compiling needs, holding no buffer a step may donate
+            return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+        params, state = abstract((self.net.params, self.trainer.state))
+        key = self.key  # as the steps' keys are: on the first device, not committed to it
+        eval_params = abstract(_replicate(self.net.params, self.devices))
+        count = _eval_function(self.net.module)
+        train = [(self.train.ahead, (params, state, key, *self._prepared(features, labels)))
+                 for features, labels in train_batches]
+        evaluation = [(count.ahead, (eval_params, *_prepare(features, labels, self.devices, self.net.config.max_len,
+                                                            min_rows=_MIN_ROWS))) for features, labels in eval_batches]
+        # The first step compiles the first batch's programs itself; meanwhile this thread compiles
+        # the update (staged: one program of its own), then the next shapes': two compiles at once.
+        update = [(self.train.ahead_update, (params, state))] if hasattr(self.train, "ahead_update") else []
+        _compile_ahead(update + train[1:] + evaluation + train[:1], gated=self.devices[0].platform == "cpu")
 
 
 train_ch13 = bind(book.train_ch13, FinetuneStep)

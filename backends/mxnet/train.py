@@ -263,6 +263,9 @@ class FinetuneStep:
     def reseed(self, seed: int) -> None:
         mx.random.seed(seed)
 
+    def compile_ahead(self, train_batches: Sequence, eval_batches: Sequence = ()) -> None:
+        """Nothing to do: this backend compiles no program per batch shape ahead (JAX's does)."""
+
 
 train_ch13 = bind(book.train_ch13, FinetuneStep)
 train_fast = bind(book.train_fast, FinetuneStep)
