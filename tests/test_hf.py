@@ -235,6 +235,37 @@ def test_a_model_without_heads_loads_and_keeps_fresh_heads(tmp_path):
     assert bert.mlm.mlp[2].weight.data().shape == (len(SPECIALS) + len(WORDS), 32)
 
 
+@pytest.mark.backends("jax")
+def test_jax_builds_a_checkpoints_model_as_shapes_and_draws_only_the_heads_it_lacks(tmp_path, monkeypatch):
+    """JAX's loader draws no parameter a checkpoint overwrites (one host draw per parameter of the
+    missing heads, none for the rest): every loaded one is the file's, the heads the file lacks
+    have the whole model's names, shapes and initial distributions, and the same seed loads the
+    same model."""
+    from nlibert.backends import jax as jb
+    from nlibert.backends.jax.checkpoint import _flatten
+    write_tiny_hf_bert(tmp_path / "hf", heads=False)
+    path = hf.hf_weights_path(tmp_path / "hf")
+    params, missing = hf.hf_to_canonical(hf.read_hf_weights(path), hf.read_hf_config(tmp_path / "hf"), path)
+    loads, draws, default_rng = [], [], np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda *a: draws.append(a) or default_rng(*a))
+    for _ in range(2):
+        jb.set_seed(0)
+        bert, _ = jb.load_pretrained_model(str(tmp_path / "hf"), **SIZES)
+        loads.append({k: np.asarray(v) for k, v in _flatten(bert.params).items()})
+    assert len(draws) == 2 * len(missing)  # the heads' parameters alone, at each load
+    monkeypatch.undo()
+    loaded, drawn_whole = loads[0], _flatten(jb.BERTModel.from_config(bert.config).params)
+    assert {k: v.shape for k, v in loaded.items()} == {k: tuple(v.shape) for k, v in drawn_whole.items()}
+    assert all(np.array_equal(loaded[k], np.asarray(v, np.float32)) for k, v in params.items())
+    assert all(np.array_equal(loads[0][k], loads[1][k]) for k in loaded)  # the same seed, the same heads
+    bound = 1 / np.sqrt(32)  # torch's Linear init, fan_in = hidden size 32
+    for name in ("mlm.mlp.0.weight", "mlm.mlp.3.weight", "nsp.output.weight"):
+        assert np.abs(loaded[name]).max() <= bound and loaded[name].std() > bound / 4, name
+    assert np.abs(loaded["nsp.output.bias"]).max() <= bound and np.unique(loaded["nsp.output.bias"]).size == 2
+    assert (loaded["mlm.mlp.2.weight"] == 1).all() and (loaded["mlm.mlp.2.bias"] == 0).all()  # LayerNorm
+    assert sorted(missing) == sorted(k for k in loaded if k.startswith(("mlm.", "nsp.")))
+
+
 def test_unsupported_configs_are_refused_by_key(tmp_path):
     write_tiny_hf_bert(tmp_path / "hf")
     path = tmp_path / "hf" / "config.json"

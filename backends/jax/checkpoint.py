@@ -31,7 +31,7 @@ from nlibert.core.names import check_shapes, expected_shapes, infer_config
 from nlibert.core.training import require_devices
 from nlibert.core.vocab import Vocab, save_vocab
 
-from .model import BERTClassifier, BERTModel, _BERT, _config_items, _Params
+from .model import BERTClassifier, BERTModel, _BERT, _config_items, _fresh_heads, _Params, _shapes_only
 
 FORMAT = "jax"  # the format config.json records, the backend's name in nlibert.backends
 
@@ -125,9 +125,11 @@ def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int 
     cfg, vocab, params, missing_heads, path = read_pretrained(
         pretrained_model, FORMAT, read_params_in, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
         num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len)
-    bert = BERTModel.from_config(cfg)
+    with _shapes_only():  # the checkpoint fills them; only the heads it lacks are drawn
+        bert = BERTModel.from_config(cfg)
     own = _flatten(bert.params)
     check_filled(_shapes(own), params, missing_heads, path, FORMAT)
+    own.update(_flatten(_fresh_heads(cfg, sorted({name.split(".")[0] for name in missing_heads}))))
     own.update({k: np.array(v, dtype=np.float32) for k, v in params.items()})
     bert.params = jax.device_put(_nest(own), _first_device(devices))
     return bert, vocab
