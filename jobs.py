@@ -237,7 +237,9 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
                "versions": _versions(backend)}
     if fast and hasattr(step, "compiles"):  # a backend that compiles per shape counts its programs (JAX)
         metrics["fast_path"].update(step.compiles)
-        print(f"compiled {step.compiles['compiles']} programs in {step.compiles['compile_seconds']:.1f} s")
+        compiles = step.compiles
+        cached = f" ({compiles['from_cache']} from the compilation cache)" if compiles.get("from_cache") else ""
+        print(f"compiled {compiles['compiles']} programs in {compiles['compile_seconds']:.1f} s{cached}")
     write_json(os.path.join(settings.out, "metrics.json"), metrics)
     plot_training(records, os.path.join(settings.out, "training.png"), settings.epochs)
     return metrics

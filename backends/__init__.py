@@ -54,7 +54,7 @@ REGISTRY = (
     BackendInfo("mxnet", "nlibert.backends.mxnet", "mxnet", "MXNet 1.9.1",
                 marker='platform_system == "Linux" and platform_machine == "x86_64" and python_version < "3.12"',
                 where="Linux x86_64 with Python 3.10 or 3.11", job_env="DMLC_ROLE"),
-    BackendInfo("jax", "nlibert.backends.jax", "jax", "JAX 0.4.23", marker='python_version < "3.13"',
+    BackendInfo("jax", "nlibert.backends.jax", "jax", "JAX 0.4.23, 0.4.30 on Python 3.12", marker='python_version < "3.13"',
                 where="Python 3.10 to 3.12", job_env="WORLD_SIZE", multi_process_pretraining=False,
                 # Measured for MiniLM-L6 on a 2-core CPU (benchmarks/bench_jax_compile.py): a new
                 # width's training programs ~2.4 s, as long as ~12,000 rows x positions of steps take

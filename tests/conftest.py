@@ -8,6 +8,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # XLA shows the host as two CPU devices, so the JAX backend's data parallelism (`cpu:0,cpu:1`, the
 # path `cuda:0,cuda:1` takes) is testable here; set before any test module starts JAX.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# Where jax keeps compiled programs on disk (jax 0.4.30, Python 3.12's JAX extra): not the user's
+# ~/.cache/nlibert/jax, which the backend would fill otherwise.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(__import__("tempfile").gettempdir(),
+                                                                "nlibert-tests-jax-cache"))
 
 import numpy as np
 import pytest

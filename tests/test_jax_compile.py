@@ -247,6 +247,36 @@ sys.exit(0)
     assert compiled < 1 + 6 * 6  # the update and six widths' programs were asked for
 
 
+@pytest.mark.skipif(not _programs.PERSISTENT_CPU_CACHE,
+                    reason=f"jax {jax.__version__} keeps no CPU programs on disk (0.4.30 does: Python 3.12's JAX extra)")
+def test_a_second_process_loads_the_first_ones_programs_from_the_compilation_cache(tmp_path):
+    """With jax 0.4.30 a step's programs go to `COMPILATION_CACHE_DIR` (~/.cache/nlibert/jax; HOME here tmp_path):
+    the next process that needs them loads every one of them from there and compiles none."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+import os
+os.environ["HOME"] = {str(tmp_path)!r}  # COMPILATION_CACHE_DIR: ~/.cache/nlibert/jax
+from nlibert.backends.jax import _programs
+import jax
+assert jax.config.jax_compilation_cache_dir == os.path.join({str(tmp_path)!r}, ".cache", "nlibert", "jax")
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # this tiny model's compile in less than 0.1 s
+from test_jax_compile import _step, batches, task
+net, step = _step(num_layers=3, max_len=24)
+X, y = batches(task(8, seed=3), 8)[0]
+step.read(step(X, y))
+print("counts", step.compiles["compiles"], step.compiles["from_cache"])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    counts = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        counts.append(tuple(int(n) for n in proc.stdout.split("counts")[-1].split()))
+    assert counts == [(7, 0), (7, 7)]  # the staged step's 7 programs: compiled, then all 7 loaded
+    assert len(list((tmp_path / ".cache" / "nlibert" / "jax").iterdir())) >= 7
+
+
 @pytest.mark.slow
 def test_bench_finetune_times_the_minilm_command_in_jax_beside_torch(tmp_path, shared_data):
     """`--e2e-only`: the MiniLM command alone, torch first, JAX's programs and seconds beside it."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import os
 import threading
 from concurrent.futures import Future
 from typing import Callable, Iterator
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from packaging.version import Version
 
 from .model import EncoderBlock, _Classifier, _Encoder, _Params, _Pooler
 from ._layers import _Linear
@@ -29,7 +31,8 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/
                    "/jax/core/compile/backend_compile_duration")
 # The programs compiled in this process inside `_counted` (a step's or evaluation's call, the staged
 # step's parts, or compiling them ahead), and the seconds spent tracing, lowering and compiling them.
-_compiled = {"compiles": 0, "compile_seconds": 0.0}
+# Programs a persistent compilation cache gave (`use_compilation_cache`) count too, as `from_cache`.
+_compiled = {"compiles": 0, "compile_seconds": 0.0, "from_cache": 0}
 _counting = threading.local()  # per thread: a step's compiles and those made ahead on another thread
 _count_lock = threading.Lock()
 
@@ -51,7 +54,31 @@ def _counted() -> Iterator[None]:
         _counting.on = False
 
 
+def _count_cache_hit(event: str, **kwargs) -> None:
+    if getattr(_counting, "on", False) and event == "/jax/compilation_cache/cache_hits":
+        with _count_lock:
+            _compiled["from_cache"] += 1
+
+
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
+jax.monitoring.register_event_listener(_count_cache_hit)
+
+# jax 0.4.30 and later keep compiled CPU programs on disk (0.4.23, the one that installs beside
+# MXNet's numpy, skips the CPU): a later run that needs a program this one compiled loads it.
+PERSISTENT_CPU_CACHE = Version(jax.__version__) >= Version("0.4.30")
+COMPILATION_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nlibert", "jax")
+
+
+def use_compilation_cache() -> None:
+    """Where jax keeps CPU programs on disk, keep ours in `COMPILATION_CACHE_DIR` (those compiling in
+    0.1 s or more), unless the user chose a folder (`JAX_COMPILATION_CACHE_DIR`), whose settings stand.
+    Called as the backend is imported: jax reads the setting at its first compile, once."""
+    if PERSISTENT_CPU_CACHE and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE_DIR)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+
+
+use_compilation_cache()
 
 # Compiling ahead (`_compile_ahead`): the thread stops between programs at exit, and the exit waits
 # for the one in progress (the process's teardown never runs under a compile). Where the steps run on

@@ -325,7 +325,7 @@ class FinetuneStep:
     def compiles(self) -> dict:
         """The training and evaluation programs this process compiled since the step was made, and
         the seconds spent tracing, lowering and compiling them (metrics.json's fast_path records them)."""
-        return {key: round(_compiled[key] - self._compiled_before[key], 2) for key in ("compiles", "compile_seconds")}
+        return {key: round(_compiled[key] - self._compiled_before[key], 2) for key in _compiled}
 
     def _prepared(self, features, labels) -> tuple[jax.Array, ...]:
         return _prepare(features, labels, self.mesh_devices, self.net.config.max_len, self.micro_batch, self.world,
