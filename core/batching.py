@@ -78,10 +78,12 @@ def plan_widths(shapes: Sequence[tuple[int, int]], compile_cost: float, limit: i
     return tuple(sorted(plan))
 
 
-def batch_shapes(iterator: "BatchIterator") -> list[tuple[int, int]]:
+def batch_shapes(iterator: "BatchIterator", rng: np.random.Generator | None = None) -> list[tuple[int, int]]:
     """(rows, trimmed width) of every batch of one pass of `iterator`, from a throwaway generator
-    (the iterator's own is not advanced): with whole-pass length buckets, every pass's shapes."""
-    order = iterator.sampler(iterator.num_examples, iterator.batch_size, iterator.shuffle, np.random.default_rng(0))
+    (`rng`; default seeded 0; the iterator's own is not advanced): with whole-pass length buckets,
+    every pass's shapes."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    order = iterator.sampler(iterator.num_examples, iterator.batch_size, iterator.shuffle, rng)
     width = iterator.token_ids.shape[1]
     return [(len(idx), int(iterator.valid_lens[idx].max()) if iterator.trim else width) for idx in order if len(idx)]
 
@@ -252,10 +254,7 @@ class BatchIterator:
         iterator's generator (its own is not advanced)."""
         rng = np.random.default_rng()
         rng.bit_generator.state = self._rng.bit_generator.state
-        order = self.sampler(self.num_examples, self.batch_size, self.shuffle, rng)
-        width = self.token_ids.shape[1]
-        return [(len(idx), self.padded_width(int(self.valid_lens[idx].max())) if self.trim else width)
-                for idx in order if len(idx)]
+        return [(rows, self.padded_width(width) if self.trim else width) for rows, width in batch_shapes(self, rng)]
 
     def padded_width(self, longest: int) -> int:
         """The width of a trimmed batch whose longest example is `longest` positions: rounded up to

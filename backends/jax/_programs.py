@@ -100,7 +100,7 @@ def _stop_compiling_ahead() -> None:
         thread.join()
 
 
-def _compile_ahead(jobs: list[tuple[Callable, tuple]], gated: bool) -> threading.Thread:
+def _compile_ahead(jobs: list[tuple[Callable, tuple]], gated: bool) -> None:
     """`ahead(*args)` for every (ahead, args) of `jobs` in turn, on a thread of its own (compiles
     counted), while the caller goes on: a program a step needs meanwhile is waited for, not compiled
     twice (`_PerShape`). `gated`: each program waits for the steps' thread to be compiling or
@@ -119,7 +119,6 @@ def _compile_ahead(jobs: list[tuple[Callable, tuple]], gated: bool) -> threading
     thread = threading.Thread(target=work, name="nlibert-compile-ahead", daemon=True)
     _ahead_threads.append(thread)
     thread.start()
-    return thread
 
 
 def _wait_for_a_free_core() -> None:

@@ -323,8 +323,9 @@ class FinetuneStep:
 
     @property
     def compiles(self) -> dict:
-        """The training and evaluation programs this process compiled since the step was made, and
-        the seconds spent tracing, lowering and compiling them (metrics.json's fast_path records them)."""
+        """The training and evaluation programs this process compiled since the step was made, the
+        seconds spent tracing, lowering and compiling them, and how many of them a persistent
+        compilation cache gave (`from_cache`; metrics.json's fast_path records them)."""
         return {key: round(_compiled[key] - self._compiled_before[key], 2) for key in _compiled}
 
     def _prepared(self, features, labels) -> tuple[jax.Array, ...]:
