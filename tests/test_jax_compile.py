@@ -57,9 +57,11 @@ def test_the_staged_step_trains_as_the_one_program_step(num_layers, cls_only, op
         assert l1 == pytest.approx(l2, rel=1e-5) and c1 == c2
     # The attention key biases aside: their true gradient is 0 (softmax ignores a shift shared by every
     # key), and Adam turns the rounding noise of any two summation orders into steps of up to lr.
+    # Elsewhere that noise moves a parameter by ~1e-5 in four steps (Adam divides by the gradients'
+    # own size); a wrong gradient would move it by a good part of lr (1e-2) in one.
     compared = [k for k in whole if not k.endswith("W_k.bias")]
     worst = max(compared, key=lambda k: np.abs(staged[k] - whole[k]).max())
-    assert np.abs(staged[worst] - whole[worst]).max() < 1e-5, worst
+    assert np.abs(staged[worst] - whole[worst]).max() < 1e-4, worst
     moved = _params(_step(num_layers, cls_only)[0])
     assert max(np.abs(staged[k] - moved[k]).max() for k in whole) > 1e-3  # they did train
 

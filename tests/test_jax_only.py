@@ -54,6 +54,26 @@ def batch(B=3, T=10, valid_lens=(10, 6, 3), seed=0):
 
 # --- the model -----------------------------------------------------------------------------------
 
+def test_a_new_model_is_drawn_on_the_host_without_compiling():
+    """A model is built from `jax.eval_shape`'s tree and numpy draws (`_layers._draw_params`): XLA
+    compiles nothing, each parameter has a generator of its own (two blocks' alike layers differ),
+    the seed decides the values, and each kind of layer gets torch's initial distribution."""
+    first, compiles = _flatten(tiny_bert(seed=3).params), []  # (the seed's key functions compile once)
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+    net = BERTClassifier(jb.BERTModel(V + 1, H + 8, FFN + 8, HEADS, LAYERS + 1, 0.1, MAX_LEN + 1), num_classes=4)
+    assert compiles == []  # a model of new shapes: flax's lazy_init compiled dozens of programs
+    again, other = _flatten(tiny_bert(seed=3).params), _flatten(tiny_bert(seed=4).params)
+    layer_norms = [k for k in first if ".ln." in k or k.startswith("mlm.mlp.2.")]
+    assert all(onp.array_equal(first[k], again[k]) for k in first)
+    assert not any(onp.array_equal(first[k], other[k]) for k in first if k not in layer_norms)
+    w0, w1 = (first[f"encoder.blks.{i}.attention.W_q.weight"] for i in (0, 1))
+    assert not onp.array_equal(w0, w1) and onp.abs(w0).max() <= 1 / onp.sqrt(H)  # torch's Linear: U(±1/sqrt(fan_in))
+    assert abs(first["encoder.token_embedding.weight"].std() - 1) < 0.1  # torch's Embedding: N(0, 1)
+    assert len(layer_norms) == 2 * 2 * LAYERS + 2 and all((first[k] == (1 if k.endswith("weight") else 0)).all() for k in layer_norms)
+    output = onp.asarray(net.params["output"]["weight"])
+    assert output.shape == (4, H + 8) and onp.abs(output).max() <= 1 / onp.sqrt(H + 8)
+
 def test_split_heads_is_batch_major_and_merge_inverts_it(rng):
     attn = MultiHeadAttention(num_hiddens=8, num_heads=2, dropout=0.0)
     X = rng.normal(size=(3, 5, 8)).astype(onp.float32)

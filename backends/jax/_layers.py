@@ -5,6 +5,7 @@ backend's parameter tree is the canonical `state_dict` (a private helper of back
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Sequence
 
 import flax.linen as nn
@@ -13,16 +14,48 @@ import jax.numpy as jnp
 import numpy as np
 
 
+# While `_draw_params` traces a module's init, each parameter's draw and shape, by its path in the
+# parameter tree (`_param` notes them); None otherwise.
+_DRAWS: list[dict | None] = [None]
+
+
 def _host_init(draw):
-    """An initializer that draws on the host with numpy, seeded by the layer's JAX key: drawn with
-    `jax.random`, every parameter would be an XLA program compiled on its own (about 0.2 s each on
-    a CPU, seconds per model). Flax also calls an initializer under `eval_shape` to check a
-    parameter's shape; there only the shape counts."""
+    """An initializer whose values `draw(rng, shape)` makes on the host with numpy (`_draw_params`).
+    Drawn with `jax.random` inside flax's init, every parameter would be an XLA program compiled on
+    its own; traced, as `_draw_params` and `jax.eval_shape` run the init, it gives zeros: only the
+    shape counts there."""
     def init(key: jax.Array, shape: Sequence[int]):
-        if isinstance(key, jax.core.Tracer):
-            return jnp.zeros(shape, jnp.float32)
-        return draw(np.random.default_rng(np.asarray(key)), tuple(shape)).astype(np.float32)
+        return jnp.zeros(shape, jnp.float32)
+    init.draw = draw
     return init
+
+
+def _param(module: nn.Module, name: str, init, shape: Sequence[int]) -> jax.Array:
+    """`module.param(name, init, shape)`, noted for `_draw_params` while it traces the init."""
+    if _DRAWS[0] is not None and module.is_initializing():
+        _DRAWS[0][(*module.path, name)] = (init.draw, tuple(shape))
+    return module.param(name, init, shape)
+
+
+def _draw_params(module: nn.Module, key: jax.Array, *inputs: jax.ShapeDtypeStruct) -> dict:
+    """`module`'s parameters for inputs of these shapes: the tree from `jax.eval_shape` of its
+    init (traced, nothing compiled), each parameter then drawn on the host by its own numpy
+    generator, seeded by `key` and the parameter's path. (flax's `lazy_init` computes what it can
+    on concrete values op by op, each op an XLA program compiled on first use: ~1 s for MiniLM's
+    heads, ~3 s for its whole model.)"""
+    _DRAWS[0] = draws = {}
+    try:
+        shapes = jax.eval_shape(lambda *xs: module.init(key, *xs)["params"], *inputs)
+    finally:
+        _DRAWS[0] = None
+    seed = [int(v) for v in np.asarray(key).ravel()]  # the backend's keys are raw uint32 arrays
+
+    def value(path, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+        names = tuple(p.key for p in path)
+        draw, shape = draws[names]
+        rng = np.random.default_rng([*seed, zlib.crc32("/".join(names).encode())])
+        return draw(rng, shape).astype(np.float32)
+    return jax.tree_util.tree_map_with_path(value, shapes)
 
 
 def _torch_uniform(fan_in: int):
@@ -47,9 +80,9 @@ class _Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         fan_in = x.shape[-1]
-        y = x @ self.param("weight", _torch_uniform(fan_in), (self.features, fan_in)).T
+        y = x @ _param(self, "weight", _torch_uniform(fan_in), (self.features, fan_in)).T
         if self.use_bias:
-            y = y + self.param("bias", _torch_uniform(fan_in), (self.features,))
+            y = y + _param(self, "bias", _torch_uniform(fan_in), (self.features,))
         return y
 
 
@@ -62,8 +95,8 @@ class _LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         mean = x.mean(axis=-1, keepdims=True)
         var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
-        weight = self.param("weight", _ones, (x.shape[-1],))
-        bias = self.param("bias", _zeros, (x.shape[-1],))
+        weight = _param(self, "weight", _ones, (x.shape[-1],))
+        bias = _param(self, "bias", _zeros, (x.shape[-1],))
         return (x - mean) / jnp.sqrt(var + self.eps) * weight + bias
 
 
@@ -75,4 +108,4 @@ class _Embedding(nn.Module):
 
     @nn.compact
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.param("weight", _normal, (self.num_embeddings, self.features)), ids, axis=0)
+        return jnp.take(_param(self, "weight", _normal, (self.num_embeddings, self.features)), ids, axis=0)

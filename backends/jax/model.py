@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from nlibert.core.config import BERTConfig
 
-from ._layers import _Embedding, _LayerNorm, _Linear, _normal
+from ._layers import _Embedding, _LayerNorm, _Linear, _normal, _param, _draw_params
 from .runtime import _next_key
 
 _Params = Any  # a nested dict of arrays, keyed by the canonical names split at their dots
@@ -224,7 +224,7 @@ class _Encoder(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_len {max_len}")
         X = _Embedding(cfg["vocab_size"], H, name="token_embedding")(tokens) + \
             _Embedding(2, H, name="segment_embedding")(segments)  # (B, T, H)
-        pos = self.param("pos_embedding", _normal, (1, max_len, H))
+        pos = _param(self, "pos_embedding", _normal, (1, max_len, H))
         X = X + (jax.lax.stop_gradient(pos) if self.detach_pos_embedding else pos)[:, :T, :]
         if cfg["embedding_norm"]:
             X = _LayerNorm(cfg["layer_norm_eps"], name="embedding_ln")(X)
@@ -317,10 +317,9 @@ def _config_items(cfg: BERTConfig) -> tuple:
     return tuple(sorted(cfg.to_dict().items()))
 
 
-# Set inside `_shapes_only()`: new models get their parameters' shapes, none drawn. Drawing MiniLM's
-# 22M parameters only to overwrite them with a checkpoint's took ~3 s of a process's start (flax's
-# init runs the model op by op, each op compiled on first use); a checkpoint's loader builds the
-# model so, and draws only the heads the checkpoint lacks (`_fresh_heads`).
+# Set inside `_shapes_only()`: new models get their parameters' shapes, none drawn. A checkpoint's
+# loader builds the model so, and draws only the heads the checkpoint lacks (`_fresh_heads`): drawing
+# MiniLM's 22M parameters only to overwrite them with a checkpoint's costs ~0.5 s of numpy.
 _SHAPES_ONLY = [False]
 
 
@@ -341,7 +340,7 @@ def _fresh_heads(cfg: BERTConfig, prefixes: Iterable[str]) -> _Params:
     pooled = jax.ShapeDtypeStruct((1, H), jnp.float32)
     heads = {"hidden": (_Pooler(H), pooled), "nsp": (_NextSentencePred(), pooled),
              "mlm": (_MaskLM(cfg.vocab_size, H, cfg.hidden_act, cfg.layer_norm_eps), states, positions)}
-    return {name: heads[name][0].lazy_init(_next_key(), *heads[name][1:])["params"] for name in prefixes}
+    return {name: _draw_params(heads[name][0], _next_key(), *heads[name][1:]) for name in prefixes}
 
 
 class _Bound:
@@ -359,7 +358,7 @@ class _Bound:
         if _SHAPES_ONLY[0]:  # `jax.ShapeDtypeStruct`s for a checkpoint to fill (`_shapes_only`)
             self.params = jax.eval_shape(lambda *xs: module.init(key, *xs)["params"], *shapes)
         else:
-            self.params = module.lazy_init(key, *shapes)["params"]  # no forward pass: shapes suffice
+            self.params = _draw_params(module, key, *shapes)
         self._compiled = None
 
     def _rebuild(self, **changes) -> None:
@@ -470,8 +469,7 @@ class BERTClassifier(_Bound):
         self.module = _Classifier(_config_items(bert.config), bert.module.detach_pos_embedding,
                                   bert.module.fused_attention, cls_only, num_classes)
         H = bert.config.num_hiddens
-        output = _Linear(num_classes).lazy_init(  # torch's init
-            _next_key(), jax.ShapeDtypeStruct((1, H), jnp.float32))["params"]
+        output = _draw_params(_Linear(num_classes), _next_key(), jax.ShapeDtypeStruct((1, H), jnp.float32))  # torch's init
         self.params = {"encoder": bert.params["encoder"], "hidden": bert.params["hidden"], "output": output}
         self._compiled = None
 
