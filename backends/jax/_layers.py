@@ -4,9 +4,10 @@ variance, `weight` and `bias`) and `nn.Embedding` (a (V, H) `weight`, N(0, 1)), 
 backend's parameter tree is the canonical `state_dict` (a private helper of backends/jax/model.py)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,6 +18,19 @@ import numpy as np
 # While `_draw_params` traces a module's init, each parameter's draw and shape, by its path in the
 # parameter tree (`_param` notes them); None otherwise.
 _DRAWS: list[dict | None] = [None]
+# Set inside `_shapes_only()`: `_draw_params` gives the parameters' shapes, none drawn. A checkpoint's
+# loader builds its model so and draws only the heads the checkpoint lacks: drawing MiniLM's 22M
+# parameters only to overwrite them with the file's would cost ~0.5 s of numpy.
+_SHAPES_ONLY = [False]
+
+
+@contextlib.contextmanager
+def _shapes_only() -> Iterator[None]:
+    _SHAPES_ONLY[0] = True
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY[0] = False
 
 
 def _host_init(draw):
@@ -48,6 +62,8 @@ def _draw_params(module: nn.Module, key: jax.Array, *inputs: jax.ShapeDtypeStruc
         shapes = jax.eval_shape(lambda *xs: module.init(key, *xs)["params"], *inputs)
     finally:
         _DRAWS[0] = None
+    if _SHAPES_ONLY[0]:  # `jax.ShapeDtypeStruct`s, for a checkpoint to fill
+        return shapes
     seed = [int(v) for v in np.asarray(key).ravel()]  # the backend's keys are raw uint32 arrays
 
     def value(path, leaf: jax.ShapeDtypeStruct) -> np.ndarray:

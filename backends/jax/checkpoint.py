@@ -15,9 +15,10 @@ contradicts is an error that names the key and both shapes.
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
@@ -31,7 +32,9 @@ from nlibert.core.names import check_shapes, expected_shapes, infer_config
 from nlibert.core.training import require_devices
 from nlibert.core.vocab import Vocab, save_vocab
 
-from .model import BERTClassifier, BERTModel, _BERT, _config_items, _fresh_heads, _Params, _shapes_only
+from ._layers import _draw_params, _shapes_only
+from .model import BERTClassifier, BERTModel, _BERT, _config_items, _MaskLM, _NextSentencePred, _Params, _Pooler
+from .runtime import _next_key
 
 FORMAT = "jax"  # the format config.json records, the backend's name in nlibert.backends
 
@@ -108,6 +111,17 @@ def _state_dict(params: _Params, config: BERTConfig, kind: str) -> dict[str, np.
 
 def _shapes(params: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(np.shape(v)) for k, v in params.items()}
+
+
+def _fresh_heads(cfg: BERTConfig, prefixes: Iterable[str]) -> _Params:
+    """`BERTModel`'s heads named by `prefixes` ('hidden', 'mlm', 'nsp'), each drawn alone as the
+    whole model draws it (torch's initial distributions), keyed by those names."""
+    H = cfg.num_hiddens
+    states, positions = jax.ShapeDtypeStruct((1, 1, H), jnp.float32), jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    pooled = jax.ShapeDtypeStruct((1, H), jnp.float32)
+    heads = {"hidden": (_Pooler(H), pooled), "nsp": (_NextSentencePred(), pooled),
+             "mlm": (_MaskLM(cfg.vocab_size, H, cfg.hidden_act, cfg.layer_norm_eps), states, positions)}
+    return {name: _draw_params(heads[name][0], _next_key(), *heads[name][1:]) for name in prefixes}
 
 
 def load_pretrained_model(pretrained_model: str | os.PathLike, num_hiddens: int | None = None,

@@ -13,9 +13,8 @@ P number of masked positions to predict.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 
 from nlibert.core.config import BERTConfig
 
-from ._layers import _Embedding, _LayerNorm, _Linear, _normal, _param, _draw_params
+from ._layers import _draw_params, _Embedding, _LayerNorm, _Linear, _normal, _param
 from .runtime import _next_key
 
 _Params = Any  # a nested dict of arrays, keyed by the canonical names split at their dots
@@ -317,32 +316,6 @@ def _config_items(cfg: BERTConfig) -> tuple:
     return tuple(sorted(cfg.to_dict().items()))
 
 
-# Set inside `_shapes_only()`: new models get their parameters' shapes, none drawn. A checkpoint's
-# loader builds the model so, and draws only the heads the checkpoint lacks (`_fresh_heads`): drawing
-# MiniLM's 22M parameters only to overwrite them with a checkpoint's costs ~0.5 s of numpy.
-_SHAPES_ONLY = [False]
-
-
-@contextlib.contextmanager
-def _shapes_only() -> Iterator[None]:
-    _SHAPES_ONLY[0] = True
-    try:
-        yield
-    finally:
-        _SHAPES_ONLY[0] = False
-
-
-def _fresh_heads(cfg: BERTConfig, prefixes: Iterable[str]) -> _Params:
-    """`BERTModel`'s heads named by `prefixes` ('hidden', 'mlm', 'nsp'), each drawn alone as the
-    whole model draws it (torch's initial distributions), keyed by those names."""
-    H = cfg.num_hiddens
-    states, positions = jax.ShapeDtypeStruct((1, 1, H), jnp.float32), jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    pooled = jax.ShapeDtypeStruct((1, H), jnp.float32)
-    heads = {"hidden": (_Pooler(H), pooled), "nsp": (_NextSentencePred(), pooled),
-             "mlm": (_MaskLM(cfg.vocab_size, H, cfg.hidden_act, cfg.layer_norm_eps), states, positions)}
-    return {name: _draw_params(heads[name][0], _next_key(), *heads[name][1:]) for name in prefixes}
-
-
 class _Bound:
     """A linen `module` with its `params`: calling it applies the module in evaluation mode
     (dropout off), compiled once per input shape. Training steps apply `module` themselves with
@@ -354,11 +327,7 @@ class _Bound:
     def _init(self, module: nn.Module, *example_inputs) -> None:
         self.module = module
         shapes = [jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in example_inputs]
-        key = _next_key()  # drawn either way: what the generator gives later draws stays the same
-        if _SHAPES_ONLY[0]:  # `jax.ShapeDtypeStruct`s for a checkpoint to fill (`_shapes_only`)
-            self.params = jax.eval_shape(lambda *xs: module.init(key, *xs)["params"], *shapes)
-        else:
-            self.params = _draw_params(module, key, *shapes)
+        self.params = _draw_params(module, _next_key(), *shapes)  # (shapes alone inside `_shapes_only()`)
         self._compiled = None
 
     def _rebuild(self, **changes) -> None:
