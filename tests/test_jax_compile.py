@@ -179,6 +179,25 @@ def test_on_the_cpu_compiling_ahead_waits_for_the_steps_thread_to_compile_or_wai
     assert step.compiles["compiles"] - start == 7 + 6
 
 
+def test_on_the_cpu_compiling_ahead_also_goes_on_while_a_checkpoint_is_written(tmp_path):
+    """The steps' thread writing a checkpoint (every step's results fetched first) leaves a core free:
+    a gated compile-ahead thread starts its next program then."""
+    import time
+    from nlibert.backends.jax import save_training_state
+    net, step = _step(max_len=71)  # a module no other test compiled
+    X, y = batches(task(8, seed=6), 8)[0]
+    start = step.compiles["compiles"]
+    step.compile_ahead([_zeros_like((X, y))], [])
+    time.sleep(1.0)
+    assert step.compiles["compiles"] == start  # gated: the steps' thread is neither compiling nor waiting
+    assert sorted(save_training_state(tmp_path, net, step.trainer, 3).values()) == sorted(os.listdir(tmp_path))
+    deadline = time.monotonic() + 60
+    while step.compiles["compiles"] == start and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert step.compiles["compiles"] > start
+    _join_compiling_ahead()
+
+
 def test_a_program_asked_for_on_several_threads_compiles_once_and_a_failure_reaches_them_all():
     """`_PerShape`: threads that need a program another is compiling wait for it; a compile that
     fails raises on every waiting thread, and the next call compiles afresh. `ahead` returns the

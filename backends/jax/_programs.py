@@ -83,7 +83,8 @@ use_compilation_cache()
 # Compiling ahead (`_compile_ahead`): the thread stops between programs at exit, and the exit waits
 # for the one in progress (the process's teardown never runs under a compile). Where the steps run on
 # the CPU, which they keep busy on every core, it compiles only while the steps' thread itself
-# compiles or waits for a program (`_step_thread_idle`): it takes a core no step is using.
+# compiles, waits for a program or writes a checkpoint (`_step_thread_idle`): it takes a core no
+# step is using.
 _ahead_stop, _ahead_threads = threading.Event(), []
 _step_thread_idle = threading.Event()
 _ahead_thread = threading.local()  # `.gated` on a compile-ahead thread that waits for `_step_thread_idle`
@@ -119,6 +120,18 @@ def _compile_ahead(jobs: list[tuple[Callable, tuple]], gated: bool) -> None:
     thread = threading.Thread(target=work, name="nlibert-compile-ahead", daemon=True)
     _ahead_threads.append(thread)
     thread.start()
+
+
+@contextlib.contextmanager
+def _steps_thread_on_the_host() -> Iterator[None]:
+    """The steps' thread works on the host alone inside (writing a checkpoint, every step's results
+    fetched first): a gated compile-ahead thread may take the other core meanwhile (evaluation's
+    programs, mostly, which a run needs only at the epoch's end)."""
+    _step_thread_idle.set()
+    try:
+        yield
+    finally:
+        _step_thread_idle.clear()
 
 
 def _wait_for_a_free_core() -> None:

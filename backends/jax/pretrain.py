@@ -31,6 +31,7 @@ from nlibert.core.resume import step_file
 from nlibert.core.training import require_devices
 
 from .checkpoint import _flatten, _nest, read_params, write_params
+from ._programs import _steps_thread_on_the_host
 from .model import _Bound
 from .runtime import _next_key
 from .runtime import make_trainer
@@ -137,9 +138,11 @@ def save_training_state(folder: str | os.PathLike, net: _Bound, trainer, step: i
     saving: a resumable run resets it from (seed, step) before every step.)"""
     os.makedirs(folder, exist_ok=True)
     files = {"params": step_file(step, "params"), "trainer": step_file(step, "trainer")}
-    write_params(_flatten(net.params), os.path.join(folder, files["params"]))
-    with atomic_write(os.path.join(folder, files["trainer"]), "wb") as f:
-        f.write(serialization.to_bytes(jax.device_get(trainer.state)))
+    params, state = jax.device_get((net.params, trainer.state))  # waits for the steps under way
+    with _steps_thread_on_the_host():
+        write_params(_flatten(params), os.path.join(folder, files["params"]))
+        with atomic_write(os.path.join(folder, files["trainer"]), "wb") as f:
+            f.write(serialization.to_bytes(state))
     return files
 
 
