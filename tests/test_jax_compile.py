@@ -298,6 +298,27 @@ print("counts", step.compiles["compiles"], step.compiles["from_cache"])
     assert len(list((tmp_path / ".cache" / "nlibert" / "jax").iterdir())) >= 7
 
 
+def test_the_cache_keeps_programs_of_a_tenth_of_a_second_unless_the_user_chose_otherwise(monkeypatch):
+    """jax's own threshold (1 s) would keep none of a run's programs: the backend lowers it to 0.1 s
+    (jax 0.4.30 on), also beside a folder the user chose, but not a threshold the user set in
+    `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` or in jax's config; the user's folder stands."""
+    key, env = "jax_persistent_cache_min_compile_time_secs", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+    folder, before = jax.config.jax_compilation_cache_dir, getattr(jax.config, key)
+    assert folder  # tests/conftest.py chose one (JAX_COMPILATION_CACHE_DIR)
+    try:
+        for env_value, config_value, expected in ((None, 1.0, 0.1), ("1.0", 1.0, 1.0), (None, 3.0, 3.0)):
+            if env_value is None:
+                monkeypatch.delenv(env, raising=False)
+            else:
+                monkeypatch.setenv(env, env_value)
+            jax.config.update(key, config_value)
+            _programs.use_compilation_cache()
+            assert getattr(jax.config, key) == (expected if _programs.PERSISTENT_CPU_CACHE else config_value)
+            assert jax.config.jax_compilation_cache_dir == folder
+    finally:
+        jax.config.update(key, before)
+
+
 @pytest.mark.slow
 def test_bench_finetune_times_the_minilm_command_in_jax_beside_torch(tmp_path, shared_data):
     """`--e2e-only`: the MiniLM command alone, torch first, JAX's programs and seconds beside it."""

@@ -67,15 +67,21 @@ jax.monitoring.register_event_listener(_count_cache_hit)
 # MXNet's numpy, skips the CPU): a later run that needs a program this one compiled loads it.
 PERSISTENT_CPU_CACHE = Version(jax.__version__) >= Version("0.4.30")
 COMPILATION_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nlibert", "jax")
+_JAX_DEFAULT_THRESHOLD = 1.0  # seconds: jax_persistent_cache_min_compile_time_secs when nobody set it
 
 
 def use_compilation_cache() -> None:
-    """Where jax keeps CPU programs on disk, keep ours in `COMPILATION_CACHE_DIR` (those compiling in
-    0.1 s or more), unless the user chose a folder (`JAX_COMPILATION_CACHE_DIR`), whose settings stand.
-    Called as the backend is imported: jax reads the setting at its first compile, once."""
-    if PERSISTENT_CPU_CACHE and not jax.config.jax_compilation_cache_dir:
+    """Where jax keeps CPU programs on disk, keep ours: in `COMPILATION_CACHE_DIR` unless the user
+    chose a folder (`JAX_COMPILATION_CACHE_DIR`), and those compiling in 0.1 s or more unless the
+    user chose a threshold (jax's own, 1 s, would keep none of a fine-tuning run's programs).
+    Called as the backend is imported: jax reads the folder at its first compile, once."""
+    if not PERSISTENT_CPU_CACHE:
+        return
+    if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE_DIR)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    threshold = "jax_persistent_cache_min_compile_time_secs"
+    if threshold.upper() not in os.environ and getattr(jax.config, threshold) == _JAX_DEFAULT_THRESHOLD:
+        jax.config.update(threshold, 0.1)
 
 
 use_compilation_cache()
