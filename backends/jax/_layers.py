@@ -20,7 +20,7 @@ import numpy as np
 _DRAWS: list[dict | None] = [None]
 # Set inside `_shapes_only()`: `_draw_params` gives the parameters' shapes, none drawn. A checkpoint's
 # loader builds its model so and draws only the heads the checkpoint lacks: drawing MiniLM's 22M
-# parameters only to overwrite them with the file's would cost ~0.5 s of numpy.
+# parameters only to overwrite them with the file's would cost ~0.3 s of numpy.
 _SHAPES_ONLY = [False]
 
 
