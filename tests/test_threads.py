@@ -61,9 +61,10 @@ pytestmark = [pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="c
 
 
 def test_mxnet_and_torch_use_every_core_when_nlibert_comes_first():
-    result = probe("nlibert-first")
-    if result["busy_threads"] < 2:  # once more: on cores other jobs share (CI's -n 2), a thread may have
-        result = probe("nlibert-first")  # waited out the loop (measured once in a fresh-clone CI run)
+    for _ in range(3):  # on cores other jobs share (CI's -n 2), a thread may wait out the loop: measured
+        result = probe("nlibert-first")  # in two fresh-clone CI runs, once after a retry; one-threaded
+        if result["busy_threads"] >= 2:  # MXNet fails all three
+            break
     assert result["busy_threads"] >= 2, result  # MXNet's operators ran on more than one thread
     assert result["torch_threads"] == CORES, result
     assert result["warnings"] == []
