@@ -97,9 +97,10 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_same_command_resumes(train
 @pytest.mark.slow
 def test_ctrl_c_ends_finetune_and_predict_with_one_line_and_130(train_file, tmp_path):
     out = tmp_path / "out"
-    job = nlibert(*finetune_args(train_file, out, "--epochs", "20", "--checkpoint-every", "1000"))
-    wait_for(lambda: any(out.glob("seeded-*/pretrained.params")), "the seeded checkpoint", proc=job)
-    time.sleep(1.0)
+    # Training, at the first epoch's checkpoint: a second after the seeded checkpoint, the signal came
+    # once after all 20 epochs had ended, and (2000 epochs) once before any checkpoint, exit -2.
+    job = nlibert(*finetune_args(train_file, out, "--epochs", "2000", "--checkpoint-every", "1000"))
+    wait_for(lambda: (out / "resume" / "state.json").exists(), "the first epoch's checkpoint", proc=job)
     os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
     _, err = job.communicate(timeout=60)
     assert job.returncode == 130, err
