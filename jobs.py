@@ -236,8 +236,8 @@ def _finetune(settings: FinetuneSettings, backend: ModuleType, world: World) -> 
                "completed": True, "steps": loop.step, "resumed_from_step": resumed_from,
                "versions": _versions(backend)}
     if fast and hasattr(step, "compiles"):  # a backend that compiles per shape counts its programs (JAX)
-        metrics["fast_path"].update(step.compiles)
         compiles = step.compiles
+        metrics["fast_path"].update(compiles)
         cached = f" ({compiles['from_cache']} from the compilation cache)" if compiles.get("from_cache") else ""
         print(f"compiled {compiles['compiles']} programs in {compiles['compile_seconds']:.1f} s{cached}")
     write_json(os.path.join(settings.out, "metrics.json"), metrics)

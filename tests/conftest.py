@@ -1,6 +1,7 @@
 """Shared fixtures. Tests use files they make, a loopback HTTP server, or the real data in ../shared/data."""
 import os
 import pathlib
+import tempfile
 
 # As the `nlibert` command does (cli.py): xdist workers share the cores, and spinning OpenMP threads
 # would steal them from each other. Set here, before any test module loads torch.
@@ -10,8 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 # Where jax keeps compiled programs on disk (jax 0.4.30, Python 3.12's JAX extra): not the user's
 # ~/.cache/nlibert/jax, which the backend would fill otherwise.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(__import__("tempfile").gettempdir(),
-                                                                "nlibert-tests-jax-cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "nlibert-tests-jax-cache"))
 
 import numpy as np
 import pytest
